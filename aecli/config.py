@@ -1,0 +1,488 @@
+"""The typed preset schema, loading presets by name or path, and `--set key=value` overrides.
+
+A preset is YAML with the sections `data`, `model`, `loss`, `optim` and `train`. Every section is
+a strict pydantic model: unknown keys and wrong types are errors that name the key and the file,
+and all problems are reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aecli.errors import ConfigError, UsageError
+
+Activation = Literal["none", "relu", "silu", "leaky_relu", "gelu", "tanh", "sigmoid", "elu"]
+NormKind = Literal["none", "batch", "group", "instance"]
+Size2 = Union[int, tuple[int, int]]  # noqa: UP007  (pydantic needs the runtime union)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture blocks: each list entry of model.encoder / model.decoder is one of these.
+
+
+class ConvSpec(Strict):
+    """Conv2d, then optional norm and activation. `padding: same` follows TensorFlow (Keras)."""
+
+    type: Literal["conv"]
+    out: int = Field(gt=0)
+    kernel: int = Field(3, gt=0)
+    stride: int = Field(1, gt=0)
+    padding: int | Literal["same", "valid"] = "same"
+    bias: bool = True
+    norm: NormKind = "none"
+    groups: int = Field(32, gt=0, description="GroupNorm groups when norm is group")
+    act: Activation = "none"
+    repeat: int = Field(1, gt=0)
+
+
+class ConvTransposeSpec(Strict):
+    """ConvTranspose2d, then optional norm and activation. `padding: same` gives in*stride."""
+
+    type: Literal["conv_transpose"]
+    out: int = Field(gt=0)
+    kernel: int = Field(3, gt=0)
+    stride: int = Field(1, gt=0)
+    padding: int | Literal["same"] = "same"
+    output_padding: int = Field(0, ge=0)
+    bias: bool = True
+    norm: NormKind = "none"
+    groups: int = Field(32, gt=0)
+    act: Activation = "none"
+    repeat: int = Field(1, gt=0)
+
+
+class ResBlockSpec(Strict):
+    """Pre-activation residual block of latent diffusion: (norm, act, conv3x3) x 2 + shortcut."""
+
+    type: Literal["resblock"]
+    out: int | None = Field(None, gt=0)
+    groups: int = Field(32, gt=0)
+    act: Activation = "silu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    repeat: int = Field(1, gt=0)
+
+
+class AttentionSpec(Strict):
+    """Single-head spatial self-attention with GroupNorm and a residual connection."""
+
+    type: Literal["attention"]
+    groups: int = Field(32, gt=0)
+    repeat: int = Field(1, gt=0)
+
+
+class NormSpec(Strict):
+    type: Literal["norm"]
+    kind: NormKind = "group"
+    groups: int = Field(32, gt=0)
+
+
+class ActSpec(Strict):
+    type: Literal["act"]
+    fn: Activation
+
+
+class UpsampleSpec(Strict):
+    type: Literal["upsample"]
+    factor: int = Field(2, gt=0)
+    mode: Literal["nearest", "bilinear"] = "nearest"
+
+
+class ResizeSpec(Strict):
+    """Resize to a fixed size (the Keras reference's bilinear 30x30 -> 28x28 output resize)."""
+
+    type: Literal["resize"]
+    size: Size2
+    mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+
+
+class FlattenSpec(Strict):
+    type: Literal["flatten"]
+
+
+class LinearSpec(Strict):
+    type: Literal["linear"]
+    out: int = Field(gt=0)
+    bias: bool = True
+    act: Activation = "none"
+
+
+class ReshapeSpec(Strict):
+    """Reshape a vector to (channels, height, width)."""
+
+    type: Literal["reshape"]
+    shape: tuple[int, int, int]
+
+
+BlockSpec = Annotated[
+    Union[  # noqa: UP007
+        ConvSpec,
+        ConvTransposeSpec,
+        ResBlockSpec,
+        AttentionSpec,
+        NormSpec,
+        ActSpec,
+        UpsampleSpec,
+        ResizeSpec,
+        FlattenSpec,
+        LinearSpec,
+        ReshapeSpec,
+    ],
+    Field(discriminator="type"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+class AugmentConfig(Strict):
+    hflip: bool = False
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="random resized crop: area fraction range, e.g. [0.75, 1.0]"
+    )
+
+
+class DataConfig(Strict):
+    image_size: Size2 = 32
+    channels: Literal[1, 3] = 3
+    range: Literal["unit", "symmetric"] = Field(
+        "unit", description="pixel range the model sees: unit [0, 1] or symmetric [-1, 1]"
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    fit: Literal["crop", "stretch"] = Field(
+        "crop", description="how images of another size are fitted: centre crop or stretch"
+    )
+    builtin_count: int = Field(2048, gt=1, description="images in the built-in shapes data")
+    augment: AugmentConfig = AugmentConfig()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return to_hw(self.image_size)
+
+
+class LatentConfig(Strict):
+    dim: int | None = Field(None, gt=0, description="vector latent size")
+    channels: int | None = Field(None, gt=0, description="spatial latent channels")
+    variational: bool = False
+    act: Activation = "none"
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LatentConfig:
+        if (self.dim is None) == (self.channels is None):
+            raise ValueError("set exactly one of latent.dim (vector) or latent.channels (spatial)")
+        if self.variational and self.act != "none":
+            raise ValueError("latent.act must be none for a variational latent")
+        return self
+
+    @property
+    def spatial(self) -> bool:
+        return self.channels is not None
+
+
+class InitConfig(Strict):
+    weight: Literal["default", "xavier_uniform", "xavier_normal", "kaiming_normal"] = "default"
+    bias: float | None = None
+
+
+class ModelConfig(Strict):
+    encoder: list[BlockSpec] = Field(min_length=1)
+    latent: LatentConfig
+    decoder: list[BlockSpec] = Field(min_length=1)
+    output: Literal["sigmoid", "tanh", "none"] = Field(
+        "sigmoid", description="maps the decoder's raw output into the data range"
+    )
+    init: InitConfig = InitConfig()
+
+
+class LossConfig(Strict):
+    reconstruction: Literal["mse", "l1", "bce"] = "mse"
+    reduction: Literal["mean", "sum"] = Field(
+        "mean", description="mean over all pixels, or sum over each image's pixels"
+    )
+    kl_weight: float = Field(1.0, ge=0.0)
+
+
+class OptimConfig(Strict):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
+    )
+    compile: bool = False
+    grid_images: int = Field(8, ge=0)
+    log_every: int = Field(10, gt=0, description="steps between progress refreshes")
+
+
+class Config(Strict):
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.loss.reconstruction == "bce" and self.data.range != "unit":
+            raise ValueError("loss.reconstruction bce needs data.range unit (targets in [0, 1])")
+        return self
+
+
+def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"malformed YAML: {where}{problem}"], path=source) from exc
+
+
+def presets_dir() -> Path:
+    """The bundled presets: inside the installed package, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "presets"
+    return packaged if packaged.is_dir() else here.parent / "presets"
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    name: str
+    path: Path
+    description: str
+
+
+def list_presets() -> list[PresetInfo]:
+    """Every bundled preset with the one-line description from its header comment."""
+    found = []
+    for path in sorted(presets_dir().glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        description = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
+        found.append(PresetInfo(path.stem, path, description))
+    return found
+
+
+DEFAULT_PRESET = "default"
+
+
+def resolve_preset(preset: str | None) -> tuple[str, Path]:
+    """Map a bundled name or a YAML path to (name, path)."""
+    preset = preset or DEFAULT_PRESET
+    candidate = Path(preset)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise UsageError("preset file not found", path=preset)
+        return candidate.stem, candidate
+    names = [p.name for p in list_presets()]
+    bundled = presets_dir() / f"{preset}.yaml"
+    if preset in names:
+        return preset, bundled
+    hint = difflib.get_close_matches(preset, names, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+    raise UsageError(
+        f"unknown preset '{preset}'{suggestion} (bundled: {', '.join(names)}; "
+        "or give a path to a .yaml file)"
+    )
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    config: Config
+    name: str
+    source: str
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> LoadedConfig:
+    """Load a preset (bundled name or YAML path), apply `key=value` overrides and validate."""
+    name, path = resolve_preset(preset)
+    source = str(path)
+    raw = parse_yaml(path.read_text(encoding="utf-8"), source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["the top level must be a mapping of sections"], path=source)
+    overridden = apply_overrides(raw, overrides or [])
+    return LoadedConfig(validate_config(raw, source, overridden), name, source)
+
+
+def config_from_dict(raw: dict, source: str) -> Config:
+    """Validate an already-parsed config (for example one stored in a weights file)."""
+    return validate_config(raw, source, set())
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> set[tuple]:
+    """Apply `a.b.c=value` strings to `raw` in place; values are parsed as YAML."""
+    touched = set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError([f"--set {item!r}: expected key=value, e.g. train.epochs=5"])
+        value = parse_yaml(text, f"--set {key}") if text.strip() else None
+        parts: list[Any] = [int(p) if p.isdigit() else p for p in key.split(".")]
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            where = ".".join(map(str, parts[: depth + 1]))
+            if isinstance(node, list):
+                if not isinstance(part, int) or part >= len(node):
+                    raise ConfigError([f"--set {key}: {where} is not an item of the list"])
+                node = node[part]
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError([f"--set {key}: {where} is not a section"])
+                node = node.setdefault(part, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            if not isinstance(last, int) or last >= len(node):
+                raise ConfigError([f"--set {key}: no list item {last}"])
+        elif not isinstance(node, dict):
+            raise ConfigError([f"--set {key}: its parent is not a section"])
+        node[last] = value
+        touched.add(tuple(parts))
+    return touched
+
+
+def validate_config(raw: dict, source: str, overridden: set[tuple]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, raw, source, overridden) for err in exc.errors()]
+        raise ConfigError(problems) from None
+
+
+def _describe(err: dict, raw: dict, source: str, overridden: set[tuple]) -> str:
+    loc = tuple(err["loc"])
+    key_loc = _strip_tags(loc, raw)
+    key = ".".join(map(str, key_loc)) or "(top level)"
+    origin = "--set" if any(key_loc[: len(o)] == o for o in overridden) else source
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(map(str, key_loc[:-1] + (close[0],)))}'?" if close else ""
+        listing = f" (valid here: {', '.join(valid)})" if valid and not close else ""
+        return f"{origin}: unknown key '{key}'{hint}{listing}"
+    if kind == "missing":
+        return f"{origin}: missing required key '{key}'"
+    message = err["msg"]
+    message = re.sub(r"^Input should be ", "expected ", message)
+    message = re.sub(r"^Value error, ", "", message)
+    if "input" in err and kind not in ("value_error", "assertion_error") and key_loc:
+        return f"{origin}: {key}: {message}, got {err['input']!r}"
+    return f"{origin}: {key}: {message}" if key_loc else f"{origin}: {message}"
+
+
+def _strip_tags(loc: tuple, raw: dict) -> tuple:
+    """Drop pydantic's union-tag entries (e.g. 'conv') so the path matches the YAML keys."""
+    out: list[Any] = []
+    node: Any = raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and isinstance(part, str):
+            tag = node.get("type")
+            if part == tag or (isinstance(part, str) and part.startswith("function-")):
+                continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """The keys allowed at a location of the schema (pydantic loc, union tags included)."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(part, int):
+            args = typing.get_args(tp)
+            tp = args[0] if args else None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel) and part in tp.model_fields:
+            tp = tp.model_fields[part].annotation
+        elif _is_union(tp):
+            tp = next((m for m in _members(tp) if _tag(m) == part), None)
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [k for k in tp.model_fields if k != "type"]
+    return []
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    if _is_union(tp):
+        members = [m for m in _members(tp) if m is not type(None)]
+        if len(members) == 1:
+            return _unwrap(members[0])
+    return tp
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _members(tp: Any) -> list[Any]:
+    return [_unwrap(m) for m in typing.get_args(tp)]
+
+
+def _tag(model: Any) -> Any:
+    if isinstance(model, type) and issubclass(model, BaseModel) and "type" in model.model_fields:
+        args = typing.get_args(model.model_fields["type"].annotation)
+        return args[0] if args else None
+    return None
+
+
+def dump_config(config: Config) -> str:
+    """The fully resolved configuration as YAML (every default written out)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,52 @@
+"""Typed errors that carry what a person needs to fix the problem, and the exit code.
+
+The core raises these; the CLI turns them into one line on stderr (see aecli.cli.app).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AecliError(Exception):
+    """An error a user can act on: a message, optionally the file it concerns, and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: str | Path | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class UsageError(AecliError):
+    """The command was called with something unusable (bad option, file, preset); exit 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A preset or override is invalid; holds every problem found, one line each."""
+
+    def __init__(self, problems: list[str], *, path: str | Path | None = None):
+        super().__init__("\n".join(problems), path=path)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        prefix = f"{self.path}: " if self.path else ""
+        return "\n".join(prefix + p for p in self.problems)
+
+
+class DataError(UsageError):
+    """A data source cannot be read or does not fit the preset."""
+
+
+class WeightsError(UsageError):
+    """A weights file is missing, not aecli's, or damaged."""
+
+
+class TrainingError(AecliError):
+    """Training had to stop (for example a non-finite loss); exit 1."""

@@ -1,0 +1,108 @@
+"""The autoencoder: encoder -> posterior over the latent -> decoder, for every preset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class DiagonalGaussian:
+    """q(z | x) of a VAE: a diagonal Gaussian from mean and log-variance."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        # Same clamp as latent diffusion: keeps exp() finite early in training.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per item, summed over latent dimensions: shape (B,)."""
+        terms = self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar
+        return 0.5 * terms.flatten(1).sum(dim=1)
+
+
+class Deterministic:
+    """The 'posterior' of a plain autoencoder: a point mass at the code."""
+
+    def __init__(self, z: torch.Tensor):
+        self.mean = z
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        return self.mean.new_zeros(self.mean.shape[0])
+
+
+Posterior = DiagonalGaussian | Deterministic
+
+
+@dataclass
+class AutoencoderOutput:
+    posterior: Posterior
+    z: torch.Tensor
+    raw: torch.Tensor  # decoder output before the output activation (logits for sigmoid)
+    image: torch.Tensor  # in the data range
+
+
+_OUTPUT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
+
+
+class Autoencoder(nn.Module):
+    """encode(x) -> posterior; decode(z) -> image. `latent_head` maps encoder features to the
+    latent (to mean and log-variance, concatenated on dim 1, for a VAE)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        latent_head: nn.Module,
+        decoder: nn.Module,
+        *,
+        variational: bool,
+        output: str,
+        input_shape: tuple[int, int, int],
+        latent_shape: tuple[int, ...],
+    ):
+        super().__init__()
+        self.encoder, self.latent_head, self.decoder = encoder, latent_head, decoder
+        self.variational = variational
+        self.output = output
+        self.input_shape = input_shape
+        self.latent_shape = latent_shape
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        h = self.latent_head(self.encoder(x))
+        if self.variational:
+            mean, logvar = h.chunk(2, dim=1)
+            return DiagonalGaussian(mean, logvar)
+        return Deterministic(h)
+
+    def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def to_image(self, raw: torch.Tensor) -> torch.Tensor:
+        return _OUTPUT[self.output](raw)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.decode_raw(z))
+
+    def forward(
+        self, x: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> AutoencoderOutput:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        raw = self.decode_raw(z)
+        return AutoencoderOutput(posterior, z, raw, self.to_image(raw))

@@ -1,0 +1,156 @@
+"""The building blocks that block specs (aecli.config) turn into.
+
+Each block is a small nn.Module that receives its parts; shapes are inferred by the builder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str) -> nn.Module:
+    if name == "none":
+        return nn.Identity()
+    return {
+        "relu": nn.ReLU,
+        "silu": nn.SiLU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.2),
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "elu": nn.ELU,
+    }[name]()
+
+
+def norm(kind: str, channels: int, groups: int = 32) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if channels % groups:
+        raise ValueError(f"GroupNorm with {groups} groups needs channels divisible by it, got {channels}")
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding (before, after) for one spatial dimension."""
+    out = math.ceil(size / stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class ConvBlock(nn.Module):
+    """Conv2d -> norm -> activation; `same` padding is TensorFlow's (extra pixel after)."""
+
+    def __init__(self, conv: nn.Conv2d, norm_layer: nn.Module, act: nn.Module, tf_same: bool):
+        super().__init__()
+        self.conv, self.norm, self.act = conv, norm_layer, act
+        self.tf_same = tf_same
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tf_same:
+            k, s = self.conv.kernel_size[0], self.conv.stride[0]
+            top, bottom = same_padding(x.shape[-2], k, s)
+            left, right = same_padding(x.shape[-1], k, s)
+            x = F.pad(x, (left, right, top, bottom))
+        return self.act(self.norm(self.conv(x)))
+
+
+class ConvTransposeBlock(nn.Module):
+    """ConvTranspose2d -> crop -> norm -> activation. Keras 'same' crops (k - s) pixels,
+    the extra one at the end, so that the output is exactly input * stride."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, crop: tuple[int, int], norm_layer, act):
+        super().__init__()
+        self.conv, self.norm, self.act = conv, norm_layer, act
+        self.crop = crop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        before, after = self.crop
+        if before or after:
+            x = x[..., before : x.shape[-2] - after, before : x.shape[-1] - after]
+        return self.act(self.norm(x))
+
+
+class ResBlock(nn.Module):
+    """Residual block of latent diffusion's autoencoder (Rombach et al. 2022, ResnetBlock)."""
+
+    def __init__(self, channels: int, out: int, groups: int, act: str, dropout: float):
+        super().__init__()
+        self.norm1 = norm("group", channels, groups)
+        self.conv1 = nn.Conv2d(channels, out, 3, padding=1)
+        self.norm2 = norm("group", out, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out, out, 3, padding=1)
+        self.act = activation(act)
+        self.shortcut = nn.Conv2d(channels, out, 1) if channels != out else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all positions, as in latent diffusion's AttnBlock."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = norm("group", channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # (B, C, H, W) -> (B, 1, H*W, C): one head over every position
+        q, k, v = (t(y).reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class Upsample(nn.Module):
+    def __init__(self, factor: int, mode: str):
+        super().__init__()
+        self.factor, self.mode = factor, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=self.factor, mode=self.mode)
+
+
+class Resize(nn.Module):
+    def __init__(self, size: tuple[int, int], mode: str):
+        super().__init__()
+        self.size, self.mode = size, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kwargs = {} if self.mode == "nearest" else {"align_corners": False}
+        return F.interpolate(x, size=self.size, mode=self.mode, **kwargs)
+
+
+class LinearBlock(nn.Module):
+    def __init__(self, linear: nn.Linear, act: nn.Module):
+        super().__init__()
+        self.linear, self.act = linear, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
+
+class Reshape(nn.Module):
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], *self.shape)

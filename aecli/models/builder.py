@@ -1,0 +1,206 @@
+"""One builder from a config to an Autoencoder, for every preset."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from aecli.config import (
+    ActSpec,
+    AttentionSpec,
+    Config,
+    ConvSpec,
+    ConvTransposeSpec,
+    FlattenSpec,
+    InitConfig,
+    LinearSpec,
+    NormSpec,
+    ReshapeSpec,
+    ResBlockSpec,
+    ResizeSpec,
+    UpsampleSpec,
+    to_hw,
+)
+from aecli.errors import ConfigError
+from aecli.models import blocks
+from aecli.models.autoencoder import Autoencoder
+
+Shape = tuple[int, ...]  # one item's shape, without the batch dimension
+
+
+def _build_block(spec, shape: Shape) -> nn.Module:
+    """The module for one (non-repeated) block spec, given its input shape."""
+    if isinstance(spec, ConvSpec):
+        _need_image(shape)
+        tf_same = spec.padding == "same" and spec.stride > 1
+        if spec.padding == "same":
+            padding = 0 if tf_same else spec.kernel // 2
+        else:
+            padding = 0 if spec.padding == "valid" else spec.padding
+        conv = nn.Conv2d(shape[0], spec.out, spec.kernel, spec.stride, padding, bias=spec.bias)
+        return blocks.ConvBlock(
+            conv, blocks.norm(spec.norm, spec.out, spec.groups), blocks.activation(spec.act), tf_same
+        )
+    if isinstance(spec, ConvTransposeSpec):
+        _need_image(shape)
+        if spec.padding == "same":
+            total = max(spec.kernel - spec.stride, 0)
+            padding, crop = 0, (total // 2, total - total // 2)
+        else:
+            padding, crop = spec.padding, (0, 0)
+        conv = nn.ConvTranspose2d(
+            shape[0], spec.out, spec.kernel, spec.stride, padding, spec.output_padding, bias=spec.bias
+        )
+        return blocks.ConvTransposeBlock(
+            conv, crop, blocks.norm(spec.norm, spec.out, spec.groups), blocks.activation(spec.act)
+        )
+    if isinstance(spec, ResBlockSpec):
+        _need_image(shape)
+        return blocks.ResBlock(shape[0], spec.out or shape[0], spec.groups, spec.act, spec.dropout)
+    if isinstance(spec, AttentionSpec):
+        _need_image(shape)
+        return blocks.Attention(shape[0], spec.groups)
+    if isinstance(spec, NormSpec):
+        _need_image(shape)
+        return blocks.norm(spec.kind, shape[0], spec.groups)
+    if isinstance(spec, ActSpec):
+        return blocks.activation(spec.fn)
+    if isinstance(spec, UpsampleSpec):
+        return blocks.Upsample(spec.factor, spec.mode)
+    if isinstance(spec, ResizeSpec):
+        return blocks.Resize(to_hw(spec.size), spec.mode)
+    if isinstance(spec, FlattenSpec):
+        return nn.Flatten(1)
+    if isinstance(spec, LinearSpec):
+        if len(shape) != 1:
+            raise ValueError(f"needs a vector input, got shape {_fmt(shape)}: add a flatten block")
+        linear = nn.Linear(shape[0], spec.out, bias=spec.bias)
+        return blocks.LinearBlock(linear, blocks.activation(spec.act))
+    if isinstance(spec, ReshapeSpec):
+        if math.prod(spec.shape) != math.prod(shape):
+            raise ValueError(f"cannot reshape {_fmt(shape)} to {_fmt(spec.shape)}")
+        return blocks.Reshape(spec.shape)
+    raise TypeError(f"unknown block spec {spec!r}")  # the schema is closed: unreachable
+
+
+def _need_image(shape: Shape) -> None:
+    if len(shape) != 3:
+        raise ValueError(f"needs an image input (C, H, W), got shape {_fmt(shape)}")
+
+
+def _fmt(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _out_shape(module: nn.Module, shape: Shape) -> Shape:
+    with torch.device("meta"):
+        return tuple(module(torch.empty(2, *shape)).shape[1:])
+
+
+def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, Shape]:
+    layers = []
+    for index, spec in enumerate(specs):
+        for _ in range(getattr(spec, "repeat", 1)):
+            try:
+                with torch.device("meta"):
+                    probe = _build_block(spec, shape)
+                new_shape = _out_shape(probe, shape)
+                if any(d <= 0 for d in new_shape):
+                    raise ValueError(f"input {_fmt(shape)} gives an empty output {_fmt(new_shape)}")
+            except (ValueError, RuntimeError) as exc:
+                message = str(exc).splitlines()[0]
+                raise ConfigError([f"{where}.{index} ({spec.type}): {message}"]) from None
+            layers.append(_build_block(spec, shape))
+            shape = new_shape
+    return nn.Sequential(*layers), shape
+
+
+def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
+    latent = config.model.latent
+    factor = 2 if latent.variational else 1
+    if latent.spatial:
+        if len(shape) != 3:
+            raise ConfigError([f"model.latent.channels: the encoder ends in shape {_fmt(shape)}, "
+                               "a spatial latent needs an image (C, H, W)"])
+        head = nn.Sequential(nn.Conv2d(shape[0], latent.channels * factor, 1))
+        latent_shape = (latent.channels, *shape[1:])
+    else:
+        parts = [nn.Flatten(1)] if len(shape) > 1 else []
+        parts += [nn.Linear(math.prod(shape), latent.dim * factor), blocks.activation(latent.act)]
+        head = nn.Sequential(*parts)
+        latent_shape = (latent.dim,)
+    return head, latent_shape
+
+
+def _initialise(model: nn.Module, init: InitConfig) -> None:
+    weight_init = {
+        "xavier_uniform": nn.init.xavier_uniform_,
+        "xavier_normal": nn.init.xavier_normal_,
+        "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
+    }.get(init.weight)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            if weight_init is not None:
+                weight_init(module.weight)
+            if init.bias is not None and module.bias is not None:
+                nn.init.constant_(module.bias, init.bias)
+
+
+def build_model(config: Config, *, meta: bool = False) -> Autoencoder:
+    """Build the autoencoder a config describes (on the meta device for counting only)."""
+    if meta:
+        with torch.device("meta"):
+            return _build(config)
+    return _build(config)
+
+
+def _build(config: Config) -> Autoencoder:
+    input_shape = (config.data.channels, *config.data.size)
+    encoder, features = _build_stack(config.model.encoder, input_shape, "model.encoder")
+    head, latent_shape = _latent_head(config, features)
+    decoder, out_shape = _build_stack(config.model.decoder, latent_shape, "model.decoder")
+    if out_shape != input_shape:
+        raise ConfigError([f"model.decoder: produces {_fmt(out_shape)} but the input is "
+                           f"{_fmt(input_shape)} (data.channels x data.image_size)"])
+    model = Autoencoder(
+        encoder,
+        head,
+        decoder,
+        variational=config.model.latent.variational,
+        output=config.model.output,
+        input_shape=input_shape,
+        latent_shape=latent_shape,
+    )
+    _initialise(model, config.model.init)
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    parameters: int
+    encoder_parameters: int
+    decoder_parameters: int
+    input_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]
+    compression_ratio: float
+    variational: bool
+    latent_kind: str
+
+
+def summarize(model: Autoencoder) -> ModelSummary:
+    enc = sum(p.numel() for p in model.encoder.parameters())
+    enc += sum(p.numel() for p in model.latent_head.parameters())
+    dec = sum(p.numel() for p in model.decoder.parameters())
+    return ModelSummary(
+        parameters=enc + dec,
+        encoder_parameters=enc,
+        decoder_parameters=dec,
+        input_shape=tuple(model.input_shape),
+        latent_shape=tuple(model.latent_shape),
+        compression_ratio=round(math.prod(model.input_shape) / math.prod(model.latent_shape), 3),
+        variational=model.variational,
+        latent_kind="spatial" if len(model.latent_shape) == 3 else "vector",
+    )
