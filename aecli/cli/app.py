@@ -1,0 +1,85 @@
+"""The Typer application, global options, and the one place errors become exit codes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+import aecli
+from aecli.cli.render import console, print_error
+
+app = typer.Typer(
+    name="aecli",
+    help="Train convolutional image autoencoders and VAEs, and put them to work.\n\n"
+    "Start with [bold]aecli train[/bold]: it trains a small model on built-in data in under a "
+    "minute, no download needed.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": os.environ.get("AECLI_DEBUG", "") not in ("", "0")}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"aecli {aecli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks instead of one-line errors."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Global options."""
+    if debug:
+        _state["debug"] = True
+
+
+def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command, turning aecli errors into one line on stderr and their exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from aecli.errors import AecliError
+
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except AecliError as exc:
+            if _state["debug"]:
+                raise
+            print_error(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            print_error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # a bug: say so in one line, traceback with --debug
+            if _state["debug"]:
+                raise
+            print_error(f"internal error: {type(exc).__name__}: {exc} "
+                        "(run with --debug for the traceback, and please report it)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def not_implemented(name: str) -> None:
+    print_error(f"`aecli {name}` is not implemented yet in aecli {aecli.__version__}")
+    raise typer.Exit(2)
+
+
+__all__ = ["app", "console", "guarded", "not_implemented"]

@@ -1,0 +1,137 @@
+"""`aecli presets` and `aecli info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from aecli.cli.app import app, guarded
+from aecli.cli.render import console, fmt_metric, key_value_table, print_json
+
+
+@app.command(epilog="[bold]Example[/bold]\n\n  aecli presets --json")
+@guarded
+def presets(
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+) -> None:
+    """List the bundled presets with a one-line description each."""
+    from aecli.config import list_presets
+
+    found = list_presets()
+    if as_json:
+        print_json([{"name": p.name, "description": p.description} for p in found])
+        return
+    table = Table(title="Bundled presets", title_justify="left")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    for preset in found:
+        table.add_row(preset.name, escape(preset.description))
+    console.print(table)
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n  aecli info cifar-cae\n\n"
+    "  aecli info runs/default-20261122-101500/model.safetensors --json"
+)
+@guarded
+def info(
+    target: str = typer.Argument(
+        ..., help="A weights file (model.safetensors), a bundled preset name or a YAML preset.",
+        show_default=False,
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
+) -> None:
+    """Describe a model: architecture, parameter counts, latent shape, compression ratio.
+
+    For a weights file, also the data it was trained on, its classes and its final metrics.
+    """
+    from dataclasses import asdict
+
+    from aecli.config import load_config
+    from aecli.io.weights import read_weights_info
+    from aecli.models import build_model, summarize
+
+    path = Path(target)
+    weights = path.suffix == ".safetensors" or (path.is_file() and path.suffix not in (".yaml", ".yml"))
+    facts: dict = {"source": target, "kind": "weights" if weights else "preset"}
+    if weights:
+        stored = read_weights_info(path)
+        config = stored.config
+        facts.update(preset=stored.preset, aecli_version=stored.aecli_version,
+                     fingerprint=stored.fingerprint, data=stored.data,
+                     class_names=stored.class_names, metrics=stored.metrics)
+    else:
+        loaded = load_config(target)
+        config = loaded.config
+        facts.update(preset=loaded.name)
+    model = build_model(config, meta=True)
+    summary = asdict(summarize(model))
+    facts.update(summary)
+    facts["layers"] = _layers(model, config)
+    if as_json:
+        print_json(facts)
+        return
+
+    kind = "VAE" if summary["variational"] else "autoencoder"
+    rows = [
+        ("model", f"{facts['preset']} ({kind}, {summary['latent_kind']} latent)"),
+        ("input", "x".join(map(str, summary["input_shape"]))),
+        ("latent", "x".join(map(str, summary["latent_shape"]))),
+        ("compression", f"{summary['compression_ratio']:g}x"),
+        ("parameters", f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "
+                       f"decoder {summary['decoder_parameters']:,})"),
+    ]
+    if weights:
+        rows += [("trained on", _describe_data(facts["data"])),
+                 ("classes", ", ".join(facts["class_names"] or []) or "none"),
+                 ("fingerprint", facts["fingerprint"]), ("aecli", facts["aecli_version"])]
+        rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
+    console.print(key_value_table(target, rows))
+    table = Table(title="Layers", title_justify="left")
+    for column in ("part", "layer", "output", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for layer in facts["layers"]:
+        table.add_row(layer["part"], escape(layer["layer"]), "x".join(map(str, layer["output"])),
+                      f"{layer['parameters']:,}")
+    console.print(table)
+
+
+def _layers(model, config) -> list[dict]:
+    """Each block with its settings, output shape (traced on the meta device) and parameters."""
+    import torch
+
+    def expand(specs):
+        return [spec for spec in specs for _ in range(getattr(spec, "repeat", 1))]
+
+    def text(spec) -> str:
+        fields = spec.model_dump(exclude_defaults=True, exclude={"type", "repeat"})
+        return " ".join([spec.type] + [f"{k}={v}" for k, v in fields.items()])
+
+    latent = config.model.latent
+    head = f"{'conv 1x1' if latent.spatial else 'linear'} to " + (
+        "mean and log-variance" if latent.variational else "the code")
+    rows = []
+    x = torch.empty(1, *model.input_shape, device="meta")
+    for spec, module in zip(expand(config.model.encoder), model.encoder, strict=True):
+        x = module(x)
+        rows.append(_row("encoder", text(spec), module, x))
+    x = model.encode(x.new_empty(1, *model.input_shape)).mode()
+    rows.append(_row("latent", head, model.latent_head, x))
+    for spec, module in zip(expand(config.model.decoder), model.decoder, strict=True):
+        x = module(x)
+        rows.append(_row("decoder", text(spec), module, x))
+    return rows
+
+
+def _row(part: str, text: str, module, x) -> dict:
+    return {"part": part, "layer": text, "output": list(x.shape[1:]),
+            "parameters": sum(p.numel() for p in module.parameters())}
+
+
+def _describe_data(data: dict) -> str:
+    if data.get("kind") == "builtin-shapes":
+        return f"built-in shapes ({data.get('count')} images)"
+    return f"{data.get('path', '?')} ({data.get('count', '?')} images)"

@@ -1,0 +1,114 @@
+"""The one image reader (DESIGN section 8) and the recursive image-file listing.
+
+Every command and the folder data source read images through `read_image`; a file that cannot
+be used raises ImageReadError with a reason a person can act on, never anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats Pillow may open: no plugin outside this list ever parses a user's file.
+ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Transparent pixels are composited on this fixed background (white).
+BACKGROUND = (255, 255, 255)
+
+
+class ImageReadError(Exception):
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: str
+    reason: str
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Decode one image file to uint8 (H, W, channels), safely; raises ImageReadError."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its two limits; a bomb is an error here at any size.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=ALLOWED_FORMATS) as image:
+                image.load()  # opening is lazy: decoding errors surface here
+                image = ImageOps.exif_transpose(image)
+                return _to_array(image, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageReadError(path, "image too large (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            path, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS[:-1])})"
+        ) from None
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageReadError(path, f"cannot decode: {reason}") from None
+
+
+def _to_array(image: Image.Image, channels: int) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples: scale to 8 bits (65535 -> 255), never clamp.
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(gray, "L")
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), "L")
+    elif mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("PA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def list_images(roots: list[Path]) -> tuple[list[tuple[Path, Path]], list[Failure]]:
+    """Image files under each root, recursively, as (root, file) pairs in sorted order.
+
+    Follows symbolic links but visits each real directory once (no loops); unreadable
+    directories are reported as failures, not raised.
+    """
+    found: list[tuple[Path, Path]] = []
+    failures: list[Failure] = []
+    for root in roots:
+        if root.is_file():
+            found.append((root.parent, root))
+            continue
+        seen: set[str] = set()
+
+        def on_error(exc: OSError) -> None:
+            failures.append(Failure(str(exc.filename), exc.strerror or "cannot read directory"))
+
+        for current, dirs, files in os.walk(root, onerror=on_error, followlinks=True):
+            real = os.path.realpath(current)
+            if real in seen:
+                failures.append(Failure(current, "directory visited already (symlink loop)"))
+                dirs[:] = []
+                continue
+            seen.add(real)
+            dirs.sort()
+            for name in sorted(files):
+                if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((root, Path(current) / name))
+    return found, failures

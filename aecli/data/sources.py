@@ -1,0 +1,219 @@
+"""Data sources, detected from the path; each becomes one uint8 (N, C, H, W) tensor + labels."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from aecli.config import DataConfig
+from aecli.data.images import BACKGROUND, Failure, ImageReadError, list_images, read_image
+from aecli.data.shapes import CLASS_NAMES, make_shapes
+from aecli.errors import DataError
+
+LAYOUTS = (
+    "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
+    "or a .npy / .npz array file"
+)
+
+
+@dataclass
+class ImageData:
+    """A whole data set in memory: uint8 images (N, C, H, W), optional labels and class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    class_names: list[str] | None
+    source: dict
+    skipped: list[Failure] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: torch.Tensor) -> ImageData:
+        labels = None if self.labels is None else self.labels[index]
+        return ImageData(self.images[index], labels, self.class_names, self.source)
+
+
+def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> ImageData:
+    """Load the data a path names (or the built-in shapes when None), fitted to the preset."""
+    if path is None:
+        images, labels = make_shapes(config.builtin_count, config.size, config.channels, seed)
+        source = {"kind": "builtin-shapes", "count": len(images), "seed": seed}
+        return ImageData(torch.from_numpy(images), torch.from_numpy(labels), CLASS_NAMES, source)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"does not exist; --data takes {LAYOUTS}", path=path)
+    if path.is_dir():
+        return _load_folder(path, config)
+    if path.suffix.lower() in (".npy", ".npz"):
+        return _load_array_file(path, config)
+    raise DataError(f"not a data source aecli understands; --data takes {LAYOUTS}", path=path)
+
+
+def _load_folder(root: Path, config: DataConfig) -> ImageData:
+    files, failures = list_images([root])
+    if not files:
+        raise DataError(f"no images found (looked recursively for {LAYOUTS.split(';')[0]})",
+                        path=root)
+    paths = [file for _, file in files]
+    relative = [file.relative_to(root) for file in paths]
+    labelled = all(len(r.parts) > 1 for r in relative)
+    class_names = sorted({r.parts[0] for r in relative}) if labelled else None
+
+    def read(file: Path) -> np.ndarray | Failure:
+        try:
+            return _fit_pil(read_image(file, config.channels), config)
+        except ImageReadError as exc:
+            return Failure(exc.path, exc.reason)
+
+    workers = min(16, (os.cpu_count() or 1) + 2)  # Pillow releases the GIL while decoding
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(read, paths))
+    keep = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
+    failures += [r for r in results if isinstance(r, Failure)]
+    if not keep:
+        raise DataError(f"none of the {len(paths)} images could be read "
+                        f"(first: {failures[0].path}: {failures[0].reason})", path=root)
+    images = torch.from_numpy(np.stack([results[i] for i in keep])).permute(0, 3, 1, 2)
+    labels = None
+    if class_names:
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = torch.tensor([index[relative[i].parts[0]] for i in keep], dtype=torch.int64)
+    source = {"kind": "folder", "path": str(root), "count": len(keep)}
+    return ImageData(images.contiguous(), labels, class_names, source, failures)
+
+
+def _fit_pil(array: np.ndarray, config: DataConfig) -> np.ndarray:
+    """Resize one decoded image to the preset's size (centre crop or stretch)."""
+    h, w = config.size
+    if array.shape[:2] == (h, w):
+        return array
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if config.fit == "crop":
+        scale = max(h / image.height, w / image.width)
+        resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        image = image.crop((left, top, left + w, top + h))
+    else:
+        image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = np.asarray(image, dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def _load_array_file(path: Path, config: DataConfig) -> ImageData:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError("holds Python objects (pickled); aecli only reads plain numeric "
+                            "arrays", path=path) from None
+        raise DataError(f"not a readable numpy file: {exc}", path=path) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"not a readable numpy file: {exc}", path=path) from None
+    labels_array = None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = set(loaded.files)
+            image_key = next((k for k in ("images", "x", "X") if k in keys), None)
+            if image_key is None:
+                raise DataError(f"no 'images' or 'x' array in the .npz (found: "
+                                f"{', '.join(sorted(keys)) or 'nothing'})", path=path)
+            label_key = next((k for k in ("labels", "y", "Y") if k in keys), None)
+            try:
+                array = loaded[image_key]
+                labels_array = loaded[label_key] if label_key else None
+            except ValueError as exc:
+                raise DataError(f"array holds Python objects (pickled): {exc}", path=path) from None
+    else:
+        array = loaded
+    images = _to_nchw_uint8(array, path)
+    labels = None
+    if labels_array is not None:
+        labels_array = np.asarray(labels_array).reshape(-1)
+        if len(labels_array) != len(images) or not np.issubdtype(labels_array.dtype, np.integer):
+            raise DataError(f"labels must be {len(images)} integers, got shape "
+                            f"{labels_array.shape} of {labels_array.dtype}", path=path)
+        labels = torch.from_numpy(labels_array.astype(np.int64))
+    fitted = fit_tensor(images, config)
+    class_names = None
+    if labels is not None:
+        class_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else None
+    source = {"kind": "array", "path": str(path), "count": len(fitted)}
+    return ImageData(fitted, labels, class_names, source)
+
+
+def _to_nchw_uint8(array: np.ndarray, path: Path) -> torch.Tensor:
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4:
+        if array.shape[1] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            pass  # N x C x H x W
+        elif array.shape[-1] in (1, 3, 4):
+            array = array.transpose(0, 3, 1, 2)
+        else:
+            raise DataError(f"cannot tell the channel axis of shape {array.shape}: expected "
+                            "N x H x W, N x H x W x C or N x C x H x W with C in 1, 3, 4", path=path)
+    else:
+        raise DataError(f"expected N x H x W, N x H x W x C or N x C x H x W images, got "
+                        f"shape {array.shape}", path=path)
+    if len(array) == 0:
+        raise DataError("holds no images", path=path)
+    if array.dtype == np.uint8:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise DataError("float images must be finite and in [0, 1]", path=path)
+        tensor = torch.from_numpy(np.rint(array * 255).astype(np.uint8))
+    else:
+        raise DataError(f"images must be uint8 or float in [0, 1], got {array.dtype}", path=path)
+    if tensor.shape[1] == 4:  # composite alpha on the reader's background
+        rgb, alpha = tensor[:, :3].float(), tensor[:, 3:].float() / 255
+        back = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1)
+        tensor = (rgb * alpha + back * (1 - alpha)).round().to(torch.uint8)
+    return tensor
+
+
+def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> torch.Tensor:
+    """Convert uint8 (N, C, H, W) to the preset's channels and size, in chunks."""
+    h, w = config.size
+    c = images.shape[1]
+    if c == config.channels and images.shape[-2:] == (h, w):
+        return images.contiguous()
+    out = torch.empty((len(images), config.channels, h, w), dtype=torch.uint8)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].float()
+        if config.channels == 1 and c == 3:
+            x = (x * luma).sum(1, keepdim=True)
+        elif config.channels == 3 and c == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (h, w):
+            if config.fit == "crop":
+                scale = max(h / x.shape[-2], w / x.shape[-1])
+                size = (max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale)))
+            else:
+                size = (h, w)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                              antialias=size[0] < x.shape[-2])
+            top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+            x = x[..., top : top + h, left : left + w]
+        out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """A seeded train / validation split; at least one image on each side."""
+    n = len(data)
+    if n < 2:
+        raise DataError(f"need at least 2 images for a train / validation split, got {n}")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[n_val:]), data.subset(order[:n_val])

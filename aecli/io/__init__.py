@@ -1,0 +1,1 @@
+"""File formats: weights files, PNGs and grids, atomic writes."""
