@@ -406,7 +406,9 @@ def _describe(err: dict, raw: dict, source: str, overridden: set[tuple]) -> str:
     if kind == "extra_forbidden":
         valid = _valid_keys(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join(map(str, key_loc[:-1] + (close[0],)))}'?" if close else ""
+        hint = (
+            f"; did you mean '{'.'.join(map(str, key_loc[:-1] + (close[0],)))}'?" if close else ""
+        )
         listing = f" (valid here: {', '.join(valid)})" if valid and not close else ""
         return f"{origin}: unknown key '{key}'{hint}{listing}"
     if kind == "missing":

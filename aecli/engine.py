@@ -101,18 +101,25 @@ class Trainer:
 
         cuda = self.device.type == "cuda"
         precision = config.train.precision
-        self.autocast_dtype = torch.bfloat16 if precision == "bf16" or (
-            precision == "auto" and cuda) else None
+        self.autocast_dtype = (
+            torch.bfloat16 if precision == "bf16" or (precision == "auto" and cuda) else None
+        )
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
 
         torch.manual_seed(config.train.seed)
-        self.model: Autoencoder = build_model(config).to(self.device, memory_format=self.memory_format)
+        self.model: Autoencoder = build_model(config).to(
+            self.device, memory_format=self.memory_format
+        )
         self.step_fn = torch.compile(self.model) if config.train.compile else self.model
         optim = config.optim
         optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_class(
-            self.model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-            weight_decay=optim.weight_decay, **({"fused": True} if cuda else {}),
+            self.model.parameters(),
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            **({"fused": True} if cuda else {}),
         )
         self.train_images = self._place(self.train_data.images)
         self.val_images = self._place(self.val_data.images)
@@ -137,8 +144,9 @@ class Trainer:
         return x.contiguous(memory_format=self.memory_format)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                              enabled=self.autocast_dtype is not None)
+        return torch.autocast(
+            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
 
     def fit(self) -> TrainResult:
         config, train = self.config, self.config.train
@@ -182,7 +190,9 @@ class Trainer:
         config, train = self.config, self.config.train
         self.model.train()
         n = len(self.train_data)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(train.seed, -epoch)))
+        order = torch.randperm(
+            n, generator=torch.Generator().manual_seed(step_seed(train.seed, -epoch))
+        )
         totals: dict[str, torch.Tensor] = {}
         window: dict[str, torch.Tensor] = {}
         window_steps = 0
@@ -222,8 +232,10 @@ class Trainer:
         bad = [k for k, v in means.items() if not math.isfinite(v) and k != "loss"]
         if bad or not math.isfinite(means["loss"]):
             term = bad[0] if bad else "loss"
-            raise TrainingError(f"loss term '{term}' became {means.get(term)} near step {self.step}; "
-                                "stopped (try a lower optim.lr)")
+            raise TrainingError(
+                f"loss term '{term}' became {means.get(term)} near step {self.step}; "
+                "stopped (try a lower optim.lr)"
+            )
 
     @torch.inference_mode()
     def _validate(self, epoch: int) -> dict:
@@ -241,8 +253,9 @@ class Trainer:
             terms = compute_loss(out, x, config.loss, self.model.variational)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0) + value.float() * len(index)
-            psnr_sum += psnr(to_unit(out.image.float(), config.data.range),
-                             to_unit(x, config.data.range)).sum()
+            psnr_sum += psnr(
+                to_unit(out.image.float(), config.data.range), to_unit(x, config.data.range)
+            ).sum()
         record = {f"val_{k}": float(v) / n for k, v in totals.items()}
         record["val_psnr"] = float(psnr_sum) / n
         if len(self.grid_images):
@@ -271,7 +284,14 @@ class Trainer:
         )
 
 
-def train(config: Config, data: ImageData, run_dir: Path, *, preset: str,
-          device: str | None = None, reporter: Reporter | None = None) -> TrainResult:
+def train(
+    config: Config,
+    data: ImageData,
+    run_dir: Path,
+    *,
+    preset: str,
+    device: str | None = None,
+    reporter: Reporter | None = None,
+) -> TrainResult:
     """Train a model on `data` and write the run directory (DESIGN section 4)."""
     return Trainer(config, data, run_dir, preset=preset, device=device, reporter=reporter).fit()

@@ -28,8 +28,11 @@ def compute_loss(
     out: AutoencoderOutput, target: torch.Tensor, config: LossConfig, variational: bool
 ) -> dict[str, torch.Tensor]:
     """{'loss': weighted total, '<reconstruction kind>': term, 'kl': term (VAEs)}."""
-    terms = {config.reconstruction: reconstruction_loss(out, target, config.reconstruction,
-                                                        config.reduction)}
+    terms = {
+        config.reconstruction: reconstruction_loss(
+            out, target, config.reconstruction, config.reduction
+        )
+    }
     total = terms[config.reconstruction]
     if variational:
         terms["kl"] = out.posterior.kl().float().mean()

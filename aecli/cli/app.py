@@ -70,8 +70,10 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # a bug: say so in one line, traceback with --debug
             if _state["debug"]:
                 raise
-            print_error(f"internal error: {type(exc).__name__}: {exc} "
-                        "(run with --debug for the traceback, and please report it)")
+            print_error(
+                f"internal error: {type(exc).__name__}: {exc} "
+                "(run with --debug for the traceback, and please report it)"
+            )
             raise typer.Exit(1) from None
 
     return wrapper

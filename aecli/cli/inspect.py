@@ -39,7 +39,8 @@ def presets(
 @guarded
 def info(
     target: str = typer.Argument(
-        ..., help="A weights file (model.safetensors), a bundled preset name or a YAML preset.",
+        ...,
+        help="A weights file (model.safetensors), a bundled preset name or a YAML preset.",
         show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
@@ -55,14 +56,21 @@ def info(
     from aecli.models import build_model, summarize
 
     path = Path(target)
-    weights = path.suffix == ".safetensors" or (path.is_file() and path.suffix not in (".yaml", ".yml"))
+    weights = path.suffix == ".safetensors" or (
+        path.is_file() and path.suffix not in (".yaml", ".yml")
+    )
     facts: dict = {"source": target, "kind": "weights" if weights else "preset"}
     if weights:
         stored = read_weights_info(path)
         config = stored.config
-        facts.update(preset=stored.preset, aecli_version=stored.aecli_version,
-                     fingerprint=stored.fingerprint, data=stored.data,
-                     class_names=stored.class_names, metrics=stored.metrics)
+        facts.update(
+            preset=stored.preset,
+            aecli_version=stored.aecli_version,
+            fingerprint=stored.fingerprint,
+            data=stored.data,
+            class_names=stored.class_names,
+            metrics=stored.metrics,
+        )
     else:
         loaded = load_config(target)
         config = loaded.config
@@ -81,21 +89,31 @@ def info(
         ("input", "x".join(map(str, summary["input_shape"]))),
         ("latent", "x".join(map(str, summary["latent_shape"]))),
         ("compression", f"{summary['compression_ratio']:g}x"),
-        ("parameters", f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "
-                       f"decoder {summary['decoder_parameters']:,})"),
+        (
+            "parameters",
+            f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "
+            f"decoder {summary['decoder_parameters']:,})",
+        ),
     ]
     if weights:
-        rows += [("trained on", _describe_data(facts["data"])),
-                 ("classes", ", ".join(facts["class_names"] or []) or "none"),
-                 ("fingerprint", facts["fingerprint"]), ("aecli", facts["aecli_version"])]
+        rows += [
+            ("trained on", _describe_data(facts["data"])),
+            ("classes", ", ".join(facts["class_names"] or []) or "none"),
+            ("fingerprint", facts["fingerprint"]),
+            ("aecli", facts["aecli_version"]),
+        ]
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
     console.print(key_value_table(target, rows))
     table = Table(title="Layers", title_justify="left")
     for column in ("part", "layer", "output", "parameters"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
     for layer in facts["layers"]:
-        table.add_row(layer["part"], escape(layer["layer"]), "x".join(map(str, layer["output"])),
-                      f"{layer['parameters']:,}")
+        table.add_row(
+            layer["part"],
+            escape(layer["layer"]),
+            "x".join(map(str, layer["output"])),
+            f"{layer['parameters']:,}",
+        )
     console.print(table)
 
 
@@ -112,7 +130,8 @@ def _layers(model, config) -> list[dict]:
 
     latent = config.model.latent
     head = f"{'conv 1x1' if latent.spatial else 'linear'} to " + (
-        "mean and log-variance" if latent.variational else "the code")
+        "mean and log-variance" if latent.variational else "the code"
+    )
     rows = []
     x = torch.empty(1, *model.input_shape, device="meta")
     for spec, module in zip(expand(config.model.encoder), model.encoder, strict=True):
@@ -127,8 +146,12 @@ def _layers(model, config) -> list[dict]:
 
 
 def _row(part: str, text: str, module, x) -> dict:
-    return {"part": part, "layer": text, "output": list(x.shape[1:]),
-            "parameters": sum(p.numel() for p in module.parameters())}
+    return {
+        "part": part,
+        "layer": text,
+        "output": list(x.shape[1:]),
+        "parameters": sum(p.numel() for p in module.parameters()),
+    }
 
 
 def _describe_data(data: dict) -> str:

@@ -54,10 +54,16 @@ class RichReporter:
         parts = "  ".join(f"{k} {fmt_metric(k, v)}" for k, v in epoch_metrics(record).items())
         self.progress.console.print(
             f"epoch {record['epoch']:>{len(str(self.epochs))}}/{self.epochs}  {parts}  "
-            f"[dim]{record['images_per_s']:.0f} img/s[/dim]", highlight=False, soft_wrap=True
+            f"[dim]{record['images_per_s']:.0f} img/s[/dim]",
+            highlight=False,
+            soft_wrap=True,
         )
-        self.progress.update(self.task, completed=0, epoch=min(record["epoch"] + 1, self.epochs),
-                             speed=f"{record['images_per_s']:.0f} img/s")
+        self.progress.update(
+            self.task,
+            completed=0,
+            epoch=min(record["epoch"] + 1, self.epochs),
+            speed=f"{record['images_per_s']:.0f} img/s",
+        )
 
     def finish(self) -> None:
         self.progress.stop()
@@ -67,21 +73,32 @@ class RichReporter:
 @guarded
 def train(
     preset: str = typer.Argument(
-        None, help="A bundled preset name (see `aecli presets`) or a path to a YAML preset. "
-        "Without one, the small `default` preset trains on built-in data.", show_default=False,
+        None,
+        help="A bundled preset name (see `aecli presets`) or a path to a YAML preset. "
+        "Without one, the small `default` preset trains on built-in data.",
+        show_default=False,
     ),
     data: Path = typer.Option(
-        None, "--data", "-d", help="A folder of images (subfolders become class labels) or a "
+        None,
+        "--data",
+        "-d",
+        help="A folder of images (subfolders become class labels) or a "
         ".npy / .npz array file. Without it, built-in coloured shapes are generated.",
         show_default=False,
     ),
     out: Path = typer.Option(
-        None, "--out", "-o", help="The run directory to write. Default: runs/PRESET-YYYYMMDD-HHMMSS.",
+        None,
+        "--out",
+        "-o",
+        help="The run directory to write. Default: runs/PRESET-YYYYMMDD-HHMMSS.",
         show_default=False,
     ),
     overrides: list[str] = typer.Option(
-        [], "--set", help="Override any preset key, e.g. --set model.latent.dim=32 "
-        "(the value is parsed as YAML). Repeatable.", show_default=False,
+        [],
+        "--set",
+        help="Override any preset key, e.g. --set model.latent.dim=32 "
+        "(the value is parsed as YAML). Repeatable.",
+        show_default=False,
     ),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Shortcut for --set train.epochs=N."),
     batch_size: int = typer.Option(
@@ -105,8 +122,12 @@ def train(
     from aecli.engine import resolve_device
     from aecli.engine import train as run_training
 
-    shortcuts = {"train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr,
-                 "train.seed": seed}
+    shortcuts = {
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.seed": seed,
+    }
     overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
     loaded = load_config(preset, overrides)
     config = loaded.config
@@ -126,8 +147,14 @@ def train(
         f"{config.data.channels}x{config.data.size[0]}x{config.data.size[1]}) on "
         f"[bold]{resolved_device}[/bold] -> {run_dir}"
     )
-    result = run_training(config, dataset, run_dir, preset=loaded.name,
-                          device=str(resolved_device), reporter=RichReporter())
+    result = run_training(
+        config,
+        dataset,
+        run_dir,
+        preset=loaded.name,
+        device=str(resolved_device),
+        reporter=RichReporter(),
+    )
 
     final = result.final
     summary = {
@@ -142,9 +169,12 @@ def train(
         "fingerprint": result.fingerprint,
         "final": final,
     }
-    rows = [("run", result.run_dir), ("weights", result.weights),
-            ("epochs / steps", f"{result.epochs} / {result.steps}"),
-            ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)")]
+    rows = [
+        ("run", result.run_dir),
+        ("weights", result.weights),
+        ("epochs / steps", f"{result.epochs} / {result.steps}"),
+        ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
+    ]
     rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]
     console.print(key_value_table("Training finished", rows))
     if as_json:
@@ -165,5 +195,6 @@ def _check_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError("--out: exists and is not a directory", path=run_dir)
     if (run_dir / "config.yaml").exists() or (run_dir / "model.safetensors").exists():
-        raise UsageError("--out: already holds a training run; choose a new directory",
-                         path=run_dir)
+        raise UsageError(
+            "--out: already holds a training run; choose a new directory", path=run_dir
+        )

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats Pillow may open: no plugin outside this list ever parses a user's file.
-ALLOWED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Transparent pixels are composited on this fixed background (white).
 BACKGROUND = (255, 255, 255)
@@ -47,7 +47,7 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
         raise ImageReadError(path, "image too large (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise ImageReadError(
-            path, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS[:-1])})"
+            path, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
@@ -58,6 +58,8 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageReadError(path, f"cannot decode: {reason}") from None
+    except Exception as exc:  # a decoder bug must not crash a batch of thousands of files
+        raise ImageReadError(path, f"cannot decode: {type(exc).__name__}: {exc}") from None
 
 
 def _to_array(image: Image.Image, channels: int) -> np.ndarray:

@@ -51,15 +51,21 @@ def _render(rng: np.random.Generator, labels: np.ndarray, h: int, w: int) -> np.
     circle = dist - radius
     square = np.maximum(np.abs(u), np.abs(v)) - radius * 0.8
     k = np.float32(np.sqrt(3.0) / 2)
-    triangle = np.maximum.reduce([v - radius * 0.5, -k * u - 0.5 * v, k * u - 0.5 * v]) - radius * 0.5
+    triangle = (
+        np.maximum.reduce([v - radius * 0.5, -k * u - 0.5 * v, k * u - 0.5 * v]) - radius * 0.5
+    )
     ring = np.abs(dist - radius * 0.8) - radius * 0.25
-    signed = np.select([labels[:, None, None] == i for i in range(4)], [circle, square, triangle, ring])
+    signed = np.select(
+        [labels[:, None, None] == i for i in range(4)], [circle, square, triangle, ring]
+    )
     coverage = np.clip(0.5 - signed, 0.0, 1.0)[:, None]  # antialiased edge, (N, 1, H, W)
 
     background = rng.uniform(0.05, 0.55, (n, 3)).astype(np.float32)[:, :, None, None]
     direction = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
-    ramp = (np.cos(direction)[:, None, None] * (xs / w - 0.5)
-            + np.sin(direction)[:, None, None] * (ys / h - 0.5))[:, None]
+    ramp = (
+        np.cos(direction)[:, None, None] * (xs / w - 0.5)
+        + np.sin(direction)[:, None, None] * (ys / h - 0.5)
+    )[:, None]
     background = background + 0.3 * ramp
     colour = rng.uniform(0.45, 1.0, (n, 3)).astype(np.float32)[:, :, None, None]
     image = background * (1 - coverage) + colour * coverage

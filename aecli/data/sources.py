@@ -60,8 +60,9 @@ def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> Ima
 def _load_folder(root: Path, config: DataConfig) -> ImageData:
     files, failures = list_images([root])
     if not files:
-        raise DataError(f"no images found (looked recursively for {LAYOUTS.split(';')[0]})",
-                        path=root)
+        raise DataError(
+            f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
+        )
     paths = [file for _, file in files]
     relative = [file.relative_to(root) for file in paths]
     labelled = all(len(r.parts) > 1 for r in relative)
@@ -79,8 +80,11 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
     keep = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
     failures += [r for r in results if isinstance(r, Failure)]
     if not keep:
-        raise DataError(f"none of the {len(paths)} images could be read "
-                        f"(first: {failures[0].path}: {failures[0].reason})", path=root)
+        raise DataError(
+            f"none of the {len(paths)} images could be read "
+            f"(first: {failures[0].path}: {failures[0].reason})",
+            path=root,
+        )
     images = torch.from_numpy(np.stack([results[i] for i in keep])).permute(0, 3, 1, 2)
     labels = None
     if class_names:
@@ -113,8 +117,9 @@ def _load_array_file(path: Path, config: DataConfig) -> ImageData:
         loaded = np.load(path, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc).lower():
-            raise DataError("holds Python objects (pickled); aecli only reads plain numeric "
-                            "arrays", path=path) from None
+            raise DataError(
+                "holds Python objects (pickled); aecli only reads plain numeric arrays", path=path
+            ) from None
         raise DataError(f"not a readable numpy file: {exc}", path=path) from None
     except (OSError, EOFError) as exc:
         raise DataError(f"not a readable numpy file: {exc}", path=path) from None
@@ -124,8 +129,11 @@ def _load_array_file(path: Path, config: DataConfig) -> ImageData:
             keys = set(loaded.files)
             image_key = next((k for k in ("images", "x", "X") if k in keys), None)
             if image_key is None:
-                raise DataError(f"no 'images' or 'x' array in the .npz (found: "
-                                f"{', '.join(sorted(keys)) or 'nothing'})", path=path)
+                raise DataError(
+                    f"no 'images' or 'x' array in the .npz (found: "
+                    f"{', '.join(sorted(keys)) or 'nothing'})",
+                    path=path,
+                )
             label_key = next((k for k in ("labels", "y", "Y") if k in keys), None)
             try:
                 array = loaded[image_key]
@@ -139,8 +147,11 @@ def _load_array_file(path: Path, config: DataConfig) -> ImageData:
     if labels_array is not None:
         labels_array = np.asarray(labels_array).reshape(-1)
         if len(labels_array) != len(images) or not np.issubdtype(labels_array.dtype, np.integer):
-            raise DataError(f"labels must be {len(images)} integers, got shape "
-                            f"{labels_array.shape} of {labels_array.dtype}", path=path)
+            raise DataError(
+                f"labels must be {len(images)} integers, got shape "
+                f"{labels_array.shape} of {labels_array.dtype}",
+                path=path,
+            )
         labels = torch.from_numpy(labels_array.astype(np.int64))
     fitted = fit_tensor(images, config)
     class_names = None
@@ -159,11 +170,16 @@ def _to_nchw_uint8(array: np.ndarray, path: Path) -> torch.Tensor:
         elif array.shape[-1] in (1, 3, 4):
             array = array.transpose(0, 3, 1, 2)
         else:
-            raise DataError(f"cannot tell the channel axis of shape {array.shape}: expected "
-                            "N x H x W, N x H x W x C or N x C x H x W with C in 1, 3, 4", path=path)
+            raise DataError(
+                f"cannot tell the channel axis of shape {array.shape}: expected "
+                "N x H x W, N x H x W x C or N x C x H x W with C in 1, 3, 4",
+                path=path,
+            )
     else:
-        raise DataError(f"expected N x H x W, N x H x W x C or N x C x H x W images, got "
-                        f"shape {array.shape}", path=path)
+        raise DataError(
+            f"expected N x H x W, N x H x W x C or N x C x H x W images, got shape {array.shape}",
+            path=path,
+        )
     if len(array) == 0:
         raise DataError("holds no images", path=path)
     if array.dtype == np.uint8:
@@ -201,8 +217,9 @@ def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> t
                 size = (max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale)))
             else:
                 size = (h, w)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                              antialias=size[0] < x.shape[-2])
+            x = F.interpolate(
+                x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < x.shape[-2]
+            )
             top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
             x = x[..., top : top + h, left : left + w]
         out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)

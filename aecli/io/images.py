@@ -34,7 +34,9 @@ def make_grid(rows: list[torch.Tensor], pad: int = 2, min_tile: int = 64) -> np.
     c, h, w = rows[0].shape[1:]
     factor = max(1, -(-min_tile // max(h, w)))
     th, tw = h * factor, w * factor
-    sheet = torch.full((c, pad + len(rows) * (th + pad), pad + n * (tw + pad)), 255, dtype=torch.uint8)
+    sheet = torch.full(
+        (c, pad + len(rows) * (th + pad), pad + n * (tw + pad)), 255, dtype=torch.uint8
+    )
     for i, row in enumerate(rows):
         big = row.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
         for j, tile in enumerate(big):

@@ -81,11 +81,13 @@ def save_weights(
 
 
 def read_weights_info(path: str | Path) -> WeightsInfo:
-    """Read and validate a weights file's metadata (no tensors loaded)."""
-    return _open(path)[0]
+    """Read a weights file's metadata, after checking that its tensors are sound."""
+    return _open(path, with_tensors=True)[0]
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[Autoencoder, WeightsInfo]:
+def load_weights(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Autoencoder, WeightsInfo]:
     """Rebuild the model a weights file describes and load its tensors; eval mode."""
     info, tensors = _open(path, with_tensors=True)
     try:
@@ -107,19 +109,25 @@ def _open(path: str | Path, with_tensors: bool = False):
     if not path.exists():
         raise WeightsError("file not found", path=path)
     if path.is_dir():
-        raise WeightsError("is a directory; give the model.safetensors file inside a run", path=path)
+        raise WeightsError(
+            "is a directory; give the model.safetensors file inside a run", path=path
+        )
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != FORMAT:
-                raise WeightsError("a safetensors file, but not aecli weights (no aecli metadata)",
-                                   path=path)
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()} if with_tensors else {}
+                raise WeightsError(
+                    "a safetensors file, but not aecli weights (no aecli metadata)", path=path
+                )
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()} if with_tensors else {}  # noqa: SIM118
     except WeightsError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise WeightsError(f"not a safetensors file ({_sniff(path)}); aecli loads only "
-                           "safetensors weights written by `aecli train`", path=path) from None
+        raise WeightsError(
+            f"not a safetensors file ({_sniff(path)}); aecli loads only "
+            "safetensors weights written by `aecli train`",
+            path=path,
+        ) from None
     try:
         raw_config = json.loads(metadata["config"])
         info = WeightsInfo(
@@ -134,7 +142,9 @@ def _open(path: str | Path, with_tensors: bool = False):
     except (KeyError, json.JSONDecodeError) as exc:
         raise WeightsError(f"damaged aecli metadata ({exc})", path=path) from None
     except ConfigError as exc:
-        raise WeightsError(f"its stored configuration is invalid: {exc.problems[0]}", path=path) from None
+        raise WeightsError(
+            f"its stored configuration is invalid: {exc.problems[0]}", path=path
+        ) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)

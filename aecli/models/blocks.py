@@ -34,7 +34,9 @@ def norm(kind: str, channels: int, groups: int = 32) -> nn.Module:
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if channels % groups:
-        raise ValueError(f"GroupNorm with {groups} groups needs channels divisible by it, got {channels}")
+        raise ValueError(
+            f"GroupNorm with {groups} groups needs channels divisible by it, got {channels}"
+        )
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 

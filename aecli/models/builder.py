@@ -18,8 +18,8 @@ from aecli.config import (
     InitConfig,
     LinearSpec,
     NormSpec,
-    ReshapeSpec,
     ResBlockSpec,
+    ReshapeSpec,
     ResizeSpec,
     UpsampleSpec,
     to_hw,
@@ -42,7 +42,10 @@ def _build_block(spec, shape: Shape) -> nn.Module:
             padding = 0 if spec.padding == "valid" else spec.padding
         conv = nn.Conv2d(shape[0], spec.out, spec.kernel, spec.stride, padding, bias=spec.bias)
         return blocks.ConvBlock(
-            conv, blocks.norm(spec.norm, spec.out, spec.groups), blocks.activation(spec.act), tf_same
+            conv,
+            blocks.norm(spec.norm, spec.out, spec.groups),
+            blocks.activation(spec.act),
+            tf_same,
         )
     if isinstance(spec, ConvTransposeSpec):
         _need_image(shape)
@@ -52,7 +55,13 @@ def _build_block(spec, shape: Shape) -> nn.Module:
         else:
             padding, crop = spec.padding, (0, 0)
         conv = nn.ConvTranspose2d(
-            shape[0], spec.out, spec.kernel, spec.stride, padding, spec.output_padding, bias=spec.bias
+            shape[0],
+            spec.out,
+            spec.kernel,
+            spec.stride,
+            padding,
+            spec.output_padding,
+            bias=spec.bias,
         )
         return blocks.ConvTransposeBlock(
             conv, crop, blocks.norm(spec.norm, spec.out, spec.groups), blocks.activation(spec.act)
@@ -123,8 +132,12 @@ def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
     factor = 2 if latent.variational else 1
     if latent.spatial:
         if len(shape) != 3:
-            raise ConfigError([f"model.latent.channels: the encoder ends in shape {_fmt(shape)}, "
-                               "a spatial latent needs an image (C, H, W)"])
+            raise ConfigError(
+                [
+                    f"model.latent.channels: the encoder ends in shape {_fmt(shape)}, "
+                    "a spatial latent needs an image (C, H, W)"
+                ]
+            )
         head = nn.Sequential(nn.Conv2d(shape[0], latent.channels * factor, 1))
         latent_shape = (latent.channels, *shape[1:])
     else:
@@ -163,8 +176,12 @@ def _build(config: Config) -> Autoencoder:
     head, latent_shape = _latent_head(config, features)
     decoder, out_shape = _build_stack(config.model.decoder, latent_shape, "model.decoder")
     if out_shape != input_shape:
-        raise ConfigError([f"model.decoder: produces {_fmt(out_shape)} but the input is "
-                           f"{_fmt(input_shape)} (data.channels x data.image_size)"])
+        raise ConfigError(
+            [
+                f"model.decoder: produces {_fmt(out_shape)} but the input is "
+                f"{_fmt(input_shape)} (data.channels x data.image_size)"
+            ]
+        )
     model = Autoencoder(
         encoder,
         head,

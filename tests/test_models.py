@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from aecli.config import load_config
+from aecli.errors import ConfigError
+from aecli.losses import compute_loss
+from aecli.models import DiagonalGaussian, build_model, summarize
+
+
+@pytest.mark.parametrize(
+    ("preset", "encoder", "decoder"),
+    [
+        ("mnist-cae", 2_262, 2_461),
+        ("cifar-cae", 891_480, 895_315),
+        ("cifar-cae-1000", 4_169_080, 4_172_115),
+        ("fashion-vae", 69_076, 65_089),  # the Keras VAE example's summary
+        ("cat-kl-f8", 34_163_664, 49_490_199),  # Stable Diffusion's VAE, 83,653,863 in all
+    ],
+)
+def test_reference_parameter_counts(preset, encoder, decoder, cli):
+    result = cli("info", preset, "--json")
+    assert result.exit_code == 0
+    import json
+
+    facts = json.loads(result.stdout)
+    assert (facts["encoder_parameters"], facts["decoder_parameters"]) == (encoder, decoder)
+    assert facts["parameters"] == encoder + decoder
+    for key in ("latent_shape", "compression_ratio"):
+        assert key in facts
+
+
+# Full architectures; only the image size is reduced where the full one is slow on a CPU.
+SIZES = {"dog-vae": [], "cat-kl-f8": ["data.image_size=32"]}
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["default", "mnist-cae", "cifar-cae", "cifar-cae-1000", "fashion-vae", "dog-vae", "cat-kl-f8"],
+)
+def test_each_preset_runs_forward_and_backward(preset):
+    config = load_config(preset, SIZES.get(preset, [])).config
+    torch.manual_seed(0)
+    model = build_model(config)
+    x = torch.rand(2, config.data.channels, *config.data.size)
+    if config.data.range == "symmetric":
+        x = x * 2 - 1
+    out = model(x)
+    assert out.image.shape == x.shape
+    assert out.z.shape[1:] == model.latent_shape
+    terms = compute_loss(out, x, config.loss, model.variational)
+    terms["loss"].backward()
+    assert torch.isfinite(terms["loss"])
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert ("kl" in terms) == config.model.latent.variational
+
+
+def test_kl_f8_is_fully_convolutional():
+    model = build_model(load_config("cat-kl-f8", ["data.image_size=16"]).config).eval()
+    with torch.no_grad():
+        posterior = model.encode(torch.zeros(1, 3, 24, 40))
+    assert posterior.mode().shape == (1, 4, 3, 5)  # 8x downsampling, 4 channels
+
+
+def test_cifar_init_is_xavier_with_bias_001():
+    model = build_model(load_config("cifar-cae").config)
+    conv = model.encoder[0].conv
+    assert torch.all(conv.bias == 0.01)
+    bound = (6 / (3 * 9 + 16 * 9)) ** 0.5  # xavier-uniform bound for 3->16, 3x3
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > bound * 0.8
+
+
+def test_keras_same_padding_shapes():
+    model = build_model(load_config("mnist-cae").config, meta=True)
+    assert summarize(model).latent_shape == (10,)
+    x = torch.empty(1, 1, 28, 28, device="meta")
+    shapes = []
+    for block in model.encoder:
+        x = block(x)
+        shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(16, 14, 14), (8, 7, 7), (4, 4, 4)]
+
+
+def test_posterior_mode_sample_and_kl():
+    mean, logvar = torch.zeros(4, 3), torch.zeros(4, 3)
+    standard = DiagonalGaussian(mean, logvar)
+    assert torch.allclose(standard.kl(), torch.zeros(4))
+    shifted = DiagonalGaussian(torch.ones(4, 3), torch.zeros(4, 3))
+    assert torch.allclose(shifted.kl(), torch.full((4,), 1.5))
+    g = torch.Generator().manual_seed(0)
+    assert not torch.equal(shifted.sample(g), shifted.mode())
+    assert torch.equal(shifted.mode(), torch.ones(4, 3))
+
+
+def test_decoder_that_does_not_match_input_is_a_config_error(tiny_preset):
+    with pytest.raises(ConfigError, match="model.decoder: produces 3x8x8"):
+        build_model(load_config(str(tiny_preset), ["model.decoder.3.stride=1"]).config)
+
+
+def test_impossible_block_names_its_place(tiny_preset):
+    with pytest.raises(ConfigError, match=r"model.encoder.1 \(conv\)"):
+        build_model(
+            load_config(
+                str(tiny_preset), ["model.encoder.1.kernel=40", "model.encoder.1.padding=valid"]
+            ).config
+        )
