@@ -213,6 +213,19 @@ class LossConfig(Strict):
         "mean", description="mean over all pixels, or sum over each image's pixels"
     )
     kl_weight: float = Field(1.0, ge=0.0)
+    kl_warmup_steps: int = Field(0, ge=0, description="KL weight ramps linearly from 0")
+    ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - SSIM term")
+    ms_ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - MS-SSIM term")
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule, a pure function of the step (nothing to restore on resume)."""
+
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr: float = Field(0.0, ge=0.0, description="cosine: the final learning rate")
+    step_epochs: int = Field(30, gt=0, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0.0, description="step: factor at each decay")
 
 
 class OptimConfig(Strict):
@@ -221,6 +234,22 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
+    schedule: ScheduleConfig = ScheduleConfig()
+
+
+class EarlyStoppingConfig(Strict):
+    """Keras-style early stopping on a validation metric."""
+
+    monitor: Literal["val_loss", "val_psnr"] = "val_loss"
+    patience: int = Field(10, gt=0)
+    min_delta: float = Field(0.0, ge=0.0)
+    start_epoch: int = Field(1, gt=0, description="epochs before this one never stop the run")
+    restore_best: bool = True
+
+
+class EmaConfig(Strict):
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
 
 
 class TrainConfig(Strict):
@@ -233,6 +262,11 @@ class TrainConfig(Strict):
     compile: bool = False
     grid_images: int = Field(8, ge=0)
     log_every: int = Field(10, gt=0, description="steps between progress refreshes")
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between checkpoints (0: at the end of each epoch only)"
+    )
+    early_stopping: EarlyStoppingConfig | None = None
+    ema: EmaConfig | None = Field(None, description="validate and export an EMA of the weights")
 
 
 class Config(Strict):

@@ -12,6 +12,7 @@ class AecliError(Exception):
     """An error a user can act on: a message, optionally the file it concerns, and an exit code."""
 
     exit_code = 1
+    label = "error"
 
     def __init__(self, message: str, *, path: str | Path | None = None):
         super().__init__(message)
@@ -50,3 +51,10 @@ class WeightsError(UsageError):
 
 class TrainingError(AecliError):
     """Training had to stop (for example a non-finite loss); exit 1."""
+
+
+class Interrupted(AecliError):
+    """The user pressed Ctrl-C; the run was saved and can be resumed; exit 130."""
+
+    exit_code = 130
+    label = "interrupted"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from aecli.config import LossConfig
+from aecli.data.transforms import to_unit
 from aecli.models.autoencoder import AutoencoderOutput
+
+# MS-SSIM's standard scale weights (Wang et al. 2003)
+_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def reconstruction_loss(
@@ -24,19 +30,64 @@ def reconstruction_loss(
     return per_element.mean()
 
 
+def ssim(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "elementwise_mean"):
+    """SSIM of images in [0, 1] (torchmetrics, Gaussian window 11, sigma 1.5)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    return structural_similarity_index_measure(
+        prediction.float(), target.float(), data_range=1.0, reduction=reduction
+    )
+
+
+def ms_ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM of images in [0, 1], with as many of the five scales as the image size allows."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+    side = min(prediction.shape[-2:])
+    scales = max(1, min(5, int(math.log2(max(side - 1, 1) / 10)) + 1))
+    while scales > 1 and side <= 10 * 2 ** (scales - 1):
+        scales -= 1
+    betas = _MS_SSIM_BETAS[:scales]
+    betas = tuple(b / sum(betas) for b in betas)
+    return multiscale_structural_similarity_index_measure(
+        prediction.float(), target.float(), data_range=1.0, betas=betas, normalize="relu"
+    )
+
+
 def compute_loss(
-    out: AutoencoderOutput, target: torch.Tensor, config: LossConfig, variational: bool
+    out: AutoencoderOutput,
+    target: torch.Tensor,
+    config: LossConfig,
+    variational: bool,
+    *,
+    value_range: str = "unit",
+    step: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{'loss': weighted total, '<reconstruction kind>': term, 'kl': term (VAEs)}."""
-    terms = {
-        config.reconstruction: reconstruction_loss(
-            out, target, config.reconstruction, config.reduction
-        )
-    }
-    total = terms[config.reconstruction]
+    """{'loss': weighted total, '<reconstruction>': term, 'kl', 'ssim', 'ms_ssim' as configured}.
+
+    `step` (training) ramps the KL weight over `kl_warmup_steps`; None (validation) uses the
+    full weight so that validation losses are comparable across epochs.
+    """
+    kind = config.reconstruction
+    terms = {kind: reconstruction_loss(out, target, kind, config.reduction)}
+    total = terms[kind]
     if variational:
         terms["kl"] = out.posterior.kl().float().mean()
-        total = total + config.kl_weight * terms["kl"]
+        weight = config.kl_weight
+        if step is not None and config.kl_warmup_steps:
+            weight *= min(1.0, step / config.kl_warmup_steps)
+        total = total + weight * terms["kl"]
+    if config.ssim_weight or config.ms_ssim_weight:
+        prediction, reference = (
+            to_unit(out.image.float(), value_range),
+            to_unit(target, value_range),
+        )
+        if config.ssim_weight:
+            terms["ssim"] = 1.0 - ssim(prediction, reference)
+            total = total + config.ssim_weight * terms["ssim"]
+        if config.ms_ssim_weight:
+            terms["ms_ssim"] = 1.0 - ms_ssim(prediction, reference)
+            total = total + config.ms_ssim_weight * terms["ms_ssim"]
     return {"loss": total, **terms}
 
 

@@ -60,7 +60,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except AecliError as exc:
             if _state["debug"]:
                 raise
-            print_error(str(exc))
+            print_error(str(exc), exc.label)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:

@@ -13,9 +13,10 @@ from rich.table import Table
 console = Console(stderr=True, highlight=False)
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, label: str = "error") -> None:
+    colour = "yellow" if label == "interrupted" else "red"
     for line in message.splitlines() or [""]:
-        console.print(f"[bold red]error:[/bold red] {escape(line)}", soft_wrap=True)
+        console.print(f"[bold {colour}]{label}:[/bold {colour}] {escape(line)}", soft_wrap=True)
 
 
 def print_warning(message: str) -> None:

@@ -109,31 +109,60 @@ def train(
     device: str = typer.Option(
         "auto", "--device", help="Where to train: auto (CUDA when present), cpu, cuda or cuda:N."
     ),
+    resume: Path = typer.Option(
+        None,
+        "--resume",
+        help="Continue the run in this directory from its checkpoint, with its own config.yaml "
+        "and data; --epochs N sets a new total.",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Train an autoencoder from a preset and write a run directory.
 
     The run directory holds config.yaml (the resolved preset), model.safetensors (weights that
-    every other command can use on their own), metrics.jsonl (one line per epoch) and
-    grids/epoch-NNNN.png (validation images over their reconstructions).
+    every other command can use on their own), checkpoint.safetensors (to resume exactly),
+    metrics.jsonl (one line per epoch) and grids/epoch-NNNN.png (validation images over their
+    reconstructions). Ctrl-C stops after the current step, saves, and prints the resume command.
     """
     from aecli.config import load_config
     from aecli.data import load_data
-    from aecli.engine import resolve_device
+    from aecli.engine import plan_resume, resolve_device
+    from aecli.engine import resume as resume_training
     from aecli.engine import train as run_training
+    from aecli.errors import UsageError
 
-    shortcuts = {
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "optim.lr": lr,
-        "train.seed": seed,
-    }
-    overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-    loaded = load_config(preset, overrides)
-    config = loaded.config
     resolved_device = resolve_device(device)
-    run_dir = out or Path("runs") / f"{loaded.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    _check_run_dir(run_dir)
+    if resume is not None:
+        given = (
+            ("PRESET", preset),
+            ("--out", out),
+            ("--set", overrides),
+            ("--batch-size", batch_size),
+            ("--lr", lr),
+            ("--seed", seed),
+        )
+        extra = [flag for flag, value in given if value]
+        if extra:
+            raise UsageError(
+                f"--resume continues a run with its own config; drop {extra[0]} "
+                "(only --epochs, --data and --device may change)"
+            )
+        plan = plan_resume(resume, epochs)
+        config, name, run_dir = plan.config, plan.preset, resume
+        data = data if data is not None else plan.data_path
+    else:
+        shortcuts = {
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "optim.lr": lr,
+            "train.seed": seed,
+        }
+        overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+        loaded = load_config(preset, overrides)
+        config, name = loaded.config, loaded.name
+        run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+        _check_run_dir(run_dir)
 
     with console.status("loading data"):
         dataset = load_data(data, config.data, config.train.seed)
@@ -143,36 +172,46 @@ def train(
         print_warning(f"skipped {len(dataset.skipped) - 5} more unreadable files")
     source = dataset.source.get("path", "built-in shapes")
     console.print(
-        f"Training [bold]{loaded.name}[/bold] on {source} ({len(dataset)} images, "
-        f"{config.data.channels}x{config.data.size[0]}x{config.data.size[1]}) on "
-        f"[bold]{resolved_device}[/bold] -> {run_dir}"
+        f"{'Resuming' if resume is not None else 'Training'} [bold]{name}[/bold] on {source} "
+        f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
+        f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
     )
-    result = run_training(
-        config,
-        dataset,
-        run_dir,
-        preset=loaded.name,
-        device=str(resolved_device),
-        reporter=RichReporter(),
-    )
+    if resume is not None:
+        result = resume_training(
+            plan, dataset, run_dir, device=str(resolved_device), reporter=RichReporter()
+        )
+    else:
+        data_path = None if data is None else str(Path(data).resolve())
+        result = run_training(
+            config,
+            dataset,
+            run_dir,
+            preset=name,
+            device=str(resolved_device),
+            reporter=RichReporter(),
+            data_path=data_path,
+        )
 
     final = result.final
     summary = {
         "run_dir": str(result.run_dir),
         "weights": str(result.weights),
-        "preset": loaded.name,
+        "preset": name,
         "device": str(resolved_device),
         "epochs": result.epochs,
         "steps": result.steps,
         "seconds": round(result.seconds, 2),
         "images_per_s": round(result.images_per_s, 1),
         "fingerprint": result.fingerprint,
+        "stopped_early": result.stopped_early,
+        "best_epoch": result.best_epoch,
         "final": final,
     }
+    early = f" (stopped early; best epoch {result.best_epoch})" if result.stopped_early else ""
     rows = [
         ("run", result.run_dir),
         ("weights", result.weights),
-        ("epochs / steps", f"{result.epochs} / {result.steps}"),
+        ("epochs / steps", f"{result.epochs} / {result.steps}{early}"),
         ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
     ]
     rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]

@@ -22,6 +22,7 @@ from aecli.models import Autoencoder, build_model
 
 FORMAT = "aecli-weights"
 FORMAT_VERSION = "1"
+STATS_PREFIX = "latent_stats."
 
 
 @dataclass
@@ -35,6 +36,7 @@ class WeightsInfo:
     data: dict
     class_names: list[str] | None
     metrics: dict
+    latent_stats: dict[str, torch.Tensor] | None = None
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -56,15 +58,22 @@ def save_weights(
     data: dict,
     class_names: list[str] | None,
     metrics: dict,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
+    latent_stats: dict[str, torch.Tensor] | None = None,
 ) -> str:
-    """Write model.safetensors atomically; returns the weights' fingerprint."""
+    """Write model.safetensors atomically; returns the weights' fingerprint.
+
+    Raises ValueError, writing nothing, if any tensor holds a NaN or an infinity.
+    """
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for name, tensor in tensors.items():
+    stats = {
+        f"{STATS_PREFIX}{k}": v.detach().to("cpu").contiguous()
+        for k, v in (latent_stats or {}).items()
+    }
+    for name, tensor in {**tensors, **stats}.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise WeightsError(f"refusing to write non-finite values (tensor {name})", path=path)
+            raise ValueError(f"tensor {name} holds non-finite values")
     print_ = fingerprint(tensors)
-    tensors.update({k: v.detach().to("cpu").contiguous() for k, v in (extra_tensors or {}).items()})
+    tensors.update(stats)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -148,6 +157,8 @@ def _open(path: str | Path, with_tensors: bool = False):
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
+    stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
+    info.latent_stats = stats or None
     return info, tensors
 
 
