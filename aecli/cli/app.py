@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -51,13 +52,15 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from aecli.errors import AecliError
+        from aecli.errors import AecliError, Interrupted
 
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except AecliError as exc:
+            if isinstance(exc, Interrupted):  # the run is saved; more Ctrl-C must not break the exit
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             if _state["debug"]:
                 raise
             print_error(str(exc), exc.label)

@@ -1,0 +1,262 @@
+"""Long-run safety: exact resume, Ctrl-C, non-finite stops, SIGKILL, training options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from aecli.config import load_config
+from aecli.data import load_data
+from aecli.engine import plan_resume, resume, train
+from aecli.errors import Interrupted, TrainingError
+from aecli.io.checkpoint import load_checkpoint
+from aecli.io.weights import load_weights
+
+# a VAE with augmentation, EMA and a cosine schedule: every source of randomness and state
+RICH = [
+    "model.latent.variational=true",
+    "loss.kl_weight=0.01",
+    "loss.kl_warmup_steps=4",
+    "data.augment.hflip=true",
+    "data.augment.crop_scale=[0.7, 1.0]",
+    "train.ema.decay=0.9",
+    "optim.schedule.kind=step",
+    "optim.schedule.step_epochs=1",
+    "optim.schedule.gamma=0.7",
+    "optim.schedule.warmup_steps=2",
+    "train.epochs=4",
+]
+# a schedule that depends on the total number of steps can only be resumed mid-run
+COSINE = ["optim.schedule.kind=cosine"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(run / "model.safetensors"), "pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+class StopAt:
+    """A reporter that presses Ctrl-C (sets the engine's flag) at a given step."""
+
+    def __init__(self, step: int):
+        self.at, self.trainer = step, None
+
+    def start(self, **_):
+        pass
+
+    def step(self, *, epoch, step, metrics):
+        if self.trainer.state.step == self.at:
+            self.trainer._stop_requested = True
+
+    def epoch(self, record):
+        pass
+
+    def finish(self):
+        pass
+
+
+def run_straight(tiny_preset, tmp_path, extra=()):
+    config = load_config(str(tiny_preset), RICH + ["train.log_every=1", *extra]).config
+    data = load_data(None, config.data, config.train.seed)
+    train(config, data, tmp_path / "straight", preset="tiny")
+    return config, data
+
+
+def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path):
+    config, data = run_straight(tiny_preset, tmp_path)
+    half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    train(half, data, tmp_path / "split", preset="tiny")
+    plan = plan_resume(tmp_path / "split", epochs=4)
+    result = resume(plan, data, tmp_path / "split")
+    assert result.epochs == 4 and result.steps == 4 * 3
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["val_loss"] for x in lines] == [json.loads(x)["val_loss"] for x in straight]
+
+
+def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
+    from aecli.engine import Trainer
+
+    config, data = run_straight(tiny_preset, tmp_path, COSINE)
+    reporter = StopAt(step=5)  # epoch 2 of 4, second of its three batches
+    trainer = Trainer(config, data, tmp_path / "cut", preset="tiny", reporter=reporter)
+    reporter.trainer = trainer
+    with pytest.raises(Interrupted, match=r"aecli train --resume .*cut"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["train_state"]
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 2, 5)
+    load_weights(tmp_path / "cut" / "model.safetensors")  # usable right away
+    resume(plan_resume(tmp_path / "cut"), data, tmp_path / "cut")
+    assert_same_weights(tmp_path / "straight", tmp_path / "cut")
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_resume_cli_refuses_a_finished_run_and_config_changes(tiny_preset, tmp_path, cli):
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run).exit_code == 0
+    result = cli("train", "--resume", run)
+    assert result.exit_code == 2 and "already finished 2 epochs" in result.stderr
+    result = cli("train", "--resume", run, "--set", "train.seed=3")
+    assert result.exit_code == 2 and "drop --set" in result.stderr
+    result = cli("train", "--resume", run, "--epochs", "3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs"] == 3
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_preset, tmp_path, cli):
+    run = tmp_path / "run"
+    # the learning rate jumps by 1e12 after the first epoch
+    result = cli("train", tiny_preset, "--out", run, "--epochs", "3", "--set",
+                 "optim.schedule.kind=step", "--set", "optim.schedule.step_epochs=1",
+                 "--set", "optim.schedule.gamma=1e12", "--set", "train.log_every=1")
+    assert result.exit_code == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert "became non-finite" in message and "step 5" in message  # first step after the jump
+    assert "last good checkpoint kept" in message and "Traceback" not in result.output
+    assert load_checkpoint(run / "checkpoint.safetensors")["train_state"]["epoch"] == 2
+    model, info = load_weights(run / "model.safetensors")  # finite, from epoch 1
+    assert info.metrics["epoch"] == 1
+
+
+def test_early_stopping_restores_best_weights(tiny_preset, tmp_path):
+    config = load_config(str(tiny_preset), [
+        "train.epochs=30", "optim.lr=0.05", "train.early_stopping.patience=2",
+        "train.early_stopping.start_epoch=2", "train.early_stopping.min_delta=0.001",
+    ]).config
+    data = load_data(None, config.data, config.train.seed)
+    result = train(config, data, tmp_path / "run", preset="tiny")
+    assert result.stopped_early and result.epochs < 30
+    history = result.history
+    best = min((r for r in history if r["epoch"] >= 2), key=lambda r: r["val_loss"])
+    assert result.best_epoch <= best["epoch"]
+    _, info = load_weights(tmp_path / "run" / "model.safetensors")
+    assert info.metrics["epoch"] == result.best_epoch
+
+
+def test_latent_statistics_are_stored_per_class(tiny_preset, tmp_path):
+    config = load_config(str(tiny_preset)).config
+    data = load_data(None, config.data, config.train.seed)
+    train(config, data, tmp_path / "run", preset="tiny")
+    model, info = load_weights(tmp_path / "run" / "model.safetensors")
+    stats = info.latent_stats
+    assert stats["mean"].shape == (8,) and stats["cov"].shape == (8, 8)
+    assert stats["class_mean"].shape == (4, 8) and stats["class_cov"].shape == (4, 8, 8)
+    assert torch.allclose(stats["cov"], stats["cov"].T)
+    assert int(stats["class_count"].sum()) == int(stats["count"]) == 86
+    # the stored mean is the mean of the training codes
+    from aecli.data import split
+    from aecli.data.transforms import to_model_range
+
+    train_part, _ = split(data, config.data.val_fraction, config.train.seed)
+    with torch.no_grad():
+        codes = model.encode(to_model_range(train_part.images, "unit")).mode()
+    assert torch.allclose(stats["mean"], codes.mean(0), atol=1e-4)
+
+
+def test_ssim_terms_are_logged(tiny_preset, tmp_path, cli):
+    run = tmp_path / "run"
+    result = cli("train", tiny_preset, "--out", run, "--epochs", "1", "--set",
+                 "loss.ssim_weight=0.5", "--set", "loss.ms_ssim_weight=0.5")
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "metrics.jsonl").read_text())
+    assert 0 < record["ssim"] < 1 and 0 < record["ms_ssim"] < 1 and "val_ssim" in record
+    assert record["loss"] == pytest.approx(
+        record["mse"] + 0.5 * record["ssim"] + 0.5 * record["ms_ssim"], rel=1e-4)
+
+
+def test_learning_rate_schedules():
+    from aecli.engine import learning_rate
+
+    config = load_config("default", ["optim.lr=1.0", "optim.schedule.kind=cosine",
+                                     "optim.schedule.warmup_steps=10"]).config
+    assert learning_rate(config, 0, 110, 10) == pytest.approx(0.1)
+    assert learning_rate(config, 10, 110, 10) == pytest.approx(1.0)
+    assert learning_rate(config, 60, 110, 10) == pytest.approx(0.5)
+    assert learning_rate(config, 110, 110, 10) == pytest.approx(0.0)
+    step = load_config("default", ["optim.lr=1.0", "optim.schedule.kind=step",
+                                   "optim.schedule.step_epochs=2", "optim.schedule.gamma=0.5"]).config
+    assert [learning_rate(step, s, 100, 10) for s in (0, 19, 20, 45)] == [1.0, 1.0, 0.5, 0.25]
+
+
+def test_grad_clip_is_applied(tiny_preset, tmp_path):
+    config = load_config(str(tiny_preset), ["optim.grad_clip=1e-8", "train.epochs=1"]).config
+    data = load_data(None, config.data, config.train.seed)
+    torch.manual_seed(config.train.seed)
+    from aecli.models import build_model
+
+    initial = build_model(config).state_dict()
+    train(config, data, tmp_path / "run", preset="tiny")
+    trained, _ = load_weights(tmp_path / "run" / "model.safetensors")
+    # Adam normalises the step, so a tiny clip still moves weights, but only by ~lr per step
+    moved = max((trained.state_dict()[k] - v).abs().max() for k, v in initial.items()
+                if v.is_floating_point() and "running" not in k)
+    assert moved <= 3 * config.optim.lr * 1.01
+
+
+def start_long_run(tiny_preset: Path, run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "aecli", "train", str(tiny_preset), "--out", str(run),
+         "--epochs", "500", "--set", "data.builtin_count=400", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_prints_the_resume_command(tiny_preset, tmp_path):
+    run = tmp_path / "run"
+    process = start_long_run(tiny_preset, run)
+    wait_for(run / "checkpoint.safetensors")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    process.send_signal(signal.SIGINT)  # a second Ctrl-C during the save is ignored
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"aecli train --resume {run}" in stderr and "Traceback" not in stderr
+    state = load_checkpoint(run / "checkpoint.safetensors")["train_state"]
+    model, info = load_weights(run / "model.safetensors")
+    assert info.metrics["step"] == state["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_broken_weights_file(tiny_preset, tmp_path):
+    run = tmp_path / "run"
+    for delay in (0.3, 0.9, 1.7):
+        process = start_long_run(tiny_preset, run, "--set", "train.checkpoint_every=1")
+        wait_for(run / "model.safetensors")
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        load_weights(run / "model.safetensors")
+        load_checkpoint(run / "checkpoint.safetensors")
+        for leftover in run.glob(".*.tmp"):
+            leftover.unlink()
+        for name in ("model.safetensors", "checkpoint.safetensors", "config.yaml"):
+            (run / name).unlink()
+
+
+def test_train_error_is_a_training_error_type():
+    assert TrainingError("x").exit_code == 1 and Interrupted("x").exit_code == 130
