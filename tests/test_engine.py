@@ -86,7 +86,9 @@ def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path):
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["val_loss"] for x in lines] == [json.loads(x)["val_loss"] for x in straight]
+    assert [json.loads(x)["val_loss"] for x in lines] == [
+        json.loads(x)["val_loss"] for x in straight
+    ]
 
 
 def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
@@ -122,9 +124,22 @@ def test_resume_cli_refuses_a_finished_run_and_config_changes(tiny_preset, tmp_p
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
     # the learning rate jumps by 1e12 after the first epoch
-    result = cli("train", tiny_preset, "--out", run, "--epochs", "3", "--set",
-                 "optim.schedule.kind=step", "--set", "optim.schedule.step_epochs=1",
-                 "--set", "optim.schedule.gamma=1e12", "--set", "train.log_every=1")
+    result = cli(
+        "train",
+        tiny_preset,
+        "--out",
+        run,
+        "--epochs",
+        "3",
+        "--set",
+        "optim.schedule.kind=step",
+        "--set",
+        "optim.schedule.step_epochs=1",
+        "--set",
+        "optim.schedule.gamma=1e12",
+        "--set",
+        "train.log_every=1",
+    )
     assert result.exit_code == 1
     message = result.stderr.strip().splitlines()[-1]
     assert "became non-finite" in message and "step 5" in message  # first step after the jump
@@ -135,10 +150,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_preset, tmp_p
 
 
 def test_early_stopping_restores_best_weights(tiny_preset, tmp_path):
-    config = load_config(str(tiny_preset), [
-        "train.epochs=30", "optim.lr=0.05", "train.early_stopping.patience=2",
-        "train.early_stopping.start_epoch=2", "train.early_stopping.min_delta=0.001",
-    ]).config
+    config = load_config(
+        str(tiny_preset),
+        [
+            "train.epochs=30",
+            "optim.lr=0.05",
+            "train.early_stopping.patience=2",
+            "train.early_stopping.start_epoch=2",
+            "train.early_stopping.min_delta=0.001",
+        ],
+    ).config
     data = load_data(None, config.data, config.train.seed)
     result = train(config, data, tmp_path / "run", preset="tiny")
     assert result.stopped_early and result.epochs < 30
@@ -171,26 +192,45 @@ def test_latent_statistics_are_stored_per_class(tiny_preset, tmp_path):
 
 def test_ssim_terms_are_logged(tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
-    result = cli("train", tiny_preset, "--out", run, "--epochs", "1", "--set",
-                 "loss.ssim_weight=0.5", "--set", "loss.ms_ssim_weight=0.5")
+    result = cli(
+        "train",
+        tiny_preset,
+        "--out",
+        run,
+        "--epochs",
+        "1",
+        "--set",
+        "loss.ssim_weight=0.5",
+        "--set",
+        "loss.ms_ssim_weight=0.5",
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((run / "metrics.jsonl").read_text())
     assert 0 < record["ssim"] < 1 and 0 < record["ms_ssim"] < 1 and "val_ssim" in record
     assert record["loss"] == pytest.approx(
-        record["mse"] + 0.5 * record["ssim"] + 0.5 * record["ms_ssim"], rel=1e-4)
+        record["mse"] + 0.5 * record["ssim"] + 0.5 * record["ms_ssim"], rel=1e-4
+    )
 
 
 def test_learning_rate_schedules():
     from aecli.engine import learning_rate
 
-    config = load_config("default", ["optim.lr=1.0", "optim.schedule.kind=cosine",
-                                     "optim.schedule.warmup_steps=10"]).config
+    config = load_config(
+        "default", ["optim.lr=1.0", "optim.schedule.kind=cosine", "optim.schedule.warmup_steps=10"]
+    ).config
     assert learning_rate(config, 0, 110, 10) == pytest.approx(0.1)
     assert learning_rate(config, 10, 110, 10) == pytest.approx(1.0)
     assert learning_rate(config, 60, 110, 10) == pytest.approx(0.5)
     assert learning_rate(config, 110, 110, 10) == pytest.approx(0.0)
-    step = load_config("default", ["optim.lr=1.0", "optim.schedule.kind=step",
-                                   "optim.schedule.step_epochs=2", "optim.schedule.gamma=0.5"]).config
+    step = load_config(
+        "default",
+        [
+            "optim.lr=1.0",
+            "optim.schedule.kind=step",
+            "optim.schedule.step_epochs=2",
+            "optim.schedule.gamma=0.5",
+        ],
+    ).config
     assert [learning_rate(step, s, 100, 10) for s in (0, 19, 20, 45)] == [1.0, 1.0, 0.5, 0.25]
 
 
@@ -204,17 +244,35 @@ def test_grad_clip_is_applied(tiny_preset, tmp_path):
     train(config, data, tmp_path / "run", preset="tiny")
     trained, _ = load_weights(tmp_path / "run" / "model.safetensors")
     # Adam normalises the step, so a tiny clip still moves weights, but only by ~lr per step
-    moved = max((trained.state_dict()[k] - v).abs().max() for k, v in initial.items()
-                if v.is_floating_point() and "running" not in k)
+    moved = max(
+        (trained.state_dict()[k] - v).abs().max()
+        for k, v in initial.items()
+        if v.is_floating_point() and "running" not in k
+    )
     assert moved <= 3 * config.optim.lr * 1.01
 
 
 def start_long_run(tiny_preset: Path, run: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "aecli", "train", str(tiny_preset), "--out", str(run),
-         "--epochs", "500", "--set", "data.builtin_count=400", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "aecli",
+            "train",
+            str(tiny_preset),
+            "--out",
+            str(run),
+            "--epochs",
+            "500",
+            "--set",
+            "data.builtin_count=400",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
 
 
@@ -260,3 +318,50 @@ def test_sigkill_never_leaves_a_broken_weights_file(tiny_preset, tmp_path):
 
 def test_train_error_is_a_training_error_type():
     assert TrainingError("x").exit_code == 1 and Interrupted("x").exit_code == 130
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
+    run, single = tmp_path / "ddp", tmp_path / "single"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "aecli",
+            "train",
+            str(tiny_preset),
+            "--out",
+            str(run),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.count('"run_dir"') == 1  # only rank 0 prints the summary
+    assert ran.stderr.count("Training finished") == 1
+    assert {p.name for p in run.iterdir()} >= {
+        "config.yaml",
+        "model.safetensors",
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "grids",
+    }
+    assert not list(run.glob(".*.tmp"))
+    load_weights(run / "model.safetensors")
+    # two ranks of 16 images see the same 32 images per step as one process: same losses
+    config = load_config(str(tiny_preset)).config
+    train(config, load_data(None, config.data, config.train.seed), single, preset="tiny")
+    ddp = [json.loads(x) for x in (run / "metrics.jsonl").open()]
+    one = [json.loads(x) for x in (single / "metrics.jsonl").open()]
+    assert len(ddp) == len(one) == 2
+    for a, b in zip(ddp, one, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+        assert a["val_psnr"] == pytest.approx(b["val_psnr"], rel=1e-3)

@@ -59,7 +59,9 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort):
             raise
         except AecliError as exc:
-            if isinstance(exc, Interrupted):  # the run is saved; more Ctrl-C must not break the exit
+            if isinstance(
+                exc, Interrupted
+            ):  # the run is saved; more Ctrl-C must not break the exit
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             if _state["debug"]:
                 raise

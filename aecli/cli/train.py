@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -133,6 +134,8 @@ def train(
     from aecli.errors import UsageError
 
     resolved_device = resolve_device(device)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+    console.quiet = console.quiet or not main_rank
     if resume is not None:
         given = (
             ("PRESET", preset),
@@ -216,7 +219,7 @@ def train(
     ]
     rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]
     console.print(key_value_table("Training finished", rows))
-    if as_json:
+    if as_json and main_rank:
         print_json(summary)
 
 

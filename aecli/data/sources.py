@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from aecli.config import DataConfig
+from aecli.data.cifar import detect_cifar, read_cifar
+from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
 from aecli.data.images import BACKGROUND, Failure, ImageReadError, list_images, read_image
 from aecli.data.shapes import CLASS_NAMES, make_shapes
 from aecli.errors import DataError
 
 LAYOUTS = (
     "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
-    "or a .npy / .npz array file"
+    "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
+    "folder (python or binary version), or a .npy / .npz array file"
 )
 
 
@@ -32,6 +35,7 @@ class ImageData:
     class_names: list[str] | None
     source: dict
     skipped: list[Failure] = field(default_factory=list)
+    validation: ImageData | None = None  # a source's own held-out split (IDX / CIFAR test files)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -51,7 +55,18 @@ def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> Ima
     if not path.exists():
         raise DataError(f"does not exist; --data takes {LAYOUTS}", path=path)
     if path.is_dir():
+        try:
+            layout = detect_cifar(path)
+            idx_files = None if layout else find_idx_splits(path)
+        except PermissionError:
+            raise DataError("permission denied", path=path) from None
+        if layout:
+            return _load_cifar(path, layout, config)
+        if idx_files:
+            return _load_idx(*idx_files, config)
         return _load_folder(path, config)
+    if is_idx(path):
+        return _load_idx(path, None, config)
     if path.suffix.lower() in (".npy", ".npz"):
         return _load_array_file(path, config)
     raise DataError(f"not a data source aecli understands; --data takes {LAYOUTS}", path=path)
@@ -92,6 +107,38 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
         labels = torch.tensor([index[relative[i].parts[0]] for i in keep], dtype=torch.int64)
     source = {"kind": "folder", "path": str(root), "count": len(keep)}
     return ImageData(images.contiguous(), labels, class_names, source, failures)
+
+
+def _from_arrays(images, labels, class_names, source, config, val_images=None, val_labels=None):
+    """uint8 N x C x H x W (or N x H x W) arrays to an ImageData fitted to the preset."""
+
+    def part(array, label_array, description):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        tensor = tensor[:, None] if tensor.ndim == 3 else tensor
+        labels_t = None if label_array is None else torch.from_numpy(label_array.astype(np.int64))
+        return ImageData(fit_tensor(tensor, config), labels_t, class_names, description)
+
+    data = part(images, labels, source)
+    if val_images is not None:
+        data.validation = part(val_images, val_labels, {**source, "split": "test"})
+    return data
+
+
+def _load_idx(train: Path, test: Path | None, config: DataConfig) -> ImageData:
+    images, labels = read_idx_pair(train)
+    val_images, val_labels = read_idx_pair(test) if test else (None, None)
+    names = None
+    if labels is not None:
+        names = [str(i) for i in range(int(labels.max()) + 1)]
+    source = {"kind": "idx", "path": str(train.parent if test else train), "count": len(images)}
+    return _from_arrays(images, labels, names, source, config, val_images, val_labels)
+
+
+def _load_cifar(folder: Path, layout: str, config: DataConfig) -> ImageData:
+    images, labels, val_images, val_labels, names = read_cifar(folder, layout)
+    kind = "cifar-100" if layout.endswith("100") else "cifar-10"
+    source = {"kind": kind, "path": str(folder), "count": len(images)}
+    return _from_arrays(images, labels, names, source, config, val_images, val_labels)
 
 
 def _fit_pil(array: np.ndarray, config: DataConfig) -> np.ndarray:
@@ -227,7 +274,9 @@ def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> t
 
 
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
-    """A seeded train / validation split; at least one image on each side."""
+    """A seeded train / validation split (at least one image each side), or the source's own."""
+    if data.validation is not None:
+        return data, data.validation
     n = len(data)
     if n < 2:
         raise DataError(f"need at least 2 images for a train / validation split, got {n}")
