@@ -1,0 +1,143 @@
+"""Training throughput: aecli's engine against a plain textbook PyTorch loop, in one run.
+
+Both train the same architecture (built from the preset) on the same data with the same loss,
+optimiser and batch size. The textbook loop is what tutorials write: a Dataset of PIL images
+with torchvision's per-item ToTensor (and Normalize), a DataLoader with default settings and
+fp32. aecli's figure is its own training time (validation and file writing excluded).
+
+    python benchmarks/train_speed.py                 # CPU (or CUDA when present)
+    python benchmarks/train_speed.py --device cuda --steps 300 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from aecli.config import load_config
+from aecli.data import ImageData, load_data, split
+from aecli.engine import Trainer, resolve_device
+from aecli.models import build_model
+
+
+def digits_28() -> ImageData:
+    """scikit-learn's 1,797 real handwritten digits, upsampled to 28x28."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype("float32") / 16.0)[:, None]
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageData(images, torch.from_numpy(digits.target), None, {"kind": "digits"})
+
+
+def aecli_speed(preset: str, data: ImageData, steps: int, device: str) -> float:
+    config = load_config(preset, ["train.grid_images=0"]).config
+    train_n = len(split(data, config.data.val_fraction, config.train.seed)[0])
+    per_epoch = -(-train_n // config.train.batch_size)
+    epochs = max(2, -(-steps // per_epoch))
+    config = load_config(preset, ["train.grid_images=0", f"train.epochs={epochs}"]).config
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
+        result = trainer.fit()
+    # drop the first epoch (warm-up: allocator, autotuning), as for the textbook loop
+    rest = result.history[1:]
+    return sum(r["images_per_s"] * r["seconds"] for r in rest) / sum(r["seconds"] for r in rest)
+
+
+class TextbookDataset(torch.utils.data.Dataset):
+    """PIL images converted per item, as torchvision tutorials do."""
+
+    def __init__(self, images: torch.Tensor, symmetric: bool):
+        from torchvision import transforms
+
+        array = images.permute(0, 2, 3, 1).numpy()
+        self.images = [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in array]
+        steps = [transforms.ToTensor()]
+        if symmetric:
+            channels = images.shape[1]
+            steps.append(transforms.Normalize([0.5] * channels, [0.5] * channels))
+        self.transform = transforms.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i])
+
+
+def textbook_speed(preset: str, data: ImageData, steps: int, device: str) -> float:
+    config = load_config(preset).config
+    train_part, _ = split(data, config.data.val_fraction, config.train.seed)
+    dataset = TextbookDataset(train_part.images, config.data.range == "symmetric")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train.batch_size, shuffle=True)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr)
+    done, images, seconds = 0, 0, 0.0
+    warmup = len(loader)  # the first epoch is warm-up, as for aecli
+    while done < steps + warmup:
+        started = time.perf_counter()
+        for x in loader:
+            x = x.to(device)
+            out = model(x)
+            if config.loss.reconstruction == "bce":
+                loss = F.binary_cross_entropy_with_logits(out.raw, x)
+            else:
+                loss = F.mse_loss(out.image, x)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done > warmup:
+                images += len(x)
+            if done >= steps + warmup:
+                break
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if done > warmup:
+            seconds += time.perf_counter() - started
+    return images / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = str(resolve_device(args.device))
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}; {args.steps} steps, "
+        f"median of {args.repeats}"
+    )
+    cifar_data = load_data(None, load_config("cifar-cae").config.data, seed=0)
+    print(f"{'preset':<12} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7}")
+    for preset, data, label in (
+        ("mnist-cae", digits_28(), "digits 28x28 (1797)"),
+        ("cifar-cae", cifar_data, "shapes 32x32 (2048)"),
+    ):
+        ours, theirs, ratios = [], [], []
+        for _ in range(args.repeats):
+            a = aecli_speed(preset, data, args.steps, device)
+            b = textbook_speed(preset, data, args.steps, device)
+            ours.append(a)
+            theirs.append(b)
+            ratios.append(a / b)
+        print(
+            f"{preset:<12} {label:<22} {statistics.median(ours):>12.0f} "
+            f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
