@@ -160,3 +160,16 @@ def test_unknown_file_lists_the_layouts(tmp_path, cli):
     assert result.exit_code == 2
     assert "MNIST-format IDX" in result.stderr and "CIFAR-10/100" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", ["typo", "empty"])
+def test_bad_data_paths_are_one_line_exit_2(tmp_path, cli, case):
+    path = tmp_path / ("imagse" if case == "typo" else "empty")
+    if case == "empty":
+        path.mkdir()
+        (path / "readme.txt").write_text("no images here")
+    result = cli("train", "--data", path, "--out", tmp_path / "run")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0]
+    assert ("does not exist" if case == "typo" else "no images found") in lines[0]
