@@ -331,9 +331,7 @@ class Trainer:
             )
             self.optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), config.optim.grad_clip or float("inf")
-            )
+            grad_norm = self._grad_norm(config.optim.grad_clip)
             self._note_non_finite(terms, grad_norm, state.step)
             self.optimizer.step()
             if self.ema is not None:
@@ -375,6 +373,13 @@ class Trainer:
         record["images_per_s"] = round(images_this_run / max(seconds, 1e-9), 1)
         record["seconds"] = round(seconds, 3)
         return record
+
+    def _grad_norm(self, clip: float | None) -> torch.Tensor:
+        """The global gradient norm (for the non-finite check), clipping it when asked."""
+        if clip is not None:
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _update_ema(self) -> None:
         decay = self.config.train.ema.decay
@@ -575,21 +580,12 @@ class Trainer:
         )
 
 
-def train(
-    config: Config,
-    data: ImageData,
-    run_dir: Path,
-    *,
-    preset: str,
-    device: str | None = None,
-    reporter: Reporter | None = None,
-    data_path: str | None = None,
-) -> TrainResult:
-    """Train a model on `data` and write the run directory (DESIGN section 4)."""
-    trainer = Trainer(
-        config, data, run_dir, preset=preset, device=device, reporter=reporter, data_path=data_path
-    )
-    return trainer.fit()
+def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
+    """Train a model on `data` and write the run directory (DESIGN section 4).
+
+    `options` are Trainer's keywords: preset (required), device, reporter, data_path.
+    """
+    return Trainer(config, data, run_dir, **options).fit()
 
 
 @dataclass
@@ -626,22 +622,10 @@ def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
     return ResumePlan(config, checkpoint["preset"], checkpoint["data_path"], checkpoint)
 
 
-def resume(
-    plan: ResumePlan,
-    data: ImageData,
-    run_dir: Path,
-    *,
-    device: str | None = None,
-    reporter: Reporter | None = None,
-) -> TrainResult:
+def resume(plan: ResumePlan, data: ImageData, run_dir: Path, **options) -> TrainResult:
+    """Continue a planned run (options: device, reporter)."""
     trainer = Trainer(
-        plan.config,
-        data,
-        run_dir,
-        preset=plan.preset,
-        device=device,
-        reporter=reporter,
-        data_path=plan.data_path,
+        plan.config, data, run_dir, preset=plan.preset, data_path=plan.data_path, **options
     )
     trainer.restore(plan.checkpoint)
     return trainer.fit()

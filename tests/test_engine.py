@@ -15,7 +15,7 @@ from safetensors import safe_open
 from aecli.config import load_config
 from aecli.data import load_data
 from aecli.engine import plan_resume, resume, train
-from aecli.errors import Interrupted, TrainingError
+from aecli.errors import Interrupted
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.weights import load_weights
 
@@ -235,21 +235,25 @@ def test_learning_rate_schedules():
 
 
 def test_grad_clip_is_applied(tiny_preset, tmp_path):
-    config = load_config(str(tiny_preset), ["optim.grad_clip=1e-8", "train.epochs=1"]).config
-    data = load_data(None, config.data, config.train.seed)
-    torch.manual_seed(config.train.seed)
     from aecli.models import build_model
 
-    initial = build_model(config).state_dict()
-    train(config, data, tmp_path / "run", preset="tiny")
-    trained, _ = load_weights(tmp_path / "run" / "model.safetensors")
-    # Adam normalises the step, so a tiny clip still moves weights, but only by ~lr per step
-    moved = max(
-        (trained.state_dict()[k] - v).abs().max()
-        for k, v in initial.items()
-        if v.is_floating_point() and "running" not in k
-    )
-    assert moved <= 3 * config.optim.lr * 1.01
+    def largest_move(extra: list[str], name: str) -> float:
+        config = load_config(str(tiny_preset), ["train.epochs=1", *extra]).config
+        torch.manual_seed(config.train.seed)
+        initial = build_model(config).state_dict()
+        train(config, load_data(None, config.data, 0), tmp_path / name, preset="tiny")
+        trained = load_weights(tmp_path / name / "model.safetensors")[0].state_dict()
+        return max(
+            float((trained[k] - v).abs().max())
+            for k, v in initial.items()
+            if v.is_floating_point() and "running" not in k
+        )
+
+    lr = load_config(str(tiny_preset)).config.optim.lr
+    # Adam moves each weight by about lr per step; gradients clipped to a norm of 1e-12 fall far
+    # below Adam's epsilon (1e-8), so the clipped run barely moves
+    assert largest_move([], "free") > 0.5 * lr
+    assert largest_move(["optim.grad_clip=1e-12"], "clipped") < 0.05 * lr
 
 
 def start_long_run(tiny_preset: Path, run: Path, *extra: str) -> subprocess.Popen:
@@ -314,10 +318,6 @@ def test_sigkill_never_leaves_a_broken_weights_file(tiny_preset, tmp_path):
             leftover.unlink()
         for name in ("model.safetensors", "checkpoint.safetensors", "config.yaml"):
             (run / name).unlink()
-
-
-def test_train_error_is_a_training_error_type():
-    assert TrainingError("x").exit_code == 1 and Interrupted("x").exit_code == 130
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -39,7 +38,6 @@ class RichReporter:
         )
         self.task = None
         self.epochs = 0
-        self.tick = time.perf_counter()
 
     def start(self, *, epochs: int, steps_per_epoch: int, first_epoch: int) -> None:
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch

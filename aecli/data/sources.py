@@ -127,9 +127,7 @@ def _from_arrays(images, labels, class_names, source, config, val_images=None, v
 def _load_idx(train: Path, test: Path | None, config: DataConfig) -> ImageData:
     images, labels = read_idx_pair(train)
     val_images, val_labels = read_idx_pair(test) if test else (None, None)
-    names = None
-    if labels is not None:
-        names = [str(i) for i in range(int(labels.max()) + 1)]
+    names = _numbered_classes(labels)
     source = {"kind": "idx", "path": str(train.parent if test else train), "count": len(images)}
     return _from_arrays(images, labels, names, source, config, val_images, val_labels)
 
@@ -190,7 +188,6 @@ def _load_array_file(path: Path, config: DataConfig) -> ImageData:
     else:
         array = loaded
     images = _to_nchw_uint8(array, path)
-    labels = None
     if labels_array is not None:
         labels_array = np.asarray(labels_array).reshape(-1)
         if len(labels_array) != len(images) or not np.issubdtype(labels_array.dtype, np.integer):
@@ -199,13 +196,17 @@ def _load_array_file(path: Path, config: DataConfig) -> ImageData:
                 f"{labels_array.shape} of {labels_array.dtype}",
                 path=path,
             )
-        labels = torch.from_numpy(labels_array.astype(np.int64))
-    fitted = fit_tensor(images, config)
-    class_names = None
-    if labels is not None:
-        class_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else None
-    source = {"kind": "array", "path": str(path), "count": len(fitted)}
-    return ImageData(fitted, labels, class_names, source)
+    source = {"kind": "array", "path": str(path), "count": len(images)}
+    return _from_arrays(
+        images.numpy(), labels_array, _numbered_classes(labels_array), source, config
+    )
+
+
+def _numbered_classes(labels: np.ndarray | None) -> list[str] | None:
+    """Class names '0', '1', ... for integer labels without names of their own."""
+    if labels is None or not len(labels):
+        return None
+    return [str(i) for i in range(int(labels.max()) + 1)]
 
 
 def _to_nchw_uint8(array: np.ndarray, path: Path) -> torch.Tensor:
