@@ -26,6 +26,7 @@ import torch.distributed as dist
 from aecli.config import Config, config_from_dict, dump_config
 from aecli.data import ImageData, split
 from aecli.data.transforms import augment, to_model_range, to_uint8, to_unit
+from aecli.devices import Execution, resolve_device
 from aecli.errors import Interrupted, TrainingError, UsageError
 from aecli.io.atomic import atomic_write_text
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
@@ -84,21 +85,6 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     totals: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`auto` (or None) picks CUDA when present; an explicit device must exist."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: aecli trains on cpu or cuda")
-    return device
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -172,10 +158,8 @@ class Trainer:
         self._stop_requested = False
 
         cuda = self.device.type == "cuda"
-        precision = config.train.precision
-        use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+        self.execution = Execution(self.device, config.train.precision)
+        self.memory_format = self.execution.memory_format
 
         torch.manual_seed(config.train.seed)
         self.model: Autoencoder = build_model(config).to(
@@ -237,9 +221,7 @@ class Trainer:
         return x.contiguous(memory_format=self.memory_format)
 
     def _autocast(self):
-        return torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-        )
+        return self.execution.autocast()
 
     # -- the loop ----------------------------------------------------------------------------
 

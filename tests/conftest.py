@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import io
+import os
+import stat
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from aecli.cli import app
@@ -54,7 +61,6 @@ def cli():
 @pytest.fixture(scope="session")
 def digits_npz(tmp_path_factory) -> Path:
     """scikit-learn's 1,797 8x8 handwritten digits, upsampled to 28x28, as an .npz."""
-    import numpy as np
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
@@ -64,3 +70,160 @@ def digits_npz(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("digits") / "digits.npz"
     np.savez(path, images=images.clamp(0, 1).numpy()[:, 0], labels=digits.target)
     return path
+
+
+# A fully convolutional VAE (spatial 2x4x4 latent from 16x16): reconstructs any image size.
+TINY_CONV = """\
+# tiny-conv: a fully convolutional test preset
+data: {image_size: 16, channels: 3, builtin_count: 96}
+model:
+  encoder:
+    - {type: conv, out: 8, stride: 2, act: relu}
+    - {type: conv, out: 8, stride: 2, act: relu}
+  latent: {channels: 2, variational: true}
+  decoder:
+    - {type: conv_transpose, out: 8, stride: 2, act: relu}
+    - {type: conv_transpose, out: 8, stride: 2, act: relu}
+    - {type: conv, out: 3}
+train: {epochs: 2, batch_size: 32, grid_images: 2}
+"""
+
+
+def train_weights(directory: Path, preset_text: str, overrides: list[str] = ()) -> Path:
+    """Train a tiny preset on the built-in shapes (a few seconds) and return its weights file."""
+    from aecli.config import load_config
+    from aecli.data import load_data
+    from aecli.engine import train
+
+    directory.mkdir(parents=True, exist_ok=True)
+    preset = directory / "preset.yaml"
+    preset.write_text(preset_text)
+    config = load_config(str(preset), list(overrides)).config
+    data = load_data(None, config.data, config.train.seed)
+    return train(config, data, directory / "run", preset="tiny").weights
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """Vector-latent autoencoder weights (16x16 RGB in, 8-dim latent)."""
+    return train_weights(tmp_path_factory.mktemp("tiny"), TINY, ["train.epochs=4"])
+
+
+@pytest.fixture(scope="session")
+def other_weights(tmp_path_factory) -> Path:
+    """The same architecture trained with another seed and for fewer epochs."""
+    return train_weights(tmp_path_factory.mktemp("other"), TINY, ["train.seed=7"])
+
+
+@pytest.fixture(scope="session")
+def conv_weights(tmp_path_factory) -> Path:
+    return train_weights(tmp_path_factory.mktemp("conv"), TINY_CONV)
+
+
+def write_image(path: Path, size=(16, 16), seed: int = 0, mode: str = "RGB") -> np.ndarray:
+    """A small image with structure (a square on a background); returns its pixels."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:] = rng.integers(0, 256, 3)
+    pixels[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = rng.integers(0, 256, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return pixels
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header claims width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def write_image_zoo(root: Path) -> dict[str, str | None]:
+    """Every awkward input of DESIGN section 8, written under root.
+
+    Returns {relative path: None if it must be read, else a fragment of the failure reason}.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str | None] = {}
+
+    def add(name: str, reason: str | None) -> Path:
+        expected[name] = reason
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    write_image(add("good.png", None))
+    write_image(add("nested/deeper/good.jpg", None), size=(24, 20), seed=1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        buffer, "JPEG"
+    )
+    add("truncated.jpg", "truncated").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8)).save(
+        buffer, "PNG"
+    )
+    add("truncated.png", "cannot decode").write_bytes(buffer.getvalue()[:300])
+    add("empty.png", "not an image").write_bytes(b"")
+    add("random.jpg", "not an image").write_bytes(np.random.default_rng(4).bytes(2048))
+    add("notes.png", "not an image").write_text("this is not a picture\n")
+    add("bomb.png", "decompression bomb").write_bytes(_png_claiming(30000, 30000))
+    Image.fromarray(np.full((12, 10, 3), (10, 200, 30), np.uint8)).save(
+        add("really-a-tiff.jpg", None), format="TIFF"
+    )
+    gray16 = np.array([[0, 1000, 32896, 65535]] * 4, dtype=np.uint16)
+    Image.fromarray(gray16).save(add("gray16.png", None))
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0])
+    palette.putpixel((0, 0), 1)
+    palette.save(add("palette.png", None), transparency=0)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[0, 0] = (0, 0, 255, 255)
+    Image.fromarray(rgba, "RGBA").save(add("rgba.png", None))
+    la = np.zeros((4, 4, 2), np.uint8)
+    la[0, 0] = (0, 255)
+    Image.fromarray(la, "LA").save(add("la.png", None))
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(add("cmyk.jpg", None), quality=95)
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(add("animated.gif", None), save_all=True, append_images=frames[1:])
+    rotated = np.zeros((10, 30, 3), np.uint8)
+    rotated[:, :15] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rotated).save(add("rotated.jpg", None), exif=exif, quality=95)
+    os.symlink("loop.png", add("loop.png", "symbolic link loop"))
+    os.symlink(root, add("nested/back", "symlink loop"))  # a directory loop
+    os.mkfifo(add("pipe.png", "not a regular file"))
+    if os.geteuid() == 0:  # root reads any file; /proc/self/mem fails to read for everyone
+        os.symlink("/proc/self/mem", add("unreadable.png", "cannot read"))
+    else:
+        path = add("unreadable.png", "permission denied")
+        write_image(path)
+        path.chmod(0)
+    return expected
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root (not following links): its kind and, for files, its bytes."""
+    state = {}
+    for current, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(current) / name
+            info = path.lstat()
+            if path.is_symlink():
+                state[str(path)] = ("link", os.readlink(path))
+            elif stat.S_ISREG(info.st_mode) and os.access(path, os.R_OK):
+                state[str(path)] = ("file", info.st_mode, path.read_bytes(), info.st_mtime_ns)
+            else:
+                state[str(path)] = ("other", info.st_mode)
+    return state

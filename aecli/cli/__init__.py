@@ -1,6 +1,13 @@
 """The `aecli` command line: one module per command over the shared core."""
 
-from aecli.cli import inspect, pending, train  # noqa: F401  (registers the commands)
+from aecli.cli import (  # noqa: F401  (importing a module registers its commands)
+    diff,
+    inspect,
+    latents,
+    pending,
+    reconstruct,
+    train,
+)
 from aecli.cli.app import app
 
 

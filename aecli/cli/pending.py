@@ -18,11 +18,7 @@ def _register(name: str, summary: str) -> None:
 
 
 for _name, _summary in {
-    "reconstruct": "Reconstruct image files and folders into PNGs",
-    "encode": "Encode images to a latent file",
-    "decode": "Decode a latent file back to images",
     "sample": "Generate new images from the latent space",
     "interpolate": "Morph one image into another through the latent space",
-    "diff": "Show where a model fails, worst images first",
 }.items():
     _register(_name, _summary)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
@@ -42,4 +46,63 @@ def fmt_metric(name: str, value: float) -> str:
         return f"{value:.2f} dB"
     if name == "lr":
         return f"{value:.2e}"
+    if name == "ssim":
+        return f"{value:.4f}"
     return f"{value:.4g}"
+
+
+@contextmanager
+def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A transient bar on stderr (images done / total, rate, time); yields `advance(n)`."""
+    progress = Progress(
+        TextColumn(f"[bold]{escape(description)}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task(description, total=total, rate="")
+    start = time.perf_counter()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        progress.update(task, advance=n, rate=f"{rate:.0f} img/s")
+
+    with progress:
+        yield advance
+
+
+def print_failures(failures: list, verb: str = "failed") -> None:
+    """Every failed input on its own line: `failed: PATH: reason`."""
+    for failure in failures:
+        console.print(
+            f"[bold red]{verb}:[/bold red] {escape(str(failure.path))}: {escape(failure.reason)}",
+            soft_wrap=True,
+        )
+
+
+def metrics_table(title: str, rows: list[dict], columns: list[str], overall: dict | None = None):
+    """Per-image metric rows (file first) and an optional `mean` row."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("file", min_width=16, overflow="fold")
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def cell(key: str, value: Any) -> str:
+        if isinstance(value, float):
+            return fmt_metric(key.removeprefix("vs_"), value)
+        return str(value)
+
+    for row in rows:
+        table.add_row(escape(row["file"]), *(cell(c, row[c]) for c in columns))
+    if overall:
+        table.add_section()
+        table.add_row(
+            "[bold]mean[/bold]", *(cell(c, overall[c]) if c in overall else "" for c in columns)
+        )
+    return table

@@ -126,7 +126,8 @@ def train(
     """
     from aecli.config import load_config
     from aecli.data import load_data
-    from aecli.engine import plan_resume, resolve_device
+    from aecli.devices import resolve_device
+    from aecli.engine import plan_resume
     from aecli.engine import resume as resume_training
     from aecli.engine import train as run_training
     from aecli.errors import UsageError

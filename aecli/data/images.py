@@ -6,7 +6,9 @@ be used raises ImageReadError with a reason a person can act on, never anything 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,8 @@ class Failure:
 def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     """Decode one image file to uint8 (H, W, channels), safely; raises ImageReadError."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+            raise ImageReadError(path, "not a regular file")
         with warnings.catch_warnings():
             # Pillow only warns between its two limits; a bomb is an error here at any size.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -43,23 +47,36 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
                 image.load()  # opening is lazy: decoding errors surface here
                 image = ImageOps.exif_transpose(image)
                 return _to_array(image, channels)
+    except ImageReadError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageReadError(path, "image too large (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise ImageReadError(
             path, f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except PermissionError:
-        raise ImageReadError(path, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageReadError(path, "is a directory") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageReadError(path, f"cannot decode: {reason}") from None
+    except OSError as exc:
+        if exc.errno in _OS_REASONS:
+            raise ImageReadError(path, _OS_REASONS[exc.errno]) from None
+        raise ImageReadError(path, f"cannot decode: {_first_line(exc)}") from None
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise ImageReadError(path, f"cannot decode: {_first_line(exc)}") from None
     except Exception as exc:  # a decoder bug must not crash a batch of thousands of files
         raise ImageReadError(path, f"cannot decode: {type(exc).__name__}: {exc}") from None
+
+
+_OS_REASONS = {
+    errno.ENOENT: "file not found",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "is a directory",
+    errno.ELOOP: "symbolic link loop",
+    errno.EIO: "cannot read: input/output error",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _to_array(image: Image.Image, channels: int) -> np.ndarray:
@@ -83,6 +100,25 @@ def _to_array(image: Image.Image, channels: int) -> np.ndarray:
     image = image.convert("L" if channels == 1 else "RGB")
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def fit_image(array: np.ndarray, size: tuple[int, int], fit: str = "crop") -> np.ndarray:
+    """Resize one decoded uint8 (H, W, C) image to `size`: shorter side then a centre crop
+    (`crop`), or both sides independently (`stretch`)."""
+    h, w = size
+    if array.shape[:2] == (h, w):
+        return array
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if fit == "crop":
+        scale = max(h / image.height, w / image.width)
+        resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
+        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (image.width - w) // 2, (image.height - h) // 2
+        image = image.crop((left, top, left + w, top + h))
+    else:
+        image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    out = np.asarray(image, dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 def list_images(roots: list[Path]) -> tuple[list[tuple[Path, Path]], list[Failure]]:

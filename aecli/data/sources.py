@@ -10,12 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from aecli.config import DataConfig
 from aecli.data.cifar import detect_cifar, read_cifar
 from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
-from aecli.data.images import BACKGROUND, Failure, ImageReadError, list_images, read_image
+from aecli.data.images import (
+    BACKGROUND,
+    Failure,
+    ImageReadError,
+    fit_image,
+    list_images,
+    read_image,
+)
 from aecli.data.shapes import CLASS_NAMES, make_shapes
 from aecli.errors import DataError
 
@@ -85,7 +91,7 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
 
     def read(file: Path) -> np.ndarray | Failure:
         try:
-            return _fit_pil(read_image(file, config.channels), config)
+            return fit_image(read_image(file, config.channels), config.size, config.fit)
         except ImageReadError as exc:
             return Failure(exc.path, exc.reason)
 
@@ -137,24 +143,6 @@ def _load_cifar(folder: Path, layout: str, config: DataConfig) -> ImageData:
     kind = "cifar-100" if layout.endswith("100") else "cifar-10"
     source = {"kind": kind, "path": str(folder), "count": len(images)}
     return _from_arrays(images, labels, names, source, config, val_images, val_labels)
-
-
-def _fit_pil(array: np.ndarray, config: DataConfig) -> np.ndarray:
-    """Resize one decoded image to the preset's size (centre crop or stretch)."""
-    h, w = config.size
-    if array.shape[:2] == (h, w):
-        return array
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    if config.fit == "crop":
-        scale = max(h / image.height, w / image.width)
-        resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (image.width - w) // 2, (image.height - h) // 2
-        image = image.crop((left, top, left + w, top + h))
-    else:
-        image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    out = np.asarray(image, dtype=np.uint8)
-    return out[:, :, None] if out.ndim == 2 else out
 
 
 def _load_array_file(path: Path, config: DataConfig) -> ImageData:

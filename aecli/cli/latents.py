@@ -1,0 +1,232 @@
+"""`aecli encode` and `aecli decode`: images to latent files and back, pipe-friendly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aecli.cli.app import app, guarded
+from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
+from aecli.cli.render import console, print_failures, print_json, progress_bar
+
+ENCODE_EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli encode model.safetensors photos/ -o latents.safetensors
+  aecli encode m.safetensors a.png -o - | python edit.py | aecli decode m.safetensors - -o b/
+  aecli encode vae.safetensors faces/ --sample --seed 3 -o z.npy
+"""
+
+DECODE_EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli decode model.safetensors latents.safetensors -o images/
+  aecli decode model.safetensors z.npy -o grid.png
+  aecli encode model.safetensors a.png -o - | aecli decode model.safetensors - -o out/
+"""
+
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="safetensors (the latent file, with labels and the model's fingerprint) or npy "
+        "(the array alone). Default: npy for a .npy file name, else safetensors (also for -).",
+        show_default=False,
+    ),
+]
+
+
+@app.command(epilog=ENCODE_EXAMPLES)
+@guarded
+def encode(
+    weights: Weights,
+    inputs: Inputs,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The latent file to write (.safetensors or .npy), or - for stdout.",
+            show_default=False,
+        ),
+    ],
+    sample: Annotated[
+        bool,
+        typer.Option("--sample", help="Draw z from a VAE's posterior instead of taking its mean."),
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for --sample.")] = 0,
+    fmt: Format = None,
+    overwrite: Overwrite = False,
+    batch_size: BatchSize = 32,
+    workers: Workers = None,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Encode images into a latent file (DESIGN section 5), or stream it to stdout with -o -.
+
+    Each image is resized to the model's input size. Subfolder names become labels, as for
+    training. Unreadable files are named with the reason and skipped (exit status 1).
+    """
+    from aecli.errors import UsageError
+    from aecli.inference import Predictor, check_outputs, collect_inputs, encode_files
+    from aecli.io.latents import STDIO, output_format, write_latents
+
+    to_stdout = out == STDIO
+    if to_stdout and as_json:
+        raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
+    if fmt not in (None, "safetensors", "npy"):
+        raise UsageError(f"--format {fmt}: choose safetensors or npy")
+    predictor = Predictor(weights, device)
+    if sample and not predictor.variational:
+        raise UsageError(
+            "--sample draws from a VAE's posterior; this model is a plain autoencoder",
+            path=weights,
+        )
+    files, failures = collect_inputs(inputs)
+    if not to_stdout:
+        check_outputs([Path(out)], inputs, files, overwrite=overwrite)
+    start = time.perf_counter()
+    with progress_bar(len(files), "encoding") as advance:
+        latents, read_failures = encode_files(
+            predictor,
+            files,
+            sample=sample,
+            seed=seed,
+            batch_size=batch_size,
+            workers=workers,
+            progress=advance,
+        )
+    failures += read_failures
+    print_failures(failures)
+    if not len(latents):
+        raise UsageError("no image could be read; nothing written")
+    fmt = output_format(out, fmt)
+    write_latents(out, latents, fmt)
+    seconds = time.perf_counter() - start
+    shape = tuple(latents.latents.shape)
+    console.print(
+        f"encoded {len(latents)} image{'s' * (len(latents) != 1)} -> "
+        f"{'stdout' if to_stdout else out} ({fmt}, latents {shape}, "
+        f"{'sampled' if sample else 'posterior mean' if predictor.variational else 'codes'}) "
+        f"in {seconds:.1f} s" + (f"; [red]{len(failures)} failed[/red]" if failures else "")
+    )
+    if as_json:
+        print_json(
+            {
+                "weights": str(weights),
+                "out": out,
+                "format": fmt,
+                "images": len(latents),
+                "latent_shape": list(shape[1:]),
+                "fingerprint": predictor.fingerprint,
+                "labels": latents.labels is not None,
+                "failed": [{"file": f.path, "reason": f.reason} for f in failures],
+            }
+        )
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command(epilog=DECODE_EXAMPLES)
+@guarded
+def decode(
+    weights: Weights,
+    latent_file: Annotated[
+        str,
+        typer.Argument(
+            help="A latent file (.safetensors from `aecli encode` / `aecli sample`, or .npy), "
+            "or - to read it from stdin.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="A folder (one PNG per latent, named after its source) or a .png file "
+            "(one grid of all of them).",
+            show_default=False,
+        ),
+    ],
+    columns: Annotated[int, typer.Option("--columns", min=1, help="Images per row of a grid.")] = 8,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Decode latents that another model wrote (its shape must still fit)."
+        ),
+    ] = False,
+    overwrite: Overwrite = False,
+    batch_size: BatchSize = 32,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Decode a latent file (or stdin) back into images: a folder of PNGs or one grid."""
+    from aecli.inference import Predictor, check_outputs, decode_latents
+    from aecli.io.images import compose_sheet, save_png
+    from aecli.io.latents import fit_to_model, read_latents
+
+    latents = read_latents(latent_file)
+    predictor = Predictor(weights, device)
+    z = fit_to_model(
+        latents,
+        predictor.latent_shape,
+        predictor.fingerprint,
+        spatial=predictor.fully_convolutional,
+        force=force,
+        weights_name=str(weights),
+    )
+    grid = out.suffix.lower() == ".png"
+    names = [] if grid else _output_names(latents.sources, len(z))
+    outputs = [out] if grid else [out / name for name in names]
+    inputs = [] if latent_file == "-" else [Path(latent_file)]
+    check_outputs(outputs, inputs, [], overwrite=overwrite, out_dir=None if grid else out)
+    start = time.perf_counter()
+    images = []
+    with progress_bar(len(z), "decoding") as advance:
+        for batch in decode_latents(predictor, z, batch_size):
+            for image in batch:
+                array = image.permute(1, 2, 0).numpy()
+                if grid:
+                    images.append(array)
+                else:
+                    save_png(outputs[len(images)], array, durable=False)
+                    images.append(None)
+            advance(len(batch))
+    if grid:
+        rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+        save_png(out, compose_sheet(rows))
+    seconds = time.perf_counter() - start
+    forced = latents.fingerprint not in (None, predictor.fingerprint)
+    plural = "s" * (len(z) != 1)
+    target = str(out) if grid else f"{out}/ ({len(z)} PNG{plural})"
+    console.print(
+        f"decoded {len(z)} latent{plural} from {latents.name} -> {target} in {seconds:.1f} s"
+        + (" [yellow](--force: latents from another model)[/yellow]" if forced else "")
+    )
+    if as_json:
+        print_json(
+            {
+                "weights": str(weights),
+                "latents": latents.name,
+                "count": len(z),
+                "latent_shape": list(z.shape[1:]),
+                "outputs": [str(o) for o in outputs],
+                "forced": forced,
+            }
+        )
+
+
+def _output_names(sources: list[str] | None, count: int) -> list[str]:
+    """Each latent's source name as .png (relative folders kept) when they are distinct and
+    safe; else numbered 000000.png, 000001.png, ..."""
+    if sources:
+        names = [Path(s).with_suffix(".png") for s in sources]
+        safe = all(not n.is_absolute() and ".." not in n.parts for n in names)
+        if safe and len({n.as_posix() for n in names}) == count:
+            return [n.as_posix() for n in names]
+    width = max(6, len(str(count - 1)))
+    return [f"{i:0{width}d}.png" for i in range(count)]

@@ -1,0 +1,44 @@
+"""Arguments and options shared by the commands that use a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Weights = Annotated[
+    Path,
+    typer.Argument(
+        help="A weights file written by `aecli train` (the run's model.safetensors).",
+        show_default=False,
+    ),
+]
+Inputs = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Image files and folders (searched recursively; PNG, JPEG, WebP, GIF, BMP, TIFF).",
+        show_default=False,
+    ),
+]
+Device = Annotated[
+    str,
+    typer.Option("--device", help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N."),
+]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Processes decoding image files in parallel with the model "
+        "(default: one per CPU core but one, up to 8; 0 decodes in the main process).",
+        show_default=False,
+    ),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace output files that already exist.")
+]
+Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]

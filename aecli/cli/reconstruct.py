@@ -1,0 +1,155 @@
+"""`aecli reconstruct`: files and folders through a trained model, into PNGs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aecli.cli.app import app, guarded
+from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
+from aecli.cli.render import (
+    console,
+    metrics_table,
+    print_failures,
+    print_json,
+    progress_bar,
+)
+
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli reconstruct runs/demo/model.safetensors photos/ -o recon/
+  aecli reconstruct model.safetensors a.jpg b.png -o out/ --grid sheet.png
+  aecli reconstruct model.safetensors photos/ --metrics --json > metrics.json
+"""
+
+METRICS = ["mse", "psnr", "ssim"]
+TABLE_ROWS = 20
+
+
+@app.command(epilog=EXAMPLES)
+@guarded
+def reconstruct(
+    weights: Weights,
+    inputs: Inputs,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the reconstructions: one PNG per input, relative paths kept. "
+            "It must not be inside an input folder.",
+            show_default=False,
+        ),
+    ] = None,
+    grid: Annotated[
+        Path | None,
+        typer.Option(
+            "--grid",
+            help="Also write a PNG sheet of the first images over their reconstructions.",
+            show_default=False,
+        ),
+    ] = None,
+    grid_count: Annotated[
+        int, typer.Option("--grid-count", min=1, help="How many images the --grid sheet shows.")
+    ] = 16,
+    metrics: Annotated[
+        bool,
+        typer.Option(
+            "--metrics",
+            help="Measure MSE, PSNR and SSIM per image and overall, against the image the model "
+            "saw (resized to its input for vector-latent models).",
+        ),
+    ] = False,
+    keep_size: Annotated[
+        bool,
+        typer.Option(
+            "--keep-size",
+            help="Resize each reconstruction back to its input's size (vector-latent models; "
+            "fully convolutional models always keep it).",
+        ),
+    ] = False,
+    overwrite: Overwrite = False,
+    batch_size: BatchSize = 32,
+    workers: Workers = None,
+    device: Device = "auto",
+    as_json: Json = False,
+) -> None:
+    """Reconstruct image files and folders with a trained model, into PNGs.
+
+    Folders are searched recursively and their relative paths kept under --out. Vector-latent
+    models see each image resized to their input size; fully convolutional models (spatial
+    latents) work at each image's own size. Unreadable files are named with the reason and
+    skipped; the exit status is then 1. Inputs are never modified.
+    """
+    from aecli.errors import UsageError
+    from aecli.inference import (
+        Predictor,
+        check_outputs,
+        collect_inputs,
+        plan_outputs,
+        reconstruct_files,
+    )
+    from aecli.io.images import save_png
+
+    if out is None and grid is None and not metrics:
+        raise UsageError("nothing to do: give -o DIR, --grid FILE or --metrics")
+    predictor = Predictor(weights, device)
+    files, failures = collect_inputs(inputs)
+    outputs = plan_outputs(files, out) if out is not None else None
+    check_outputs(outputs or [], inputs, files, overwrite=overwrite, out_dir=out)
+    if grid is not None:
+        check_outputs([grid], inputs, files, overwrite=overwrite, option="--grid")
+    start = time.perf_counter()
+    with progress_bar(len(files), "reconstructing") as advance:
+        result = reconstruct_files(
+            predictor,
+            files,
+            outputs,
+            keep_size=keep_size,
+            metrics=metrics,
+            grid_count=grid_count if grid is not None else 0,
+            batch_size=batch_size,
+            workers=workers,
+            progress=advance,
+        )
+    seconds = time.perf_counter() - start
+    failures += result.failures
+    if grid is not None and result.grid is not None:
+        save_png(grid, result.grid)
+
+    print_failures(failures)
+    if metrics and result.rows:
+        shown = result.rows[:TABLE_ROWS]
+        title = "Reconstruction quality" + (
+            f" (first {TABLE_ROWS} of {len(result.rows)}; all with --json)"
+            if len(result.rows) > TABLE_ROWS
+            else ""
+        )
+        console.print(metrics_table(title, shown, METRICS, result.overall))
+    done = len(result.rows)
+    where = f" -> {out}" if out is not None else ""
+    console.print(
+        f"reconstructed {done} image{'s' * (done != 1)}{where} in {seconds:.1f} s "
+        f"({done / max(seconds, 1e-9):.0f} img/s) on {predictor.device}"
+        + (f"; [red]{len(failures)} failed[/red]" if failures else "")
+        + (f"; grid -> {grid}" if grid is not None and result.grid is not None else "")
+    )
+    if as_json:
+        print_json(
+            {
+                "weights": str(weights),
+                "out": None if out is None else str(out),
+                "grid": None if grid is None or result.grid is None else str(grid),
+                "images": done,
+                "failed": [{"file": f.path, "reason": f.reason} for f in failures],
+                "seconds": round(seconds, 3),
+                "overall": result.overall,
+                "rows": result.rows,
+            }
+        )
+    if failures:
+        raise typer.Exit(1)

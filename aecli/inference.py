@@ -1,0 +1,635 @@
+"""Batched inference with a trained model: reconstruct, encode, decode and diff image files.
+
+Files are decoded by DataLoader workers (the one safe reader, DESIGN section 8) while the
+model runs on batches under `inference_mode`; a file that cannot be read becomes a Failure
+record and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from aecli.data.images import Failure, ImageReadError, fit_image, list_images, read_image
+from aecli.data.transforms import to_model_range, to_uint8
+from aecli.devices import Execution, resolve_device
+from aecli.errors import UsageError
+from aecli.io.images import compose_sheet, diverging, heatmap, save_png
+from aecli.io.latents import LatentFile
+from aecli.io.weights import WeightsInfo, load_weights
+from aecli.losses import ssim
+from aecli.models import Autoencoder
+
+Progress = Callable[[int], None]
+
+
+def _no_progress(_: int) -> None:
+    pass
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+class Predictor:
+    """A model loaded from a weights file, with what batch inference needs to know about it."""
+
+    def __init__(self, weights: str | Path, device: str | None = None):
+        self.device = resolve_device(device)
+        model, info = load_weights(weights, self.device)
+        self.model: Autoencoder = model
+        self.info: WeightsInfo = info
+        self.name = str(weights)
+        self.fingerprint = info.fingerprint
+        config = info.config
+        self.channels = config.data.channels
+        self.size: tuple[int, int] = tuple(config.data.size)
+        self.value_range = config.data.range
+        self.execution = Execution(self.device, config.train.precision)
+        self.model.to(memory_format=self.execution.memory_format)
+        self.latent_shape = tuple(model.latent_shape)
+        self.spatial = config.model.latent.spatial
+        fixed = {"linear", "flatten", "reshape", "resize"}
+        blocks = [*config.model.encoder, *config.model.decoder]
+        # Fully convolutional: any input size works, in multiples of the downsampling factor.
+        self.fully_convolutional = self.spatial and not any(b.type in fixed for b in blocks)
+        self.factor = self.size[0] // self.latent_shape[1] if self.spatial else 1
+
+    @property
+    def variational(self) -> bool:
+        return self.model.variational
+
+    def _input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on the CPU -> model-range floats on the device."""
+        if self.device.type == "cuda":
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        x = to_model_range(images.to(self.device), self.value_range)
+        return x.contiguous(memory_format=self.execution.memory_format)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad (replicating the border) to a multiple of the downsampling factor."""
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.factor, -w % self.factor
+        return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+    @torch.inference_mode()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> uint8 reconstructions of the same shape, on the device
+        (posterior mean for a VAE)."""
+        x = self._input(images)
+        h, w = x.shape[-2:]
+        with self.execution.autocast():
+            image = self.model(self._padded(x), sample=False).image
+        return to_uint8(image[..., :h, :w], self.value_range)
+
+    @torch.inference_mode()
+    def encode(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32 latents (B, *latent_shape): the posterior mean, or a
+        draw from the posterior when a generator is given (VAE)."""
+        with self.execution.autocast():
+            posterior = self.model.encode(self._padded(self._input(images)))
+        z = posterior.sample(generator) if generator is not None else posterior.mode()
+        return z.float()
+
+    @torch.inference_mode()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
+        with self.execution.autocast():
+            image = self.model.decode(z.to(self.device, torch.float32))
+        return to_uint8(image, self.value_range)
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(seed)
+
+
+# -- reading files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    name: str  # relative to the input folder it was found in (the file name for a file)
+    root: Path | None = None  # the input folder, None for a file given by name
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[InputFile], list[Failure]]:
+    """The image files that INPUT arguments name (folders recursively), in a stable order."""
+    files: list[InputFile] = []
+    failures: list[Failure] = []
+    for given in inputs:
+        if not given.exists() and not given.is_symlink():
+            raise UsageError("input does not exist", path=given)
+        if given.is_dir():
+            found, problems = list_images([given])
+            files += [
+                InputFile(file, file.relative_to(given).as_posix(), given) for _, file in found
+            ]
+            failures += problems
+        else:
+            files.append(InputFile(given, given.name))
+    if not files and not failures:
+        raise UsageError(
+            "no image files found in "
+            + ", ".join(str(p) for p in inputs)
+            + " (looked for .png, .jpg, .jpeg, .webp, .gif, .bmp, .tif, .tiff)"
+        )
+    return files, failures
+
+
+@dataclass
+class ImageBatch:
+    indices: list[int]
+    images: torch.Tensor  # uint8 (B, C, H, W)
+    original_sizes: list[tuple[int, int]]
+
+
+class _ImageFiles(Dataset):
+    """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set."""
+
+    def __init__(self, files: list[InputFile], channels: int, size: tuple[int, int] | None):
+        self.files, self.channels, self.size = files, channels, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            array = read_image(self.files[index].path, self.channels)
+        except ImageReadError as exc:
+            return index, Failure(exc.path, exc.reason), None
+        original = array.shape[:2]
+        if self.size is not None:
+            array = fit_image(array, self.size, "stretch")
+        image = torch.from_numpy(np.require(array, requirements=["C", "W"]))
+        return index, image.permute(2, 0, 1), original
+
+
+def _group_by_shape(items):
+    """Collate: stack same-sized images (one tensor per size), pass failures through."""
+    groups: dict[tuple, list] = {}
+    failures = []
+    for index, image, original in items:
+        if isinstance(image, Failure):
+            failures.append((index, image))
+        else:
+            groups.setdefault(tuple(image.shape), []).append((index, image, original))
+    stacked = [
+        ImageBatch(
+            [i for i, _, _ in group],
+            torch.stack([image for _, image, _ in group]),
+            [tuple(o) for _, _, o in group],
+        )
+        for group in groups.values()
+    ]
+    return stacked, failures
+
+
+def default_workers(count: int, batch_size: int) -> int:
+    """Decode in the main process for a batch or less; else up to 8 worker processes."""
+    if count <= batch_size:
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def load_batches(
+    files: list[InputFile],
+    channels: int,
+    size: tuple[int, int] | None,
+    batch_size: int,
+    workers: int | None = None,
+) -> Iterator[ImageBatch | tuple[int, Failure]]:
+    """Decoded images in batches of one size each (`size` None keeps native sizes), and
+    (index, Failure) for files that cannot be read."""
+    workers = default_workers(len(files), batch_size) if workers is None else workers
+    loader = DataLoader(
+        _ImageFiles(files, channels, size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_group_by_shape,
+        prefetch_factor=4 if workers else None,
+    )
+    pending: dict[tuple, ImageBatch] = {}
+    for groups, failures in loader:
+        yield from failures
+        for group in groups:
+            key = tuple(group.images.shape[1:])
+            if key in pending:
+                held = pending.pop(key)
+                group = ImageBatch(
+                    held.indices + group.indices,
+                    torch.cat([held.images, group.images]),
+                    held.original_sizes + group.original_sizes,
+                )
+            while len(group.indices) >= batch_size:
+                yield ImageBatch(
+                    group.indices[:batch_size],
+                    group.images[:batch_size],
+                    group.original_sizes[:batch_size],
+                )
+                group = ImageBatch(
+                    group.indices[batch_size:],
+                    group.images[batch_size:],
+                    group.original_sizes[batch_size:],
+                )
+            if group.indices:
+                pending[key] = group
+    yield from pending.values()
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image MSE, PSNR (dB) and SSIM of uint8 (B, C, H, W) images, on [0, 1] values."""
+    a, b = original.float() / 255.0, reconstruction.float() / 255.0
+    mse = (a - b).pow(2).flatten(1).mean(dim=1)
+    psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return {"mse": mse, "psnr": psnr, "ssim": ssim(b, a, reduction="none")}
+
+
+def summarize_metrics(rows: list[dict]) -> dict[str, float]:
+    """Means over images of each metric."""
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in ("mse", "psnr", "ssim")}
+
+
+# -- writing outputs -------------------------------------------------------------------------
+
+
+def plan_outputs(files: list[InputFile], out_dir: Path) -> list[Path]:
+    """One PNG per input, keeping relative paths. `a.jpg` and `a.png` side by side keep their
+    suffix (`a.jpg.png`, `a.png.png`); other clashes (the same name in two inputs) are refused."""
+    stems = [Path(f.name).with_suffix(".png").as_posix() for f in files]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = [
+        stem if counts[stem] == 1 else f"{f.name}.png" for stem, f in zip(stems, files, strict=True)
+    ]
+    seen: dict[str, InputFile] = {}
+    for name, file in zip(names, files, strict=True):
+        if name in seen:
+            raise UsageError(
+                f"{seen[name].path} and {file.path} would both be written to "
+                f"{out_dir / name}; reconstruct those inputs into separate folders"
+            )
+        seen[name] = file
+    return [out_dir / name for name in names]
+
+
+def check_outputs(
+    outputs: list[Path],
+    inputs: list[Path],
+    files: list[InputFile],
+    *,
+    overwrite: bool,
+    out_dir: Path | None = None,
+    option: str = "-o",
+) -> None:
+    """Refuse (exit 2) outputs that would modify an input, and existing files unless
+    `overwrite`: inputs are never modified."""
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"{option}: exists and is not a folder", path=out_dir)
+        resolved = Path(_real(out_dir))
+        for given in inputs:
+            root = Path(_real(given))
+            if given.is_dir() and (resolved == root or resolved.is_relative_to(root)):
+                raise UsageError(
+                    f"{option}: the output folder is inside the input folder {given}; inputs are "
+                    "never modified, choose an output folder outside it",
+                    path=out_dir,
+                )
+    sources = {_real(f.path) for f in files} | {_real(p) for p in inputs if p.is_file()}
+    for output in outputs:
+        if _real(output) in sources:
+            raise UsageError(
+                f"{option}: would overwrite the input {output}; inputs are never modified",
+                path=output,
+            )
+    existing = [o for o in outputs if o.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise UsageError(
+            f"{option}: {existing[0]}{more} already exist; pass --overwrite to replace them"
+        )
+
+
+def _real(path: Path) -> str:
+    """The canonical path (symlinks resolved; a symlink loop does not raise)."""
+    return os.path.realpath(path)
+
+
+class _Writer:
+    """Encodes and writes PNGs on a few threads (Pillow releases the GIL while compressing),
+    keeping a bounded number in flight."""
+
+    def __init__(self, threads: int = 4):
+        self.pool = ThreadPoolExecutor(threads)
+        self.pending: list[Future] = []
+        self.limit = threads * 4
+
+    def save(self, path: Path, array: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(save_png, path, array, durable=False))
+        if len(self.pending) > self.limit:
+            self.pending.pop(0).result()
+
+    def close(self) -> None:
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown()
+
+
+def _hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).cpu().numpy()
+
+
+def _resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One uint8 (C, H, W) image to `size`, bilinear with antialiasing when shrinking."""
+    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    x = F.interpolate(
+        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+# -- reconstruct -----------------------------------------------------------------------------
+
+
+@dataclass
+class Reconstruction:
+    rows: list[dict]  # per image, input order: file, output, and mse / psnr / ssim if measured
+    failures: list[Failure]
+    grid: np.ndarray | None = None
+    overall: dict[str, float] = field(default_factory=dict)
+
+
+def reconstruct_files(
+    predictor: Predictor,
+    files: list[InputFile],
+    outputs: list[Path] | None,
+    *,
+    keep_size: bool = False,
+    metrics: bool = False,
+    grid_count: int = 0,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Progress = _no_progress,
+) -> Reconstruction:
+    """Reconstruct every file (writing outputs[i] for files[i] when outputs are given).
+
+    Vector-latent models see each image resized to their input size (`keep_size` resizes the
+    reconstruction back); fully convolutional models work at each image's own size. Metrics
+    compare the reconstruction with the image the model saw, as 8-bit values.
+    """
+    size = None if predictor.fully_convolutional else predictor.size
+    rows: dict[int, dict] = {}
+    failures: dict[int, Failure] = {}
+    grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    writer = _Writer() if outputs is not None else None
+    try:
+        for batch in load_batches(files, predictor.channels, size, batch_size, workers):
+            if isinstance(batch, tuple):
+                failures[batch[0]] = batch[1]
+                progress(1)
+                continue
+            recon = predictor.reconstruct(batch.images)
+            scores = image_metrics(batch.images.to(recon.device), recon) if metrics else {}
+            scores = {k: v.tolist() for k, v in scores.items()}
+            recon_cpu = recon.cpu()
+            for j, index in enumerate(batch.indices):
+                image = recon_cpu[j]
+                if keep_size and tuple(image.shape[-2:]) != batch.original_sizes[j]:
+                    image = _resize_uint8(image, batch.original_sizes[j])
+                row = {"file": str(files[index].path)}
+                if writer is not None:
+                    writer.save(outputs[index], _hwc(image))
+                    row["output"] = str(outputs[index])
+                row.update({k: v[j] for k, v in scores.items()})
+                rows[index] = row
+                if index < grid_count:
+                    grid[index] = (_hwc(batch.images[j]), _hwc(recon_cpu[j]))
+            progress(len(batch.indices))
+    finally:
+        if writer is not None:
+            writer.close()
+    ordered = [rows[i] for i in sorted(rows)]
+    result = Reconstruction(ordered, [failures[i] for i in sorted(failures)])
+    if grid:
+        result.grid = originals_over_reconstructions([grid[i] for i in sorted(grid)])
+    if metrics:
+        result.overall = summarize_metrics(ordered)
+    return result
+
+
+def originals_over_reconstructions(
+    pairs: list[tuple[np.ndarray, np.ndarray]], columns: int = 8
+) -> np.ndarray:
+    """A sheet of rows of up to `columns` originals, each over its reconstructions."""
+    rows: list[list[np.ndarray]] = []
+    for start in range(0, len(pairs), columns):
+        chunk = pairs[start : start + columns]
+        rows += [[a for a, _ in chunk], [b for _, b in chunk]]
+    return compose_sheet(rows)
+
+
+# -- encode / decode -------------------------------------------------------------------------
+
+
+def encode_files(
+    predictor: Predictor,
+    files: list[InputFile],
+    *,
+    sample: bool = False,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Progress = _no_progress,
+) -> tuple[LatentFile, list[Failure]]:
+    """Encode files (each resized to the model's input size) into one latent file.
+
+    Labels come from subfolder names when every file sits in a subfolder of an input folder
+    (as for training), numbered by the weights' class names when they cover them all.
+    """
+    generator = predictor.generator(seed) if sample else None
+    latents: dict[int, torch.Tensor] = {}
+    failures: dict[int, Failure] = {}
+    for batch in load_batches(files, predictor.channels, predictor.size, batch_size, workers):
+        if isinstance(batch, tuple):
+            failures[batch[0]] = batch[1]
+            progress(1)
+            continue
+        z = predictor.encode(batch.images, generator).cpu()
+        latents.update(zip(batch.indices, z, strict=True))
+        progress(len(batch.indices))
+    order = sorted(latents)
+    if not order:
+        return LatentFile(torch.empty(0)), [failures[i] for i in sorted(failures)]
+    kept = [files[i] for i in order]
+    labels, class_names = _folder_labels(kept, predictor.info.class_names)
+    result = LatentFile(
+        torch.stack([latents[i] for i in order]),
+        labels,
+        predictor.fingerprint,
+        [f.name for f in kept],
+        class_names,
+    )
+    return result, [failures[i] for i in sorted(failures)]
+
+
+def _folder_labels(files: list[InputFile], known: list[str] | None):
+    parts = [Path(f.name).parts for f in files]
+    if not all(f.root is not None and len(p) > 1 for f, p in zip(files, parts, strict=True)):
+        return None, None
+    found = sorted({p[0] for p in parts})
+    names = known if known and set(found) <= set(known) else found
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), names
+
+
+def decode_latents(
+    predictor: Predictor, latents: torch.Tensor, batch_size: int = 32
+) -> Iterator[torch.Tensor]:
+    """uint8 (B, C, H, W) CPU images for (N, *latent_shape) latents, a batch at a time."""
+    for start in range(0, len(latents), batch_size):
+        yield predictor.decode(latents[start : start + batch_size]).cpu()
+
+
+# -- diff ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Diff:
+    rows: list[dict]  # per image, worst first: file, mse, psnr, ssim (+ vs_* and winner)
+    failures: list[Failure]
+    sheet: np.ndarray | None
+    overall: dict[str, float]
+    vs_overall: dict[str, float] | None = None
+    error_scale: float = 0.0
+
+
+def diff_files(
+    predictor: Predictor,
+    files: list[InputFile],
+    *,
+    vs: Predictor | None = None,
+    top: int = 8,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Progress = _no_progress,
+) -> Diff:
+    """Per-image errors of one model (or two, `vs`), worst first by the first model's MSE, and a
+    sheet of the `top` worst: original, reconstruction(s) and error maps side by side."""
+    if vs is not None:
+        _check_comparable(predictor, vs)
+    size = None if predictor.fully_convolutional else predictor.size
+    rows: list[dict] = []
+    failures: list[Failure] = []
+    worst: list[tuple[float, int, dict]] = []  # a min-heap of the `top` largest MSEs
+    for batch in load_batches(files, predictor.channels, size, batch_size, workers):
+        if isinstance(batch, tuple):
+            failures.append(batch[1])
+            progress(1)
+            continue
+        models = [predictor] if vs is None else [predictor, vs]
+        recons = [m.reconstruct(batch.images) for m in models]
+        scores = [
+            {k: v.tolist() for k, v in image_metrics(batch.images.to(r.device), r).items()}
+            for r in recons
+        ]
+        for j, index in enumerate(batch.indices):
+            row = {"file": str(files[index].path), **{k: v[j] for k, v in scores[0].items()}}
+            if vs is not None:
+                row.update({f"vs_{k}": v[j] for k, v in scores[1].items()})
+                row["winner"] = _winner(row["mse"], row["vs_mse"])
+            rows.append(row)
+            if top > 0:
+                images = {"original": batch.images[j], "recons": [r[j].cpu() for r in recons]}
+                entry = (row["mse"], -index, {"row": row, **images})
+                if len(worst) < top:
+                    heapq.heappush(worst, entry)
+                elif entry[:2] > worst[0][:2]:
+                    heapq.heapreplace(worst, entry)
+        progress(len(batch.indices))
+    rows.sort(key=lambda r: (-r["mse"], r["file"]))
+    shown = [entry[2] for entry in sorted(worst, key=lambda e: (-e[0], -e[1]))]
+    sheet, scale = _diff_sheet(shown, vs is not None) if shown else (None, 0.0)
+    vs_overall = None
+    if vs is not None:
+        vs_overall = {
+            k: float(np.mean([r[f"vs_{k}"] for r in rows])) if rows else 0.0
+            for k in ("mse", "psnr", "ssim")
+        }
+    return Diff(rows, failures, sheet, summarize_metrics(rows), vs_overall, scale)
+
+
+def _winner(a: float, b: float) -> str:
+    if np.isclose(a, b, rtol=1e-6, atol=1e-12):
+        return "tie"
+    return "weights" if a < b else "vs"
+
+
+def _check_comparable(a: Predictor, b: Predictor) -> None:
+    if a.channels != b.channels:
+        raise UsageError(
+            f"--vs: {b.name} takes {b.channels}-channel images, {a.name} takes {a.channels}; "
+            "diff compares two models on the same images"
+        )
+    if a.fully_convolutional != b.fully_convolutional or (
+        not a.fully_convolutional and a.size != b.size
+    ):
+        shape = lambda p: "any size" if p.fully_convolutional else "x".join(map(str, p.size))  # noqa: E731
+        raise UsageError(
+            f"--vs: {b.name} takes images of {shape(b)}, {a.name} of {shape(a)}; "
+            "diff compares two models on the same inputs"
+        )
+
+
+def _diff_sheet(shown: list[dict], versus: bool) -> tuple[np.ndarray, float]:
+    """Rows of original, reconstruction, signed error (channel mean; blue darker, red brighter)
+    and absolute error (channel mean), one colour scale for the whole sheet."""
+    errors = [
+        [(r.float() - s["original"].float()).mean(dim=0) / 255.0 for r in s["recons"]]
+        for s in shown
+    ]
+    magnitudes = torch.cat([e.abs().flatten() for row in errors for e in row])
+    # The 99.5th percentile, so that a few extreme pixels do not wash out the rest.
+    scale = max(float(torch.quantile(magnitudes[:1_000_000], 0.995)), 1.0 / 255.0)
+    rows, captions = [], []
+    for item, errs in zip(shown, errors, strict=True):
+        row = item["row"]
+        cells = [_hwc(item["original"])] + [_hwc(r) for r in item["recons"]]
+        if versus:
+            cells += [heatmap((e.abs() / scale).numpy()) for e in errs]
+            captions.append(
+                f"{Path(row['file']).name}   {row['psnr']:.2f} dB vs {row['vs_psnr']:.2f} dB"
+            )
+        else:
+            cells += [
+                diverging((errs[0] / scale).numpy()),
+                heatmap((errs[0].abs() / scale).numpy()),
+            ]
+            captions.append(
+                f"{Path(row['file']).name}   PSNR {row['psnr']:.2f} dB   SSIM {row['ssim']:.3f}"
+            )
+        rows.append(cells)
+    limit = f"±{scale:.2f}"
+    header = (
+        ["original", "weights", "vs", f"|error| 0-{scale:.2f}", f"|vs error| 0-{scale:.2f}"]
+        if versus
+        else ["original", "reconstruction", f"signed error {limit}", f"|error| 0-{scale:.2f}"]
+    )
+    return compose_sheet(rows, min_tile=128, header=header, captions=captions), scale

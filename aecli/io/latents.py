@@ -1,0 +1,213 @@
+"""Latent files (DESIGN section 5): safetensors with `latents`, optional `labels` and metadata
+naming the model; `.npy` for numpy tools; `-` for stdin / stdout so that commands chain.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+import aecli
+from aecli.errors import UsageError
+from aecli.io.atomic import atomic_write_bytes
+
+FORMAT = "aecli-latents"
+FORMAT_VERSION = "1"
+STDIO = "-"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class LatentFileError(UsageError):
+    """A latent file is missing, unreadable, or does not fit the model; exit 2."""
+
+
+@dataclass
+class LatentFile:
+    """Latent codes (N, ...) with where they came from."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor | None = None
+    fingerprint: str | None = None  # of the weights that wrote them; None for .npy
+    sources: list[str] | None = None  # one name per latent (an input file, or how it was made)
+    class_names: list[str] | None = None
+    name: str = ""  # where it was read from, for messages
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
+    """Serialise to the safetensors latent format, or to a plain .npy array (latents only)."""
+    values = latents.latents.detach().to("cpu", torch.float32).contiguous()
+    if fmt == "npy":
+        buffer = io.BytesIO()
+        np.save(buffer, values.numpy(), allow_pickle=False)
+        return buffer.getvalue()
+    tensors = {"latents": values}
+    if latents.labels is not None:
+        tensors["labels"] = latents.labels.detach().to("cpu", torch.int64).contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "aecli_version": aecli.__version__,
+        "fingerprint": latents.fingerprint or "",
+        "latent_shape": json.dumps(list(values.shape[1:])),
+        "sources": json.dumps(latents.sources),
+        "class_names": json.dumps(latents.class_names),
+    }
+    return save_safetensors(tensors, metadata=metadata)
+
+
+def output_format(target: str, fmt: str | None) -> str:
+    """`npy` when asked or when the file ends in .npy; safetensors otherwise (also for `-`)."""
+    if fmt is not None:
+        return fmt
+    return "npy" if target != STDIO and Path(target).suffix.lower() == ".npy" else "safetensors"
+
+
+def write_latents(target: str | Path, latents: LatentFile, fmt: str | None = None) -> None:
+    """Write a latent file atomically, or to stdout (binary, nothing else) for `-`."""
+    data = latent_bytes(latents, output_format(str(target), fmt))
+    if str(target) == STDIO:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        atomic_write_bytes(target, data)
+
+
+def read_latents(source: str | Path) -> LatentFile:
+    """Read a latent file (safetensors or .npy, by content) from a path or `-` for stdin."""
+    name = "stdin" if str(source) == STDIO else str(source)
+    if str(source) == STDIO:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LatentFileError("no latent file on stdin (pipe one in, e.g. `aecli encode ...`)")
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise LatentFileError("file not found", path=name)
+        if path.is_dir():
+            raise LatentFileError("is a directory, not a latent file", path=name)
+        data = path.read_bytes()
+    if not data:
+        raise LatentFileError("empty (no latent file)", path=name)
+    if data.startswith(_NPY_MAGIC):
+        return _from_npy(data, name)
+    return _from_safetensors(data, name)
+
+
+def _from_npy(data: bytes, name: str) -> LatentFile:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise LatentFileError(f"not a plain numeric .npy array ({exc})", path=name) from None
+    if not np.issubdtype(array.dtype, np.number) or array.ndim == 0:
+        raise LatentFileError(
+            f"a .npy latent file holds a numeric array (N, ...), found {array.dtype} "
+            f"of shape {array.shape}",
+            path=name,
+        )
+    return _checked(torch.from_numpy(array.astype(np.float32)), None, None, None, None, name)
+
+
+def _from_safetensors(data: bytes, name: str) -> LatentFile:
+    metadata = _safetensors_metadata(data, name)
+    if metadata.get("format") != FORMAT:
+        weights = metadata.get("format") == "aecli-weights"
+        hint = "; it is a weights file, give it as WEIGHTS" if weights else ""
+        raise LatentFileError(
+            f"not an aecli latent file (safetensors without aecli latent metadata{hint})",
+            path=name,
+        )
+    try:
+        tensors = load_safetensors(data)
+        sources = json.loads(metadata.get("sources", "null"))
+        class_names = json.loads(metadata.get("class_names", "null"))
+    except Exception as exc:
+        raise LatentFileError(f"damaged latent file ({_first_line(exc)})", path=name) from None
+    if "latents" not in tensors:
+        raise LatentFileError("no `latents` tensor in the file", path=name)
+    fingerprint = metadata.get("fingerprint") or None
+    return _checked(
+        tensors["latents"].float(), tensors.get("labels"), fingerprint, sources, class_names, name
+    )
+
+
+def _safetensors_metadata(data: bytes, name: str) -> dict:
+    """The header's `__metadata__`, checked enough to say clearly what the bytes are not."""
+    problem = "not a latent file (neither safetensors nor .npy)"
+    if len(data) < 8:
+        raise LatentFileError(problem, path=name)
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8 or data[8:9] != b"{":
+        raise LatentFileError(problem, path=name)
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LatentFileError(problem, path=name) from None
+    return header.get("__metadata__") or {}
+
+
+def _checked(latents, labels, fingerprint, sources, class_names, name) -> LatentFile:
+    if latents.ndim < 1 or latents.shape[0] == 0:
+        raise LatentFileError(f"holds no latents (shape {tuple(latents.shape)})", path=name)
+    if not torch.isfinite(latents).all():
+        raise LatentFileError("latents hold non-finite values (NaN or Inf)", path=name)
+    if labels is not None and labels.shape[:1] != latents.shape[:1]:
+        raise LatentFileError(f"{labels.shape[0]} labels for {latents.shape[0]} latents", path=name)
+    if sources is not None and len(sources) != latents.shape[0]:
+        sources = None
+    return LatentFile(latents, labels, fingerprint, sources, class_names, name)
+
+
+def fit_to_model(
+    latents: LatentFile,
+    latent_shape: tuple[int, ...],
+    fingerprint: str,
+    *,
+    spatial: bool,
+    force: bool = False,
+    weights_name: str = "the weights",
+) -> torch.Tensor:
+    """The latents as (N, *latent_shape) for a model, after the model and shape checks.
+
+    Latents written by another model are refused unless `force`; a fully convolutional model
+    accepts any spatial size with the right channel count. A single latent without its batch
+    dimension (a .npy of shape `latent_shape`) is taken as N = 1.
+    """
+    if latents.fingerprint and latents.fingerprint != fingerprint and not force:
+        raise LatentFileError(
+            f"latents come from model {latents.fingerprint}, not from {weights_name} "
+            f"(model {fingerprint}); pass --force to decode them anyway",
+            path=latents.name,
+        )
+    values = latents.latents
+    if values.shape == torch.Size(latent_shape):
+        values = values[None]
+    found = tuple(values.shape[1:])
+    fits = found == tuple(latent_shape) or (
+        spatial and len(found) == 3 and found[0] == latent_shape[0]
+    )
+    if not fits:
+        expected = f"(N, {', '.join(map(str, latent_shape))})"
+        if spatial:
+            expected = f"(N, {latent_shape[0]}, H, W)"
+        raise LatentFileError(
+            f"latent shape {tuple(values.shape)} does not fit the model: expected {expected}",
+            path=latents.name,
+        )
+    return values
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
