@@ -156,15 +156,23 @@ class ImageBatch:
 class _ImageFiles(Dataset):
     """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set."""
 
-    def __init__(self, files: list[InputFile], channels: int, size: tuple[int, int] | None):
+    def __init__(
+        self,
+        files: list[InputFile],
+        channels: int,
+        size: tuple[int, int] | None,
+        reduced_decode: bool = True,
+    ):
         self.files, self.channels, self.size = files, channels, size
+        # JPEGs that will be resized down anyway can decode at 1/2, 1/4 or 1/8 scale
+        self.at_least = max(size) if size is not None and reduced_decode else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            array = read_image(self.files[index].path, self.channels)
+            array = read_image(self.files[index].path, self.channels, at_least=self.at_least)
         except ImageReadError as exc:
             return index, Failure(exc.path, exc.reason), None
         original = array.shape[:2]
@@ -207,12 +215,15 @@ def load_batches(
     size: tuple[int, int] | None,
     batch_size: int,
     workers: int | None = None,
+    *,
+    original_sizes: bool = False,
 ) -> Iterator[ImageBatch | tuple[int, Failure]]:
     """Decoded images in batches of one size each (`size` None keeps native sizes), and
-    (index, Failure) for files that cannot be read."""
+    (index, Failure) for files that cannot be read. `original_sizes` makes each batch's
+    `original_sizes` exact (no reduced-scale JPEG decoding)."""
     workers = default_workers(len(files), batch_size) if workers is None else workers
     loader = DataLoader(
-        _ImageFiles(files, channels, size),
+        _ImageFiles(files, channels, size, reduced_decode=not original_sizes),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_group_by_shape,
@@ -341,7 +352,7 @@ class _Writer:
         self.limit = threads * 4
 
     def save(self, path: Path, array: np.ndarray) -> None:
-        self.pending.append(self.pool.submit(save_png, path, array, durable=False))
+        self.pending.append(self.pool.submit(save_png, path, array, batch=True))
         if len(self.pending) > self.limit:
             self.pending.pop(0).result()
 
@@ -401,7 +412,10 @@ def reconstruct_files(
     grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     writer = _Writer() if outputs is not None else None
     try:
-        for batch in load_batches(files, predictor.channels, size, batch_size, workers):
+        batches = load_batches(
+            files, predictor.channels, size, batch_size, workers, original_sizes=keep_size
+        )
+        for batch in batches:
             if isinstance(batch, tuple):
                 failures[batch[0]] = batch[1]
                 progress(1)

@@ -23,7 +23,8 @@ from PIL import Image
 
 from aecli.config import load_config
 from aecli.data import ImageData, load_data, split
-from aecli.engine import Trainer, resolve_device
+from aecli.devices import resolve_device
+from aecli.engine import Trainer
 from aecli.models import build_model
 
 

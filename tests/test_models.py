@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aecli.config import load_config
+from aecli.config import list_presets, load_config
 from aecli.errors import ConfigError
 from aecli.losses import compute_loss
 from aecli.models import DiagonalGaussian, build_model, summarize
@@ -104,3 +104,32 @@ def test_impossible_block_names_its_place(tiny_preset):
                 str(tiny_preset), ["model.encoder.1.kernel=40", "model.encoder.1.padding=valid"]
             ).config
         )
+
+
+@pytest.mark.parametrize("preset", [p.name for p in list_presets()])
+def test_shape_arithmetic_matches_running_each_block(preset):
+    from aecli.models.builder import _out_shape
+
+    model = build_model(load_config(preset).config, meta=True)
+    for stack, shape in ((model.encoder, model.input_shape), (model.decoder, model.latent_shape)):
+        with torch.device("meta"):
+            for layer in stack:
+                expected = tuple(layer(torch.empty(2, *shape)).shape[1:])
+                assert _out_shape(layer, shape) == expected, layer
+                shape = expected
+    assert shape == model.input_shape
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 28, 28), (2, 3, 40, 24), (2, 3, 8, 8)])
+def test_ssim_equals_torchmetrics(shape):
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from aecli.losses import ssim
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(shape, generator=generator)
+    b = (a + 0.1 * torch.randn(shape, generator=generator)).clamp(0, 1)
+    reference = structural_similarity_index_measure(b, a, data_range=1.0, reduction="none")
+    assert torch.allclose(ssim(b, a, reduction="none"), reference, atol=1e-6)
+    assert ssim(a, a).item() == pytest.approx(1.0)
+    assert ssim(a[..., :4, :4], a[..., :4, :4]).item() == pytest.approx(1.0)  # tiny images too

@@ -193,7 +193,7 @@ def decode(
                 if grid:
                     images.append(array)
                 else:
-                    save_png(outputs[len(images)], array, durable=False)
+                    save_png(outputs[len(images)], array, batch=True)
                     images.append(None)
             advance(len(batch))
     if grid:

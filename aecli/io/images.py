@@ -32,16 +32,19 @@ _HEAT = np.array(
 _TEXT_HEIGHT = 14
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """uint8 (H, W, C) with C in 1 or 3 -> PNG bytes."""
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """uint8 (H, W, C) with C in 1 or 3 -> PNG bytes (zlib level 6 is Pillow's default)."""
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
-def save_png(path: str | Path, array: np.ndarray, *, durable: bool = True) -> None:
-    atomic_write_bytes(path, png_bytes(array), durable=durable)
+def save_png(path: str | Path, array: np.ndarray, *, batch: bool = False) -> None:
+    """Write a PNG atomically. `batch` outputs (one of thousands) trade a little size for
+    speed (zlib level 1: 2-3x faster, 5-25% larger) and skip the fsync."""
+    data = png_bytes(array, compress_level=1 if batch else 6)
+    atomic_write_bytes(path, data, durable=not batch)
 
 
 def _apply(values: np.ndarray, stops: np.ndarray, low: float) -> np.ndarray:

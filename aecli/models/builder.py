@@ -105,8 +105,47 @@ def _fmt(shape: Shape) -> str:
 
 
 def _out_shape(module: nn.Module, shape: Shape) -> Shape:
-    with torch.device("meta"):
-        return tuple(module(torch.empty(2, *shape)).shape[1:])
+    """A block's output shape, by arithmetic: running a module on the meta device would import
+    a second of PyTorch machinery into every command that loads a model."""
+    if isinstance(module, blocks.ConvBlock | blocks.ConvTransposeBlock):
+        conv, (h, w) = module.conv, shape[1:]
+        if isinstance(module, blocks.ConvBlock):
+            if module.tf_same:
+                s = conv.stride[0]
+                return (conv.out_channels, -(-h // s), -(-w // s))
+            size = [
+                (n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, p, d, k, s in zip(
+                    (h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+                )
+            ]
+        else:
+            size = [
+                (n - 1) * s - 2 * p + d * (k - 1) + op + 1 - sum(module.crop)
+                for n, p, d, k, s, op in zip(
+                    (h, w),
+                    conv.padding,
+                    conv.dilation,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.output_padding,
+                    strict=True,
+                )
+            ]
+        return (conv.out_channels, *size)
+    if isinstance(module, blocks.ResBlock):
+        return (module.conv2.out_channels, *shape[1:])
+    if isinstance(module, blocks.Upsample):
+        return (shape[0], shape[1] * module.factor, shape[2] * module.factor)
+    if isinstance(module, blocks.Resize):
+        return (shape[0], *module.size)
+    if isinstance(module, nn.Flatten):
+        return (math.prod(shape),)
+    if isinstance(module, blocks.LinearBlock):
+        return (module.linear.out_features,)
+    if isinstance(module, blocks.Reshape):
+        return module.shape
+    return shape  # attention, norms and activations keep the shape
 
 
 def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, Shape]:

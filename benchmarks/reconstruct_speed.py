@@ -1,0 +1,170 @@
+"""Batch reconstruction throughput: `aecli reconstruct` against a plain per-file loop.
+
+A folder of JPEGs (crops of scikit-learn's two sample photos, 96 to 192 pixels a side) is
+written to a temp dir and reconstructed three ways, in one run:
+
+- aecli: `reconstruct_files`, the core of `aecli reconstruct` (DataLoader workers decoding,
+  batches under inference_mode, PNGs written on threads);
+- a plain loop, as a script would do it: per file open, resize, ToTensor, the model on a
+  batch of 1 under no_grad, save the PNG with Pillow's default settings;
+- the model alone, on the same images already decoded and resized, in batches: the ceiling.
+
+The model has the preset's architecture with its initial weights: speed does not depend on
+training. `aecli reconstruct` from a shell is also timed once per preset, start-up included.
+
+    python benchmarks/reconstruct_speed.py
+    python benchmarks/reconstruct_speed.py --images 1000 --device cuda --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from aecli.config import load_config
+from aecli.data.images import fit_image, read_image
+from aecli.devices import resolve_device
+from aecli.inference import Predictor, collect_inputs, plan_outputs, reconstruct_files
+from aecli.io.weights import save_weights
+from aecli.models import build_model
+
+
+def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = rng.integers(96, 193, 2)
+        top, left = rng.integers(0, photo.shape[0] - h), rng.integers(0, photo.shape[1] - w)
+        crop = photo[top : top + h, left : left + w]
+        Image.fromarray(crop).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def write_weights(preset: str, path: Path) -> None:
+    config = load_config(preset).config
+    torch.manual_seed(0)
+    save_weights(
+        path, build_model(config), config, preset=preset, data={}, class_names=None, metrics={}
+    )
+
+
+def aecli_speed(predictor: Predictor, folder: Path, out: Path, workers: int | None) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    files, _ = collect_inputs([folder])
+    start = time.perf_counter()
+    result = reconstruct_files(predictor, files, plan_outputs(files, out), workers=workers)
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    assert len(result.rows) == len(files) and not result.failures
+    return len(files) / seconds
+
+
+def plain_loop_speed(predictor: Predictor, folder: Path, out: Path) -> float:
+    from torchvision.transforms import functional as TF
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model, device = predictor.model, predictor.device
+    h, w = predictor.size
+    symmetric = predictor.value_range == "symmetric"
+    files = sorted(folder.iterdir())
+    start = time.perf_counter()
+    with torch.no_grad():
+        for file in files:
+            image = Image.open(file).convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
+            x = TF.to_tensor(image)
+            if symmetric:
+                x = TF.normalize(x, [0.5] * 3, [0.5] * 3)
+            y = model(x[None].to(device), sample=False).image[0].float().cpu()
+            y = (y + 1) / 2 if symmetric else y
+            TF.to_pil_image(y.clamp(0, 1)).save(out / f"{file.stem}.png")
+    return len(files) / (time.perf_counter() - start)
+
+
+def model_alone_speed(predictor: Predictor, images: torch.Tensor, batch_size: int = 32) -> float:
+    predictor.reconstruct(images[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        predictor.reconstruct(images[i : i + batch_size])
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - start)
+
+
+def cli_seconds(weights: Path, folder: Path, out: Path, device: str) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "aecli", "reconstruct", str(weights), str(folder), "-o", str(out)]
+        + ["--device", device],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=None, help="default: aecli's own")
+    parser.add_argument("--preset", action="append", help="default: cifar-cae and default")
+    parser.add_argument(
+        "--dir", default=None, help="where to write the files (e.g. /dev/shm to leave the disk out)"
+    )
+    args = parser.parse_args()
+    device = str(resolve_device(args.device))
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device: {device} ({name}); torch {torch.__version__}; {args.images} JPEGs "
+        f"96-192 px; median of {args.repeats}; files in {args.dir or tempfile.gettempdir()}"
+    )
+    print(
+        f"{'preset':<10} {'aecli img/s':>12} {'plain loop':>11} {'ratio':>7} "
+        f"{'model alone':>12} {'aecli/model':>12} {'CLI wall s':>11}"
+    )
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "jpegs"
+        write_jpegs(folder, args.images)
+        for preset in args.preset or ["cifar-cae", "default"]:
+            weights = tmp / f"{preset}.safetensors"
+            write_weights(preset, weights)
+            predictor = Predictor(weights, device)
+            images = torch.stack(
+                [
+                    torch.from_numpy(fit_image(read_image(f), predictor.size, "stretch").copy())
+                    for f in sorted(folder.iterdir())
+                ]
+            ).permute(0, 3, 1, 2)
+            ours, plain, alone = [], [], []
+            for _ in range(args.repeats):
+                ours.append(aecli_speed(predictor, folder, tmp / "out", args.workers))
+                plain.append(plain_loop_speed(predictor, folder, tmp / "plain"))
+                alone.append(model_alone_speed(predictor, images))
+            wall = cli_seconds(weights, folder, tmp / "cli", device)
+            a, p, m = (statistics.median(v) for v in (ours, plain, alone))
+            print(
+                f"{preset:<10} {a:>12.0f} {p:>11.0f} {a / p:>6.2f}x {m:>12.0f} "
+                f"{a / m:>11.0%} {wall:>11.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
