@@ -10,7 +10,14 @@ import typer
 
 from aecli.cli.app import app, guarded
 from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
-from aecli.cli.render import console, metrics_table, print_failures, print_json, progress_bar
+from aecli.cli.render import (
+    console,
+    failure_rows,
+    metrics_table,
+    print_failures,
+    print_json,
+    progress_bar,
+)
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -101,7 +108,7 @@ def diff(
         "vs": None if vs is None else str(vs),
         "out": None if out is None or result.sheet is None else str(out),
         "images": len(result.rows),
-        "failed": [{"file": f.path, "reason": f.reason} for f in failures],
+        "failed": failure_rows(failures),
         "seconds": round(seconds, 3),
         "overall": result.overall,
         "error_scale": result.error_scale,

@@ -10,7 +10,13 @@ import typer
 
 from aecli.cli.app import app, guarded
 from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
-from aecli.cli.render import console, print_failures, print_json, progress_bar
+from aecli.cli.render import (
+    console,
+    failure_rows,
+    print_failures,
+    print_json,
+    progress_bar,
+)
 
 ENCODE_EXAMPLES = """
 [bold]Examples[/bold]
@@ -123,7 +129,7 @@ def encode(
                 "latent_shape": list(shape[1:]),
                 "fingerprint": predictor.fingerprint,
                 "labels": latents.labels is not None,
-                "failed": [{"file": f.path, "reason": f.reason} for f in failures],
+                "failed": failure_rows(failures),
             }
         )
     if failures:

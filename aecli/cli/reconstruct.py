@@ -12,6 +12,7 @@ from aecli.cli.app import app, guarded
 from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
 from aecli.cli.render import (
     console,
+    failure_rows,
     metrics_table,
     print_failures,
     print_json,
@@ -145,7 +146,7 @@ def reconstruct(
                 "out": None if out is None else str(out),
                 "grid": None if grid is None or result.grid is None else str(grid),
                 "images": done,
-                "failed": [{"file": f.path, "reason": f.reason} for f in failures],
+                "failed": failure_rows(failures),
                 "seconds": round(seconds, 3),
                 "overall": result.overall,
                 "rows": result.rows,

@@ -86,6 +86,11 @@ def print_failures(failures: list, verb: str = "failed") -> None:
         )
 
 
+def failure_rows(failures: list) -> list[dict]:
+    """Failed inputs for --json: [{"file": ..., "reason": ...}]."""
+    return [{"file": f.path, "reason": f.reason} for f in failures]
+
+
 def metrics_table(title: str, rows: list[dict], columns: list[str], overall: dict | None = None):
     """Per-image metric rows (file first) and an optional `mean` row."""
     table = Table(title=title, title_justify="left")
