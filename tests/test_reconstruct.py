@@ -195,3 +195,21 @@ def test_predictor_knows_fully_convolutional_models(tiny_weights, conv_weights):
     assert not vector.fully_convolutional and vector.size == (16, 16)
     assert conv.fully_convolutional and conv.factor == 4 and conv.latent_shape == (2, 4, 4)
     assert vector.fingerprint == read_weights_info(tiny_weights).fingerprint
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reconstruction_matches_the_cpu(photos, tmp_path, tiny_weights, conv_weights, cli):
+    for weights in (tiny_weights, conv_weights):
+        runs = {}
+        for device in ("cpu", "cuda"):
+            out = tmp_path / f"{weights.parent.parent.name}-{device}"
+            result = cli("reconstruct", weights, photos, "-o", out, "--device", device)
+            assert result.exit_code == 0, result.output
+            runs[device] = decoded_folder(out)
+        for name, image in runs["cpu"].items():  # bf16 autocast on CUDA: a few levels apart
+            assert np.abs(image.astype(int) - runs["cuda"][name]).mean() < 3
+
+
+def decoded_folder(folder: Path) -> dict[str, np.ndarray]:
+    return {p.relative_to(folder).as_posix(): pixels(p) for p in folder.rglob("*.png")}
