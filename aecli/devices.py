@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 
+from aecli.data.transforms import to_model_range
 from aecli.errors import UsageError
 
 
@@ -27,6 +28,13 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def describe(device: torch.device) -> str:
+    """The device for reports: `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu (2 threads)`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 class Execution:
     """bf16 autocast (precision `bf16`, or `auto` on CUDA) and channels-last on CUDA."""
 
@@ -36,6 +44,16 @@ class Execution:
         use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.memory_format = torch.channels_last if cuda else torch.contiguous_format
+
+    def prepare(self, images: torch.Tensor, value_range: str) -> torch.Tensor:
+        """uint8 (B, C, H, W) anywhere -> model-range floats on the device, in its memory format
+        (from the CPU through pinned memory, without blocking, on CUDA)."""
+        if images.device != self.device:
+            if self.device.type == "cuda":
+                images = images.pin_memory()
+            images = images.to(self.device, non_blocking=True)
+        x = to_model_range(images, value_range)
+        return x.contiguous(memory_format=self.memory_format)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from aecli.config import Config, config_from_dict, dump_config
 from aecli.data import ImageData, split
-from aecli.data.transforms import augment, to_model_range, to_uint8, to_unit
+from aecli.data.transforms import augment, to_uint8, to_unit
 from aecli.devices import Execution, resolve_device
 from aecli.errors import Interrupted, TrainingError, UsageError
 from aecli.io.atomic import atomic_write_text
@@ -159,11 +159,10 @@ class Trainer:
 
         cuda = self.device.type == "cuda"
         self.execution = Execution(self.device, config.train.precision)
-        self.memory_format = self.execution.memory_format
 
         torch.manual_seed(config.train.seed)
         self.model: Autoencoder = build_model(config).to(
-            self.device, memory_format=self.memory_format
+            self.device, memory_format=self.execution.memory_format
         )
         self.ema: Autoencoder | None = None
         if config.train.ema is not None:
@@ -213,12 +212,8 @@ class Trainer:
         return self.ema if self.ema is not None else self.model
 
     def _batch(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if images.device != self.device:
-            batch = images[index].pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = images[index.to(self.device)]
-        x = to_model_range(batch, self.config.data.range)
-        return x.contiguous(memory_format=self.memory_format)
+        batch = images[index.to(images.device)]
+        return self.execution.prepare(batch, self.config.data.range)
 
     def _autocast(self):
         return self.execution.autocast()

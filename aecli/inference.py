@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,14 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from aecli.data.images import Failure, ImageReadError, fit_image, list_images, read_image
-from aecli.data.transforms import to_model_range, to_uint8
+from aecli.data.images import (
+    IMAGE_SUFFIXES,
+    Failure,
+    ImageReadError,
+    fit_image,
+    list_images,
+    read_image,
+)
+from aecli.data.sources import folder_labels
+from aecli.data.transforms import to_uint8
 from aecli.devices import Execution, resolve_device
 from aecli.errors import UsageError
 from aecli.io.images import compose_sheet, diverging, heatmap, save_png
 from aecli.io.latents import LatentFile
 from aecli.io.weights import WeightsInfo, load_weights
-from aecli.losses import ssim
+from aecli.losses import mse_per_image, psnr_from_mse, ssim
 from aecli.models import Autoencoder
 
 Progress = Callable[[int], None]
@@ -67,12 +76,10 @@ class Predictor:
     def variational(self) -> bool:
         return self.model.variational
 
-    def _input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) on the CPU -> model-range floats on the device."""
-        if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        x = to_model_range(images.to(self.device), self.value_range)
-        return x.contiguous(memory_format=self.execution.memory_format)
+    @property
+    def accepts(self) -> str:
+        """The input sizes the model takes, for messages."""
+        return "any size" if self.fully_convolutional else "x".join(map(str, self.size))
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """Pad (replicating the border) to a multiple of the downsampling factor."""
@@ -84,7 +91,7 @@ class Predictor:
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> uint8 reconstructions of the same shape, on the device
         (posterior mean for a VAE)."""
-        x = self._input(images)
+        x = self.execution.prepare(images, self.value_range)
         h, w = x.shape[-2:]
         with self.execution.autocast():
             image = self.model(self._padded(x), sample=False).image
@@ -96,8 +103,9 @@ class Predictor:
     ) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 latents (B, *latent_shape): the posterior mean, or a
         draw from the posterior when a generator is given (VAE)."""
+        x = self.execution.prepare(images, self.value_range)
         with self.execution.autocast():
-            posterior = self.model.encode(self._padded(self._input(images)))
+            posterior = self.model.encode(self._padded(x))
         z = posterior.sample(generator) if generator is not None else posterior.mode()
         return z.float()
 
@@ -119,7 +127,6 @@ class Predictor:
 class InputFile:
     path: Path
     name: str  # relative to the input folder it was found in (the file name for a file)
-    root: Path | None = None  # the input folder, None for a file given by name
 
 
 def collect_inputs(inputs: list[Path]) -> tuple[list[InputFile], list[Failure]]:
@@ -131,17 +138,14 @@ def collect_inputs(inputs: list[Path]) -> tuple[list[InputFile], list[Failure]]:
             raise UsageError("input does not exist", path=given)
         if given.is_dir():
             found, problems = list_images([given])
-            files += [
-                InputFile(file, file.relative_to(given).as_posix(), given) for _, file in found
-            ]
+            files += [InputFile(file, file.relative_to(given).as_posix()) for _, file in found]
             failures += problems
         else:
             files.append(InputFile(given, given.name))
     if not files and not failures:
         raise UsageError(
-            "no image files found in "
-            + ", ".join(str(p) for p in inputs)
-            + " (looked for .png, .jpg, .jpeg, .webp, .gif, .bmp, .tif, .tiff)"
+            f"no image files found in {', '.join(map(str, inputs))} "
+            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return files, failures
 
@@ -151,6 +155,21 @@ class ImageBatch:
     indices: list[int]
     images: torch.Tensor  # uint8 (B, C, H, W)
     original_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __add__(self, other: ImageBatch) -> ImageBatch:
+        return ImageBatch(
+            self.indices + other.indices,
+            torch.cat([self.images, other.images]),
+            self.original_sizes + other.original_sizes,
+        )
+
+    def split(self, n: int) -> tuple[ImageBatch, ImageBatch]:
+        """The first n images, and the rest."""
+        head = ImageBatch(self.indices[:n], self.images[:n], self.original_sizes[:n])
+        return head, ImageBatch(self.indices[n:], self.images[n:], self.original_sizes[n:])
 
 
 class _ImageFiles(Dataset):
@@ -216,11 +235,15 @@ def load_batches(
     batch_size: int,
     workers: int | None = None,
     *,
+    failures: dict[int, Failure],
+    progress: Progress = _no_progress,
     original_sizes: bool = False,
-) -> Iterator[ImageBatch | tuple[int, Failure]]:
-    """Decoded images in batches of one size each (`size` None keeps native sizes), and
-    (index, Failure) for files that cannot be read. `original_sizes` makes each batch's
-    `original_sizes` exact (no reduced-scale JPEG decoding)."""
+) -> Iterator[ImageBatch]:
+    """Decoded images in batches of one size each (`size` None keeps native sizes).
+
+    Files that cannot be read go into `failures` by index (and count as done for `progress`).
+    `original_sizes` makes each batch's `original_sizes` exact (no reduced-scale JPEG decoding).
+    """
     workers = default_workers(len(files), batch_size) if workers is None else workers
     loader = DataLoader(
         _ImageFiles(files, channels, size, reduced_decode=not original_sizes),
@@ -229,30 +252,18 @@ def load_batches(
         collate_fn=_group_by_shape,
         prefetch_factor=4 if workers else None,
     )
-    pending: dict[tuple, ImageBatch] = {}
-    for groups, failures in loader:
-        yield from failures
+    pending: dict[tuple, ImageBatch] = {}  # per image size, fewer than batch_size images
+    for groups, failed in loader:
+        failures.update(failed)
+        progress(len(failed))
         for group in groups:
             key = tuple(group.images.shape[1:])
             if key in pending:
-                held = pending.pop(key)
-                group = ImageBatch(
-                    held.indices + group.indices,
-                    torch.cat([held.images, group.images]),
-                    held.original_sizes + group.original_sizes,
-                )
-            while len(group.indices) >= batch_size:
-                yield ImageBatch(
-                    group.indices[:batch_size],
-                    group.images[:batch_size],
-                    group.original_sizes[:batch_size],
-                )
-                group = ImageBatch(
-                    group.indices[batch_size:],
-                    group.images[batch_size:],
-                    group.original_sizes[batch_size:],
-                )
-            if group.indices:
+                group = pending.pop(key) + group
+            while len(group) >= batch_size:
+                head, group = group.split(batch_size)
+                yield head
+            if len(group):
                 pending[key] = group
     yield from pending.values()
 
@@ -263,9 +274,8 @@ def load_batches(
 def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image MSE, PSNR (dB) and SSIM of uint8 (B, C, H, W) images, on [0, 1] values."""
     a, b = original.float() / 255.0, reconstruction.float() / 255.0
-    mse = (a - b).pow(2).flatten(1).mean(dim=1)
-    psnr = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
-    return {"mse": mse, "psnr": psnr, "ssim": ssim(b, a, reduction="none")}
+    mse = mse_per_image(b, a)
+    return {"mse": mse, "psnr": psnr_from_mse(mse), "ssim": ssim(b, a, reduction="none")}
 
 
 def summarize_metrics(rows: list[dict]) -> dict[str, float]:
@@ -342,39 +352,33 @@ def _real(path: Path) -> str:
     return os.path.realpath(path)
 
 
-class _Writer:
-    """Encodes and writes PNGs on a few threads (Pillow releases the GIL while compressing),
-    keeping a bounded number in flight."""
+class PngWriter:
+    """Encodes and writes batch PNGs on a few threads (Pillow releases the GIL while
+    compressing), a bounded number in flight; leaving the `with` block waits for all."""
 
     def __init__(self, threads: int = 4):
         self.pool = ThreadPoolExecutor(threads)
-        self.pending: list[Future] = []
+        self.pending: deque[Future] = deque()
         self.limit = threads * 4
 
     def save(self, path: Path, array: np.ndarray) -> None:
         self.pending.append(self.pool.submit(save_png, path, array, batch=True))
         if len(self.pending) > self.limit:
-            self.pending.pop(0).result()
+            self.pending.popleft().result()
 
-    def close(self) -> None:
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         try:
-            for future in self.pending:
-                future.result()
+            while self.pending:
+                self.pending.popleft().result()
         finally:
             self.pool.shutdown()
 
 
 def _hwc(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).cpu().numpy()
-
-
-def _resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """One uint8 (C, H, W) image to `size`, bilinear with antialiasing when shrinking."""
-    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-    x = F.interpolate(
-        image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=shrink
-    )
-    return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
 # -- reconstruct -----------------------------------------------------------------------------
@@ -410,36 +414,35 @@ def reconstruct_files(
     rows: dict[int, dict] = {}
     failures: dict[int, Failure] = {}
     grid: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    writer = _Writer() if outputs is not None else None
-    try:
-        batches = load_batches(
-            files, predictor.channels, size, batch_size, workers, original_sizes=keep_size
-        )
+    batches = load_batches(
+        files,
+        predictor.channels,
+        size,
+        batch_size,
+        workers,
+        failures=failures,
+        progress=progress,
+        original_sizes=keep_size,
+    )
+    with PngWriter() as writer:
         for batch in batches:
-            if isinstance(batch, tuple):
-                failures[batch[0]] = batch[1]
-                progress(1)
-                continue
             recon = predictor.reconstruct(batch.images)
             scores = image_metrics(batch.images.to(recon.device), recon) if metrics else {}
             scores = {k: v.tolist() for k, v in scores.items()}
             recon_cpu = recon.cpu()
             for j, index in enumerate(batch.indices):
-                image = recon_cpu[j]
-                if keep_size and tuple(image.shape[-2:]) != batch.original_sizes[j]:
-                    image = _resize_uint8(image, batch.original_sizes[j])
+                image = _hwc(recon_cpu[j])
+                if keep_size and image.shape[:2] != batch.original_sizes[j]:
+                    image = fit_image(image, batch.original_sizes[j], "stretch")
                 row = {"file": str(files[index].path)}
-                if writer is not None:
-                    writer.save(outputs[index], _hwc(image))
+                if outputs is not None:
+                    writer.save(outputs[index], image)
                     row["output"] = str(outputs[index])
                 row.update({k: v[j] for k, v in scores.items()})
                 rows[index] = row
                 if index < grid_count:
                     grid[index] = (_hwc(batch.images[j]), _hwc(recon_cpu[j]))
-            progress(len(batch.indices))
-    finally:
-        if writer is not None:
-            writer.close()
+            progress(len(batch))
     ordered = [rows[i] for i in sorted(rows)]
     result = Reconstruction(ordered, [failures[i] for i in sorted(failures)])
     if grid:
@@ -481,22 +484,26 @@ def encode_files(
     generator = predictor.generator(seed) if sample else None
     latents: dict[int, torch.Tensor] = {}
     failures: dict[int, Failure] = {}
-    for batch in load_batches(files, predictor.channels, predictor.size, batch_size, workers):
-        if isinstance(batch, tuple):
-            failures[batch[0]] = batch[1]
-            progress(1)
-            continue
+    for batch in load_batches(
+        files,
+        predictor.channels,
+        predictor.size,
+        batch_size,
+        workers,
+        failures=failures,
+        progress=progress,
+    ):
         z = predictor.encode(batch.images, generator).cpu()
         latents.update(zip(batch.indices, z, strict=True))
-        progress(len(batch.indices))
+        progress(len(batch))
     order = sorted(latents)
     if not order:
         return LatentFile(torch.empty(0)), [failures[i] for i in sorted(failures)]
     kept = [files[i] for i in order]
-    labels, class_names = _folder_labels(kept, predictor.info.class_names)
+    labels, class_names = folder_labels([Path(f.name) for f in kept], predictor.info.class_names)
     result = LatentFile(
         torch.stack([latents[i] for i in order]),
-        labels,
+        None if labels is None else torch.tensor(labels, dtype=torch.int64),
         predictor.fingerprint,
         [f.name for f in kept],
         class_names,
@@ -504,22 +511,55 @@ def encode_files(
     return result, [failures[i] for i in sorted(failures)]
 
 
-def _folder_labels(files: list[InputFile], known: list[str] | None):
-    parts = [Path(f.name).parts for f in files]
-    if not all(f.root is not None and len(p) > 1 for f, p in zip(files, parts, strict=True)):
-        return None, None
-    found = sorted({p[0] for p in parts})
-    names = known if known and set(found) <= set(known) else found
-    index = {name: i for i, name in enumerate(names)}
-    return torch.tensor([index[p[0]] for p in parts], dtype=torch.int64), names
-
-
-def decode_latents(
-    predictor: Predictor, latents: torch.Tensor, batch_size: int = 32
-) -> Iterator[torch.Tensor]:
-    """uint8 (B, C, H, W) CPU images for (N, *latent_shape) latents, a batch at a time."""
+def _decoded(predictor: Predictor, latents: torch.Tensor, batch_size: int) -> Iterator[np.ndarray]:
+    """uint8 (H, W, C) images for (N, *latent_shape) latents, decoded a batch at a time."""
     for start in range(0, len(latents), batch_size):
-        yield predictor.decode(latents[start : start + batch_size]).cpu()
+        yield from (
+            _hwc(image) for image in predictor.decode(latents[start : start + batch_size]).cpu()
+        )
+
+
+def decode_to_files(
+    predictor: Predictor,
+    latents: torch.Tensor,
+    outputs: list[Path],
+    *,
+    batch_size: int = 32,
+    progress: Progress = _no_progress,
+) -> None:
+    """Decode latents[i] into the PNG outputs[i]."""
+    with PngWriter() as writer:
+        for path, image in zip(outputs, _decoded(predictor, latents, batch_size), strict=True):
+            writer.save(path, image)
+            progress(1)
+
+
+def decode_to_grid(
+    predictor: Predictor,
+    latents: torch.Tensor,
+    *,
+    columns: int = 8,
+    batch_size: int = 32,
+    progress: Progress = _no_progress,
+) -> np.ndarray:
+    """Decode latents into one sheet, `columns` images per row."""
+    images = []
+    for image in _decoded(predictor, latents, batch_size):
+        images.append(image)
+        progress(1)
+    return compose_sheet([images[i : i + columns] for i in range(0, len(images), columns)])
+
+
+def decoded_names(sources: list[str] | None, count: int) -> list[str]:
+    """File names for decoded latents: each source name as .png (relative folders kept) when
+    they are distinct and stay inside the output folder; else 000000.png, 000001.png, ..."""
+    if sources:
+        names = [Path(s).with_suffix(".png") for s in sources]
+        safe = all(not n.is_absolute() and ".." not in n.parts for n in names)
+        if safe and len({n.as_posix() for n in names}) == count:
+            return [n.as_posix() for n in names]
+    width = max(6, len(str(count - 1)))
+    return [f"{i:0{width}d}.png" for i in range(count)]
 
 
 # -- diff ------------------------------------------------------------------------------------
@@ -551,33 +591,34 @@ def diff_files(
         _check_comparable(predictor, vs)
     size = None if predictor.fully_convolutional else predictor.size
     rows: list[dict] = []
-    failures: list[Failure] = []
+    failures: dict[int, Failure] = {}
     worst: list[tuple[float, int, dict]] = []  # a min-heap of the `top` largest MSEs
-    for batch in load_batches(files, predictor.channels, size, batch_size, workers):
-        if isinstance(batch, tuple):
-            failures.append(batch[1])
-            progress(1)
-            continue
-        models = [predictor] if vs is None else [predictor, vs]
+    models = [predictor] if vs is None else [predictor, vs]
+    for batch in load_batches(
+        files, predictor.channels, size, batch_size, workers, failures=failures, progress=progress
+    ):
         recons = [m.reconstruct(batch.images) for m in models]
-        scores = [
-            {k: v.tolist() for k, v in image_metrics(batch.images.to(r.device), r).items()}
-            for r in recons
-        ]
+        originals = batch.images.to(recons[0].device)
+        scores = [{k: v.tolist() for k, v in image_metrics(originals, r).items()} for r in recons]
+        recons_cpu = [r.cpu() for r in recons]
         for j, index in enumerate(batch.indices):
             row = {"file": str(files[index].path), **{k: v[j] for k, v in scores[0].items()}}
             if vs is not None:
                 row.update({f"vs_{k}": v[j] for k, v in scores[1].items()})
                 row["winner"] = _winner(row["mse"], row["vs_mse"])
             rows.append(row)
-            if top > 0:
-                images = {"original": batch.images[j], "recons": [r[j].cpu() for r in recons]}
-                entry = (row["mse"], -index, {"row": row, **images})
+            key = (row["mse"], -index)
+            if top > 0 and (len(worst) < top or key > worst[0][:2]):
+                images = {
+                    "original": batch.images[j].clone(),
+                    "recons": [r[j].clone() for r in recons_cpu],
+                }
+                entry = (*key, {"row": row, **images})
                 if len(worst) < top:
                     heapq.heappush(worst, entry)
-                elif entry[:2] > worst[0][:2]:
+                else:
                     heapq.heapreplace(worst, entry)
-        progress(len(batch.indices))
+        progress(len(batch))
     rows.sort(key=lambda r: (-r["mse"], r["file"]))
     shown = [entry[2] for entry in sorted(worst, key=lambda e: (-e[0], -e[1]))]
     sheet, scale = _diff_sheet(shown, vs is not None) if shown else (None, 0.0)
@@ -587,7 +628,8 @@ def diff_files(
             k: float(np.mean([r[f"vs_{k}"] for r in rows])) if rows else 0.0
             for k in ("mse", "psnr", "ssim")
         }
-    return Diff(rows, failures, sheet, summarize_metrics(rows), vs_overall, scale)
+    failed = [failures[i] for i in sorted(failures)]
+    return Diff(rows, failed, sheet, summarize_metrics(rows), vs_overall, scale)
 
 
 def _winner(a: float, b: float) -> str:
@@ -605,9 +647,8 @@ def _check_comparable(a: Predictor, b: Predictor) -> None:
     if a.fully_convolutional != b.fully_convolutional or (
         not a.fully_convolutional and a.size != b.size
     ):
-        shape = lambda p: "any size" if p.fully_convolutional else "x".join(map(str, p.size))  # noqa: E731
         raise UsageError(
-            f"--vs: {b.name} takes images of {shape(b)}, {a.name} of {shape(a)}; "
+            f"--vs: {b.name} takes images of {b.accepts}, {a.name} of {a.accepts}; "
             "diff compares two models on the same inputs"
         )
 

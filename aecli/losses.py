@@ -112,5 +112,13 @@ def compute_loss(
 
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, for images in [0, 1]: shape (B,)."""
-    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return psnr_from_mse(mse_per_image(prediction, target))
+
+
+def mse_per_image(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def psnr_from_mse(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of a per-image MSE of values in [0, 1] (capped at 100 dB for exact copies)."""
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))

@@ -33,7 +33,7 @@ from PIL import Image
 
 from aecli.config import load_config
 from aecli.data.images import fit_image, read_image
-from aecli.devices import resolve_device
+from aecli.devices import describe, resolve_device
 from aecli.inference import Predictor, collect_inputs, plan_outputs, reconstruct_files
 from aecli.io.weights import save_weights
 from aecli.models import build_model
@@ -129,10 +129,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = str(resolve_device(args.device))
-    cuda = device.startswith("cuda")
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"device: {device} ({name}); torch {torch.__version__}; {args.images} JPEGs "
+        f"device: {describe(torch.device(device))}; torch {torch.__version__}; {args.images} JPEGs "
         f"96-192 px; median of {args.repeats}; files in {args.dir or tempfile.gettempdir()}"
     )
     print(

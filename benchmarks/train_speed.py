@@ -23,7 +23,7 @@ from PIL import Image
 
 from aecli.config import load_config
 from aecli.data import ImageData, load_data, split
-from aecli.devices import resolve_device
+from aecli.devices import describe, resolve_device
 from aecli.engine import Trainer
 from aecli.models import build_model
 
@@ -115,10 +115,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = str(resolve_device(args.device))
-    cuda = device.startswith("cuda")
-    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"device: {device} ({name}); torch {torch.__version__}; {args.steps} steps, "
+        f"device: {describe(torch.device(device))}; torch {torch.__version__}; {args.steps} steps, "
         f"median of {args.repeats}"
     )
     cifar_data = load_data(None, load_config("cifar-cae").config.data, seed=0)

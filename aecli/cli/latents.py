@@ -171,8 +171,14 @@ def decode(
     as_json: Json = False,
 ) -> None:
     """Decode a latent file (or stdin) back into images: a folder of PNGs or one grid."""
-    from aecli.inference import Predictor, check_outputs, decode_latents
-    from aecli.io.images import compose_sheet, save_png
+    from aecli.inference import (
+        Predictor,
+        check_outputs,
+        decode_to_files,
+        decode_to_grid,
+        decoded_names,
+    )
+    from aecli.io.images import save_png
     from aecli.io.latents import fit_to_model, read_latents
 
     latents = read_latents(latent_file)
@@ -186,25 +192,19 @@ def decode(
         weights_name=str(weights),
     )
     grid = out.suffix.lower() == ".png"
-    names = [] if grid else _output_names(latents.sources, len(z))
-    outputs = [out] if grid else [out / name for name in names]
+    outputs = [out] if grid else [out / name for name in decoded_names(latents.sources, len(z))]
     inputs = [] if latent_file == "-" else [Path(latent_file)]
     check_outputs(outputs, inputs, [], overwrite=overwrite, out_dir=None if grid else out)
     start = time.perf_counter()
-    images = []
     with progress_bar(len(z), "decoding") as advance:
-        for batch in decode_latents(predictor, z, batch_size):
-            for image in batch:
-                array = image.permute(1, 2, 0).numpy()
-                if grid:
-                    images.append(array)
-                else:
-                    save_png(outputs[len(images)], array, batch=True)
-                    images.append(None)
-            advance(len(batch))
+        if grid:
+            sheet = decode_to_grid(
+                predictor, z, columns=columns, batch_size=batch_size, progress=advance
+            )
+        else:
+            decode_to_files(predictor, z, outputs, batch_size=batch_size, progress=advance)
     if grid:
-        rows = [images[i : i + columns] for i in range(0, len(images), columns)]
-        save_png(out, compose_sheet(rows))
+        save_png(out, sheet)
     seconds = time.perf_counter() - start
     forced = latents.fingerprint not in (None, predictor.fingerprint)
     plural = "s" * (len(z) != 1)
@@ -224,15 +224,3 @@ def decode(
                 "forced": forced,
             }
         )
-
-
-def _output_names(sources: list[str] | None, count: int) -> list[str]:
-    """Each latent's source name as .png (relative folders kept) when they are distinct and
-    safe; else numbered 000000.png, 000001.png, ..."""
-    if sources:
-        names = [Path(s).with_suffix(".png") for s in sources]
-        safe = all(not n.is_absolute() and ".." not in n.parts for n in names)
-        if safe and len({n.as_posix() for n in names}) == count:
-            return [n.as_posix() for n in names]
-    width = max(6, len(str(count - 1)))
-    return [f"{i:0{width}d}.png" for i in range(count)]

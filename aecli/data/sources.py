@@ -85,9 +85,7 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
             f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
         )
     paths = [file for _, file in files]
-    relative = [file.relative_to(root) for file in paths]
-    labelled = all(len(r.parts) > 1 for r in relative)
-    class_names = sorted({r.parts[0] for r in relative}) if labelled else None
+    all_labels, class_names = folder_labels([file.relative_to(root) for file in paths])
 
     def read(file: Path) -> np.ndarray | Failure:
         try:
@@ -108,11 +106,24 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
         )
     images = torch.from_numpy(np.stack([results[i] for i in keep])).permute(0, 3, 1, 2)
     labels = None
-    if class_names:
-        index = {name: i for i, name in enumerate(class_names)}
-        labels = torch.tensor([index[relative[i].parts[0]] for i in keep], dtype=torch.int64)
+    if all_labels is not None:
+        labels = torch.tensor([all_labels[i] for i in keep], dtype=torch.int64)
     source = {"kind": "folder", "path": str(root), "count": len(keep)}
     return ImageData(images.contiguous(), labels, class_names, source, failures)
+
+
+def folder_labels(
+    relative: list[Path], known: list[str] | None = None
+) -> tuple[list[int] | None, list[str] | None]:
+    """Class labels from the top-level subfolder of each relative path, when every path has one
+    (else None, None): numbered by the `known` class names when they cover every subfolder,
+    otherwise by the sorted subfolder names."""
+    if not relative or not all(len(r.parts) > 1 for r in relative):
+        return None, None
+    found = sorted({r.parts[0] for r in relative})
+    names = known if known and set(found) <= set(known) else found
+    index = {name: i for i, name in enumerate(names)}
+    return [index[r.parts[0]] for r in relative], names
 
 
 def _from_arrays(images, labels, class_names, source, config, val_images=None, val_labels=None):
