@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +172,11 @@ class ImageBatch:
         return head, ImageBatch(self.indices[n:], self.images[n:], self.original_sizes[n:])
 
 
+def image_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) pixels -> uint8 (C, H, W), sharing memory where it can."""
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
+
+
 class _ImageFiles(Dataset):
     """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set."""
 
@@ -197,8 +202,7 @@ class _ImageFiles(Dataset):
         original = array.shape[:2]
         if self.size is not None:
             array = fit_image(array, self.size, "stretch")
-        image = torch.from_numpy(np.require(array, requirements=["C", "W"]))
-        return index, image.permute(2, 0, 1), original
+        return index, image_tensor(array), original
 
 
 def _group_by_shape(items):
@@ -511,43 +515,43 @@ def encode_files(
     return result, [failures[i] for i in sorted(failures)]
 
 
-def _decoded(predictor: Predictor, latents: torch.Tensor, batch_size: int) -> Iterator[np.ndarray]:
-    """uint8 (H, W, C) images for (N, *latent_shape) latents, decoded a batch at a time."""
-    for start in range(0, len(latents), batch_size):
-        yield from (
-            _hwc(image) for image in predictor.decode(latents[start : start + batch_size]).cpu()
-        )
-
-
-def decode_to_files(
+def decoded_images(
     predictor: Predictor,
     latents: torch.Tensor,
-    outputs: list[Path],
     *,
     batch_size: int = 32,
     progress: Progress = _no_progress,
-) -> None:
-    """Decode latents[i] into the PNG outputs[i]."""
-    with PngWriter() as writer:
-        for path, image in zip(outputs, _decoded(predictor, latents, batch_size), strict=True):
-            writer.save(path, image)
+) -> Iterator[np.ndarray]:
+    """uint8 (H, W, C) images for (N, *latent_shape) latents, decoded a batch at a time."""
+    for start in range(0, len(latents), batch_size):
+        for image in predictor.decode(latents[start : start + batch_size]).cpu():
+            yield _hwc(image)
             progress(1)
 
 
-def decode_to_grid(
-    predictor: Predictor,
-    latents: torch.Tensor,
-    *,
-    columns: int = 8,
-    batch_size: int = 32,
-    progress: Progress = _no_progress,
-) -> np.ndarray:
-    """Decode latents into one sheet, `columns` images per row."""
-    images = []
-    for image in _decoded(predictor, latents, batch_size):
-        images.append(image)
-        progress(1)
-    return compose_sheet([images[i : i + columns] for i in range(0, len(images), columns)])
+def is_grid(out: Path) -> bool:
+    """`-o name.png` asks for one sheet; anything else is a folder of PNGs."""
+    return out.suffix.lower() == ".png"
+
+
+def image_outputs(out: Path, names: list[str]) -> list[Path]:
+    """The files `write_images` writes: the sheet, or one PNG per name in the folder."""
+    return [out] if is_grid(out) else [out / name for name in names]
+
+
+def write_images(
+    images: Iterable[np.ndarray], out: Path, names: list[str], *, columns: int = 8
+) -> None:
+    """Images into one sheet (`columns` per row) for `-o name.png`, else into the folder `out`
+    as one PNG per image, named by `names` (written on threads as the images arrive)."""
+    if is_grid(out):
+        images = list(images)
+        rows = [images[i : i + columns] for i in range(0, len(images), columns)]
+        save_png(out, compose_sheet(rows))
+        return
+    with PngWriter() as writer:
+        for path, image in zip(image_outputs(out, names), images, strict=True):
+            writer.save(path, image)
 
 
 def decoded_names(sources: list[str] | None, count: int) -> list[str]:

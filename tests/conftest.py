@@ -132,6 +132,16 @@ def write_image(path: Path, size=(16, 16), seed: int = 0, mode: str = "RGB") -> 
     return pixels
 
 
+def pixels(path: Path) -> np.ndarray:
+    """An image file's pixels as written."""
+    return np.asarray(Image.open(path))
+
+
+def read_pngs(folder: Path) -> dict[str, np.ndarray]:
+    """Every PNG under folder, by relative path."""
+    return {p.relative_to(folder).as_posix(): pixels(p) for p in folder.rglob("*.png")}
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     """A few hundred bytes of PNG whose header claims width x height pixels."""
 

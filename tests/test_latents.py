@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import read_pngs, write_image
 from PIL import Image
 
 from aecli.io.latents import LatentFile, LatentFileError, latent_bytes, read_latents
@@ -26,12 +26,6 @@ def photos(tmp_path) -> Path:
     return root
 
 
-def decoded(folder: Path) -> dict[str, np.ndarray]:
-    return {
-        p.relative_to(folder).as_posix(): np.asarray(Image.open(p)) for p in folder.rglob("*.png")
-    }
-
-
 def test_encode_decode_round_trip_through_a_file(photos, tmp_path, tiny_weights, cli):
     z = tmp_path / "z.safetensors"
     result = cli("encode", tiny_weights, photos, "-o", z, "--json")
@@ -46,7 +40,7 @@ def test_encode_decode_round_trip_through_a_file(photos, tmp_path, tiny_weights,
 
     assert cli("decode", tiny_weights, z, "-o", tmp_path / "dec").exit_code == 0
     assert cli("reconstruct", tiny_weights, photos, "-o", tmp_path / "rec").exit_code == 0
-    images, reference = decoded(tmp_path / "dec"), decoded(tmp_path / "rec")
+    images, reference = read_pngs(tmp_path / "dec"), read_pngs(tmp_path / "rec")
     assert sorted(images) == ["cats/a.png", "cats/b.png", "dogs/c.png", "dogs/d.png"]
     for name, image in images.items():  # decode(encode(x)) is the reconstruction
         assert np.abs(image.astype(int) - reference[name]).max() <= 1
@@ -65,7 +59,7 @@ def test_npy_out_and_in(photos, tmp_path, tiny_weights, cli):
     assert np.array_equal(array, read_latents(z).latents.numpy())
     result = cli("decode", tiny_weights, npy, "-o", tmp_path / "dec")
     assert result.exit_code == 0, result.output
-    assert sorted(decoded(tmp_path / "dec")) == [
+    assert sorted(read_pngs(tmp_path / "dec")) == [
         "000000.png",
         "000001.png",
         "000002.png",
@@ -101,7 +95,7 @@ def test_latents_from_another_model_are_refused_unless_forced(
     assert mine in result.stderr and theirs in result.stderr and "--force" in result.stderr
     assert not (tmp_path / "dec").exists()
     result = cli("decode", other_weights, z, "-o", tmp_path / "dec", "--force")
-    assert result.exit_code == 0 and len(decoded(tmp_path / "dec")) == 4
+    assert result.exit_code == 0 and len(read_pngs(tmp_path / "dec")) == 4
 
 
 def test_wrong_latent_shape_is_one_line_with_both_shapes(tmp_path, tiny_weights, conv_weights, cli):
@@ -170,7 +164,7 @@ def test_shell_pipe_encode_to_decode(photos, tmp_path, tiny_weights):
     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # stdout carried only the latent file between the two commands
-    assert sorted(decoded(out)) == ["a.png"]
+    assert sorted(read_pngs(out)) == ["a.png"]
 
 
 def test_shell_pipe_through_a_numpy_transform(photos, tmp_path, tiny_weights, cli):
@@ -187,6 +181,6 @@ def test_shell_pipe_through_a_numpy_transform(photos, tmp_path, tiny_weights, cl
     )
     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    images = decoded(out)
+    images = read_pngs(out)
     assert sorted(images) == ["000000.png", "000001.png", "000002.png"]
     assert np.array_equal(images["000000.png"], images["000002.png"])  # three copies of the mean

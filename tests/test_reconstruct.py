@@ -5,15 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import snapshot, write_image, write_image_zoo
-from PIL import Image
+from conftest import pixels, read_pngs, snapshot, write_image, write_image_zoo
 
 from aecli.inference import Predictor, image_metrics
 from aecli.io.weights import read_weights_info
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path))
 
 
 @pytest.fixture
@@ -206,10 +201,6 @@ def test_cuda_reconstruction_matches_the_cpu(photos, tmp_path, tiny_weights, con
             out = tmp_path / f"{weights.parent.parent.name}-{device}"
             result = cli("reconstruct", weights, photos, "-o", out, "--device", device)
             assert result.exit_code == 0, result.output
-            runs[device] = decoded_folder(out)
+            runs[device] = read_pngs(out)
         for name, image in runs["cpu"].items():  # bf16 autocast on CUDA: a few levels apart
             assert np.abs(image.astype(int) - runs["cuda"][name]).mean() < 3
-
-
-def decoded_folder(folder: Path) -> dict[str, np.ndarray]:
-    return {p.relative_to(folder).as_posix(): pixels(p) for p in folder.rglob("*.png")}

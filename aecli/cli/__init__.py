@@ -2,9 +2,9 @@
 
 from aecli.cli import (  # noqa: F401  (importing a module registers its commands)
     diff,
+    generate,
     inspect,
     latents,
-    pending,
     reconstruct,
     train,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import signal
 from collections.abc import Callable
@@ -81,12 +82,10 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
             )
             raise typer.Exit(1) from None
 
+    if command.__doc__:  # paragraphs reflow to the terminal's width in --help
+        paragraphs = inspect.cleandoc(command.__doc__).split("\n\n")
+        wrapper.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
     return wrapper
 
 
-def not_implemented(name: str) -> None:
-    print_error(f"`aecli {name}` is not implemented yet in aecli {aecli.__version__}")
-    raise typer.Exit(2)
-
-
-__all__ = ["app", "console", "guarded", "not_implemented"]
+__all__ = ["app", "console", "guarded"]

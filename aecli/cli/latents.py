@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 
 from aecli.cli.app import app, guarded
-from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
+from aecli.cli.options import (
+    BatchSize,
+    Columns,
+    Device,
+    Format,
+    Inputs,
+    Json,
+    Overwrite,
+    Weights,
+    Workers,
+)
 from aecli.cli.render import (
     console,
     failure_rows,
@@ -33,16 +43,6 @@ DECODE_EXAMPLES = """
   aecli decode model.safetensors z.npy -o grid.png
   aecli encode model.safetensors a.png -o - | aecli decode model.safetensors - -o out/
 """
-
-Format = Annotated[
-    str | None,
-    typer.Option(
-        "--format",
-        help="safetensors (the latent file, with labels and the model's fingerprint) or npy "
-        "(the array alone). Default: npy for a .npy file name, else safetensors (also for -).",
-        show_default=False,
-    ),
-]
 
 
 @app.command(epilog=ENCODE_EXAMPLES)
@@ -83,14 +83,13 @@ def encode(
     to_stdout = out == STDIO
     if to_stdout and as_json:
         raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
-    if fmt not in (None, "safetensors", "npy"):
-        raise UsageError(f"--format {fmt}: choose safetensors or npy")
     predictor = Predictor(weights, device)
     if sample and not predictor.variational:
         raise UsageError(
             "--sample draws from a VAE's posterior; this model is a plain autoencoder",
             path=weights,
         )
+    fmt = output_format(out, fmt)
     files, failures = collect_inputs(inputs)
     if not to_stdout:
         check_outputs([Path(out)], inputs, files, overwrite=overwrite)
@@ -109,7 +108,6 @@ def encode(
     print_failures(failures)
     if not len(latents):
         raise UsageError("no image could be read; nothing written")
-    fmt = output_format(out, fmt)
     write_latents(out, latents, fmt)
     seconds = time.perf_counter() - start
     shape = tuple(latents.latents.shape)
@@ -158,7 +156,7 @@ def decode(
             show_default=False,
         ),
     ],
-    columns: Annotated[int, typer.Option("--columns", min=1, help="Images per row of a grid.")] = 8,
+    columns: Columns = 8,
     force: Annotated[
         bool,
         typer.Option(
@@ -174,11 +172,12 @@ def decode(
     from aecli.inference import (
         Predictor,
         check_outputs,
-        decode_to_files,
-        decode_to_grid,
+        decoded_images,
         decoded_names,
+        image_outputs,
+        is_grid,
+        write_images,
     )
-    from aecli.io.images import save_png
     from aecli.io.latents import fit_to_model, read_latents
 
     latents = read_latents(latent_file)
@@ -191,20 +190,15 @@ def decode(
         force=force,
         weights_name=str(weights),
     )
-    grid = out.suffix.lower() == ".png"
-    outputs = [out] if grid else [out / name for name in decoded_names(latents.sources, len(z))]
+    grid = is_grid(out)
+    names = decoded_names(latents.sources, len(z))
+    outputs = image_outputs(out, names)
     inputs = [] if latent_file == "-" else [Path(latent_file)]
     check_outputs(outputs, inputs, [], overwrite=overwrite, out_dir=None if grid else out)
     start = time.perf_counter()
     with progress_bar(len(z), "decoding") as advance:
-        if grid:
-            sheet = decode_to_grid(
-                predictor, z, columns=columns, batch_size=batch_size, progress=advance
-            )
-        else:
-            decode_to_files(predictor, z, outputs, batch_size=batch_size, progress=advance)
-    if grid:
-        save_png(out, sheet)
+        images = decoded_images(predictor, z, batch_size=batch_size, progress=advance)
+        write_images(images, out, names, columns=columns)
     seconds = time.perf_counter() - start
     forced = latents.fingerprint not in (None, predictor.fingerprint)
     plural = "s" * (len(z) != 1)

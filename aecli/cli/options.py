@@ -42,3 +42,16 @@ Overwrite = Annotated[
     bool, typer.Option("--overwrite", help="Replace output files that already exist.")
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="safetensors (the latent file, with labels and the model's fingerprint) or npy "
+        "(the array alone). Default: npy for a .npy file name, else safetensors (also for -).",
+        show_default=False,
+    ),
+]
+Columns = Annotated[
+    int, typer.Option("--columns", min=1, help="Images per row when -o is a .png grid.")
+]

@@ -62,6 +62,7 @@ def progress_bar(total: int, description: str) -> Iterator[Callable[[int], None]
         TimeElapsedColumn(),
         console=console,
         transient=True,
+        disable=not console.is_terminal,  # no bar (nor its blank line) in logs and pipes
     )
     task = progress.add_task(description, total=total, rate="")
     start = time.perf_counter()

@@ -35,6 +35,7 @@ class RichReporter:
             TimeElapsedColumn(),
             console=console,
             transient=True,
+            disable=not console.is_terminal,
         )
         self.task = None
         self.epochs = 0

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from aecli.errors import UsageError
 from aecli.io.atomic import atomic_write_bytes
+from aecli.io.tensorfile import tensor_file_bytes
 
 FORMAT = "aecli-checkpoint"
 
@@ -55,7 +55,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
     metadata = {"format": FORMAT, "state": json.dumps(skeleton)}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, tensor_file_bytes(tensors, metadata))
 
 
 def load_checkpoint(path: str | Path) -> dict:

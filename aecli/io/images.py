@@ -47,6 +47,29 @@ def save_png(path: str | Path, array: np.ndarray, *, batch: bool = False) -> Non
     atomic_write_bytes(path, data, durable=not batch)
 
 
+def gif_bytes(frames: list[np.ndarray], fps: float, at_least: int = 128) -> bytes:
+    """uint8 (H, W, C) frames -> a looping animated GIF, `fps` frames per second. Small frames
+    are enlarged by an integer factor (nearest, crisp pixels) to at least `at_least` pixels.
+    GIF delays are whole hundredths of a second; the GIF encoder merges identical consecutive
+    frames into one (their delays add up)."""
+    h, w = frames[0].shape[:2]
+    k = max(1, -(-at_least // max(h, w)))
+    images = []
+    for frame in frames:
+        image = Image.fromarray(frame[:, :, 0] if frame.shape[2] == 1 else frame)
+        images.append(image.resize((w * k, h * k), Image.Resampling.NEAREST) if k > 1 else image)
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(20, round(1000 / fps / 10) * 10),  # browsers slow delays under 20 ms
+        loop=0,
+    )
+    return buffer.getvalue()
+
+
 def _apply(values: np.ndarray, stops: np.ndarray, low: float) -> np.ndarray:
     positions = np.linspace(low, 1.0, len(stops))
     channels = [np.interp(values, positions, stops[:, c]) for c in range(3)]

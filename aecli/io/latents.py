@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 import aecli
 from aecli.errors import UsageError
 from aecli.io.atomic import atomic_write_bytes
+from aecli.io.tensorfile import tensor_file_bytes
 
 FORMAT = "aecli-latents"
 FORMAT_VERSION = "1"
@@ -64,12 +64,14 @@ def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
         "sources": json.dumps(latents.sources),
         "class_names": json.dumps(latents.class_names),
     }
-    return save_safetensors(tensors, metadata=metadata)
+    return tensor_file_bytes(tensors, metadata)
 
 
 def output_format(target: str, fmt: str | None) -> str:
     """`npy` when asked or when the file ends in .npy; safetensors otherwise (also for `-`)."""
     if fmt is not None:
+        if fmt not in ("safetensors", "npy"):
+            raise UsageError(f"--format {fmt}: choose safetensors or npy")
         return fmt
     return "npy" if target != STDIO and Path(target).suffix.lower() == ".npy" else "safetensors"
 

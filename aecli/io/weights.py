@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 import aecli
 from aecli.config import Config, config_from_dict
 from aecli.errors import ConfigError, WeightsError
 from aecli.io.atomic import atomic_write_bytes
+from aecli.io.tensorfile import tensor_file_bytes
 from aecli.models import Autoencoder, build_model
 
 FORMAT = "aecli-weights"
@@ -85,7 +85,7 @@ def save_weights(
         "class_names": json.dumps(class_names),
         "metrics": json.dumps(metrics),
     }
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    atomic_write_bytes(path, tensor_file_bytes(tensors, metadata))
     return print_
 
 
