@@ -18,7 +18,7 @@ import torch
 from aecli.data.images import ImageReadError, fit_image, read_image
 from aecli.errors import UsageError
 from aecli.inference import Predictor, image_tensor
-from aecli.io.latents import STDIO, LatentFile, fit_to_model, read_latents
+from aecli.io.latents import STDIO, LatentFile, read_latents
 
 MODES = ("lerp", "slerp")
 LATENT_SUFFIXES = {".safetensors", ".npy"}
@@ -236,14 +236,7 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
     mean for a VAE) or a latent file holding one latent. -> (latent (1, ...), what it was)."""
     if source == STDIO or Path(source).suffix.lower() in LATENT_SUFFIXES:
         latents = read_latents(source)
-        z = fit_to_model(
-            latents,
-            predictor.latent_shape,
-            predictor.fingerprint,
-            spatial=predictor.fully_convolutional,
-            force=force,
-            weights_name=predictor.name,
-        )
+        z = predictor.fit(latents, force=force)
         if len(z) != 1:
             raise UsageError(
                 f"holds {len(z)} latents; interpolate needs one at each end (encode a single "

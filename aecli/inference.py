@@ -33,7 +33,7 @@ from aecli.data.transforms import to_uint8
 from aecli.devices import Execution, resolve_device
 from aecli.errors import UsageError
 from aecli.io.images import compose_sheet, diverging, heatmap, save_png
-from aecli.io.latents import LatentFile
+from aecli.io.latents import LatentFile, fit_to_model
 from aecli.io.weights import WeightsInfo, load_weights
 from aecli.losses import mse_per_image, psnr_from_mse, ssim
 from aecli.models import Autoencoder
@@ -115,6 +115,18 @@ class Predictor:
         with self.execution.autocast():
             image = self.model.decode(z.to(self.device, torch.float32))
         return to_uint8(image, self.value_range)
+
+    def fit(self, latents: LatentFile, *, force: bool = False) -> torch.Tensor:
+        """A latent file's latents as (N, *latent_shape) for this model; refused (exit 2) if
+        another model wrote them, unless `force`, or if their shape does not fit."""
+        return fit_to_model(
+            latents,
+            self.latent_shape,
+            self.fingerprint,
+            spatial=self.fully_convolutional,
+            force=force,
+            weights_name=self.name,
+        )
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(seed)
@@ -340,8 +352,7 @@ def check_outputs(
     for output in outputs:
         if _real(output) in sources:
             raise UsageError(
-                f"{option}: would overwrite the input {output}; inputs are never modified",
-                path=output,
+                f"{option}: would overwrite the input {output}; inputs are never modified"
             )
     existing = [o for o in outputs if o.exists()]
     if existing and not overwrite:

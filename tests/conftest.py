@@ -4,6 +4,8 @@ import io
 import os
 import stat
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -130,6 +132,14 @@ def write_image(path: Path, size=(16, 16), seed: int = 0, mode: str = "RGB") -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).convert(mode).save(path)
     return pixels
+
+
+AECLI = f'"{sys.executable}" -m aecli'  # for commands run through a real shell
+
+
+def shell(command: str) -> subprocess.CompletedProcess:
+    """Run a command line (pipes and all) through /bin/sh; text output captured."""
+    return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
 
 
 def pixels(path: Path) -> np.ndarray:

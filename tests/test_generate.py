@@ -1,14 +1,13 @@
 """`aecli sample` and `aecli interpolate`: the latent prior, classes, seeds, paths and pipes."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import pixels, read_pngs, write_image
+from conftest import AECLI, pixels, read_pngs, shell, write_image
 from PIL import Image
 
 from aecli.generate import interpolation_path, lerp, slerp, slerp_center
@@ -16,7 +15,6 @@ from aecli.inference import Predictor
 from aecli.io.latents import read_latents
 from aecli.io.weights import load_weights, read_weights_info, save_weights
 
-AECLI = f'"{sys.executable}" -m aecli'
 CLASSES = ["circle", "square", "triangle", "ring"]  # the built-in shapes
 
 
@@ -130,7 +128,7 @@ def test_seed_gives_identical_bytes_run_to_run(tmp_path, tiny_weights, cli):
 
     again = tmp_path / "again.png"
     command = f'{AECLI} sample "{tiny_weights}" -n 6 --seed 11 -o "{again}"'  # another process
-    assert subprocess.run(command, shell=True, capture_output=True, timeout=120).returncode == 0
+    assert shell(command).returncode == 0
     first = run("first", 11)
     assert first == run("second", 11)
     assert first[0] == again.read_bytes()
@@ -334,7 +332,7 @@ def test_shell_pipe_sample_to_decode(tmp_path, tiny_weights, cli):
         f'{AECLI} sample "{tiny_weights}" -n 8 --seed 5 --latents-out - '
         f'| {AECLI} decode "{tiny_weights}" - -o "{out}"'
     )
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    done = shell(command)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     piped = read_pngs(out)
@@ -343,6 +341,20 @@ def test_shell_pipe_sample_to_decode(tmp_path, tiny_weights, cli):
     assert cli("sample", tiny_weights, "-n", 8, "--seed", 5, "-o", direct).exit_code == 0
     for name, image in read_pngs(direct).items():
         assert np.array_equal(image, piped[name])
+
+
+def test_shell_pipe_sample_into_interpolate(ends, tmp_path, tiny_weights, cli):
+    a, _ = ends
+    strip = tmp_path / "strip"
+    done = shell(
+        f'{AECLI} sample "{tiny_weights}" -n 1 --seed 2 --latents-out - '
+        f'| {AECLI} interpolate "{tiny_weights}" - "{a}" --steps 3 -o "{strip}"'
+    )
+    assert done.returncode == 0, done.stderr
+    frames = read_pngs(strip)
+    single = tmp_path / "one"
+    assert cli("sample", tiny_weights, "-n", 1, "--seed", 2, "-o", single).exit_code == 0
+    assert np.array_equal(frames["step-0.png"], read_pngs(single)["sample-000000.png"])
 
 
 def test_shell_pipe_edits_a_latent_file_in_python(ends, tmp_path, tiny_weights):
@@ -361,17 +373,30 @@ def test_shell_pipe_edits_a_latent_file_in_python(ends, tmp_path, tiny_weights):
         f'| "{sys.executable}" -c "{edit}" '
         f'| {AECLI} decode "{tiny_weights}" - -o "{out}"'
     )
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    done = shell(command)
     assert done.returncode == 0, done.stderr
     assert "another model" not in done.stderr
     halfway = read_pngs(out)["halfway.png"]
     middle = tmp_path / "middle"
-    runner = subprocess.run(
-        f'{AECLI} interpolate "{tiny_weights}" "{a}" "{b}" --steps 3 -o "{middle}"',
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    runner = shell(f'{AECLI} interpolate "{tiny_weights}" "{a}" "{b}" --steps 3 -o "{middle}"')
     assert runner.returncode == 0, runner.stderr
     assert np.abs(halfway.astype(int) - read_pngs(middle)["step-1.png"]).max() <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_samples_the_same_latents_as_the_cpu(ends, tmp_path, conv_weights, cli):
+    a, b = ends
+    runs = {}
+    for device in ("cpu", "cuda"):
+        z, out = tmp_path / f"{device}.npy", tmp_path / device
+        args = ["sample", conv_weights, "-n", 4, "--seed", 9, "--latents-out", z, "-o", out]
+        assert cli(*args, "--device", device).exit_code == 0
+        path = tmp_path / f"path-{device}"
+        args = ["interpolate", conv_weights, a, b, "--mode", "slerp", "-o", path]
+        assert cli(*args, "--device", device).exit_code == 0
+        runs[device] = (np.load(z), read_pngs(out), read_pngs(path))
+    assert np.array_equal(runs["cpu"][0], runs["cuda"][0])  # the noise is drawn on the CPU
+    for images in (1, 2):  # bf16 autocast on CUDA: a few levels apart
+        for name, image in runs["cpu"][images].items():
+            assert np.abs(image.astype(int) - runs["cuda"][images][name]).mean() < 3

@@ -2,20 +2,17 @@
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_pngs, write_image
+from conftest import AECLI, read_pngs, shell, write_image
 from PIL import Image
 
 from aecli.io.latents import LatentFile, LatentFileError, latent_bytes, read_latents
 from aecli.io.weights import read_weights_info
-
-AECLI = f'"{sys.executable}" -m aecli'
 
 
 @pytest.fixture
@@ -161,7 +158,7 @@ def test_shell_pipe_encode_to_decode(photos, tmp_path, tiny_weights):
         f'{AECLI} encode "{tiny_weights}" "{photos / "cats" / "a.png"}" -o - '
         f'| {AECLI} decode "{tiny_weights}" - -o "{out}"'
     )
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    done = shell(command)
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""  # stdout carried only the latent file between the two commands
     assert sorted(read_pngs(out)) == ["a.png"]
@@ -179,7 +176,7 @@ def test_shell_pipe_through_a_numpy_transform(photos, tmp_path, tiny_weights, cl
         f'| "{sys.executable}" -c "{transform}" '
         f'| {AECLI} decode "{tiny_weights}" - -o "{out}"'
     )
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    done = shell(command)
     assert done.returncode == 0, done.stderr
     images = read_pngs(out)
     assert sorted(images) == ["000000.png", "000001.png", "000002.png"]

@@ -178,18 +178,11 @@ def decode(
         is_grid,
         write_images,
     )
-    from aecli.io.latents import fit_to_model, read_latents
+    from aecli.io.latents import read_latents
 
     latents = read_latents(latent_file)
     predictor = Predictor(weights, device)
-    z = fit_to_model(
-        latents,
-        predictor.latent_shape,
-        predictor.fingerprint,
-        spatial=predictor.fully_convolutional,
-        force=force,
-        weights_name=str(weights),
-    )
+    z = predictor.fit(latents, force=force)
     grid = is_grid(out)
     names = decoded_names(latents.sources, len(z))
     outputs = image_outputs(out, names)
