@@ -20,7 +20,6 @@ from aecli.errors import UsageError
 from aecli.inference import Predictor, image_tensor
 from aecli.io.latents import STDIO, LatentFile, read_latents
 
-MODES = ("lerp", "slerp")
 LATENT_SUFFIXES = {".safetensors", ".npy"}
 
 
@@ -37,8 +36,9 @@ class Gaussian:
 
     @classmethod
     def from_covariance(cls, mean: torch.Tensor, cov: torch.Tensor, description: str) -> Gaussian:
-        """The symmetric square root of the covariance, which eigenvalues rounded below zero
-        (a singular covariance, e.g. from ReLU latents that are always 0) leave intact."""
+        """Factor the covariance by its symmetric square root (eigendecomposition). Unlike
+        Cholesky this works for a singular covariance (e.g. a ReLU latent that is always 0),
+        whose eigenvalues rounding may push just below zero; those are clamped to 0."""
         values, vectors = torch.linalg.eigh(cov.double())
         factor = vectors * values.clamp_min(0).sqrt() @ vectors.T
         return cls(mean.double(), factor, description)
@@ -244,8 +244,6 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
                 path=latents.name,
             )
         return z, "latent"
-    if not Path(source).exists():
-        raise UsageError("file not found", path=source)
     try:
         array = read_image(Path(source), predictor.channels)
     except ImageReadError as exc:

@@ -10,7 +10,14 @@ import torch
 from conftest import AECLI, pixels, read_pngs, shell, write_image
 from PIL import Image
 
-from aecli.generate import interpolation_path, lerp, slerp, slerp_center
+from aecli.generate import (
+    _within_class_covariance,
+    interpolation_path,
+    lerp,
+    prior,
+    slerp,
+    slerp_center,
+)
 from aecli.inference import Predictor
 from aecli.io.latents import read_latents
 from aecli.io.weights import load_weights, read_weights_info, save_weights
@@ -400,3 +407,30 @@ def test_cuda_samples_the_same_latents_as_the_cpu(ends, tmp_path, conv_weights, 
     for images in (1, 2):  # bf16 autocast on CUDA: a few levels apart
         for name, image in runs["cpu"][images].items():
             assert np.abs(image.astype(int) - runs["cuda"][images][name]).mean() < 3
+
+
+def test_pooled_within_class_covariance_when_class_covariances_were_not_stored(tiny_weights):
+    """Many classes x a large latent: training stores no per-class covariance, and a class is
+    sampled with the covariance of every latent around its own class's mean."""
+    rng = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(torch.tensor([50, 80, 70]))
+    z = torch.randn(200, 4, generator=rng, dtype=torch.float64) + 3.0 * labels[:, None]
+    class_means = torch.stack([z[labels == k].mean(0) for k in range(3)])
+    stats = {
+        "count": torch.tensor(200.0),
+        "mean": z.mean(0),
+        "cov": torch.cov(z.T),
+        "class_count": torch.tensor([50.0, 80.0, 70.0]),
+        "class_mean": class_means,
+    }
+    centred = z - class_means[labels]
+    expected = centred.T @ centred / 199
+    assert torch.allclose(_within_class_covariance(stats), expected, atol=1e-10)
+
+    predictor = Predictor(tiny_weights, "cpu")
+    del predictor.info.latent_stats["class_cov"]
+    stored = predictor.info.latent_stats
+    gaussian = prior(predictor, 2)
+    assert torch.equal(gaussian.mean, stored["class_mean"][2].double())
+    pooled = _within_class_covariance(stored)
+    assert torch.allclose(gaussian.factor @ gaussian.factor.T, pooled, atol=1e-5)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 import aecli
 from aecli.errors import UsageError
 from aecli.io.atomic import atomic_write_bytes
-from aecli.io.tensorfile import tensor_file_bytes
+from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 
 FORMAT = "aecli-latents"
 FORMAT_VERSION = "1"
@@ -147,17 +146,10 @@ def _from_safetensors(data: bytes, name: str) -> LatentFile:
 
 def _safetensors_metadata(data: bytes, name: str) -> dict:
     """The header's `__metadata__`, checked enough to say clearly what the bytes are not."""
-    problem = "not a latent file (neither safetensors nor .npy)"
-    if len(data) < 8:
-        raise LatentFileError(problem, path=name)
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8 or data[8:9] != b"{":
-        raise LatentFileError(problem, path=name)
-    try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LatentFileError(problem, path=name) from None
-    return header.get("__metadata__") or {}
+    found = safetensors_header(data)
+    if found is None:
+        raise LatentFileError("not a latent file (neither safetensors nor .npy)", path=name)
+    return found[0].get("__metadata__") or {}
 
 
 def _checked(latents, labels, fingerprint, sources, class_names, name) -> LatentFile:

@@ -1,7 +1,8 @@
-"""Safetensors bytes that are the same for the same tensors and metadata, every time.
+"""The safetensors layout at the byte level: an 8-byte little-endian header length, a JSON
+header (tensor entries and `__metadata__`), then the tensor data.
 
 safetensors writes its metadata in hash-map order, which changes from call to call; `--seed`
-promises byte-identical files, so the header is rewritten in a fixed order.
+promises byte-identical files, so aecli rewrites the header in a fixed order.
 """
 
 from __future__ import annotations
@@ -13,11 +14,24 @@ import torch
 from safetensors.torch import save
 
 
+def safetensors_header(data: bytes) -> tuple[dict, int] | None:
+    """(the JSON header, its length in bytes), or None if `data` is not laid out as safetensors."""
+    if len(data) < 8:
+        return None
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8 or data[8:9] != b"{":
+        return None
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return (header, length) if isinstance(header, dict) else None
+
+
 def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """`safetensors.torch.save` with the metadata keys in sorted order."""
     data = save(tensors, metadata=metadata)
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
+    header, length = safetensors_header(data)
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned
