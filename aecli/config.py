@@ -259,7 +259,14 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
     )
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="auto: channels-last on CUDA, contiguous on the CPU"
+    )
     compile: bool = False
+    deterministic: bool = Field(
+        False,
+        description="deterministic algorithms (bit-exact resume on CUDA), at some cost in speed",
+    )
     grid_images: int = Field(8, ge=0)
     log_every: int = Field(10, gt=0, description="steps between progress refreshes")
     checkpoint_every: int = Field(

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from aecli.config import Config, config_from_dict, dump_config
 from aecli.data import ImageData, split
 from aecli.data.transforms import augment, to_uint8, to_unit
-from aecli.devices import Execution, resolve_device
+from aecli.devices import Execution, deterministic, resolve_device
 from aecli.errors import Interrupted, TrainingError, UsageError
 from aecli.io.atomic import atomic_write_text
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
@@ -119,18 +119,17 @@ class Distributed:
         return self.rank == 0
 
 
-def _setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPUs)."""
+def _setup_distributed(device: torch.device) -> Distributed:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs (`device` is already
+    this process's `cuda:LOCAL_RANK`, see resolve_device), gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Distributed(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        return Distributed()
     if device.type == "cuda":
-        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world), device
+    return Distributed(int(os.environ["RANK"]), world)
 
 
 class Trainer:
@@ -148,7 +147,8 @@ class Trainer:
         data_path: str | None = None,
     ):
         self.config, self.run_dir, self.preset = config, Path(run_dir), preset
-        self.dist, self.device = _setup_distributed(resolve_device(device))
+        self.device = resolve_device(device)
+        self.dist = _setup_distributed(self.device)
         self.reporter = reporter if reporter is not None and self.dist.main else SilentReporter()
         self.data_description, self.data_path = data.source, data_path
         self.class_names = data.class_names
@@ -158,7 +158,7 @@ class Trainer:
         self._stop_requested = False
 
         cuda = self.device.type == "cuda"
-        self.execution = Execution(self.device, config.train.precision)
+        self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
 
         torch.manual_seed(config.train.seed)
         self.model: Autoencoder = build_model(config).to(
@@ -198,13 +198,14 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _place(self, images: torch.Tensor) -> torch.Tensor:
-        """The whole data set on the GPU when it fits in a quarter of free memory; else pinned."""
+        """The whole data set on the GPU when it fits in a quarter of free memory; else it stays
+        in host memory, and each batch goes through pinned memory (Execution.to_device)."""
         if self.device.type != "cuda":
             return images
         free, _ = torch.cuda.mem_get_info(self.device)
         if images.numel() < free // 4:
             return images.to(self.device)
-        return images.pin_memory()
+        return images
 
     @property
     def eval_model(self) -> Autoencoder:
@@ -212,6 +213,8 @@ class Trainer:
         return self.ema if self.ema is not None else self.model
 
     def _batch(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The images at `index` as model input (callers keep `index` on the images' device,
+        so that indexing needs no copy)."""
         batch = images[index.to(images.device)]
         return self.execution.prepare(batch, self.config.data.range)
 
@@ -221,6 +224,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train to the configured number of epochs (from where a restored checkpoint stood)."""
+        with deterministic(self.config.train.deterministic):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         train = self.config.train
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +284,7 @@ class Trainer:
             generator=torch.Generator().manual_seed(step_seed(train.seed, -epoch)),
         )
         shard = order[: self.shard_size * self.dist.world][self.dist.rank :: self.dist.world]
+        shard = shard.to(self.train_images.device)  # one copy per epoch, none per step
         totals = {
             k: torch.tensor(v, dtype=torch.float64, device=self.device)
             for k, v in state.totals.items()
@@ -407,7 +416,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         psnr_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n = len(self.val_data)
-        mine = torch.arange(self.dist.rank, n, self.dist.world)
+        mine = torch.arange(self.dist.rank, n, self.dist.world, device=self.val_images.device)
         for start in range(0, len(mine), config.train.batch_size):
             index = mine[start : start + config.train.batch_size]
             x = self._batch(self.val_images, index)
@@ -472,7 +481,9 @@ class Trainer:
         if not len(self.grid_images):
             return
         model = self.eval_model.eval()
-        x = self._batch(self.grid_images, torch.arange(len(self.grid_images)))
+        x = self._batch(
+            self.grid_images, torch.arange(len(self.grid_images), device=self.grid_images.device)
+        )
         with torch.inference_mode(), self._autocast():
             image = model(x, sample=False).image
         rows = [self.grid_images.cpu(), to_uint8(image, self.config.data.range).cpu()]
@@ -516,8 +527,8 @@ class Trainer:
     def restore(self, checkpoint: dict) -> None:
         """Continue from a checkpoint: weights, optimiser, EMA, counters; trims metrics.jsonl."""
         self.state = TrainState(**checkpoint["train_state"])
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.model.load_state_dict(checkpoint["model"])  # copied into the parameters in place
+        _load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
         self.best_weights = checkpoint.get("best_weights")
@@ -555,6 +566,37 @@ class Trainer:
             f"stopped at epoch {self.state.epoch}, step {self.state.step}; checkpoint saved. "
             f"Resume with: aecli train --resume {self.run_dir}"
         )
+
+
+# How the optimiser runs on this device, not what it has learnt: kept from the optimiser that
+# resumes, not taken from the checkpoint (a CPU checkpoint must not turn fused Adam off on CUDA).
+_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved optimiser state so that it fits this run's parameters, wherever it was saved.
+
+    `load_state_dict` moves state to the parameters' device but keeps the strides it was stored
+    with, and a checkpoint stores contiguous tensors: a channels-last parameter would get a
+    contiguous exp_avg, which fused Adam refuses. So every per-parameter tensor is re-laid out
+    like its parameter, and the step counter goes where the implementation wants it (on the
+    parameter's device for fused or capturable Adam, on the CPU otherwise)."""
+    implementation = [
+        {k: group[k] for k in _IMPLEMENTATION if k in group} for group in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(saved)
+    for group, flags in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    state[key] = value.to(param.device if on_device else "cpu", torch.float32)
+                elif value.shape == param.shape:
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:

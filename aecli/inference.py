@@ -62,7 +62,7 @@ class Predictor:
         self.channels = config.data.channels
         self.size: tuple[int, int] = tuple(config.data.size)
         self.value_range = config.data.range
-        self.execution = Execution(self.device, config.train.precision)
+        self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
         self.model.to(memory_format=self.execution.memory_format)
         self.latent_shape = tuple(model.latent_shape)
         self.spatial = config.model.latent.spatial
@@ -129,7 +129,9 @@ class Predictor:
         )
 
     def generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(seed)
+        """A seeded CPU generator: noise is drawn on the CPU and copied to the device, so a seed
+        gives the same draws on every device."""
+        return torch.Generator().manual_seed(seed)
 
 
 # -- reading files ---------------------------------------------------------------------------

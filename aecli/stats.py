@@ -47,6 +47,9 @@ def latent_statistics(
             sums["class_outer"] = torch.zeros(
                 num_classes, dim, dim, dtype=torch.float64, device=device
             )
+    # labels and indices copied to their devices once, not per batch
+    all_labels = labels[index].to(device) if with_classes else None
+    index = index.to(images.device)
     for start in range(0, len(index), batch_size):
         batch_index = index[start : start + batch_size]
         z = model.encode(to_batch(images, batch_index).float()).mode().double()
@@ -59,7 +62,7 @@ def latent_statistics(
         sums["sum"] += z.sum(0)
         sums["outer"] += z.T @ z
         if with_classes:
-            y = labels[batch_index].to(device).repeat_interleave(positions)
+            y = all_labels[start : start + batch_size].repeat_interleave(positions)
             sums["class_count"].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             sums["class_sum"].index_add_(0, y, z)
             if class_cov:

@@ -35,6 +35,17 @@ RICH = [
 ]
 # a schedule that depends on the total number of steps can only be resumed mid-run
 COSINE = ["optim.schedule.kind=cosine"]
+# the CPU, and CUDA where there is a GPU
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -72,16 +83,16 @@ class StopAt:
 def run_straight(tiny_preset, tmp_path, extra=()):
     config = load_config(str(tiny_preset), RICH + ["train.log_every=1", *extra]).config
     data = load_data(None, config.data, config.train.seed)
-    train(config, data, tmp_path / "straight", preset="tiny")
+    train(config, data, tmp_path / "straight", preset="tiny", device="cpu")
     return config, data
 
 
 def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path):
     config, data = run_straight(tiny_preset, tmp_path)
     half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
-    train(half, data, tmp_path / "split", preset="tiny")
+    train(half, data, tmp_path / "split", preset="tiny", device="cpu")
     plan = plan_resume(tmp_path / "split", epochs=4)
-    result = resume(plan, data, tmp_path / "split")
+    result = resume(plan, data, tmp_path / "split", device="cpu")
     assert result.epochs == 4 and result.steps == 4 * 3
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
@@ -96,17 +107,70 @@ def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
 
     config, data = run_straight(tiny_preset, tmp_path, COSINE)
     reporter = StopAt(step=5)  # epoch 2 of 4, second of its three batches
-    trainer = Trainer(config, data, tmp_path / "cut", preset="tiny", reporter=reporter)
+    trainer = Trainer(
+        config, data, tmp_path / "cut", preset="tiny", reporter=reporter, device="cpu"
+    )
     reporter.trainer = trainer
     with pytest.raises(Interrupted, match=r"aecli train --resume .*cut"):
         trainer.fit()
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")["train_state"]
     assert (state["epoch"], state["batch"], state["step"]) == (2, 2, 5)
     load_weights(tmp_path / "cut" / "model.safetensors")  # usable right away
-    resume(plan_resume(tmp_path / "cut"), data, tmp_path / "cut")
+    resume(plan_resume(tmp_path / "cut"), data, tmp_path / "cut", device="cpu")
     assert_same_weights(tmp_path / "straight", tmp_path / "cut")
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
     assert epochs == [1, 2, 3, 4]
+
+
+def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_path):
+    """A checkpoint stores contiguous tensors; in a channels-last run (the default on CUDA,
+    where fused Adam refuses a mix of layouts) Adam's state must come back channels-last."""
+    from aecli.engine import Trainer
+
+    extra = ["train.memory_format=channels_last"]
+    config, data = run_straight(tiny_preset, tmp_path, extra)
+    half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
+    train(half, data, tmp_path / "split", preset="tiny", device="cpu")
+    plan = plan_resume(tmp_path / "split", epochs=4)
+    trainer = Trainer(plan.config, data, tmp_path / "split", preset="tiny", device="cpu")
+    trainer.restore(plan.checkpoint)
+    kernels = [p for p in trainer.model.parameters() if p.ndim == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    for param in kernels:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert trainer.optimizer.state[param][key].stride() == param.stride(), key
+    trainer.fit()
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
+def test_optimizer_state_keeps_the_resuming_run_s_implementation():
+    """Fused Adam runs on CUDA, the default one on the CPU: a checkpoint from either side must
+    not switch the other's implementation, and the step counter goes where that one wants it."""
+    from aecli.engine import _load_optimizer_state
+
+    def adam(fused):
+        model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), fused=fused)
+        model(torch.rand(2, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+        return model, optimizer
+
+    try:
+        adam(True)
+    except RuntimeError:
+        pytest.skip("this torch has no fused Adam on the CPU")
+    for saved_fused, resumed_fused in ((None, True), (True, None)):
+        _, saved = adam(saved_fused)
+        model, optimizer = adam(resumed_fused)
+        _load_optimizer_state(optimizer, saved.state_dict())
+        assert optimizer.param_groups[0]["fused"] == resumed_fused
+        state = optimizer.state[model.weight]
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 1
+        assert state["exp_avg"].stride() == model.weight.stride()
+        assert torch.equal(state["exp_avg"], saved.state[next(iter(saved.state))]["exp_avg"])
+        model(torch.rand(2, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+        assert state["step"].item() == 2
 
 
 def test_resume_cli_refuses_a_finished_run_and_config_changes(tiny_preset, tmp_path, cli):
@@ -121,7 +185,8 @@ def test_resume_cli_refuses_a_finished_run_and_config_changes(tiny_preset, tmp_p
     assert json.loads(result.stdout)["epochs"] == 3
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_preset, tmp_path, cli):
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(device, tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
     # the learning rate jumps by 1e12 after the first epoch
     result = cli(
@@ -129,6 +194,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_preset, tmp_p
         tiny_preset,
         "--out",
         run,
+        "--device",
+        device,
         "--epochs",
         "3",
         "--set",
@@ -173,7 +240,7 @@ def test_early_stopping_restores_best_weights(tiny_preset, tmp_path):
 def test_latent_statistics_are_stored_per_class(tiny_preset, tmp_path):
     config = load_config(str(tiny_preset)).config
     data = load_data(None, config.data, config.train.seed)
-    train(config, data, tmp_path / "run", preset="tiny")
+    train(config, data, tmp_path / "run", preset="tiny", device="cpu")
     model, info = load_weights(tmp_path / "run" / "model.safetensors")
     stats = info.latent_stats
     assert stats["mean"].shape == (8,) and stats["cov"].shape == (8, 8)
@@ -288,9 +355,10 @@ def wait_for(path: Path, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_prints_the_resume_command(tiny_preset, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctrl_c_saves_and_prints_the_resume_command(device, tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
-    process = start_long_run(tiny_preset, run)
+    process = start_long_run(tiny_preset, run, "--device", device)
     wait_for(run / "checkpoint.safetensors")
     process.send_signal(signal.SIGINT)
     time.sleep(0.02)
@@ -301,6 +369,11 @@ def test_ctrl_c_saves_and_prints_the_resume_command(tiny_preset, tmp_path):
     state = load_checkpoint(run / "checkpoint.safetensors")["train_state"]
     model, info = load_weights(run / "model.safetensors")
     assert info.metrics["step"] == state["step"]
+    # the printed command works: finish the epoch that was cut
+    result = cli("train", "--resume", run, "--epochs", state["epoch"], "--device", device, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["epochs"] == state["epoch"] and summary["steps"] > state["step"]
 
 
 @pytest.mark.slow
@@ -337,6 +410,8 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
             str(tiny_preset),
             "--out",
             str(run),
+            "--device",
+            "cpu",  # gloo on the CPU, also where GPUs exist (two ranks may exceed them)
             "--json",
         ],
         capture_output=True,
@@ -358,7 +433,8 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
     load_weights(run / "model.safetensors")
     # two ranks of 16 images see the same 32 images per step as one process: same losses
     config = load_config(str(tiny_preset)).config
-    train(config, load_data(None, config.data, config.train.seed), single, preset="tiny")
+    data = load_data(None, config.data, config.train.seed)
+    train(config, data, single, preset="tiny", device="cpu")
     ddp = [json.loads(x) for x in (run / "metrics.jsonl").open()]
     one = [json.loads(x) for x in (single / "metrics.jsonl").open()]
     assert len(ddp) == len(one) == 2

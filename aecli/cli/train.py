@@ -107,7 +107,10 @@ def train(
     lr: float = typer.Option(None, "--lr", help="Shortcut for --set optim.lr=X."),
     seed: int = typer.Option(None, "--seed", help="Shortcut for --set train.seed=N."),
     device: str = typer.Option(
-        "auto", "--device", help="Where to train: auto (CUDA when present), cpu, cuda or cuda:N."
+        "auto",
+        "--device",
+        help="Where to train: auto (CUDA when present), cpu, cuda or cuda:N. Under torchrun "
+        "each process takes cuda:LOCAL_RANK (or the CPU with --device cpu).",
     ),
     resume: Path = typer.Option(
         None,
@@ -133,9 +136,9 @@ def train(
     from aecli.engine import train as run_training
     from aecli.errors import UsageError
 
-    resolved_device = resolve_device(device)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     console.quiet = console.quiet or not main_rank
+    resolved_device = resolve_device(device)  # checked before the data loads
     if resume is not None:
         given = (
             ("PRESET", preset),
@@ -180,9 +183,7 @@ def train(
         f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
     )
     if resume is not None:
-        result = resume_training(
-            plan, dataset, run_dir, device=str(resolved_device), reporter=RichReporter()
-        )
+        result = resume_training(plan, dataset, run_dir, device=device, reporter=RichReporter())
     else:
         data_path = None if data is None else str(Path(data).resolve())
         result = run_training(
@@ -190,7 +191,7 @@ def train(
             dataset,
             run_dir,
             preset=name,
-            device=str(resolved_device),
+            device=device,
             reporter=RichReporter(),
             data_path=data_path,
         )
@@ -232,11 +233,20 @@ def epoch_metrics(record: dict) -> dict:
 
 
 def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a folder that holds a run's weights or checkpoint; one left by a run that died
+    before it saved anything is reused."""
+    from aecli.engine import CHECKPOINT, WEIGHTS
     from aecli.errors import UsageError
 
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError("--out: exists and is not a directory", path=run_dir)
-    if (run_dir / "config.yaml").exists() or (run_dir / "model.safetensors").exists():
+    if (run_dir / CHECKPOINT).exists():
         raise UsageError(
-            "--out: already holds a training run; choose a new directory", path=run_dir
+            f"--out: already holds a training run with a checkpoint; continue it with "
+            f"`aecli train --resume {run_dir}`, or choose a new directory",
+            path=run_dir,
+        )
+    if (run_dir / WEIGHTS).exists():
+        raise UsageError(
+            "--out: already holds a trained model; choose a new directory", path=run_dir
         )

@@ -20,9 +20,14 @@ class DiagonalGaussian:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+        """A draw from q(z | x): from the global RNG on the mean's device, or float32 noise from
+        `generator` on its own device (the same noise for a seed wherever the model runs)."""
+        if generator is None:
+            noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
+        else:
+            noise = torch.randn(self.mean.shape, generator=generator, device=generator.device).to(
+                self.mean.device
+            )
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def kl(self) -> torch.Tensor:
