@@ -342,7 +342,8 @@ def test_cuda_training_uses_bf16_autocast_and_channels_last(compiled, tiny_prese
     first convolution; compiled: the hook would break the graph) and its validation losses stay
     within 5% of the CPU's fp32 run."""
     config = load_config(
-        str(tiny_preset), ["train.epochs=3", f"train.compile={str(compiled).lower()}"]
+        str(tiny_preset),
+        ["train.epochs=3", "optim.lr=3e-3", f"train.compile={str(compiled).lower()}"],
     ).config
     trainer = trained(config, tmp_path / "cuda", "cuda")
     assert trainer.execution.autocast_dtype == torch.bfloat16
