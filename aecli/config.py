@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aecli.errors import ConfigError, UsageError
+from aecli.errors import ConfigError, UsageError, os_reason
 
 Activation = Literal["none", "relu", "silu", "leaky_relu", "gelu", "tanh", "sigmoid", "elu"]
 NormKind = Literal["none", "batch", "group", "instance"]
@@ -45,7 +45,7 @@ class ConvSpec(Strict):
     norm: NormKind = "none"
     groups: int = Field(32, gt=0, description="GroupNorm groups when norm is group")
     act: Activation = "none"
-    repeat: int = Field(1, gt=0)
+    repeat: int = Field(1, gt=0, le=256)
 
 
 class ConvTransposeSpec(Strict):
@@ -61,7 +61,7 @@ class ConvTransposeSpec(Strict):
     norm: NormKind = "none"
     groups: int = Field(32, gt=0)
     act: Activation = "none"
-    repeat: int = Field(1, gt=0)
+    repeat: int = Field(1, gt=0, le=256)
 
 
 class ResBlockSpec(Strict):
@@ -72,7 +72,7 @@ class ResBlockSpec(Strict):
     groups: int = Field(32, gt=0)
     act: Activation = "silu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    repeat: int = Field(1, gt=0)
+    repeat: int = Field(1, gt=0, le=256)
 
 
 class AttentionSpec(Strict):
@@ -80,7 +80,7 @@ class AttentionSpec(Strict):
 
     type: Literal["attention"]
     groups: int = Field(32, gt=0)
-    repeat: int = Field(1, gt=0)
+    repeat: int = Field(1, gt=0, le=256)
 
 
 class NormSpec(Strict):
@@ -252,10 +252,14 @@ class EmaConfig(Strict):
     decay: float = Field(0.999, gt=0.0, lt=1.0)
 
 
+# Seeds are unsigned 64-bit numbers, what torch's generators take.
+MAX_SEED = 2**64 - 1
+
+
 class TrainConfig(Strict):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(64, gt=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU"
     )
@@ -326,6 +330,18 @@ def parse_yaml(text: str, source: str) -> Any:
         raise ConfigError([f"malformed YAML: {where}{problem}"], path=source) from exc
 
 
+def read_yaml_text(path: Path) -> str:
+    """A YAML file's text; a file that is not UTF-8 text or cannot be read is one line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"not UTF-8 text (byte {exc.start}); a preset is a YAML text file"], path=path
+        ) from None
+    except OSError as exc:
+        raise UsageError(f"cannot read: {os_reason(exc)}", path=path) from None
+
+
 def presets_dir() -> Path:
     """The bundled presets: inside the installed package, or at the top of a source checkout."""
     here = Path(__file__).resolve().parent
@@ -384,7 +400,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
     """Load a preset (bundled name or YAML path), apply `key=value` overrides and validate."""
     name, path = resolve_preset(preset)
     source = str(path)
-    raw = parse_yaml(path.read_text(encoding="utf-8"), source)
+    raw = parse_yaml(read_yaml_text(path), source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

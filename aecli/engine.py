@@ -23,12 +23,12 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from aecli.config import Config, config_from_dict, dump_config
+from aecli.config import Config, config_from_dict, dump_config, parse_yaml, read_yaml_text
 from aecli.data import ImageData, split
 from aecli.data.transforms import augment, to_uint8, to_unit
 from aecli.devices import Execution, deterministic, resolve_device
 from aecli.errors import Interrupted, TrainingError, UsageError
-from aecli.io.atomic import atomic_write_text
+from aecli.io.atomic import atomic_write_text, stale_temp_files
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
 from aecli.io.images import make_grid, save_png
 from aecli.io.weights import save_weights
@@ -233,6 +233,9 @@ class Trainer:
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "grids").mkdir(exist_ok=True)
+            for folder in (self.run_dir, self.run_dir / "grids"):  # left by a killed run
+                for leftover in stale_temp_files(folder):
+                    leftover.unlink(missing_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.config))
             if self.state.step == 0:
                 atomic_write_text(self.run_dir / "metrics.jsonl", "")
@@ -619,13 +622,13 @@ class ResumePlan:
 
 def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
     """Read a run directory's config and checkpoint; `epochs` sets a new total."""
-    import yaml
-
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise UsageError("--resume: not a run directory (no config.yaml)", path=run_dir)
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-    raw = yaml.safe_load(config_path.read_text())
+    raw = parse_yaml(read_yaml_text(config_path), str(config_path))
+    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
+        raise UsageError("--resume: damaged config.yaml (not a preset)", path=config_path)
     if epochs is not None:
         raw["train"]["epochs"] = epochs
     config = config_from_dict(raw, str(config_path))

@@ -49,6 +49,15 @@ class WeightsError(UsageError):
     """A weights file is missing, not aecli's, or damaged."""
 
 
+class WriteError(AecliError):
+    """An output could not be written (disk full, permission, a read-only file system); exit 1."""
+
+
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in the words of the OS (`No space left on device`), without the path."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 class TrainingError(AecliError):
     """Training had to stop (for example a non-finite loss); exit 1."""
 

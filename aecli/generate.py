@@ -9,6 +9,8 @@ sampled position by position over their channels, which is how their statistics 
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +146,11 @@ def sample_latents(
     The noise comes from a CPU generator seeded with `seed`, so the latents are the same on
     every device and every run.
     """
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"--temperature {temperature}: must be a finite number, 0 or more")
     distribution = prior(predictor, class_index)
     shape = latent_shape_at(predictor, size)
+    _check_memory(count, shape)
     dim = shape[0]
     generator = torch.Generator().manual_seed(seed)
     if len(shape) == 3:  # (N, H, W, C): one draw over the channels per position
@@ -168,6 +173,22 @@ def sample_latents(
         names if class_index is not None else None,
     )
     return latents, distribution
+
+
+def _check_memory(count: int, shape: tuple[int, ...]) -> None:
+    """Refuse a draw whose latents cannot fit in free memory (noise, float64 draw and float32
+    result: 20 bytes a number) instead of failing half-way or being killed by the OS."""
+    needed = 20 * count * math.prod(shape)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every OS tells
+        return
+    if needed > free:
+        raise UsageError(
+            f"-n {count}: {count:,} latents of shape {tuple(shape)} need {needed / 1e9:.1f} GB, "
+            f"more than the {free / 1e9:.1f} GB of free memory; sample fewer at a time "
+            "(a different --seed for each part)"
+        )
 
 
 # -- interpolation ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Batched inference with a trained model: reconstruct, encode, decode and diff image files.
 
-Files are decoded by DataLoader workers (the one safe reader, DESIGN section 8) while the
+Files are decoded by DataLoader workers (through the one safe image reader) while the
 model runs on batches under `inference_mode`; a file that cannot be read becomes a Failure
 record and the batch goes on.
 """
@@ -325,48 +325,6 @@ def plan_outputs(files: list[InputFile], out_dir: Path) -> list[Path]:
             )
         seen[name] = file
     return [out_dir / name for name in names]
-
-
-def check_outputs(
-    outputs: list[Path],
-    inputs: list[Path],
-    files: list[InputFile],
-    *,
-    overwrite: bool,
-    out_dir: Path | None = None,
-    option: str = "-o",
-) -> None:
-    """Refuse (exit 2) outputs that would modify an input, and existing files unless
-    `overwrite`: inputs are never modified."""
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"{option}: exists and is not a folder", path=out_dir)
-        resolved = Path(_real(out_dir))
-        for given in inputs:
-            root = Path(_real(given))
-            if given.is_dir() and (resolved == root or resolved.is_relative_to(root)):
-                raise UsageError(
-                    f"{option}: the output folder is inside the input folder {given}; inputs are "
-                    "never modified, choose an output folder outside it",
-                    path=out_dir,
-                )
-    sources = {_real(f.path) for f in files} | {_real(p) for p in inputs if p.is_file()}
-    for output in outputs:
-        if _real(output) in sources:
-            raise UsageError(
-                f"{option}: would overwrite the input {output}; inputs are never modified"
-            )
-    existing = [o for o in outputs if o.exists()]
-    if existing and not overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise UsageError(
-            f"{option}: {existing[0]}{more} already exist; pass --overwrite to replace them"
-        )
-
-
-def _real(path: Path) -> str:
-    """The canonical path (symlinks resolved; a symlink loop does not raise)."""
-    return os.path.realpath(path)
 
 
 class PngWriter:

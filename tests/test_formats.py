@@ -122,11 +122,13 @@ class Exploit:
 
 def test_malicious_pickle_in_cifar_folder_is_refused(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with (tmp_path / "batches.meta").open("wb") as f:
+    data = tmp_path / "cifar"
+    data.mkdir()
+    with (data / "batches.meta").open("wb") as f:
         pickle.dump({b"label_names": [b"a"]}, f, protocol=2)
-    with (tmp_path / "data_batch_1").open("wb") as f:
+    with (data / "data_batch_1").open("wb") as f:
         pickle.dump({b"data": Exploit(), b"labels": [0]}, f, protocol=2)
-    result = cli("train", "--data", tmp_path)
+    result = cli("train", "--data", data)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused to load" in lines[0] and "posix.system" in lines[0]

@@ -326,7 +326,7 @@ def test_interpolate_refuses_bad_ends(ends, tmp_path, tiny_weights, conv_weights
     result = cli("interpolate", tiny_weights, z, b, "-o", out)
     assert result.exit_code == 2 and "--force" in result.stderr
     result = cli("interpolate", tiny_weights, a, b, "-o", a)
-    assert result.exit_code == 2 and "would overwrite the input" in result.stderr
+    assert result.exit_code == 2 and "is one of this command's inputs" in result.stderr
     assert not out.exists() and "Traceback" not in result.output
 
 

@@ -103,7 +103,7 @@ def test_outputs_never_overwrite_inputs_or_existing_files(photos, tmp_path, tiny
         assert "inside the input folder" in result.stderr and "Traceback" not in result.output
     # a single file whose output would land on itself
     result = cli("reconstruct", tiny_weights, photos / "a.png", "-o", photos)
-    assert result.exit_code == 2 and "would overwrite the input" in result.stderr
+    assert result.exit_code == 2 and "is one of this command's inputs" in result.stderr
     assert snapshot(photos) == before
 
     out = tmp_path / "out"

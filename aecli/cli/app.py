@@ -73,11 +73,27 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             print_error("interrupted")
             raise typer.Exit(130) from None
+        except OSError as exc:  # the OS refused something: its words and the file, not a bug
+            if _state["debug"]:
+                raise
+            from aecli.errors import os_reason
+
+            where = exc.filename if exc.filename is not None else None
+            print_error(f"{where}: {os_reason(exc)}" if where else os_reason(exc))
+            raise typer.Exit(1) from None
         except Exception as exc:  # a bug: say so in one line, traceback with --debug
             if _state["debug"]:
                 raise
+            if _out_of_memory(exc):
+                print_error(
+                    f"out of memory: {_first_line(exc)} (try a smaller --batch-size, fewer "
+                    "images at a time, or a smaller model)"
+                )
+                raise typer.Exit(1) from None
+            if _state["debug"]:
+                raise
             print_error(
-                f"internal error: {type(exc).__name__}: {exc} "
+                f"internal error: {type(exc).__name__}: {_first_line(exc)} "
                 "(run with --debug for the traceback, and please report it)"
             )
             raise typer.Exit(1) from None
@@ -86,6 +102,20 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
         paragraphs = inspect.cleandoc(command.__doc__).split("\n\n")
         wrapper.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
     return wrapper
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's failed allocation on the CPU or a GPU."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 __all__ = ["app", "console", "guarded"]

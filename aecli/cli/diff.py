@@ -68,14 +68,17 @@ def diff(
     models). The --json rows hold every image, worst first (highest MSE), with the keys file,
     mse, psnr and ssim (and vs_mse, vs_psnr, vs_ssim, winner with --vs).
     """
-    from aecli.inference import Predictor, check_outputs, collect_inputs, diff_files
+    from aecli.inference import Predictor, collect_inputs, diff_files
     from aecli.io.images import save_png
+    from aecli.io.outputs import OutputGuard
 
     predictor = Predictor(weights, device)
     other = Predictor(vs, device) if vs is not None else None
     files, failures = collect_inputs(inputs)
     if out is not None:
-        check_outputs([out], inputs, files, overwrite=overwrite)
+        reads = [weights, *([vs] if vs is not None else []), *inputs]
+        guard = OutputGuard(reads, [f.path for f in files])
+        guard.check("-o", [out], overwrite=overwrite)
     start = time.perf_counter()
     with progress_bar(len(files), "measuring") as advance:
         result = diff_files(

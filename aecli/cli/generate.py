@@ -95,6 +95,7 @@ def sample(
         typer.Option(
             "--seed",
             min=0,
+            max=2**64 - 1,
             help="Seed for the draw; the same seed gives byte-identical output. "
             "Default: a random one, printed so that the run can be repeated.",
             show_default=False,
@@ -126,7 +127,6 @@ def sample(
     from aecli.generate import resolve_class, sample_latents
     from aecli.inference import (
         Predictor,
-        check_outputs,
         decoded_images,
         decoded_names,
         image_outputs,
@@ -134,6 +134,7 @@ def sample(
         write_images,
     )
     from aecli.io.latents import STDIO, output_format, write_latents
+    from aecli.io.outputs import OutputGuard
 
     if out is None and latents_out is None:
         raise UsageError("nothing to do: give -o FILE.png|DIR, --latents-out FILE|-, or both")
@@ -157,10 +158,11 @@ def sample(
     )
     names = decoded_names(latents.sources, count)
     outputs = image_outputs(out, names) if out is not None else []
+    guard = OutputGuard([weights])
     if out is not None:
-        check_outputs(outputs, [], [], overwrite=overwrite, out_dir=None if is_grid(out) else out)
+        guard.check("-o", outputs, overwrite=overwrite, out_dir=None if is_grid(out) else out)
     if latents_out not in (None, STDIO):
-        check_outputs([Path(latents_out)], [], [], overwrite=overwrite, option="--latents-out")
+        guard.check("--latents-out", [Path(latents_out)], overwrite=overwrite)
     if latents_out is not None:
         write_latents(latents_out, latents, fmt)
     if out is not None:
@@ -255,7 +257,6 @@ def interpolate(
     from aecli.generate import endpoint, interpolation_path, slerp_center
     from aecli.inference import (
         Predictor,
-        check_outputs,
         decoded_images,
         image_outputs,
         is_grid,
@@ -264,17 +265,19 @@ def interpolate(
     from aecli.io.atomic import atomic_write_bytes
     from aecli.io.images import gif_bytes
     from aecli.io.latents import STDIO
+    from aecli.io.outputs import OutputGuard
 
     if a == STDIO and b == STDIO:
         raise UsageError("A and B cannot both be read from stdin")
     predictor = Predictor(weights, device)
-    inputs = [Path(p) for p in (a, b) if p != STDIO]
+    reads = [weights, *(Path(p) for p in (a, b) if p != STDIO)]
     width = len(str(steps - 1))
     names = [f"step-{i:0{width}d}.png" for i in range(steps)]
     outputs = image_outputs(out, names)
-    check_outputs(outputs, inputs, [], overwrite=overwrite, out_dir=None if is_grid(out) else out)
+    guard = OutputGuard(reads)
+    guard.check("-o", outputs, overwrite=overwrite, out_dir=None if is_grid(out) else out)
     if gif is not None:
-        check_outputs([gif], inputs, [], overwrite=overwrite, option="--gif")
+        guard.check("--gif", [gif], overwrite=overwrite)
     start = time.perf_counter()
     (za, kind_a), (zb, kind_b) = (endpoint(predictor, p, force=force) for p in (a, b))
     if za.shape != zb.shape:

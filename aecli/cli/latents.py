@@ -63,7 +63,9 @@ def encode(
         bool,
         typer.Option("--sample", help="Draw z from a VAE's posterior instead of taking its mean."),
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for --sample.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for --sample.")
+    ] = 0,
     fmt: Format = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = 32,
@@ -71,14 +73,15 @@ def encode(
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
-    """Encode images into a latent file (DESIGN section 5), or stream it to stdout with -o -.
+    """Encode images into a latent file, or stream it to stdout with -o -.
 
     Each image is resized to the model's input size. Subfolder names become labels, as for
     training. Unreadable files are named with the reason and skipped (exit status 1).
     """
     from aecli.errors import UsageError
-    from aecli.inference import Predictor, check_outputs, collect_inputs, encode_files
+    from aecli.inference import Predictor, collect_inputs, encode_files
     from aecli.io.latents import STDIO, output_format, write_latents
+    from aecli.io.outputs import OutputGuard
 
     to_stdout = out == STDIO
     if to_stdout and as_json:
@@ -92,7 +95,8 @@ def encode(
     fmt = output_format(out, fmt)
     files, failures = collect_inputs(inputs)
     if not to_stdout:
-        check_outputs([Path(out)], inputs, files, overwrite=overwrite)
+        guard = OutputGuard([weights, *inputs], [f.path for f in files])
+        guard.check("-o", [Path(out)], overwrite=overwrite)
     start = time.perf_counter()
     with progress_bar(len(files), "encoding") as advance:
         latents, read_failures = encode_files(
@@ -171,7 +175,6 @@ def decode(
     """Decode a latent file (or stdin) back into images: a folder of PNGs or one grid."""
     from aecli.inference import (
         Predictor,
-        check_outputs,
         decoded_images,
         decoded_names,
         image_outputs,
@@ -179,6 +182,7 @@ def decode(
         write_images,
     )
     from aecli.io.latents import read_latents
+    from aecli.io.outputs import OutputGuard
 
     latents = read_latents(latent_file)
     predictor = Predictor(weights, device)
@@ -186,8 +190,8 @@ def decode(
     grid = is_grid(out)
     names = decoded_names(latents.sources, len(z))
     outputs = image_outputs(out, names)
-    inputs = [] if latent_file == "-" else [Path(latent_file)]
-    check_outputs(outputs, inputs, [], overwrite=overwrite, out_dir=None if grid else out)
+    reads = [weights] + ([] if latent_file == "-" else [Path(latent_file)])
+    OutputGuard(reads).check("-o", outputs, overwrite=overwrite, out_dir=None if grid else out)
     start = time.perf_counter()
     with progress_bar(len(z), "decoding") as advance:
         images = decoded_images(predictor, z, batch_size=batch_size, progress=advance)

@@ -89,21 +89,22 @@ def reconstruct(
     from aecli.errors import UsageError
     from aecli.inference import (
         Predictor,
-        check_outputs,
         collect_inputs,
         plan_outputs,
         reconstruct_files,
     )
     from aecli.io.images import save_png
+    from aecli.io.outputs import OutputGuard
 
     if out is None and grid is None and not metrics:
         raise UsageError("nothing to do: give -o DIR, --grid FILE or --metrics")
     predictor = Predictor(weights, device)
     files, failures = collect_inputs(inputs)
     outputs = plan_outputs(files, out) if out is not None else None
-    check_outputs(outputs or [], inputs, files, overwrite=overwrite, out_dir=out)
+    guard = OutputGuard([weights, *inputs], [f.path for f in files])
+    guard.check("-o", outputs or [], overwrite=overwrite, out_dir=out)
     if grid is not None:
-        check_outputs([grid], inputs, files, overwrite=overwrite, option="--grid")
+        guard.check("--grid", [grid], overwrite=overwrite)
     start = time.perf_counter()
     with progress_bar(len(files), "reconstructing") as advance:
         result = reconstruct_files(

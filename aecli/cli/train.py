@@ -105,7 +105,9 @@ def train(
         None, "--batch-size", min=1, help="Shortcut for --set train.batch_size=N."
     ),
     lr: float = typer.Option(None, "--lr", help="Shortcut for --set optim.lr=X."),
-    seed: int = typer.Option(None, "--seed", help="Shortcut for --set train.seed=N."),
+    seed: int = typer.Option(
+        None, "--seed", min=0, max=2**64 - 1, help="Shortcut for --set train.seed=N."
+    ),
     device: str = typer.Option(
         "auto",
         "--device",
@@ -135,6 +137,7 @@ def train(
     from aecli.engine import resume as resume_training
     from aecli.engine import train as run_training
     from aecli.errors import UsageError
+    from aecli.io.outputs import make_folder, remove_if_empty
 
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     console.quiet = console.quiet or not main_rank
@@ -157,6 +160,8 @@ def train(
         plan = plan_resume(resume, epochs)
         config, name, run_dir = plan.config, plan.preset, resume
         data = data if data is not None else plan.data_path
+        _check_outside_data(run_dir, data, "--resume")
+        created = None
     else:
         shortcuts = {
             "train.epochs": epochs,
@@ -169,13 +174,19 @@ def train(
         config, name = loaded.config, loaded.name
         run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         _check_run_dir(run_dir)
+        _check_outside_data(run_dir, data, "--out")
+        # a path that cannot be a folder fails now, not after the data has loaded
+        created = make_folder(run_dir, "--out")
 
-    with console.status("loading data"):
-        dataset = load_data(data, config.data, config.train.seed)
-    for failure in dataset.skipped[:5]:
+    try:
+        with console.status("loading data"):
+            dataset = load_data(data, config.data, config.train.seed)
+    except BaseException:
+        if created is not None:
+            remove_if_empty(run_dir, created)
+        raise
+    for failure in dataset.skipped:
         print_warning(f"skipped {failure.path}: {failure.reason}")
-    if len(dataset.skipped) > 5:
-        print_warning(f"skipped {len(dataset.skipped) - 5} more unreadable files")
     source = dataset.source.get("path", "built-in shapes")
     console.print(
         f"{'Resuming' if resume is not None else 'Training'} [bold]{name}[/bold] on {source} "
@@ -232,14 +243,24 @@ def epoch_metrics(record: dict) -> dict:
     return {k: record[k] for k in shown if k in record}
 
 
+def _check_outside_data(run_dir: Path, data: str | Path | None, option: str) -> None:
+    """A run directory inside its data folder would feed its own grids back as training data."""
+    from aecli.errors import UsageError
+    from aecli.io.outputs import is_within
+
+    if data is not None and Path(data).is_dir() and is_within(run_dir, data):
+        raise UsageError(
+            f"{option}: the run directory {run_dir} is inside the data folder {data}; its grids "
+            "would become training data, choose a run directory outside it"
+        )
+
+
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse a folder that holds a run's weights or checkpoint; one left by a run that died
     before it saved anything is reused."""
     from aecli.engine import CHECKPOINT, WEIGHTS
     from aecli.errors import UsageError
 
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UsageError("--out: exists and is not a directory", path=run_dir)
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(
             f"--out: already holds a training run with a checkpoint; continue it with "

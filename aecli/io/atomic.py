@@ -1,30 +1,69 @@
-"""Atomic file writes: a temporary file in the same folder, flushed, fsynced, then os.replace."""
+"""Atomic file writes: a temporary file in the same folder, flushed, fsynced, then os.replace.
+
+The temporary file is created with mode 0666 less the umask, as `open()` would create the file
+itself (mkstemp's 0600 would make every output private to its owner).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
+
+from aecli.errors import WriteError, os_reason
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(path: Path) -> Path:
+    """A fresh hidden name next to `path`: `.NAME.<random>.tmp`."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+_TEMP = re.compile(r"^\..+\.[0-9a-z_]+\.tmp$")
+
+
+def stale_temp_files(folder: Path) -> list[Path]:
+    """Temporary files that atomic writes into `folder` left behind (a killed process)."""
+    return sorted(p for p in folder.glob(f".*{TEMP_SUFFIX}") if _TEMP.match(p.name))
+
+
+def _create(path: Path) -> tuple[int, Path]:
+    for _ in range(100):
+        tmp = temp_name(path)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {path}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:
     """Write `data` to `path` so that a reader (or a killed process) never sees a partial file.
 
     `durable` also fsyncs the file and its folder, so that the write survives a power cut;
-    batch outputs (thousands of PNGs) skip that cost.
+    batch outputs (thousands of PNGs) skip that cost. An OS error (a full disk, no permission)
+    is a WriteError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _create(path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write: {os_reason(exc)}", path=path) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     if not durable:
         return

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +17,9 @@ from safetensors import SafetensorError, safe_open
 
 import aecli
 from aecli.config import Config, config_from_dict
-from aecli.errors import ConfigError, WeightsError
+from aecli.errors import ConfigError, WeightsError, os_reason
 from aecli.io.atomic import atomic_write_bytes
-from aecli.io.tensorfile import tensor_file_bytes
+from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 from aecli.models import Autoencoder, build_model
 
 FORMAT = "aecli-weights"
@@ -90,76 +92,189 @@ def save_weights(
 
 
 def read_weights_info(path: str | Path) -> WeightsInfo:
-    """Read a weights file's metadata, after checking that its tensors are sound."""
-    return _open(path, with_tensors=True)[0]
+    """Read a weights file's metadata, after checking that its tensors are sound and fit the
+    stored architecture."""
+    return _open(path)[0]
 
 
 def load_weights(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Autoencoder, WeightsInfo]:
     """Rebuild the model a weights file describes and load its tensors; eval mode."""
-    info, tensors = _open(path, with_tensors=True)
-    try:
-        model = build_model(info.config)
-    except ConfigError as exc:
-        raise WeightsError(f"its stored model cannot be built: {exc}", path=path) from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    shapes = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing or shapes:
-        what = f"missing {missing[0]}" if missing else f"wrong shape for {shapes[0]}"
-        raise WeightsError(f"tensors do not match the stored architecture ({what})", path=path)
-    model.load_state_dict({k: tensors[k] for k in expected})
+    info, tensors = _open(path)
+    # built on the meta device and given the file's tensors: no memory for random weights
+    model = build_model(info.config, meta=True)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(STATS_PREFIX)}
+    model.load_state_dict(weights, assign=True)
     return model.to(device).eval(), info
 
 
-def _open(path: str | Path, with_tensors: bool = False):
+# A model's parameters at most (16 GB in float32): a stored config may not ask for more memory.
+MAX_PARAMETERS = 2**32
+# safetensors' own limit on the JSON header.
+MAX_HEADER = 100_000_000
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """Validate a weights file from its header (format, version, the stored config, every
+    tensor's name, shape and extent) and only then read its tensors: a doctored file is refused
+    before it can make aecli allocate anything."""
     path = Path(path)
     if not path.exists():
         raise WeightsError("file not found", path=path)
     if path.is_dir():
+        hint = " inside a run" if (path / "model.safetensors").is_file() else ""
         raise WeightsError(
-            "is a directory; give the model.safetensors file inside a run", path=path
+            f"is a directory; give the model.safetensors file{hint}"
+            + (f" ({path / 'model.safetensors'})" if hint else ""),
+            path=path,
         )
+    header = _read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("format") != FORMAT:
+        raise WeightsError(
+            "a safetensors file, but not aecli weights (no aecli metadata)", path=path
+        )
+    version = metadata.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise WeightsError(
+            f"weights format version {version!r}; this aecli ({aecli.__version__}) reads version "
+            f"{FORMAT_VERSION} (a newer aecli wrote it?)",
+            path=path,
+        )
+    info = _info(path, metadata)
+    try:
+        meta_model = build_model(info.config, meta=True)
+    except ConfigError as exc:
+        raise WeightsError(f"its stored model cannot be built: {exc}", path=path) from None
+    parameters = sum(p.numel() for p in meta_model.parameters())
+    if parameters > MAX_PARAMETERS:
+        raise WeightsError(
+            f"its stored config asks for {parameters:,} parameters, more than aecli loads "
+            f"({MAX_PARAMETERS:,})",
+            path=path,
+        )
+    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    expected.update(_stats_shapes(meta_model.latent_shape[0], info.class_names))
+    _check_entries(path, header, expected)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise WeightsError(
-                    "a safetensors file, but not aecli weights (no aecli metadata)", path=path
-                )
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()} if with_tensors else {}  # noqa: SIM118
-    except WeightsError:
-        raise
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise WeightsError(
-            f"not a safetensors file ({_sniff(path)}); aecli loads only "
-            "safetensors weights written by `aecli train`",
-            path=path,
-        ) from None
-    try:
-        raw_config = json.loads(metadata["config"])
-        info = WeightsInfo(
-            config=config_from_dict(raw_config, str(path)),
-            preset=metadata.get("preset", "?"),
-            aecli_version=metadata.get("aecli_version", "?"),
-            fingerprint=metadata.get("fingerprint", ""),
-            data=json.loads(metadata.get("data", "{}")),
-            class_names=json.loads(metadata.get("class_names", "null")),
-            metrics=json.loads(metadata.get("metrics", "{}")),
-        )
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"damaged aecli metadata ({exc})", path=path) from None
-    except ConfigError as exc:
-        raise WeightsError(
-            f"its stored configuration is invalid: {exc.problems[0]}", path=path
-        ) from None
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"damaged safetensors file ({_first_line(exc)})", path=path) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
     stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
     info.latent_stats = stats or None
     return info, tensors
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors JSON header, read without reading the tensors."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if length is None or length > min(size - 8, MAX_HEADER):
+                raise WeightsError(
+                    f"not a safetensors file ({_sniff(path)}); aecli loads only safetensors "
+                    "weights written by `aecli train`",
+                    path=path,
+                )
+            parsed = safetensors_header(head + handle.read(length))
+    except OSError as exc:
+        raise WeightsError(f"cannot read: {os_reason(exc)}", path=path) from None
+    if parsed is None:
+        raise WeightsError(
+            f"not a safetensors file ({_sniff(path)}); aecli loads only safetensors "
+            "weights written by `aecli train`",
+            path=path,
+        )
+    header, length = parsed
+    header["__data_bytes__"] = size - 8 - length
+    return header
+
+
+def _check_entries(path: Path, header: dict, expected: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor the architecture needs, with its shape, and no other; each tensor's bytes
+    inside the file."""
+    available = header.pop("__data_bytes__")
+    stored = header
+    required = [k for k in expected if not k.startswith(STATS_PREFIX)]
+    missing = [k for k in required if k not in stored]
+    if missing:
+        raise WeightsError(
+            f"tensors do not match the stored architecture (missing {missing[0]}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + ")",
+            path=path,
+        )
+    for name, entry in stored.items():
+        if name not in expected:
+            raise WeightsError(
+                f"tensors do not match the stored architecture (unexpected tensor {name})",
+                path=path,
+            )
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            shape = tuple(int(n) for n in shape)
+            itemsize = _DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"damaged safetensors header entry for {name}", path=path) from None
+        if shape != expected[name]:
+            raise WeightsError(
+                f"tensors do not match the stored architecture (wrong shape for {name}: "
+                f"{list(shape)}, expected {list(expected[name])})",
+                path=path,
+            )
+        if not (0 <= begin <= end <= available) or end - begin != itemsize * math.prod(shape):
+            raise WeightsError(
+                f"damaged safetensors file: the data of tensor {name} lies outside the file "
+                "(truncated?)",
+                path=path,
+            )
+
+
+def _stats_shapes(dim: int, class_names: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """The shapes latent statistics may have (stats.py): over D latent dimensions, K classes."""
+    k = len(class_names or [])
+    shapes = {"count": (), "mean": (dim,), "cov": (dim, dim)}
+    if k:
+        shapes.update(class_count=(k,), class_mean=(k, dim), class_cov=(k, dim, dim))
+    return {f"{STATS_PREFIX}{name}": shape for name, shape in shapes.items()}
+
+
+def _info(path: Path, metadata: dict) -> WeightsInfo:
+    try:
+        raw_config = json.loads(metadata["config"])
+        class_names = json.loads(metadata.get("class_names", "null"))
+        if class_names is not None and not (
+            isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
+        ):
+            raise ValueError("class_names is not a list of names")
+        return WeightsInfo(
+            config=config_from_dict(raw_config, str(path)),
+            preset=metadata.get("preset", "?"),
+            aecli_version=metadata.get("aecli_version", "?"),
+            fingerprint=metadata.get("fingerprint", ""),
+            data=json.loads(metadata.get("data", "{}")),
+            class_names=class_names,
+            metrics=json.loads(metadata.get("metrics", "{}")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WeightsError(f"damaged aecli metadata ({exc})", path=path) from None
+    except ConfigError as exc:
+        raise WeightsError(
+            f"its stored configuration is invalid: {exc.problems[0]}", path=path
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _sniff(path: Path) -> str:
