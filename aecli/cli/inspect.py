@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aecli.cli.app import app, guarded
-from aecli.cli.render import console, fmt_metric, key_value_table, print_json
+from aecli.cli.render import fmt_metric, key_value_table, print_json, results
 
 
 @app.command(epilog="[bold]Example[/bold]\n\n  aecli presets --json")
@@ -29,7 +29,7 @@ def presets(
     table.add_column("description")
     for preset in found:
         table.add_row(preset.name, escape(preset.description))
-    console.print(table)
+    results.print(table)
 
 
 @app.command(
@@ -52,10 +52,15 @@ def info(
     from dataclasses import asdict
 
     from aecli.config import load_config
+    from aecli.errors import UsageError
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
 
     path = Path(target)
+    if path.is_dir():
+        inside = path / "model.safetensors"
+        hint = f"; the run's weights are {inside}" if inside.is_file() else ""
+        raise UsageError(f"is a folder, not a weights file or a preset{hint}", path=path)
     weights = path.suffix == ".safetensors" or (
         path.is_file() and path.suffix not in (".yaml", ".yml")
     )
@@ -103,7 +108,7 @@ def info(
             ("aecli", facts["aecli_version"]),
         ]
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
-    console.print(key_value_table(target, rows))
+    results.print(key_value_table(target, rows))
     table = Table(title="Layers", title_justify="left")
     for column in ("part", "layer", "output", "parameters"):
         table.add_column(column, justify="right" if column == "parameters" else "left")
@@ -114,7 +119,7 @@ def info(
             "x".join(map(str, layer["output"])),
             f"{layer['parameters']:,}",
         )
-    console.print(table)
+    results.print(table)
 
 
 def _layers(model, config) -> list[dict]:

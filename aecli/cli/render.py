@@ -1,4 +1,5 @@
-"""Human output on stderr (rich) and machine output on stdout (JSON)."""
+"""Human output on stderr (rich), results on stdout: JSON, and the listings of `presets` and
+`info`. Off a terminal (logs, pipes) nothing is wrapped at rich's default 80 columns."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
+# Wide enough that no line of a log or a pipe is wrapped; a terminal's own width otherwise.
+UNWRAPPED = 100_000
+
+
+def _console(stream, **options) -> Console:
+    return Console(highlight=False, width=None if stream.isatty() else UNWRAPPED, **options)
+
+
+console = _console(sys.stderr, stderr=True)  # progress, summaries, warnings and errors
+results = _console(sys.stdout)  # what a listing command was asked for
 
 
 def print_error(message: str, label: str = "error") -> None:

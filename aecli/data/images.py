@@ -7,9 +7,15 @@ be used raises ImageReadError with a reason a person can act on, never anything 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
+import sys
+import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,22 +46,33 @@ def read_image(path: str | Path, channels: int = 3, *, at_least: int | None = No
 
     `at_least` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides
     stay at least that many pixels: much faster when the image is resized down anyway.
+    What the decoders say on the way (Pillow's warnings, libtiff's messages) is kept off the
+    terminal; when the file cannot be read it joins the file's one-line reason.
     """
+    said: list[str] = []
+    try:
+        return _decode(path, channels, at_least, said)
+    except ImageReadError as exc:
+        raise ImageReadError(path, _with_notes(exc.reason, said)) from None
+
+
+def _decode(path: str | Path, channels: int, at_least: int | None, said: list[str]) -> np.ndarray:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
             raise ImageReadError(path, "not a regular file")
-        with warnings.catch_warnings():
+        with _warnings_to(said), Image.open(path, formats=ALLOWED_FORMATS) as image:
             # Pillow only warns between its two limits; a bomb is an error here at any size.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=ALLOWED_FORMATS) as image:
-                if at_least and image.format == "JPEG":
-                    image.draft(image.mode, (at_least, at_least))
+            if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise Image.DecompressionBombError(f"{image.width}x{image.height}")
+            if at_least and image.format == "JPEG":
+                image.draft(image.mode, (at_least, at_least))
+            with _native_messages_to(said) if image.format == "TIFF" else nullcontext():
                 image.load()  # opening is lazy: decoding errors surface here
-                image = ImageOps.exif_transpose(image)
-                return _to_array(image, channels)
+            image = ImageOps.exif_transpose(image)
+            return _to_array(image, channels)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageReadError(path, "image too large (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise ImageReadError(
@@ -83,6 +100,78 @@ _OS_REASONS = {
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _with_notes(reason: str, said: list[str]) -> str:
+    """A failure's reason with what the decoders said about the file, on one line."""
+    notes = list(dict.fromkeys(" ".join(s.split()) for s in said if s.strip()))
+    if not notes:
+        return reason
+    shown = "; ".join(notes[:3]) + (f"; and {len(notes) - 3} more" if len(notes) > 3 else "")
+    return f"{reason} (decoder said: {shown})"
+
+
+# Warnings are caught per thread (the folder source decodes on threads, and
+# warnings.catch_warnings is not thread-safe): one hook routes those raised while a thread
+# decodes into that thread's list, and leaves every other warning to the previous hook.
+_decoding = threading.local()
+_previous_showwarning = warnings.showwarning
+
+
+def _route_warning(message, category, filename, lineno, file=None, line=None):
+    sink = getattr(_decoding, "sink", None)
+    if sink is None:
+        _previous_showwarning(message, category, filename, lineno, file, line)
+    else:
+        sink.append(str(message))
+
+
+@contextmanager
+def _warnings_to(sink: list[str]) -> Iterator[None]:
+    global _previous_showwarning
+    if warnings.showwarning is not _route_warning:  # (re)installed, e.g. after catch_warnings
+        _previous_showwarning = warnings.showwarning
+        warnings.showwarning = _route_warning
+    _decoding.sink = sink
+    try:
+        yield
+    finally:
+        _decoding.sink = None
+
+
+class _LogToDecoding(logging.Handler):
+    """Pillow's log records (its TIFF plugin logs errors) join the decoding file's notes; with
+    this handler in place Python no longer prints them to stderr itself."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = getattr(_decoding, "sink", None)
+        if sink is not None and record.levelno >= logging.WARNING:
+            sink.append(record.getMessage())
+
+
+logging.getLogger("PIL").addHandler(_LogToDecoding())
+
+
+# libtiff writes its warnings and errors straight to file descriptor 2. While a TIFF decodes,
+# descriptor 2 points at a temporary file (one TIFF at a time, since descriptors are shared by
+# the whole process), and what was written there goes to the file's notes.
+_native_stderr = threading.Lock()
+
+
+@contextmanager
+def _native_messages_to(sink: list[str]) -> Iterator[None]:
+    with _native_stderr, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read(65536).decode("utf-8", "replace")
+            sink.extend(line for line in text.splitlines() if line.strip())
 
 
 def _to_array(image: Image.Image, channels: int) -> np.ndarray:
@@ -127,6 +216,16 @@ def fit_image(array: np.ndarray, size: tuple[int, int], fit: str = "crop") -> np
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def _is_link_loop(path: Path) -> bool:
+    if not path.is_symlink():
+        return False
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def list_images(roots: list[Path]) -> tuple[list[tuple[Path, Path]], list[Failure]]:
     """Image files under each root, recursively, as (root, file) pairs in sorted order.
 
@@ -153,6 +252,9 @@ def list_images(roots: list[Path]) -> tuple[list[tuple[Path, Path]], list[Failur
             seen.add(real)
             dirs.sort()
             for name in sorted(files):
+                path = Path(current) / name
                 if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((root, Path(current) / name))
+                    found.append((root, path))
+                elif _is_link_loop(path):  # a folder link that loops shows up as a file
+                    failures.append(Failure(str(path), "symbolic link loop"))
     return found, failures

@@ -112,9 +112,10 @@ def _from_npy(data: bytes, name: str) -> LatentFile:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as exc:
         raise LatentFileError(f"not a plain numeric .npy array ({exc})", path=name) from None
-    if not np.issubdtype(array.dtype, np.number) or array.ndim == 0:
+    real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not real or array.ndim == 0:
         raise LatentFileError(
-            f"a .npy latent file holds a numeric array (N, ...), found {array.dtype} "
+            f"a .npy latent file holds an array of real numbers (N, ...), found {array.dtype} "
             f"of shape {array.shape}",
             path=name,
         )

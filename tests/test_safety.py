@@ -1,0 +1,377 @@
+"""Nothing a user owns is lost or garbled: outputs never land on inputs, files get normal modes,
+OS errors and doctored files are one line, decoders stay quiet, results go to stdout."""
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import AECLI, shell, write_image
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aecli.io.tensorfile import safetensors_header
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "internal error" not in lines[0] and "Traceback" not in result.output
+    return lines[0]
+
+
+# -- outputs never land on inputs ---------------------------------------------------------------
+
+
+@pytest.fixture
+def picture(tmp_path) -> Path:
+    path = tmp_path / "in" / "a.png"
+    write_image(path, seed=3)
+    return path
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_weights) -> Path:
+    """A copy of the tiny weights that a test may try to destroy."""
+    path = tmp_path / "models" / "w.safetensors"
+    path.parent.mkdir()
+    path.write_bytes(tiny_weights.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "encode {w} {img} -o {w}",
+        "sample {w} -n 2 --latents-out {w}",
+        "sample {w} -n 2 -o {w}.png --latents-out {w}",
+        "reconstruct {w} {img} --grid {w}",
+        "diff {w} {img} --vs {v} -o {v}",
+        "interpolate {w} {img} {img} -o {img}",
+    ],
+)
+def test_no_output_may_be_an_input_even_with_overwrite(
+    command, model_copy, other_weights, picture, tmp_path, cli
+):
+    other = tmp_path / "models" / "v.safetensors"
+    other.write_bytes(other_weights.read_bytes())
+    before = {p: p.read_bytes() for p in (model_copy, other, picture)}
+    args = command.format(w=model_copy, v=other, img=picture).split()
+    result = cli(*args, "--overwrite")
+    assert result.exit_code == 2
+    assert "is one of this command's inputs" in one_line(result)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_two_outputs_may_not_share_a_path(tiny_weights, picture, tmp_path, cli):
+    out = tmp_path / "x.png"
+    result = cli("interpolate", tiny_weights, picture, picture, "-o", out, "--gif", out)
+    assert result.exit_code == 2 and "also the output of -o" in one_line(result)
+    assert not out.exists()
+    z = tmp_path / "z.png"
+    result = cli("sample", tiny_weights, "-n", 2, "-o", z, "--latents-out", z)
+    assert result.exit_code == 2 and "also the output of -o" in one_line(result)
+    assert not z.exists()
+
+
+def test_outputs_inside_an_input_folder_are_refused(tiny_weights, picture, cli):
+    sheet = picture.parent / "sheet.png"
+    result = cli("diff", tiny_weights, picture.parent, "-o", sheet)
+    assert result.exit_code == 2 and "inside the input folder" in one_line(result)
+    assert not sheet.exists()
+
+
+def test_train_out_inside_its_data_is_refused(tmp_path, cli):
+    data = tmp_path / "photos"
+    for i in range(4):
+        write_image(data / f"{i}.png", seed=i)
+    for out in (data, data / "run"):
+        result = cli("train", "--data", data, "--out", out, "--epochs", 1)
+        assert result.exit_code == 2 and "inside the data folder" in one_line(result)
+    assert sorted(p.name for p in data.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+
+
+# -- file modes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_s_mode(umask, tiny_preset, picture, tmp_path, cli):
+    previous = os.umask(umask)
+    try:
+        run = tmp_path / "run"
+        assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+        weights = run / "model.safetensors"
+        z, recon = tmp_path / "z.safetensors", tmp_path / "recon"
+        assert cli("encode", weights, picture, "-o", z).exit_code == 0
+        assert cli("reconstruct", weights, picture, "-o", recon).exit_code == 0
+    finally:
+        os.umask(previous)
+    written = [
+        weights,
+        run / "checkpoint.safetensors",
+        run / "config.yaml",
+        run / "grids" / "epoch-0001.png",
+        z,
+        recon / "a.png",
+    ]
+    expected = 0o666 & ~umask
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {
+        p.name: oct(expected) for p in written
+    }
+
+
+# -- OS errors are one line ---------------------------------------------------------------------
+
+
+def test_unusable_output_paths_are_one_line_before_any_work(tiny_weights, picture, tmp_path, cli):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # --data does not exist either: --out is checked first, before any data loads
+    result = cli("train", "--out", blocker / "run", "--data", tmp_path / "nope")
+    assert result.exit_code == 2
+    assert f"{blocker} is a file, not a folder" in one_line(result)
+    result = cli("encode", tiny_weights, picture, "-o", blocker / "z.safetensors")
+    assert result.exit_code == 2 and "a-file: exists and is not a folder" in one_line(result)
+    if Path("/proc/self").is_dir():
+        result = cli("train", "--out", "/proc/aecli-run", "--data", tmp_path / "nope")
+        assert result.exit_code == 2 and "--out /proc/aecli-run: cannot create" in one_line(result)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_names_the_file(tiny_weights, tmp_path, cli, monkeypatch):
+    """Writes go to /dev/full, where the kernel answers ENOSPC as on a full disk."""
+    import aecli.io.atomic as atomic
+
+    create = atomic._create
+
+    def on_a_full_disk(path):
+        fd, tmp = create(path)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), tmp
+
+    monkeypatch.setattr(atomic, "_create", on_a_full_disk)
+    z = tmp_path / "z.safetensors"
+    result = cli("sample", tiny_weights, "-n", 2, "--latents-out", z)
+    assert result.exit_code == 1
+    assert f"{z}: cannot write: No space left on device" in one_line(result)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_bad_numbers_and_texts_are_usage_errors(tiny_weights, tmp_path, cli):
+    preset = tmp_path / "latin1.yaml"
+    preset.write_bytes("# café\ndata: {image_size: 16}\n".encode("latin-1"))
+    result = cli("train", preset, "--out", tmp_path / "run")
+    assert result.exit_code == 2 and "not UTF-8 text" in one_line(result)
+    result = cli("sample", tiny_weights, "-n", 2, "-o", tmp_path / "s.png", "--seed", 10**24)
+    assert result.exit_code == 2 and "internal error" not in result.output
+    result = cli("sample", tiny_weights, "-n", 10**12, "-o", tmp_path / "s.png")
+    assert result.exit_code == 2 and "more than the" in one_line(result)
+    result = cli("sample", tiny_weights, "-o", tmp_path / "t.png", "--temperature", "inf")
+    assert result.exit_code == 2 and "must be a finite number" in one_line(result)
+    result = cli("sample", tiny_weights, "-o", tmp_path / "t.png", "--temperature", "nan")
+    assert result.exit_code == 2 and "internal error" not in result.output
+    assert not list(tmp_path.glob("*.png"))
+
+
+# -- doctored weights ---------------------------------------------------------------------------
+
+
+def doctor(source: Path, target: Path, *, config=None, metadata=None, tensors=None) -> Path:
+    """A copy of a weights file with its stored config, metadata or tensors changed."""
+    with safe_open(str(source), "pt") as handle:
+        stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        meta = dict(handle.metadata())
+    if config is not None:
+        raw = json.loads(meta["config"])
+        config(raw)
+        meta["config"] = json.dumps(raw)
+    meta.update(metadata or {})
+    if tensors is not None:
+        tensors(stored)
+    save_file(stored, str(target), metadata=meta)
+    return target
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/self/status")
+def test_a_config_asking_for_huge_layers_is_refused_without_allocating(tiny_weights, tmp_path):
+    def huge_latent(raw):
+        raw["model"]["latent"]["dim"] = 8_000_000  # two linear layers of a billion weights each
+
+    path = doctor(tiny_weights, tmp_path / "huge.safetensors", config=huge_latent)
+    # aecli in a process of its own that reports its peak memory (VmHWM, KiB) as it exits
+    # (not ru_maxrss: on Linux it counts the forking parent's memory too)
+    measured = (
+        "import sys\nfrom aecli.cli import main\ntry:\n    main()\nfinally:\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    sys.stdout.write(status.split('VmHWM:')[1].split()[0])"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", measured, "info", str(path)], capture_output=True, text=True
+    )
+    assert ran.returncode == 2 and "wrong shape for" in ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1
+    assert int(ran.stdout) < 1_500_000  # well under the 8 GB the two layers would take
+
+    def enormous(raw):
+        raw["model"]["latent"]["dim"] = 300_000_000  # 77 billion weights
+
+    path = doctor(tiny_weights, tmp_path / "enormous.safetensors", config=enormous)
+    ran = subprocess.run(
+        [sys.executable, "-c", measured, "info", str(path)], capture_output=True, text=True
+    )
+    assert ran.returncode == 2 and "more than aecli loads" in ran.stderr
+    assert int(ran.stdout) < 1_500_000
+
+
+def test_doctored_headers_are_named_precisely(tiny_weights, tmp_path, cli):
+    version = doctor(tiny_weights, tmp_path / "v99.safetensors", metadata={"format_version": "99"})
+    result = cli("reconstruct", version, tmp_path, "-o", tmp_path / "o")
+    assert result.exit_code == 2 and "format version '99'" in one_line(result)
+
+    missing = doctor(
+        tiny_weights, tmp_path / "missing.safetensors", tensors=lambda t: t.pop(next(iter(t)))
+    )
+    result = cli("info", missing)
+    assert result.exit_code == 2 and "missing" in one_line(result)
+
+    def reshape(tensors):
+        name = next(k for k in tensors if k.endswith("weight"))
+        tensors[name] = tensors[name].flatten()
+
+    wrong = doctor(tiny_weights, tmp_path / "wrong.safetensors", tensors=reshape)
+    result = cli("info", wrong)
+    assert result.exit_code == 2 and "wrong shape for" in one_line(result)
+
+    # an offset past the end of the file: damaged, not "a pickle"
+    data = bytearray(tiny_weights.read_bytes())
+    header, length = safetensors_header(bytes(data))
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + 10**9, end + 10**9]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    past = tmp_path / "past.safetensors"
+    past.write_bytes(struct.pack("<Q", len(text)) + text + bytes(data[8 + length :]))
+    result = cli("info", past)
+    assert result.exit_code == 2
+    line = one_line(result)
+    assert "lies outside the file" in line and "pickle" not in line
+
+
+def test_info_on_a_run_folder_points_at_its_weights(tiny_weights, cli):
+    run = tiny_weights.parent
+    result = cli("info", run)
+    assert result.exit_code == 2 and f"the run's weights are {tiny_weights}" in one_line(result)
+
+
+# -- decoders stay quiet ------------------------------------------------------------------------
+
+
+def broken_deflate_tiff(path: Path) -> None:
+    """A deflate TIFF whose compressed strip is damaged: libtiff complains on stderr."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF", compression="tiff_adobe_deflate")
+    data = bytearray(buffer.getvalue())
+    (offset,), (count,) = Image.open(buffer).tag_v2[273], Image.open(buffer).tag_v2[279]
+    for i in range(offset + 2, offset + count, 7):
+        data[i] ^= 0x5A
+    path.write_bytes(data)
+
+
+def tiff_with_an_oversized_tag(path: Path) -> None:
+    """A readable TIFF whose description tag claims more bytes than the file: Pillow warns."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 90, 90)).save(buffer, "TIFF", description="x" * 100)
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 270:
+            data[entry + 4 : entry + 8] = struct.pack("<I", 10**6)
+    path.write_bytes(data)
+
+
+def test_decoder_messages_are_folded_into_one_line_per_file(tiny_weights, tmp_path):
+    photos = tmp_path / "photos"
+    write_image(photos / "good.png")
+    broken_deflate_tiff(photos / "broken.tif")
+    tiff_with_an_oversized_tag(photos / "noisy.tif")
+    samples = photos / "samples.tif"  # Pillow logs an error before refusing it
+    tiff_with_an_oversized_tag(samples)
+    data = bytearray(samples.read_bytes())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for i in range(struct.unpack("<H", data[ifd : ifd + 2])[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 277:  # SamplesPerPixel
+            data[entry + 8 : entry + 10] = struct.pack("<H", 4000)
+    samples.write_bytes(data)
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        ran = shell(
+            f'{AECLI} reconstruct "{tiny_weights}" "{photos}" -o "{out}" --workers {workers}'
+        )
+        assert ran.returncode == 1
+        lines = ran.stderr.strip().splitlines()
+        failed = sorted(line for line in lines if line.startswith("failed:"))
+        assert len(failed) == 2 and len(lines) == 3, ran.stderr  # two failures and the summary
+        assert "broken.tif: cannot decode" in failed[0] and "ZIPDecode" in failed[0]
+        assert "samples.tif" in failed[1]
+        assert sorted(p.name for p in out.iterdir()) == ["good.png", "noisy.png"]
+
+
+def test_a_complex_npy_is_one_line(tiny_weights, tmp_path):
+    z = tmp_path / "z.npy"
+    np.save(z, np.ones((2, 8), np.complex64))
+    ran = shell(f'{AECLI} decode "{tiny_weights}" "{z}" -o "{tmp_path / "out"}"')
+    assert ran.returncode == 2
+    assert len(ran.stderr.strip().splitlines()) == 1 and "real numbers" in ran.stderr
+
+
+# -- leftovers, listings, logs ------------------------------------------------------------------
+
+
+def test_stale_temporary_files_are_removed_on_resume(tiny_preset, tmp_path, cli):
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+    stale = [run / ".checkpoint.safetensors.1a2b3c4d.tmp", run / "grids" / ".epoch-0002.png.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    keep = run / ".notes.tmp.txt"
+    keep.write_text("the user's")
+    assert cli("train", "--resume", run, "--epochs", 2).exit_code == 0
+    assert not any(p.exists() for p in stale) and keep.exists()
+
+
+def test_listings_go_to_stdout_unwrapped(tmp_path):
+    ran = shell(f"{AECLI} presets | grep vae")
+    assert ran.returncode == 0 and "fashion-vae" in ran.stdout and "dog-vae" in ran.stdout
+    ran = shell(f"{AECLI} info cifar-cae | grep compression")
+    assert ran.returncode == 0 and "15.36x" in ran.stdout
+    deep = tmp_path / ("a-rather-long-folder-name-" * 6) / "missing-weights.safetensors"
+    ran = shell(f'{AECLI} info "{deep}"')
+    assert ran.returncode == 2 and ran.stderr.strip() == f"error: {deep}: file not found"
+
+
+def test_train_names_every_unreadable_file_and_link_loops(tmp_path, cli):
+    data = tmp_path / "photos"
+    for i in range(6):
+        write_image(data / f"good-{i}.png", seed=i)
+        (data / f"bad-{i}.png").write_text("not an image")
+    os.symlink("loop", data / "loop")
+    result = cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 7
+    assert any("loop: symbolic link loop" in line for line in skipped)
+
+
+def test_help_texts_cite_nothing_users_do_not_have(cli):
+    for command in ("train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff"):
+        assert "DESIGN" not in cli(command, "--help").stdout
