@@ -84,6 +84,7 @@ class TrainState:
     best_epoch: int = 0
     bad_epochs: int = 0
     stopped_early: bool = False
+    finished: bool = False  # the final weights (with latent statistics) are written
     totals: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
 
 
@@ -240,6 +241,7 @@ class Trainer:
             if self.state.step == 0:
                 atomic_write_text(self.run_dir / "metrics.jsonl", "")
         history = self._read_history()
+        self.state.finished = False
         self.reporter.start(
             epochs=train.epochs, steps_per_epoch=self.steps_per_epoch, first_epoch=self.state.epoch
         )
@@ -475,6 +477,10 @@ class Trainer:
             if rule is not None and rule.restore_best and self.state.best_epoch:
                 record = next((r for r in history if r["epoch"] == self.state.best_epoch), record)
             self._save_weights(record, stats)
+            # a run killed before this point has trained every epoch but can still be resumed
+            # to write these final weights
+            self.state.finished = True
+            self._save_checkpoint()
         if self.dist.world > 1:
             dist.barrier()
 
@@ -632,10 +638,12 @@ def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
     if epochs is not None:
         raw["train"]["epochs"] = epochs
     config = config_from_dict(raw, str(config_path))
-    done = checkpoint["train_state"]["epoch"] - 1
-    if checkpoint["train_state"]["stopped_early"] or (
-        done >= config.train.epochs and checkpoint["train_state"]["batch"] == 0
-    ):
+    state = checkpoint["train_state"]
+    done = state["epoch"] - 1
+    # all epochs trained (or stopped early) and the final weights written; a checkpoint from an
+    # aecli that did not record `finished` counts as finished then, as it always did
+    all_trained = state["stopped_early"] or (done >= config.train.epochs and state["batch"] == 0)
+    if all_trained and state.get("finished", True):
         raise UsageError(
             f"--resume: this run already finished {done} epochs; pass --epochs N "
             "with a larger total to train on",

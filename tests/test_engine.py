@@ -173,6 +173,33 @@ def test_optimizer_state_keeps_the_resuming_run_s_implementation():
         assert state["step"].item() == 2
 
 
+def test_a_run_killed_before_its_final_weights_resumes_to_write_them(
+    tiny_preset, tmp_path, monkeypatch
+):
+    """Every epoch trained and checkpointed, then killed while computing the latent statistics:
+    --resume trains nothing more but writes the final weights, after which it refuses."""
+    import aecli.engine as engine
+    from aecli.errors import UsageError
+
+    config = load_config(str(tiny_preset)).config
+    data = load_data(None, config.data, config.train.seed)
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise SystemExit(-9)
+
+    monkeypatch.setattr(engine, "latent_statistics", killed)
+    with pytest.raises(SystemExit):
+        train(config, data, run, preset="tiny", device="cpu")
+    monkeypatch.undo()
+    assert load_weights(run / "model.safetensors")[1].latent_stats is None
+    result = resume(plan_resume(run), data, run, device="cpu")
+    assert result.epochs == 2 and result.steps == 2 * 3
+    assert load_weights(run / "model.safetensors")[1].latent_stats["mean"].shape == (8,)
+    with pytest.raises(UsageError, match="already finished 2 epochs"):
+        plan_resume(run)
+
+
 def test_resume_cli_refuses_a_finished_run_and_config_changes(tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
     assert cli("train", tiny_preset, "--out", run).exit_code == 0
