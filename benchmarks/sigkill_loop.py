@@ -34,7 +34,7 @@ SETTINGS = [
     "--set", "train.batch_size=32",
     "--set", "train.checkpoint_every=1",
     "--set", "train.log_every=1",
-    "--epochs", "120",
+    "--epochs", "160",
 ]  # fmt: skip
 
 
@@ -95,6 +95,10 @@ def main() -> None:
                         unreadable += 1
                         print(f"kill {kills}: unreadable {name}: {exc}")
             has_checkpoint = (run / "checkpoint.safetensors").exists()
+            if has_checkpoint and load_checkpoint(run / "checkpoint.safetensors")[
+                "train_state"
+            ].get("finished"):
+                finished = True  # killed after it had written everything: the run is complete
             before_first_save += not has_checkpoint
             if has_checkpoint:
                 command = aecli("train", "--resume", str(run), "--device", "cpu")
