@@ -94,6 +94,34 @@ def describe(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the makers' data sheets, by a name fragment of
+# torch.cuda.get_device_name, most specific first: the denominator of MFU.
+_BF16_PEAKS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    """The device's peak FLOP/s for bf16 tensor-core work; None where it is not known (the
+    CPU, another precision, an unlisted GPU), so that no MFU is guessed."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> float | None:
+    return next((peak for fragment, peak in _BF16_PEAKS if fragment in name), None)
+
+
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 

@@ -7,6 +7,9 @@ fp32. aecli's figure is its own training time (validation and file writing exclu
 
     python benchmarks/train_speed.py                 # CPU (or CUDA when present)
     python benchmarks/train_speed.py --device cuda --steps 300 --repeats 5
+
+It also prints the host's work per training step from torch.profiler: top-level aten operations
+(the same count on every device) and, on CUDA, kernel launches.
 """
 
 from __future__ import annotations
@@ -74,6 +77,34 @@ class TextbookDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i])
 
 
+def work_per_step(preset: str, data: ImageData, device: str) -> tuple[float, float | None]:
+    """Operations the host dispatches per training step (top-level aten calls: forward, loss,
+    optimiser and bookkeeping) and, on CUDA, kernel launches per step, from torch.profiler over
+    one epoch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = load_config(preset, ["train.grid_images=0", "train.epochs=1"]).config
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
+        activities = [ProfilerActivity.CPU]
+        if trainer.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        trainer._train_epoch()  # warm-up
+        trainer.state.batch = 0
+        with profile(activities=activities) as prof:
+            trainer._train_epoch()
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+    steps = trainer.steps_per_epoch
+    events = prof.events()
+    ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
+    launches = None
+    if trainer.device.type == "cuda":
+        kernels = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        launches = sum(1 for e in events if e.name in kernels) / steps
+    return ops / steps, launches
+
+
 def textbook_speed(preset: str, data: ImageData, steps: int, device: str) -> float:
     config = load_config(preset).config
     train_part, _ = split(data, config.data.val_fraction, config.train.seed)
@@ -120,7 +151,10 @@ def main() -> None:
         f"median of {args.repeats}"
     )
     cifar_data = load_data(None, load_config("cifar-cae").config.data, seed=0)
-    print(f"{'preset':<12} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7}")
+    print(
+        f"{'preset':<12} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7} "
+        f"{'ops/step':>9} {'launches/step':>14}"
+    )
     for preset, data, label in (
         ("mnist-cae", digits_28(), "digits 28x28 (1797)"),
         ("cifar-cae", cifar_data, "shapes 32x32 (2048)"),
@@ -132,9 +166,11 @@ def main() -> None:
             ours.append(a)
             theirs.append(b)
             ratios.append(a / b)
+        ops, launches = work_per_step(preset, data, device)
         print(
             f"{preset:<12} {label:<22} {statistics.median(ours):>12.0f} "
-            f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x"
+            f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x "
+            f"{ops:>9.1f} {'-' if launches is None else f'{launches:.1f}':>14}"
         )
 
 

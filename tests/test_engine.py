@@ -146,7 +146,7 @@ def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_pa
 def test_optimizer_state_keeps_the_resuming_run_s_implementation():
     """Fused Adam runs on CUDA, the default one on the CPU: a checkpoint from either side must
     not switch the other's implementation, and the step counter goes where that one wants it."""
-    from aecli.engine import _load_optimizer_state
+    from aecli.engine import load_optimizer_state
 
     def adam(fused):
         model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
@@ -162,7 +162,7 @@ def test_optimizer_state_keeps_the_resuming_run_s_implementation():
     for saved_fused, resumed_fused in ((None, True), (True, None)):
         _, saved = adam(saved_fused)
         model, optimizer = adam(resumed_fused)
-        _load_optimizer_state(optimizer, saved.state_dict())
+        load_optimizer_state(optimizer, saved.state_dict())
         assert optimizer.param_groups[0]["fused"] == resumed_fused
         state = optimizer.state[model.weight]
         assert state["step"].dtype == torch.float32 and state["step"].item() == 1
@@ -178,7 +178,7 @@ def test_a_run_killed_before_its_final_weights_resumes_to_write_them(
 ):
     """Every epoch trained and checkpointed, then killed while computing the latent statistics:
     --resume trains nothing more but writes the final weights, after which it refuses."""
-    import aecli.engine as engine
+    import aecli.engine.trainer as engine
     from aecli.errors import UsageError
 
     config = load_config(str(tiny_preset)).config

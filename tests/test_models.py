@@ -133,3 +133,33 @@ def test_ssim_equals_torchmetrics(shape):
     assert torch.allclose(ssim(b, a, reduction="none"), reference, atol=1e-6)
     assert ssim(a, a).item() == pytest.approx(1.0)
     assert ssim(a[..., :4, :4], a[..., :4, :4]).item() == pytest.approx(1.0)  # tiny images too
+
+
+def test_forward_flops_count_every_layer_and_scale_with_pixels():
+    from aecli.models import forward_flops
+
+    # one 3x3 convolution, 3 -> 8 channels, at 16x16: 2 * 8 * 3 * 9 multiply-adds per pixel
+    def conv_only(size: int) -> int:
+        config = load_config(
+            "default",
+            [
+                f"data.image_size={size}",
+                "model.encoder=[{type: conv, out: 8}]",
+                "model.latent={channels: 3}",
+                "model.decoder=[{type: conv, out: 3, kernel: 1}]",
+            ],
+        ).config
+        return forward_flops(build_model(config, meta=True))
+
+    latent_head = 2 * 3 * 8 * 16 * 16  # the 1x1 convolution to the latent (8 -> 3 channels)
+    assert conv_only(16) == 2 * 8 * 27 * 16 * 16 + latent_head + 2 * 3 * 3 * 16 * 16
+    assert conv_only(32) == 4 * conv_only(16)  # fully convolutional: proportional to pixels
+
+
+def test_mfu_peaks_are_looked_up_by_gpu_name_and_never_guessed():
+    from aecli.devices import peak_for_name, peak_flops
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_for_name("Tesla T4") is None
+    assert peak_flops(torch.device("cpu", 0), torch.bfloat16) is None

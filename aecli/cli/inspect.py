@@ -94,6 +94,7 @@ def info(
         ("input", "x".join(map(str, summary["input_shape"]))),
         ("latent", "x".join(map(str, summary["latent_shape"]))),
         ("compression", f"{summary['compression_ratio']:g}x"),
+        ("compute", f"{summary['forward_gflops']:.4g} GFLOPs per image (forward; training ~3x)"),
         (
             "parameters",
             f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "

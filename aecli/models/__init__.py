@@ -1,7 +1,7 @@
 """The model core: blocks, the autoencoder and its posterior, and the builder."""
 
 from aecli.models.autoencoder import Autoencoder, AutoencoderOutput, DiagonalGaussian
-from aecli.models.builder import ModelSummary, build_model, summarize
+from aecli.models.builder import ModelSummary, build_model, forward_flops, summarize
 
 __all__ = [
     "Autoencoder",
@@ -9,5 +9,6 @@ __all__ = [
     "DiagonalGaussian",
     "ModelSummary",
     "build_model",
+    "forward_flops",
     "summarize",
 ]

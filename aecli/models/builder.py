@@ -244,6 +244,19 @@ class ModelSummary:
     compression_ratio: float
     variational: bool
     latent_kind: str
+    forward_gflops: float  # per image at the input size; a training step takes about 3x
+
+
+def forward_flops(model: Autoencoder) -> int:
+    """Floating-point operations of one image's forward pass (encode, decode), counted by
+    torch.utils.flop_counter on the meta device: no memory, no compute. Call it with a model
+    built with `meta=True`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.empty(1, *model.input_shape, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(x, sample=False)
+    return counter.get_total_flops()
 
 
 def summarize(model: Autoencoder) -> ModelSummary:
@@ -259,4 +272,5 @@ def summarize(model: Autoencoder) -> ModelSummary:
         compression_ratio=round(math.prod(model.input_shape) / math.prod(model.latent_shape), 3),
         variational=model.variational,
         latent_kind="spatial" if len(model.latent_shape) == 3 else "vector",
+        forward_gflops=round(forward_flops(model) / 1e9, 6),
     )

@@ -1,0 +1,113 @@
+"""The run directory (DESIGN section 4): its files, and what `--resume DIR` continues from it.
+
+config.yaml, metrics.jsonl, grids/epoch-NNNN.png, model.safetensors and checkpoint.safetensors;
+every write is atomic. Only rank 0 of a torchrun writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aecli.config import Config, config_from_dict, dump_config, parse_yaml, read_yaml_text
+from aecli.errors import TrainingError, UsageError
+from aecli.io.atomic import atomic_write_text, stale_temp_files
+from aecli.io.checkpoint import load_checkpoint, save_checkpoint
+from aecli.io.images import save_png
+from aecli.io.weights import save_weights
+from aecli.models import Autoencoder
+
+CHECKPOINT = "checkpoint.safetensors"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+
+
+class RunDirectory:
+    """The files of one training run."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.weights = self.path / WEIGHTS
+        self.checkpoint = self.path / CHECKPOINT
+        self.metrics = self.path / METRICS
+        self.grids = self.path / "grids"
+
+    def prepare(self, config: Config, *, fresh: bool) -> None:
+        """Create the folders, remove what a killed run left half-written, write config.yaml,
+        and start metrics.jsonl afresh for a new run."""
+        self.grids.mkdir(parents=True, exist_ok=True)
+        for folder in (self.path, self.grids):
+            for leftover in stale_temp_files(folder):
+                leftover.unlink(missing_ok=True)
+        atomic_write_text(self.path / "config.yaml", dump_config(config))
+        if fresh:
+            atomic_write_text(self.metrics, "")
+
+    def append_metrics(self, record: dict) -> None:
+        with self.metrics.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def history(self) -> list[dict]:
+        """Every epoch's record in metrics.jsonl."""
+        if not self.metrics.exists():
+            return []
+        lines = self.metrics.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def trim_history(self, before_epoch: int) -> None:
+        """Drop the records of epochs from `before_epoch` on (a resume trains them again)."""
+        if self.metrics.exists():
+            kept = [r for r in self.history() if r["epoch"] < before_epoch]
+            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_grid(self, epoch: int, sheet: np.ndarray) -> None:
+        save_png(self.grids / f"epoch-{epoch:04d}.png", sheet)
+
+    def save_weights(self, model: Autoencoder, config: Config, **facts) -> str:
+        """model.safetensors (see aecli.io.weights.save_weights for `facts`); its fingerprint."""
+        try:
+            return save_weights(self.weights, model, config, **facts)
+        except ValueError as exc:  # non-finite weights: the previous file stays
+            raise TrainingError(f"{exc}; stopped, the last good weights are kept") from None
+
+    def save_checkpoint(self, state: dict) -> None:
+        save_checkpoint(self.checkpoint, state)
+
+
+@dataclass
+class ResumePlan:
+    """What `--resume DIR` continues: the run's config, preset name and data path."""
+
+    config: Config
+    preset: str
+    data_path: str | None
+    checkpoint: dict
+
+
+def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
+    """Read a run directory's config and checkpoint; `epochs` sets a new total."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise UsageError("--resume: not a run directory (no config.yaml)", path=run_dir)
+    checkpoint = load_checkpoint(RunDirectory(run_dir).checkpoint)
+    raw = parse_yaml(read_yaml_text(config_path), str(config_path))
+    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
+        raise UsageError("--resume: damaged config.yaml (not a preset)", path=config_path)
+    if epochs is not None:
+        raw["train"]["epochs"] = epochs
+    config = config_from_dict(raw, str(config_path))
+    state = checkpoint["train_state"]
+    done = state["epoch"] - 1
+    # all epochs trained (or stopped early) and the final weights written; a checkpoint from an
+    # aecli that did not record `finished` counts as finished then, as it always did
+    all_trained = state["stopped_early"] or (done >= config.train.epochs and state["batch"] == 0)
+    if all_trained and state.get("finished", True):
+        raise UsageError(
+            f"--resume: this run already finished {done} epochs; pass --epochs N "
+            "with a larger total to train on",
+            path=run_dir,
+        )
+    return ResumePlan(config, checkpoint["preset"], checkpoint["data_path"], checkpoint)

@@ -1,0 +1,485 @@
+"""The training loop: epochs of steps, validation, early stopping, the final weights, Ctrl-C.
+
+Data lives as one uint8 tensor (on the GPU when it fits); each step indexes a batch, converts
+it to float and trains on it (aecli.engine.step). Each epoch's order comes from the seed and the
+epoch, so a checkpoint needs no RNG state and a resumed run is exact. The loop reads the steps'
+results once per logging window: the one host sync that reports progress and catches a
+non-finite loss or gradient. Under torchrun each rank trains on its own shard of every epoch's
+order (DDP); only rank 0 writes files and reports progress.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from aecli.config import Config
+from aecli.data import ImageData, split
+from aecli.data.transforms import to_uint8, to_unit
+from aecli.devices import Execution, deterministic, peak_flops, resolve_device
+from aecli.engine.distributed import setup_distributed
+from aecli.engine.rundir import ResumePlan, RunDirectory
+from aecli.engine.step import TrainStep, learning_rate, load_optimizer_state, step_seed
+from aecli.errors import Interrupted, TrainingError
+from aecli.io.images import make_grid
+from aecli.losses import compute_loss, psnr
+from aecli.models import Autoencoder, build_model, forward_flops
+from aecli.stats import latent_statistics
+
+
+class Reporter(Protocol):
+    """What the engine tells its caller (the CLI renders it with rich)."""
+
+    def start(self, *, epochs: int, steps_per_epoch: int, first_epoch: int) -> None: ...
+    def step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
+    def epoch(self, record: dict) -> None: ...
+    def finish(self) -> None: ...
+
+
+class SilentReporter:
+    def start(self, **_: object) -> None: ...
+    def step(self, **_: object) -> None: ...
+    def epoch(self, record: dict) -> None: ...
+    def finish(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    weights: Path
+    epochs: int
+    steps: int
+    seconds: float
+    images_per_s: float
+    final: dict
+    history: list[dict] = field(default_factory=list)
+    fingerprint: str = ""
+    stopped_early: bool = False
+    best_epoch: int | None = None
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress, 1-based
+    batch: int = 0  # batches of that epoch already trained
+    step: int = 0  # optimiser steps so far
+    images: int = 0  # training images seen so far
+    seconds: float = 0.0  # training time so far
+    best: float | None = None  # early stopping: best monitored value
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    finished: bool = False  # the final weights (with latent statistics) are written
+    totals: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
+
+
+class Window:
+    """The steps since the last host sync: their results on the device, read in one go."""
+
+    def __init__(self) -> None:
+        self.results: list[torch.Tensor] = []
+        self.weights: list[int] = []  # images in each step's batch
+        self.first_step = 0
+        self.sums: dict[str, float] = {}  # weighted loss terms of the logging window
+        self.images = 0
+
+
+class Trainer:
+    """Fits one model on one data set and writes (or resumes) the run directory."""
+
+    def __init__(
+        self,
+        config: Config,
+        data: ImageData,
+        run_dir: Path,
+        *,
+        preset: str,
+        device: str | None = None,
+        reporter: Reporter | None = None,
+        data_path: str | None = None,
+    ):
+        self.config, self.preset = config, preset
+        self.run = RunDirectory(run_dir)
+        self.run_dir = self.run.path
+        self.device = resolve_device(device)
+        self.dist = setup_distributed(self.device)
+        self.reporter = reporter if reporter is not None and self.dist.main else SilentReporter()
+        self.data_description, self.data_path = data.source, data_path
+        self.class_names = data.class_names
+        self.train_data, self.val_data = split(data, config.data.val_fraction, config.train.seed)
+        self.state = TrainState()
+        self.fingerprint = ""
+        self._stop_requested = False
+        self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
+
+        torch.manual_seed(config.train.seed)
+        model = build_model(config).to(self.device, memory_format=self.execution.memory_format)
+        self.step = TrainStep(
+            config, model, self.execution, rank=self.dist.rank, world=self.dist.world
+        )
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.train_images = self._place(self.train_data.images)
+        self.val_images = self._place(self.val_data.images)
+        self.grid_images = self.val_images[: config.train.grid_images]
+        # every rank takes an equal shard of each epoch's order and an equal share of the batch
+        n = len(self.train_data) // self.dist.world * self.dist.world
+        self.shard_size = n // self.dist.world
+        self.rank_batch = max(1, config.train.batch_size // self.dist.world)
+        self.steps_per_epoch = math.ceil(self.shard_size / self.rank_batch)
+        # model FLOPs utilisation (nanoGPT's MFU) where the GPU's peak is known
+        self.peak = peak_flops(self.device, self.execution.autocast_dtype)
+        self.step_flops = 3 * forward_flops(build_model(config, meta=True)) if self.peak else 0
+
+    @property
+    def model(self) -> Autoencoder:
+        return self.step.model
+
+    @property
+    def ema(self) -> Autoencoder | None:
+        return self.step.ema
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.step.optimizer
+
+    @property
+    def eval_model(self) -> Autoencoder:
+        """The weights that are validated and exported: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.model
+
+    def _place(self, images: torch.Tensor) -> torch.Tensor:
+        """The whole data set on the GPU when it fits in a quarter of free memory; else it stays
+        in host memory, and each batch goes through pinned memory (Execution.to_device)."""
+        if self.device.type != "cuda":
+            return images
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if images.numel() < free // 4:
+            return images.to(self.device)
+        return images
+
+    def _batch(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The images at `index` (on the images' device) as model input."""
+        return self.execution.prepare(images[index], self.config.data.range)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to the configured number of epochs (from where a restored checkpoint stood)."""
+        with deterministic(self.config.train.deterministic):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
+        train = self.config.train
+        if self.dist.main:
+            self.run.prepare(self.config, fresh=self.state.step == 0)
+        history = self.run.history() if self.state.step else []
+        self.state.finished = False
+        self.reporter.start(
+            epochs=train.epochs, steps_per_epoch=self.steps_per_epoch, first_epoch=self.state.epoch
+        )
+        previous_handler = self._catch_sigint()
+        try:
+            while self.state.epoch <= train.epochs and not self.state.stopped_early:
+                record = self._train_epoch()
+                record.update(self._validate())
+                self._early_stopping(record)
+                history.append(record)
+                self.state.epoch += 1
+                self.state.batch, self.state.totals = 0, {}
+                if self.dist.main:
+                    self.run.append_metrics(record)
+                    self._write_grid(record["epoch"])
+                    self._save_weights(record)
+                    self._save_checkpoint()
+                self.reporter.epoch(record)
+        finally:
+            self.reporter.finish()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        self._finish(history)
+        return TrainResult(
+            run_dir=self.run_dir,
+            weights=self.run.weights,
+            epochs=len(history),
+            steps=self.state.step,
+            seconds=self.state.seconds,
+            images_per_s=self.state.images / max(self.state.seconds, 1e-9),
+            final=history[-1] if history else {},
+            history=history,
+            fingerprint=self.fingerprint,
+            stopped_early=self.state.stopped_early,
+            best_epoch=self.state.best_epoch or None,
+        )
+
+    def _train_epoch(self) -> dict:
+        train, state = self.config.train, self.state
+        self.model.train()
+        epoch = state.epoch
+        order = torch.randperm(
+            len(self.train_data),
+            generator=torch.Generator().manual_seed(step_seed(train.seed, -epoch)),
+        )
+        shard = order[: self.shard_size * self.dist.world][self.dist.rank :: self.dist.world]
+        shard = shard.to(self.train_images.device)  # one copy per epoch, none per step
+        self._totals = dict(state.totals)
+        self._window = Window()
+        total_steps = train.epochs * self.steps_per_epoch
+        started = time.perf_counter()
+        images_this_run = 0
+        for i in range(state.batch, self.steps_per_epoch):
+            index = shard[i * self.rank_batch : (i + 1) * self.rank_batch]
+            lr = learning_rate(self.config, state.step, total_steps, self.steps_per_epoch)
+            if not self._window.results:
+                self._window.first_step = state.step
+            self._window.results.append(
+                self.step(self._batch(self.train_images, index), state.step, lr)
+            )
+            self._window.weights.append(len(index))
+            state.step += 1
+            state.batch = i + 1
+            images_this_run += len(index) * self.dist.world
+            last = i + 1 == self.steps_per_epoch
+            if (i + 1) % train.log_every == 0 or last:
+                self._sync()
+                window = self._window
+                means = {k: v / window.images for k, v in window.sums.items()}
+                self.reporter.step(epoch=epoch, step=i + 1, metrics=means)
+                window.sums, window.images = {}, 0
+            if not last and train.checkpoint_every and state.step % train.checkpoint_every == 0:
+                self._sync()
+                state.totals = dict(self._totals)
+                if self.dist.main:
+                    self._save_checkpoint()
+            if self._stop_requested:
+                self._sync()
+                state.totals = dict(self._totals)
+                state.seconds += time.perf_counter() - started
+                state.images += images_this_run
+                self._save_on_interrupt()
+        seconds = time.perf_counter() - started
+        state.seconds += seconds
+        state.images += images_this_run
+        names = list(self._totals)
+        totals = dict(zip(names, self.dist.sum([self._totals[k] for k in names]), strict=True))
+        n = self.shard_size * self.dist.world
+        record = {"epoch": epoch, "step": state.step}
+        record.update({k: v / n for k, v in totals.items()})
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["images_per_s"] = round(images_this_run / max(seconds, 1e-9), 1)
+        if self.peak:  # per GPU: every rank runs on one
+            per_gpu = record["images_per_s"] / self.dist.world
+            record["mfu"] = round(per_gpu * self.step_flops / self.peak, 4)
+        record["seconds"] = round(seconds, 3)
+        return record
+
+    def _sync(self) -> None:
+        """Read the window's step results (the host waits for the device here, once): stop on
+        the first non-finite value, else add the loss terms to the epoch's and window's sums."""
+        window = self._window
+        if not window.results:
+            return
+        rows = torch.stack(window.results).tolist()
+        labels = self.step.names
+        bad = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), -1)
+        bad_step = window.first_step + bad if bad >= 0 else -1
+        if self.dist.max(bad_step) >= 0:
+            self._stop_non_finite(bad_step, rows[bad] if bad >= 0 else [], labels)
+        terms = [name for name in labels if name != "gradient"]
+        for row, weight in zip(rows, window.weights, strict=True):
+            for name, value in zip(terms, row, strict=False):
+                self._totals[name] = self._totals.get(name, 0.0) + value * weight
+                window.sums[name] = window.sums.get(name, 0.0) + value * weight
+            window.images += weight
+        window.results, window.weights = [], []
+
+    def _stop_non_finite(self, bad_step: int, row: list[float], labels: list[str]) -> None:
+        bad = [not math.isfinite(v) for v in row]
+        culprit = next((labels[i] for i, b in enumerate(bad) if b and labels[i] != "loss"), "loss")
+        kept = self.run.checkpoint
+        where = f"last good checkpoint kept: {kept}" if kept.exists() else "nothing was saved"
+        step = f"step {bad_step + 1}: " if bad_step >= 0 else "on another rank: "
+        raise TrainingError(
+            f"{step}{'the ' if culprit == 'gradient' else 'loss term '}"
+            f"'{culprit}' became non-finite (NaN or Inf); stopped ({where}). "
+            "Try a lower optim.lr or set optim.grad_clip."
+        )
+
+    @torch.inference_mode()
+    def _validate(self) -> dict:
+        config, model = self.config, self.eval_model
+        model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        psnr_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = len(self.val_data)
+        mine = torch.arange(self.dist.rank, n, self.dist.world, device=self.val_images.device)
+        for start in range(0, len(mine), config.train.batch_size):
+            index = mine[start : start + config.train.batch_size]
+            x = self._batch(self.val_images, index)
+            with self.execution.autocast():
+                out = model(x, sample=False)
+            terms = compute_loss(
+                out, x, config.loss, model.variational, value_range=config.data.range
+            )
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0) + value.double() * len(index)
+            psnr_sum += (
+                psnr(to_unit(out.image.float(), config.data.range), to_unit(x, config.data.range))
+                .double()
+                .sum()
+            )
+        totals["psnr"] = psnr_sum
+        names = list(totals)
+        sums = self.dist.sum([float(totals[k]) for k in names])
+        return {f"val_{k}": v / n for k, v in zip(names, sums, strict=True)}
+
+    def _early_stopping(self, record: dict) -> None:
+        rule, state = self.config.train.early_stopping, self.state
+        if rule is None or record["epoch"] < rule.start_epoch:
+            return
+        value = record[rule.monitor]
+        sign = 1.0 if rule.monitor == "val_psnr" else -1.0  # higher PSNR, lower loss is better
+        if state.best is None or sign * (value - state.best) > rule.min_delta:
+            state.best, state.best_epoch, state.bad_epochs = value, record["epoch"], 0
+            if rule.restore_best:
+                self.best_weights = {
+                    k: v.detach().clone() for k, v in self.eval_model.state_dict().items()
+                }
+        else:
+            state.bad_epochs += 1
+            state.stopped_early = state.bad_epochs >= rule.patience
+
+    def _finish(self, history: list[dict]) -> None:
+        """Restore the best weights if asked, add the latent statistics, write the weights."""
+        rule = self.config.train.early_stopping
+        if rule is not None and rule.restore_best and self.best_weights is not None:
+            self.eval_model.load_state_dict(self.best_weights)
+
+        def reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if self.dist.world > 1:
+                import torch.distributed as dist
+
+                for value in sums.values():
+                    dist.all_reduce(value)
+            return sums
+
+        stats = latent_statistics(
+            self.eval_model,
+            self.train_images,
+            self.train_data.labels,
+            len(self.class_names or []),
+            self._batch,
+            self.config.train.batch_size,
+            reduce,
+            torch.arange(self.dist.rank, len(self.train_data), self.dist.world),
+        )
+        if self.dist.main and history:
+            record = history[-1]
+            if rule is not None and rule.restore_best and self.state.best_epoch:
+                record = next((r for r in history if r["epoch"] == self.state.best_epoch), record)
+            self._save_weights(record, stats)
+            # a run killed before this point has trained every epoch but can still be resumed
+            # to write these final weights
+            self.state.finished = True
+            self._save_checkpoint()
+        self.dist.barrier()
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _write_grid(self, epoch: int) -> None:
+        if not len(self.grid_images):
+            return
+        model = self.eval_model.eval()
+        x = self._batch(
+            self.grid_images, torch.arange(len(self.grid_images), device=self.grid_images.device)
+        )
+        with torch.inference_mode(), self.execution.autocast():
+            image = model(x, sample=False).image
+        rows = [self.grid_images.cpu(), to_uint8(image, self.config.data.range).cpu()]
+        self.run.write_grid(epoch, make_grid(rows))
+
+    def _save_weights(self, record: dict, stats: dict | None = None) -> None:
+        metrics = {k: v for k, v in record.items() if k.startswith("val_")}
+        metrics.update(epoch=record["epoch"], step=record["step"])
+        self.fingerprint = self.run.save_weights(
+            self.eval_model,
+            self.config,
+            preset=self.preset,
+            data=self.data_description,
+            class_names=self.class_names,
+            metrics=metrics,
+            latent_stats=stats,
+        )
+
+    def _save_checkpoint(self) -> None:
+        self.run.save_checkpoint(
+            {
+                "train_state": asdict(self.state),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "best_weights": self.best_weights,
+                "preset": self.preset,
+                "data_path": self.data_path,
+            }
+        )
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue from a checkpoint: weights, optimiser, EMA, counters; trims metrics.jsonl."""
+        self.state = TrainState(**checkpoint["train_state"])
+        self.model.load_state_dict(checkpoint["model"])  # copied into the parameters in place
+        load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+        if self.ema is not None and checkpoint.get("ema") is not None:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.best_weights = checkpoint.get("best_weights")
+        if self.dist.main:
+            self.run.trim_history(self.state.epoch)
+
+    # -- Ctrl-C ------------------------------------------------------------------------------
+
+    def _catch_sigint(self):
+        """First Ctrl-C: finish the step, save, stop. Later ones (during the save): ignored."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _save_on_interrupt(self) -> None:
+        if self.dist.main:
+            self._save_checkpoint()
+            record = {"epoch": self.state.epoch, "step": self.state.step}
+            record.update(self._validate())
+            self._save_weights(record)
+        raise Interrupted(
+            f"stopped at epoch {self.state.epoch}, step {self.state.step}; checkpoint saved. "
+            f"Resume with: aecli train --resume {self.run_dir}"
+        )
+
+
+def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
+    """Train a model on `data` and write the run directory (DESIGN section 4).
+
+    `options` are Trainer's keywords: preset (required), device, reporter, data_path.
+    """
+    return Trainer(config, data, run_dir, **options).fit()
+
+
+def resume(plan: ResumePlan, data: ImageData, run_dir: Path, **options) -> TrainResult:
+    """Continue a planned run (options: device, reporter)."""
+    trainer = Trainer(
+        plan.config, data, run_dir, preset=plan.preset, data_path=plan.data_path, **options
+    )
+    trainer.restore(plan.checkpoint)
+    return trainer.fit()
