@@ -157,7 +157,7 @@ def test_forward_flops_count_every_layer_and_scale_with_pixels():
 
 
 def test_mfu_peaks_are_looked_up_by_gpu_name_and_never_guessed():
-    from aecli.devices import peak_for_name, peak_flops
+    from aecli.devices import peak_flops, peak_for_name
 
     assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_for_name("NVIDIA H100 PCIe") == 756e12
