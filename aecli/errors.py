@@ -53,6 +53,11 @@ class WriteError(AecliError):
     """An output could not be written (disk full, permission, a read-only file system); exit 1."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first non-empty line (its type when it has none)."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def os_reason(exc: OSError) -> str:
     """What went wrong, in the words of the OS (`No space left on device`), without the path."""
     return exc.strerror or str(exc) or type(exc).__name__

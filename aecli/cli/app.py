@@ -78,22 +78,22 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             from aecli.errors import os_reason
 
-            where = exc.filename if exc.filename is not None else None
-            print_error(f"{where}: {os_reason(exc)}" if where else os_reason(exc))
+            reason = os_reason(exc)
+            print_error(f"{exc.filename}: {reason}" if exc.filename is not None else reason)
             raise typer.Exit(1) from None
         except Exception as exc:  # a bug: say so in one line, traceback with --debug
             if _state["debug"]:
                 raise
+            from aecli.errors import first_line
+
             if _out_of_memory(exc):
                 print_error(
-                    f"out of memory: {_first_line(exc)} (try a smaller --batch-size, fewer "
+                    f"out of memory: {first_line(exc)} (try a smaller --batch-size, fewer "
                     "images at a time, or a smaller model)"
                 )
                 raise typer.Exit(1) from None
-            if _state["debug"]:
-                raise
             print_error(
-                f"internal error: {type(exc).__name__}: {_first_line(exc)} "
+                f"internal error: {type(exc).__name__}: {first_line(exc)} "
                 "(run with --debug for the traceback, and please report it)"
             )
             raise typer.Exit(1) from None
@@ -112,10 +112,6 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "can't allocate memory" in text or "out of memory" in text.lower()
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 __all__ = ["app", "console", "guarded"]

@@ -52,17 +52,14 @@ def info(
     from dataclasses import asdict
 
     from aecli.config import load_config
-    from aecli.errors import UsageError
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
 
     path = Path(target)
-    if path.is_dir():
-        inside = path / "model.safetensors"
-        hint = f"; the run's weights are {inside}" if inside.is_file() else ""
-        raise UsageError(f"is a folder, not a weights file or a preset{hint}", path=path)
-    weights = path.suffix == ".safetensors" or (
-        path.is_file() and path.suffix not in (".yaml", ".yml")
+    weights = (
+        path.suffix == ".safetensors"
+        or path.is_dir()
+        or (path.is_file() and path.suffix not in (".yaml", ".yml"))
     )
     facts: dict = {"source": target, "kind": "weights" if weights else "preset"}
     if weights:

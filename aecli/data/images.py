@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from aecli.errors import first_line
+
 # Formats Pillow may open: no plugin outside this list ever parses a user's file.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -81,9 +83,9 @@ def _decode(path: str | Path, channels: int, at_least: int | None, said: list[st
     except OSError as exc:
         if exc.errno in _OS_REASONS:
             raise ImageReadError(path, _OS_REASONS[exc.errno]) from None
-        raise ImageReadError(path, f"cannot decode: {_first_line(exc)}") from None
+        raise ImageReadError(path, f"cannot decode: {first_line(exc)}") from None
     except (ValueError, SyntaxError, EOFError) as exc:
-        raise ImageReadError(path, f"cannot decode: {_first_line(exc)}") from None
+        raise ImageReadError(path, f"cannot decode: {first_line(exc)}") from None
     except Exception as exc:  # a decoder bug must not crash a batch of thousands of files
         raise ImageReadError(path, f"cannot decode: {type(exc).__name__}: {exc}") from None
 
@@ -96,10 +98,6 @@ _OS_REASONS = {
     errno.ELOOP: "symbolic link loop",
     errno.EIO: "cannot read: input/output error",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _with_notes(reason: str, said: list[str]) -> str:

@@ -29,6 +29,13 @@ class Distributed:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors on this process's device, each summed in place over the ranks."""
+        if self.world > 1:
+            for value in sums.values():
+                dist.all_reduce(value)
+        return sums
+
     def max(self, value: int) -> int:
         if self.world == 1:
             return value

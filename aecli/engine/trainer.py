@@ -122,7 +122,7 @@ class Trainer:
 
         torch.manual_seed(config.train.seed)
         model = build_model(config).to(self.device, memory_format=self.execution.memory_format)
-        self.step = TrainStep(
+        self.train_step = TrainStep(
             config, model, self.execution, rank=self.dist.rank, world=self.dist.world
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -140,15 +140,15 @@ class Trainer:
 
     @property
     def model(self) -> Autoencoder:
-        return self.step.model
+        return self.train_step.model
 
     @property
     def ema(self) -> Autoencoder | None:
-        return self.step.ema
+        return self.train_step.ema
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        return self.step.optimizer
+        return self.train_step.optimizer
 
     @property
     def eval_model(self) -> Autoencoder:
@@ -240,7 +240,7 @@ class Trainer:
             if not self._window.results:
                 self._window.first_step = state.step
             self._window.results.append(
-                self.step(self._batch(self.train_images, index), state.step, lr)
+                self.train_step(self._batch(self.train_images, index), state.step, lr)
             )
             self._window.weights.append(len(index))
             state.step += 1
@@ -287,7 +287,7 @@ class Trainer:
         if not window.results:
             return
         rows = torch.stack(window.results).tolist()
-        labels = self.step.names
+        labels = self.train_step.names
         bad = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), -1)
         bad_step = window.first_step + bad if bad >= 0 else -1
         if self.dist.max(bad_step) >= 0:
@@ -336,9 +336,7 @@ class Trainer:
                 .sum()
             )
         totals["psnr"] = psnr_sum
-        names = list(totals)
-        sums = self.dist.sum([float(totals[k]) for k in names])
-        return {f"val_{k}": v / n for k, v in zip(names, sums, strict=True)}
+        return {f"val_{k}": float(v) / n for k, v in self.dist.reduce(totals).items()}
 
     def _early_stopping(self, record: dict) -> None:
         rule, state = self.config.train.early_stopping, self.state
@@ -361,15 +359,6 @@ class Trainer:
         rule = self.config.train.early_stopping
         if rule is not None and rule.restore_best and self.best_weights is not None:
             self.eval_model.load_state_dict(self.best_weights)
-
-        def reduce(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            if self.dist.world > 1:
-                import torch.distributed as dist
-
-                for value in sums.values():
-                    dist.all_reduce(value)
-            return sums
-
         stats = latent_statistics(
             self.eval_model,
             self.train_images,
@@ -377,7 +366,7 @@ class Trainer:
             len(self.class_names or []),
             self._batch,
             self.config.train.batch_size,
-            reduce,
+            self.dist.reduce,
             torch.arange(self.dist.rank, len(self.train_data), self.dist.world),
         )
         if self.dist.main and history:

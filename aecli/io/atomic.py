@@ -16,11 +16,6 @@ from aecli.errors import WriteError, os_reason
 TEMP_SUFFIX = ".tmp"
 
 
-def temp_name(path: Path) -> Path:
-    """A fresh hidden name next to `path`: `.NAME.<random>.tmp`."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
 _TEMP = re.compile(r"^\..+\.[0-9a-z_]+\.tmp$")
 
 
@@ -30,8 +25,9 @@ def stale_temp_files(folder: Path) -> list[Path]:
 
 
 def _create(path: Path) -> tuple[int, Path]:
+    """A new file `.NAME.<random>.tmp` next to `path`, opened for writing."""
     for _ in range(100):
-        tmp = temp_name(path)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:
@@ -57,13 +53,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write: {os_reason(exc)}", path=path) from exc
-    except BaseException:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write: {os_reason(exc)}", path=path) from exc
         raise
     if not durable:
         return

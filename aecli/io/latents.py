@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import aecli
-from aecli.errors import UsageError
+from aecli.errors import UsageError, first_line
 from aecli.io.atomic import atomic_write_bytes
 from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 
@@ -136,7 +136,7 @@ def _from_safetensors(data: bytes, name: str) -> LatentFile:
         sources = json.loads(metadata.get("sources", "null"))
         class_names = json.loads(metadata.get("class_names", "null"))
     except Exception as exc:
-        raise LatentFileError(f"damaged latent file ({_first_line(exc)})", path=name) from None
+        raise LatentFileError(f"damaged latent file ({first_line(exc)})", path=name) from None
     if "latents" not in tensors:
         raise LatentFileError("no `latents` tensor in the file", path=name)
     fingerprint = metadata.get("fingerprint") or None
@@ -202,7 +202,3 @@ def fit_to_model(
             path=latents.name,
         )
     return values
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

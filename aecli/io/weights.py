@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 import aecli
 from aecli.config import Config, config_from_dict
-from aecli.errors import ConfigError, WeightsError, os_reason
+from aecli.errors import ConfigError, WeightsError, first_line, os_reason
 from aecli.io.atomic import atomic_write_bytes
 from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 from aecli.models import Autoencoder, build_model
@@ -125,13 +125,10 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     if not path.exists():
         raise WeightsError("file not found", path=path)
     if path.is_dir():
-        hint = " inside a run" if (path / "model.safetensors").is_file() else ""
-        raise WeightsError(
-            f"is a directory; give the model.safetensors file{hint}"
-            + (f" ({path / 'model.safetensors'})" if hint else ""),
-            path=path,
-        )
-    header = _read_header(path)
+        inside = path / "model.safetensors"
+        hint = f"; the run's weights are {inside}" if inside.is_file() else ""
+        raise WeightsError(f"is a folder, not a weights file{hint}", path=path)
+    header, data_bytes = _read_header(path)
     metadata = header.pop("__metadata__", None) or {}
     if metadata.get("format") != FORMAT:
         raise WeightsError(
@@ -158,12 +155,12 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         )
     expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     expected.update(_stats_shapes(meta_model.latent_shape[0], info.class_names))
-    _check_entries(path, header, expected)
+    _check_entries(path, header, data_bytes, expected)
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise WeightsError(f"damaged safetensors file ({_first_line(exc)})", path=path) from None
+        raise WeightsError(f"damaged safetensors file ({first_line(exc)})", path=path) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
@@ -172,8 +169,9 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     return info, tensors
 
 
-def _read_header(path: Path) -> dict:
-    """The safetensors JSON header, read without reading the tensors."""
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header and the number of data bytes after it, read without reading
+    the tensors."""
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
@@ -195,15 +193,14 @@ def _read_header(path: Path) -> dict:
             path=path,
         )
     header, length = parsed
-    header["__data_bytes__"] = size - 8 - length
-    return header
+    return header, size - 8 - length
 
 
-def _check_entries(path: Path, header: dict, expected: dict[str, tuple[int, ...]]) -> None:
+def _check_entries(
+    path: Path, stored: dict, available: int, expected: dict[str, tuple[int, ...]]
+) -> None:
     """Every tensor the architecture needs, with its shape, and no other; each tensor's bytes
-    inside the file."""
-    available = header.pop("__data_bytes__")
-    stored = header
+    within the `available` data bytes."""
     required = [k for k in expected if not k.startswith(STATS_PREFIX)]
     missing = [k for k in required if k not in stored]
     if missing:
@@ -271,10 +268,6 @@ def _info(path: Path, metadata: dict) -> WeightsInfo:
         raise WeightsError(
             f"its stored configuration is invalid: {exc.problems[0]}", path=path
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _sniff(path: Path) -> str:
