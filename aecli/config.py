@@ -178,6 +178,18 @@ class LatentConfig(Strict):
     channels: int | None = Field(None, gt=0, description="spatial latent channels")
     variational: bool = False
     act: Activation = "none"
+    head: bool = Field(
+        True,
+        description="a 1x1 convolution (spatial) or linear layer (vector) from the encoder's "
+        "output to the latent; false: the encoder's output is the latent (SD3 / FLUX VAEs)",
+    )
+    scaling_factor: float = Field(
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="encode --scaled writes (z - shift_factor) * scaling_factor",
+    )
+    shift_factor: float = Field(0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_kind(self) -> LatentConfig:
@@ -185,6 +197,8 @@ class LatentConfig(Strict):
             raise ValueError("set exactly one of latent.dim (vector) or latent.channels (spatial)")
         if self.variational and self.act != "none":
             raise ValueError("latent.act must be none for a variational latent")
+        if not self.head and self.act != "none":
+            raise ValueError("latent.act needs latent.head (the activation follows it)")
         return self
 
     @property

@@ -33,7 +33,7 @@ from aecli.data.transforms import to_uint8
 from aecli.devices import Execution, resolve_device
 from aecli.errors import UsageError
 from aecli.io.images import compose_sheet, diverging, heatmap, save_png
-from aecli.io.latents import LatentFile, fit_to_model
+from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.weights import WeightsInfo, load_weights
 from aecli.losses import mse_per_image, psnr_from_mse, ssim
 from aecli.models import Autoencoder
@@ -71,6 +71,21 @@ class Predictor:
         # Fully convolutional: any input size works, in multiples of the downsampling factor.
         self.fully_convolutional = self.spatial and not any(b.type in fixed for b in blocks)
         self.factor = self.size[0] // self.latent_shape[1] if self.spatial else 1
+        latent = config.model.latent
+        self.scaling = LatentScaling(latent.scaling_factor, latent.shift_factor)
+
+    def latent_scaling(self, scale: float | None = None, shift: float | None = None):
+        """The model's latent scaling, with either factor overridden (--scaling-factor,
+        --shift-factor)."""
+        scaling = LatentScaling(
+            self.scaling.scale if scale is None else scale,
+            self.scaling.shift if shift is None else shift,
+        )
+        if not (np.isfinite(scaling.scale) and np.isfinite(scaling.shift) and scaling.scale > 0):
+            raise UsageError(
+                "--scaling-factor must be a positive number and --shift-factor a finite one"
+            )
+        return scaling
 
     @property
     def variational(self) -> bool:
@@ -445,30 +460,46 @@ def encode_files(
     predictor: Predictor,
     files: list[InputFile],
     *,
+    size: tuple[int, int] | None | str = "model",
     sample: bool = False,
     seed: int = 0,
+    scaling: LatentScaling | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     progress: Progress = _no_progress,
 ) -> tuple[LatentFile, list[Failure]]:
-    """Encode files (each resized to the model's input size) into one latent file.
+    """Encode files into one latent file, each resized to `size` ("model": the model's input
+    size; None: each image's own size, for fully convolutional models, all images alike).
 
     Labels come from subfolder names when every file sits in a subfolder of an input folder
     (as for training), numbered by the weights' class names when they cover them all.
+    `scaling` writes the latents as diffusion models consume them, and records it.
     """
+    size = predictor.size if size == "model" else size
     generator = predictor.generator(seed) if sample else None
     latents: dict[int, torch.Tensor] = {}
     failures: dict[int, Failure] = {}
+    first: tuple[int, tuple] | None = None  # the first batch's file and image size
     for batch in load_batches(
         files,
         predictor.channels,
-        predictor.size,
+        size,
         batch_size,
         workers,
         failures=failures,
         progress=progress,
     ):
-        z = predictor.encode(batch.images, generator).cpu()
+        shape = tuple(batch.images.shape[-2:])
+        if first is None:
+            first = (batch.indices[0], shape)
+        elif shape != first[1]:
+            a, b = files[first[0]].path, files[batch.indices[0]].path
+            raise UsageError(
+                f"{a} is {_size_text(first[1])} but {b} is {_size_text(shape)}: one latent "
+                "file holds latents of one size; encode them separately or pass --size"
+            )
+        z = predictor.encode(batch.images, generator)
+        z = (scaling.apply(z) if scaling is not None else z).cpu()
         latents.update(zip(batch.indices, z, strict=True))
         progress(len(batch))
     order = sorted(latents)
@@ -482,8 +513,13 @@ def encode_files(
         predictor.fingerprint,
         [f.name for f in kept],
         class_names,
+        scaling=scaling,
     )
     return result, [failures[i] for i in sorted(failures)]
+
+
+def _size_text(hw: tuple[int, int]) -> str:
+    return f"{hw[1]}x{hw[0]}"
 
 
 def decoded_images(

@@ -99,12 +99,22 @@ def info(
         ),
     ]
     if weights:
+        imported = facts["data"].get("kind") in ("diffusers", "single-file")
         rows += [
-            ("trained on", _describe_data(facts["data"])),
+            ("imported from" if imported else "trained on", _describe_data(facts["data"])),
             ("classes", ", ".join(facts["class_names"] or []) or "none"),
             ("fingerprint", facts["fingerprint"]),
-            ("aecli", facts["aecli_version"]),
         ]
+        rows += [] if imported else [("aecli", facts["aecli_version"])]
+    latent = config.model.latent
+    if latent.scaling_factor != 1.0 or latent.shift_factor != 0.0:
+        rows.append(
+            (
+                "latent scaling",
+                f"(z - {latent.shift_factor:g}) * {latent.scaling_factor:g} for encode --scaled",
+            )
+        )
+    if weights:
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
     results.print(key_value_table(target, rows))
     table = Table(title="Layers", title_justify="left")
@@ -132,9 +142,10 @@ def _layers(model, config) -> list[dict]:
         return " ".join([spec.type] + [f"{k}={v}" for k, v in fields.items()])
 
     latent = config.model.latent
-    head = f"{'conv 1x1' if latent.spatial else 'linear'} to " + (
-        "mean and log-variance" if latent.variational else "the code"
+    head = (
+        f"{'conv 1x1' if latent.spatial else 'linear'} to " if latent.head else "encoder output as "
     )
+    head += "mean and log-variance" if latent.variational else "the code"
     rows = []
     x = torch.empty(1, *model.input_shape, device="meta")
     for spec, module in zip(expand(config.model.encoder), model.encoder, strict=True):
@@ -158,6 +169,8 @@ def _row(part: str, text: str, module, x) -> dict:
 
 
 def _describe_data(data: dict) -> str:
+    if data.get("kind") in ("diffusers", "single-file"):
+        return data.get("path", "?")
     if data.get("kind") == "builtin-shapes":
         return f"built-in shapes ({data.get('count')} images)"
     return f"{data.get('path', '?')} ({data.get('count', '?')} images)"

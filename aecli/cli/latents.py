@@ -17,6 +17,8 @@ from aecli.cli.options import (
     Inputs,
     Json,
     Overwrite,
+    ScalingFactor,
+    ShiftFactor,
     Weights,
     Workers,
 )
@@ -34,6 +36,7 @@ ENCODE_EXAMPLES = """
   aecli encode model.safetensors photos/ -o latents.safetensors
   aecli encode m.safetensors a.png -o - | python edit.py | aecli decode m.safetensors - -o b/
   aecli encode vae.safetensors faces/ --sample --seed 3 -o z.npy
+  aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o latents.safetensors
 """
 
 DECODE_EXAMPLES = """
@@ -66,6 +69,24 @@ def encode(
     seed: Annotated[
         int, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for --sample.")
     ] = 0,
+    size: Annotated[
+        str,
+        typer.Option(
+            "--size",
+            help="The size images are resized to: model (the model's input size), native "
+            "(each image as it is; fully convolutional models, all images one size) or WxH.",
+        ),
+    ] = "model",
+    scaled: Annotated[
+        bool,
+        typer.Option(
+            "--scaled",
+            help="Write (z - shift) * scale, as diffusion models consume latents, with the "
+            "model's factors; the file records them and `aecli decode` undoes them.",
+        ),
+    ] = False,
+    scaling_factor: ScalingFactor = None,
+    shift_factor: ShiftFactor = None,
     fmt: Format = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = 32,
@@ -75,8 +96,9 @@ def encode(
 ) -> None:
     """Encode images into a latent file, or stream it to stdout with -o -.
 
-    Each image is resized to the model's input size. Subfolder names become labels, as for
-    training. Unreadable files are named with the reason and skipped (exit status 1).
+    Each image is resized to the model's input size unless --size says otherwise. Subfolder
+    names become labels, as for training. Unreadable files are named with the reason and
+    skipped (exit status 1).
     """
     from aecli.errors import UsageError
     from aecli.inference import Predictor, collect_inputs, encode_files
@@ -92,6 +114,10 @@ def encode(
             "--sample draws from a VAE's posterior; this model is a plain autoencoder",
             path=weights,
         )
+    target_size = _encode_size(size, predictor)
+    scaling = None
+    if scaled or scaling_factor is not None or shift_factor is not None:
+        scaling = predictor.latent_scaling(scaling_factor, shift_factor)
     fmt = output_format(out, fmt)
     files, failures = collect_inputs(inputs)
     if not to_stdout:
@@ -102,8 +128,10 @@ def encode(
         latents, read_failures = encode_files(
             predictor,
             files,
+            size=target_size,
             sample=sample,
             seed=seed,
+            scaling=scaling,
             batch_size=batch_size,
             workers=workers,
             progress=advance,
@@ -118,7 +146,9 @@ def encode(
     console.print(
         f"encoded {len(latents)} image{'s' * (len(latents) != 1)} -> "
         f"{'stdout' if to_stdout else out} ({fmt}, latents {shape}, "
-        f"{'sampled' if sample else 'posterior mean' if predictor.variational else 'codes'}) "
+        f"{'sampled' if sample else 'posterior mean' if predictor.variational else 'codes'}"
+        + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
+        + ") "
         f"in {seconds:.1f} s" + (f"; [red]{len(failures)} failed[/red]" if failures else "")
     )
     if as_json:
@@ -131,11 +161,43 @@ def encode(
                 "latent_shape": list(shape[1:]),
                 "fingerprint": predictor.fingerprint,
                 "labels": latents.labels is not None,
+                "scaling": None
+                if scaling is None
+                else {"scale": scaling.scale, "shift": scaling.shift},
                 "failed": failure_rows(failures),
             }
         )
     if failures:
         raise typer.Exit(1)
+
+
+def _encode_size(size: str, predictor) -> tuple[int, int] | None | str:
+    """--size: "model", None for native, or (height, width) from WxH / N."""
+    from aecli.errors import UsageError
+
+    text = size.strip().lower()
+    if text == "model":
+        return "model"
+    if text == "native":
+        if not predictor.fully_convolutional:
+            raise UsageError(
+                f"--size native: this model takes images of {predictor.accepts} only "
+                "(it is not fully convolutional)"
+            )
+        return None
+    width, sep, height = text.partition("x")
+    try:
+        hw = (int(height if sep else width), int(width))
+    except ValueError:
+        raise UsageError(f"--size {size!r}: expected model, native, WxH or N") from None
+    if min(hw) < 1 or max(hw) > 65536:
+        raise UsageError(f"--size {size}: each side must be 1 to 65536 pixels")
+    if hw != predictor.size and not predictor.fully_convolutional:
+        raise UsageError(
+            f"--size {size}: this model takes images of {predictor.accepts} only "
+            "(it is not fully convolutional)"
+        )
+    return hw
 
 
 @app.command(epilog=DECODE_EXAMPLES)
@@ -161,6 +223,16 @@ def decode(
         ),
     ],
     columns: Columns = 8,
+    scaled: Annotated[
+        bool,
+        typer.Option(
+            "--scaled",
+            help="The latents were scaled as diffusion models consume them: undo the model's "
+            "factors first. Automatic for a latent file that records its scaling.",
+        ),
+    ] = False,
+    scaling_factor: ScalingFactor = None,
+    shift_factor: ShiftFactor = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -187,6 +259,11 @@ def decode(
     latents = read_latents(latent_file)
     predictor = Predictor(weights, device)
     z = predictor.fit(latents, force=force)
+    scaling = latents.scaling
+    if scaled or scaling_factor is not None or shift_factor is not None:
+        scaling = predictor.latent_scaling(scaling_factor, shift_factor)
+    if scaling is not None:
+        z = scaling.undo(z)
     grid = is_grid(out)
     names = decoded_names(latents.sources, len(z))
     outputs = image_outputs(out, names)
@@ -213,5 +290,8 @@ def decode(
                 "latent_shape": list(z.shape[1:]),
                 "outputs": [str(o) for o in outputs],
                 "forced": forced,
+                "unscaled": None
+                if scaling is None
+                else {"scale": scaling.scale, "shift": scaling.shift},
             }
         )

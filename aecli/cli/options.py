@@ -10,7 +10,9 @@ import typer
 Weights = Annotated[
     Path,
     typer.Argument(
-        help="A weights file written by `aecli train` (the run's model.safetensors).",
+        help="A weights file written by `aecli train` (the run's model.safetensors), a diffusers "
+        "AutoencoderKL folder (or a pipeline folder with vae/), or a single-file VAE "
+        ".safetensors (Stable Diffusion, SDXL, SD3, FLUX).",
         show_default=False,
     ),
 ]
@@ -54,4 +56,23 @@ Format = Annotated[
 ]
 Columns = Annotated[
     int, typer.Option("--columns", min=1, help="Images per row when -o is a .png grid.")
+]
+
+ScalingFactor = Annotated[
+    float | None,
+    typer.Option(
+        "--scaling-factor",
+        help="The scale of --scaled latents (default: the model's, e.g. 0.18215 for SD 1.x; "
+        "0.13025 for an SDXL single file). Implies --scaled.",
+        show_default=False,
+    ),
+]
+ShiftFactor = Annotated[
+    float | None,
+    typer.Option(
+        "--shift-factor",
+        help="The shift of --scaled latents (default: the model's; FLUX 0.1159, SD3 0.0609). "
+        "Implies --scaled.",
+        show_default=False,
+    ),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,21 @@ class LatentFileError(UsageError):
     """A latent file is missing, unreadable, or does not fit the model; exit 2."""
 
 
+@dataclass(frozen=True)
+class LatentScaling:
+    """Latents as diffusion models consume them: (z - shift) * scale (Stable Diffusion's
+    scaling factor; SD3 and FLUX also shift)."""
+
+    scale: float
+    shift: float = 0.0
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift) * self.scale
+
+    def undo(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale + self.shift
+
+
 @dataclass
 class LatentFile:
     """Latent codes (N, ...) with where they came from."""
@@ -39,6 +55,7 @@ class LatentFile:
     sources: list[str] | None = None  # one name per latent (an input file, or how it was made)
     class_names: list[str] | None = None
     name: str = ""  # where it was read from, for messages
+    scaling: LatentScaling | None = None  # how `latents` were scaled, if they were
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -63,6 +80,9 @@ def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
         "sources": json.dumps(latents.sources),
         "class_names": json.dumps(latents.class_names),
     }
+    if latents.scaling is not None:
+        scaling = latents.scaling
+        metadata["scaling"] = json.dumps({"scale": scaling.scale, "shift": scaling.shift})
     return tensor_file_bytes(tensors, metadata)
 
 
@@ -135,14 +155,27 @@ def _from_safetensors(data: bytes, name: str) -> LatentFile:
         tensors = load_safetensors(data)
         sources = json.loads(metadata.get("sources", "null"))
         class_names = json.loads(metadata.get("class_names", "null"))
+        scaling = _scaling(metadata.get("scaling"))
     except Exception as exc:
         raise LatentFileError(f"damaged latent file ({first_line(exc)})", path=name) from None
     if "latents" not in tensors:
         raise LatentFileError("no `latents` tensor in the file", path=name)
     fingerprint = metadata.get("fingerprint") or None
-    return _checked(
+    checked = _checked(
         tensors["latents"].float(), tensors.get("labels"), fingerprint, sources, class_names, name
     )
+    checked.scaling = scaling
+    return checked
+
+
+def _scaling(text: str | None) -> LatentScaling | None:
+    if text is None:
+        return None
+    raw = json.loads(text)
+    scale, shift = float(raw["scale"]), float(raw["shift"])
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale > 0):
+        raise ValueError(f"scaling {raw} is not a positive finite scale and a finite shift")
+    return LatentScaling(scale, shift)
 
 
 def _safetensors_metadata(data: bytes, name: str) -> dict:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 import aecli
 from aecli.config import Config, config_from_dict
 from aecli.errors import ConfigError, WeightsError, first_line, os_reason
+from aecli.io import vae_files
 from aecli.io.atomic import atomic_write_bytes
 from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 from aecli.models import Autoencoder, build_model
@@ -125,15 +126,17 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     if not path.exists():
         raise WeightsError("file not found", path=path)
     if path.is_dir():
-        inside = path / "model.safetensors"
-        hint = f"; the run's weights are {inside}" if inside.is_file() else ""
-        raise WeightsError(f"is a folder, not a weights file{hint}", path=path)
+        return _open_diffusers_folder(path)
+    if path.suffix.lower() in vae_files.PICKLE_SUFFIXES:
+        raise WeightsError(
+            f"a {path.suffix} file is a Python pickle, which can run code when loaded; aecli "
+            "reads only .safetensors weights (look for the .safetensors release of this model)",
+            path=path,
+        )
     header, data_bytes = _read_header(path)
     metadata = header.pop("__metadata__", None) or {}
     if metadata.get("format") != FORMAT:
-        raise WeightsError(
-            "a safetensors file, but not aecli weights (no aecli metadata)", path=path
-        )
+        return _open_single_file(path, header, data_bytes)
     version = metadata.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise WeightsError(
@@ -146,27 +149,150 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         meta_model = build_model(info.config, meta=True)
     except ConfigError as exc:
         raise WeightsError(f"its stored model cannot be built: {exc}", path=path) from None
-    parameters = sum(p.numel() for p in meta_model.parameters())
+    _parameters_within_limit(path, meta_model)
+    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    expected.update(_stats_shapes(meta_model.latent_shape[0], info.class_names))
+    _check_entries(path, header, data_bytes, expected)
+    tensors = _read_tensors(path, list(header))
+    stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
+    info.latent_stats = stats or None
+    return info, tensors
+
+
+def _parameters_within_limit(path: Path, model: Autoencoder) -> None:
+    parameters = sum(p.numel() for p in model.parameters())
     if parameters > MAX_PARAMETERS:
         raise WeightsError(
             f"its stored config asks for {parameters:,} parameters, more than aecli loads "
             f"({MAX_PARAMETERS:,})",
             path=path,
         )
-    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
-    expected.update(_stats_shapes(meta_model.latent_shape[0], info.class_names))
-    _check_entries(path, header, data_bytes, expected)
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checked file; each must be finite."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            tensors = {name: handle.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"damaged safetensors file ({first_line(exc)})", path=path) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
-    stats = {k[len(STATS_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATS_PREFIX)}
-    info.latent_stats = stats or None
+    return tensors
+
+
+def _open_diffusers_folder(folder: Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.fp16]
+    .safetensors), or a pipeline folder holding one as vae/."""
+    vae = folder if (folder / vae_files.DIFFUSERS_CONFIG).is_file() else folder / "vae"
+    config_path = vae / vae_files.DIFFUSERS_CONFIG
+    if not config_path.is_file():
+        inside = folder / "model.safetensors"
+        hint = (
+            f"; the run's weights are {inside}"
+            if inside.is_file()
+            else " and not a diffusers VAE folder (no config.json, no vae/config.json)"
+        )
+        raise WeightsError(f"is a folder, not a weights file{hint}", path=folder)
+    layout = vae_files.layout_from_diffusers_config(vae_files.read_json(config_path), config_path)
+    weights = next((vae / n for n in vae_files.DIFFUSERS_WEIGHTS if (vae / n).is_file()), None)
+    if weights is None:
+        pickled = sorted(p.name for p in vae.glob("*.bin"))
+        why = (
+            f"only {pickled[0]}, a Python pickle, which aecli never loads"
+            if pickled
+            else f"no {vae_files.DIFFUSERS_WEIGHTS[0]}"
+        )
+        raise WeightsError(f"a diffusers VAE folder with {why}", path=vae)
+    header, data_bytes = _read_header(weights)
+    header.pop("__metadata__", None)
+    return _import_vae(weights, header, data_bytes, layout, "diffusers", "")
+
+
+def _open_single_file(
+    path: Path, header: dict, data_bytes: int
+) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """A safetensors VAE without aecli metadata: latent-diffusion or diffusers key names, on
+    their own or under first_stage_model. in a full Stable Diffusion checkpoint."""
+    prefix = ""
+    if vae_files.naming_of(header) is None and any(
+        k.startswith(vae_files.FULL_CHECKPOINT_PREFIX) for k in header
+    ):
+        prefix = vae_files.FULL_CHECKPOINT_PREFIX
+        header = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
+    naming = vae_files.naming_of(header)
+    if naming is None:
+        raise WeightsError(
+            "a safetensors file, but neither aecli weights (no aecli metadata) nor a VAE "
+            "(no encoder.conv_in.weight)",
+            path=path,
+        )
+    if naming == "ldm":
+        header = {
+            k: v for k, v in header.items() if not k.startswith(vae_files.IGNORED_LDM_PREFIXES)
+        }
+    shapes = {k: _entry_shape(path, k, v, data_bytes) for k, v in header.items()}
+    layout = vae_files.layout_from_shapes(shapes, naming, path)
+    return _import_vae(path, header, data_bytes, layout, naming, prefix)
+
+
+def _import_vae(
+    path: Path,
+    header: dict,
+    data_bytes: int,
+    layout: vae_files.KLLayout,
+    naming: str,
+    prefix: str,
+) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """Check a VAE file's every tensor against its layout, then read it under aecli's names."""
+    try:
+        config = layout.config()
+        meta_model = build_model(config, meta=True)
+    except ConfigError as exc:
+        raise WeightsError(f"its layout cannot be built in aecli: {exc}", path=path) from None
+    _parameters_within_limit(path, meta_model)
+    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    shapes = {k: _entry_shape(path, k, v, data_bytes) for k, v in header.items()}
+    for name, entry in header.items():
+        if entry.get("dtype") not in ("F32", "F16", "BF16"):
+            raise WeightsError(
+                f"tensor {name} is {entry.get('dtype')}; a VAE's tensors are floating point",
+                path=path,
+            )
+    wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
+    raw = _read_tensors(path, [prefix + k for k in wanted])
+    tensors = vae_files.to_aecli({k: raw[prefix + k] for k in wanted}, wanted, expected)
+    kind = "diffusers" if path.name in vae_files.DIFFUSERS_WEIGHTS else "single-file"
+    info = WeightsInfo(
+        config=config,
+        preset=f"AutoencoderKL ({kind}, {naming} keys)"
+        if kind == "single-file"
+        else "AutoencoderKL (diffusers folder)",
+        aecli_version="",
+        fingerprint=fingerprint(tensors),
+        data={"kind": kind, "path": str(path)},
+        class_names=None,
+        metrics={},
+    )
     return info, tensors
+
+
+def _entry_shape(path: Path, name: str, entry, available: int) -> tuple[int, ...]:
+    """A header entry's shape, after checking that its bytes lie within the file's data."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape = tuple(int(n) for n in shape)
+        itemsize = _DTYPE_BYTES[dtype]
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"damaged safetensors header entry for {name}", path=path) from None
+    if not (0 <= begin <= end <= available) or end - begin != itemsize * math.prod(shape):
+        raise WeightsError(
+            f"damaged safetensors file: the data of tensor {name} lies outside the file "
+            "(truncated?)",
+            path=path,
+        )
+    return shape
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -180,7 +306,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
             if length is None or length > min(size - 8, MAX_HEADER):
                 raise WeightsError(
                     f"not a safetensors file ({_sniff(path)}); aecli loads only safetensors "
-                    "weights written by `aecli train`",
+                    "weights (its own, or a Stable Diffusion-family VAE)",
                     path=path,
                 )
             parsed = safetensors_header(head + handle.read(length))
@@ -189,7 +315,7 @@ def _read_header(path: Path) -> tuple[dict, int]:
     if parsed is None:
         raise WeightsError(
             f"not a safetensors file ({_sniff(path)}); aecli loads only safetensors "
-            "weights written by `aecli train`",
+            "weights (its own, or a Stable Diffusion-family VAE)",
             path=path,
         )
     header, length = parsed
@@ -216,22 +342,11 @@ def _check_entries(
                 f"tensors do not match the stored architecture (unexpected tensor {name})",
                 path=path,
             )
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            shape = tuple(int(n) for n in shape)
-            itemsize = _DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"damaged safetensors header entry for {name}", path=path) from None
+        shape = _entry_shape(path, name, entry, available)
         if shape != expected[name]:
             raise WeightsError(
                 f"tensors do not match the stored architecture (wrong shape for {name}: "
                 f"{list(shape)}, expected {list(expected[name])})",
-                path=path,
-            )
-        if not (0 <= begin <= end <= available) or end - begin != itemsize * math.prod(shape):
-            raise WeightsError(
-                f"damaged safetensors file: the data of tensor {name} lies outside the file "
-                "(truncated?)",
                 path=path,
             )
 

@@ -169,6 +169,20 @@ def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, 
 def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
     latent = config.model.latent
     factor = 2 if latent.variational else 1
+    if not latent.head:
+        # the encoder ends in the latent itself (mean and log-variance for a VAE)
+        wanted = (latent.channels * factor,) if latent.spatial else (latent.dim * factor,)
+        if shape[:1] != wanted or len(shape) != (3 if latent.spatial else 1):
+            kind = "channels" if latent.spatial else "features"
+            raise ConfigError(
+                [
+                    f"model.latent.head: false needs the encoder to end in {wanted[0]} {kind}"
+                    f"{' (mean and log-variance)' if latent.variational else ''}, "
+                    f"it ends in shape {_fmt(shape)}"
+                ]
+            )
+        latent_shape = (latent.channels, *shape[1:]) if latent.spatial else (latent.dim,)
+        return nn.Sequential(), latent_shape
     if latent.spatial:
         if len(shape) != 3:
             raise ConfigError(

@@ -1,0 +1,496 @@
+"""Stable Diffusion-family VAEs as aecli models: diffusers `AutoencoderKL` folders and single-file
+checkpoints in the original latent-diffusion key layout, read and written.
+
+One description of the layout (`KLLayout`) gives both the aecli block config and every tensor's
+three names (aecli, diffusers, latent diffusion), so reading, writing and checking share a
+single table. Files are safetensors only; nothing here runs code from a file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aecli.config import Config, config_from_dict
+from aecli.errors import WeightsError
+
+# Scaling and shift factors per latent width when a file does not say (a single file never
+# does): SD 1.x / 2.x for 4 channels (SDXL's 0.13025 has the same layout), FLUX.1 for 16
+# (SD3's 1.5305 / 0.0609 has the same layout). `--set`-free override: encode --scaling-factor.
+KNOWN_FACTORS = {4: (0.18215, 0.0), 16: (0.3611, 0.1159)}
+
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+# Tensors of a latent-diffusion training checkpoint that are not part of the VAE (the loss's
+# discriminator and learned log-variance); a full Stable Diffusion checkpoint keeps its VAE
+# under first_stage_model.
+IGNORED_LDM_PREFIXES = ("loss.",)
+FULL_CHECKPOINT_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class KLLayout:
+    """The hyperparameters of a diffusers AutoencoderKL (the latent-diffusion kl-f* family)."""
+
+    in_channels: int
+    out_channels: int
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    latent_channels: int
+    norm_groups: int = 32
+    quant_conv: bool = True
+    post_quant_conv: bool = True
+    mid_attention: bool = True
+    sample_size: int = 256
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    def config(self) -> Config:
+        """The aecli config of this layout (training settings as the cat-kl-f8 preset)."""
+        return config_from_dict(self.raw_config(), "the VAE's configuration")
+
+    def raw_config(self) -> dict:
+        encoder, decoder = [], []
+        for part in _parts(self):
+            if part.where == "encoder":
+                encoder.append(part.spec)
+            elif part.where == "decoder":
+                decoder.append(part.spec)
+        return {
+            "data": {
+                "image_size": self.sample_size,
+                "channels": self.in_channels,
+                "range": "symmetric",
+            },
+            "model": {
+                "encoder": encoder,
+                "latent": {
+                    "channels": self.latent_channels,
+                    "variational": True,
+                    "head": self.quant_conv,
+                    "scaling_factor": self.scaling_factor,
+                    "shift_factor": self.shift_factor,
+                },
+                "decoder": decoder,
+                "output": "none",
+            },
+            "loss": {"reconstruction": "l1", "reduction": "sum", "kl_weight": 1.0e-6},
+            "optim": {"name": "adam", "lr": 3.6e-5, "betas": [0.5, 0.9]},
+            "train": {"epochs": 10, "batch_size": 8},
+        }
+
+    def diffusers_config(self) -> dict:
+        """config.json as diffusers writes it for AutoencoderKL."""
+        levels = len(self.block_out_channels)
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "act_fn": "silu",
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_groups,
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor or None,
+            "force_upcast": True,
+            "use_quant_conv": self.quant_conv,
+            "use_post_quant_conv": self.post_quant_conv,
+            "mid_block_add_attention": self.mid_attention,
+        }
+
+    def names(self) -> list[TensorName]:
+        """Every tensor of the model under its three names."""
+        return [name for part in _parts(self) for name in part.tensors()]
+
+
+@dataclass(frozen=True)
+class TensorName:
+    aecli: str
+    diffusers: str
+    ldm: str
+    matrix: bool = False  # diffusers stores attention projections as (C, C), aecli as (C, C, 1, 1)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One aecli module of the layout: its block spec, aecli prefix and the two source prefixes."""
+
+    where: str  # encoder, latent_head or decoder
+    spec: dict
+    aecli: str
+    diffusers: str | None
+    ldm: str | None
+    shortcut: bool = False
+
+    def tensors(self) -> Iterator[TensorName]:
+        kind = self.spec["type"] if self.where != "latent_head" else "head"
+        suffixes: list[tuple[str, str, str]] = {
+            "conv": [("conv.", "", "")],
+            "head": [("", "", "")],
+            "norm": [("", "", "")],
+            "resblock": [(f"{n}.", f"{n}.", f"{n}.") for n in ("norm1", "conv1", "norm2", "conv2")]
+            + ([("shortcut.", "conv_shortcut.", "nin_shortcut.")] if self.shortcut else []),
+            "attention": [
+                ("norm.", "group_norm.", "norm."),
+                ("q.", "to_q.", "q."),
+                ("k.", "to_k.", "k."),
+                ("v.", "to_v.", "v."),
+                ("proj.", "to_out.0.", "proj_out."),
+            ],
+        }.get(kind, [])
+        for a, d, ldm in suffixes:
+            for param in ("weight", "bias"):
+                yield TensorName(
+                    f"{self.aecli}.{a}{param}",
+                    f"{self.diffusers}.{d}{param}",
+                    f"{self.ldm}.{ldm}{param}",
+                    matrix=kind == "attention" and a != "norm." and param == "weight",
+                )
+
+
+def _parts(layout: KLLayout) -> list[_Part]:
+    """The modules of the layout in order, as diffusers' Encoder / Decoder build them."""
+    parts: list[_Part] = []
+    groups = layout.norm_groups
+    index = {"encoder": 0, "decoder": 0}
+
+    def add(where, spec, diffusers=None, ldm=None, shortcut=False):
+        if where == "latent_head":
+            prefix = "latent_head.0"
+        else:
+            prefix = f"{where}.{index[where]}"
+            index[where] += 1
+        parts.append(_Part(where, spec, prefix, diffusers, ldm, shortcut))
+
+    def conv(out, kernel=3, stride=1, padding=1):
+        return {"type": "conv", "out": out, "kernel": kernel, "stride": stride, "padding": padding}
+
+    def resblock(where, channels, out, diffusers, ldm):
+        spec = {"type": "resblock", "out": out, "groups": groups}
+        add(where, spec, diffusers, ldm, shortcut=channels != out)
+
+    def middle(where, channels):
+        resblock(where, channels, channels, f"{where}.mid_block.resnets.0", f"{where}.mid.block_1")
+        if layout.mid_attention:
+            spec = {"type": "attention", "groups": groups}
+            add(where, spec, f"{where}.mid_block.attentions.0", f"{where}.mid.attn_1")
+        resblock(where, channels, channels, f"{where}.mid_block.resnets.1", f"{where}.mid.block_2")
+
+    def tail(where, channels, out):
+        norm = {"type": "norm", "kind": "group", "groups": groups}
+        add(where, norm, f"{where}.conv_norm_out", f"{where}.norm_out")
+        add(where, {"type": "act", "fn": "silu"})
+        add(where, conv(out), f"{where}.conv_out", f"{where}.conv_out")
+
+    widths = layout.block_out_channels
+    levels = len(widths)
+    # encoder: conv_in, per level resnets then a stride-2 conv (diffusers pads right and bottom
+    # by one pixel, which is TensorFlow's `same` for the even sizes aecli feeds it), middle, out
+    add("encoder", conv(widths[0]), "encoder.conv_in", "encoder.conv_in")
+    channels = widths[0]
+    for i, out in enumerate(widths):
+        for j in range(layout.layers_per_block):
+            d, ldm = f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}"
+            resblock("encoder", channels, out, d, ldm)
+            channels = out
+        if i < levels - 1:
+            d, ldm = (
+                f"encoder.down_blocks.{i}.downsamplers.0.conv",
+                f"encoder.down.{i}.downsample.conv",
+            )
+            add("encoder", conv(out, stride=2, padding="same"), d, ldm)
+    middle("encoder", channels)
+    tail("encoder", channels, 2 * layout.latent_channels)
+    if layout.quant_conv:
+        add("latent_head", {}, "quant_conv", "quant_conv")
+    # decoder: post_quant_conv, conv_in, middle, per level (reversed) resnets then upsampling;
+    # latent diffusion numbers its up levels from the highest resolution
+    latent = layout.latent_channels
+    if layout.post_quant_conv:
+        add("decoder", conv(latent, kernel=1, padding=0), "post_quant_conv", "post_quant_conv")
+    channels = widths[-1]
+    add("decoder", conv(channels), "decoder.conv_in", "decoder.conv_in")
+    middle("decoder", channels)
+    for i, out in enumerate(reversed(widths)):
+        level = levels - 1 - i
+        for j in range(layout.layers_per_block + 1):
+            d, ldm = f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}"
+            resblock("decoder", channels, out, d, ldm)
+            channels = out
+        if i < levels - 1:
+            add("decoder", {"type": "upsample", "factor": 2})
+            d, ldm = f"decoder.up_blocks.{i}.upsamplers.0.conv", f"decoder.up.{level}.upsample.conv"
+            add("decoder", conv(out), d, ldm)
+    tail("decoder", channels, layout.out_channels)
+    return parts
+
+
+# -- recognising a layout ----------------------------------------------------------------------
+
+
+def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
+    """The layout a diffusers config.json describes; anything aecli cannot build is refused."""
+    name = raw.get("_class_name", "AutoencoderKL")
+    if name != "AutoencoderKL":
+        raise WeightsError(
+            f"a diffusers {name}; aecli reads AutoencoderKL (the SD / SDXL / SD3 / FLUX VAE)",
+            path=path,
+        )
+    try:
+        widths = tuple(int(w) for w in raw["block_out_channels"])
+        for key, allowed in (
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ):
+            kinds = raw.get(key, [allowed] * len(widths))
+            if len(kinds) != len(widths) or any(k != allowed for k in kinds):
+                raise WeightsError(f"{key} {kinds}: aecli builds {allowed} only", path=path)
+        if raw.get("act_fn", "silu") != "silu":
+            raise WeightsError(f"act_fn {raw['act_fn']!r}: aecli builds silu only", path=path)
+        latent = int(raw.get("latent_channels", 4))
+        scale, shift = KNOWN_FACTORS.get(latent, (1.0, 0.0))
+        return KLLayout(
+            in_channels=int(raw.get("in_channels", 3)),
+            out_channels=int(raw.get("out_channels", 3)),
+            block_out_channels=widths,
+            layers_per_block=int(raw.get("layers_per_block", 1)),
+            latent_channels=latent,
+            norm_groups=int(raw.get("norm_num_groups", 32)),
+            quant_conv=bool(raw.get("use_quant_conv", True)),
+            post_quant_conv=bool(raw.get("use_post_quant_conv", True)),
+            mid_attention=bool(raw.get("mid_block_add_attention", True)),
+            sample_size=_sample_size(raw.get("sample_size", 256)),
+            scaling_factor=float(raw.get("scaling_factor") or scale),
+            shift_factor=float(raw.get("shift_factor") or 0.0),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(
+            f"{DIFFUSERS_CONFIG}: unusable AutoencoderKL config ({exc})", path=path
+        ) from None
+
+
+def _sample_size(value) -> int:
+    return int(value[0] if isinstance(value, list | tuple) else value)
+
+
+def layout_from_shapes(shapes: dict[str, tuple[int, ...]], naming: str, path: Path) -> KLLayout:
+    """The layout of a single-file VAE, from its tensor shapes (`naming`: ldm or diffusers).
+    GroupNorm's group count leaves no trace in the shapes: every known VAE uses 32."""
+    ldm = naming == "ldm"
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in shapes:
+            raise WeightsError(f"not a VAE file aecli knows: it has no tensor {name}", path=path)
+        return shapes[name]
+
+    def down(i, j):
+        return f"encoder.down.{i}.block.{j}" if ldm else f"encoder.down_blocks.{i}.resnets.{j}"
+
+    widths = []
+    while f"{down(len(widths), 0)}.conv1.weight" in shapes:
+        widths.append(shape(f"{down(len(widths), 0)}.conv1.weight")[0])
+    if not widths:
+        shape(f"{down(0, 0)}.conv1.weight")
+    layers = 0
+    while f"{down(0, layers)}.conv1.weight" in shapes:
+        layers += 1
+    latent = shape("decoder.conv_in.weight")[1]
+    attention = (
+        "encoder.mid.attn_1.q.weight" if ldm else "encoder.mid_block.attentions.0.to_q.weight"
+    )
+    legacy = "encoder.mid_block.attentions.0.query.weight"
+    scale, shift = KNOWN_FACTORS.get(latent, (1.0, 0.0))
+    return KLLayout(
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=tuple(widths),
+        layers_per_block=layers,
+        latent_channels=latent,
+        quant_conv="quant_conv.weight" in shapes,
+        post_quant_conv="post_quant_conv.weight" in shapes,
+        mid_attention=attention in shapes or legacy in shapes,
+        scaling_factor=scale,
+        shift_factor=shift,
+    )
+
+
+def naming_of(keys) -> str | None:
+    """ldm or diffusers, from the key names of a VAE state dict; None for neither."""
+    keys = set(keys)
+    if "encoder.conv_in.weight" not in keys:
+        return None
+    if any(k.startswith("encoder.down_blocks.") for k in keys):
+        return "diffusers"
+    if any(k.startswith("encoder.down.") for k in keys):
+        return "ldm"
+    return None
+
+
+# Attention names of diffusers before 0.14, which from_pretrained still reads.
+_LEGACY_ATTENTION = {
+    "to_q.": "query.",
+    "to_k.": "key.",
+    "to_v.": "value.",
+    "to_out.0.": "proj_attn.",
+}
+
+
+def source_names(layout: KLLayout, naming: str, available) -> dict[str, TensorName]:
+    """{name in the file: TensorName} for every tensor of the layout; legacy diffusers attention
+    names are used where the file has them."""
+    available = set(available)
+    found = {}
+    for name in layout.names():
+        key = name.ldm if naming == "ldm" else name.diffusers
+        if naming == "diffusers" and key not in available:
+            for new, old in _LEGACY_ATTENTION.items():
+                if f".attentions.0.{new}" in key:
+                    legacy = key.replace(f".attentions.0.{new}", f".attentions.0.{old}")
+                    key = legacy if legacy in available else key
+        found[key] = name
+    return found
+
+
+def check_shapes(
+    layout: KLLayout,
+    naming: str,
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    path: Path,
+) -> dict[str, TensorName]:
+    """Every tensor the layout needs, with the aecli model's shape, and no other; one line
+    naming the first missing, unexpected or misshapen key."""
+    wanted = source_names(layout, naming, shapes)
+    missing = [k for k in wanted if k not in shapes]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"missing tensor {missing[0]}{more} for its layout", path=path)
+    extra = [k for k in shapes if k not in wanted]
+    if extra:
+        raise WeightsError(
+            f"unexpected tensor {extra[0]}"
+            + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+            + " (not part of an AutoencoderKL of this layout)",
+            path=path,
+        )
+    for key, name in wanted.items():
+        target = expected[name.aecli]
+        want = (
+            target[:2]
+            if name.matrix and naming == "diffusers" and len(shapes[key]) == 2
+            else target
+        )
+        if tuple(shapes[key]) != tuple(want):
+            raise WeightsError(
+                f"tensor {key} has shape {list(shapes[key])}, its layout needs {list(want)}",
+                path=path,
+            )
+    return wanted
+
+
+def to_aecli(tensors: dict[str, torch.Tensor], wanted: dict[str, TensorName], expected) -> dict:
+    """The file's tensors under aecli's names and shapes, as float32."""
+    return {
+        name.aecli: tensors[key].to(torch.float32).reshape(expected[name.aecli])
+        for key, name in wanted.items()
+    }
+
+
+def from_aecli(state: dict[str, torch.Tensor], layout: KLLayout, naming: str) -> dict:
+    """An aecli state dict under diffusers' or latent diffusion's names and shapes."""
+    out = {}
+    for name in layout.names():
+        tensor = state[name.aecli].detach().to("cpu").contiguous()
+        if naming == "diffusers":
+            out[name.diffusers] = tensor.flatten(1) if name.matrix else tensor
+        else:
+            out[name.ldm] = tensor
+    return out
+
+
+def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
+    """The AutoencoderKL layout an aecli config has, or (None, the first thing that differs)."""
+    model, latent = config.model, config.model.latent
+    if not latent.spatial or not latent.variational:
+        return None, "model.latent: AutoencoderKL has a spatial variational latent"
+    if model.output != "none" or config.data.range != "symmetric":
+        return (
+            None,
+            "AutoencoderKL works on images in [-1, 1] (data.range symmetric, model.output none)",
+        )
+    encoder = [s for s in model.encoder for _ in range(getattr(s, "repeat", 1))]
+    decoder = [s for s in model.decoder for _ in range(getattr(s, "repeat", 1))]
+    res = [s for s in encoder if s.type == "resblock"]
+    if encoder[0].type != "conv" or not res:
+        return None, "model.encoder: AutoencoderKL starts with a convolution and residual blocks"
+    layers = 0
+    while layers + 1 < len(encoder) and encoder[layers + 1].type == "resblock":
+        layers += 1
+    # each level's width: the `out` of its last residual block before a downsampling
+    widths, current = [], encoder[0].out
+    for spec in encoder[1:]:
+        if spec.type == "resblock":
+            current = spec.out or current
+        elif spec.type == "conv" and spec.stride == 2:
+            widths.append(current)
+    widths.append(current)
+    first = decoder[0]
+    post = first.type == "conv" and first.kernel == 1 and first.out == latent.channels
+    layout = KLLayout(
+        in_channels=config.data.channels,
+        out_channels=decoder[-1].out if decoder[-1].type == "conv" else config.data.channels,
+        block_out_channels=tuple(widths),
+        layers_per_block=layers,
+        latent_channels=latent.channels,
+        norm_groups=res[0].groups,
+        quant_conv=latent.head,
+        post_quant_conv=post,
+        mid_attention=any(s.type == "attention" for s in encoder),
+        sample_size=config.data.size[0],
+        scaling_factor=latent.scaling_factor,
+        shift_factor=latent.shift_factor,
+    )
+    try:
+        reference = layout.config().model
+    except Exception:  # noqa: BLE001  (any failure means: not this layout)
+        return None, "model: not the AutoencoderKL layout"
+    for where, mine, theirs in (
+        ("model.encoder", encoder, reference.encoder),
+        ("model.decoder", decoder, reference.decoder),
+    ):
+        for i in range(max(len(mine), len(theirs))):
+            a = mine[i].model_dump(exclude={"repeat"}) if i < len(mine) else None
+            b = theirs[i].model_dump(exclude={"repeat"}) if i < len(theirs) else None
+            if a != b:
+                got = _spec_text(a) if a else "nothing"
+                want = _spec_text(b) if b else "nothing"
+                return None, f"{where}.{i} is {got}; AutoencoderKL has {want} there"
+    return layout, ""
+
+
+def _spec_text(spec: dict) -> str:
+    fields = " ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
+    return f"{spec['type']} {fields}".strip()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"unreadable JSON ({exc})", path=path) from None
+    if not isinstance(raw, dict):
+        raise WeightsError("not a JSON object", path=path)
+    return raw
