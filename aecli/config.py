@@ -281,6 +281,11 @@ class TrainConfig(Strict):
         "auto", description="auto: channels-last on CUDA, contiguous on the CPU"
     )
     compile: bool = False
+    freeze: Literal["none", "encoder", "decoder"] = Field(
+        "none",
+        description="keep this part's weights as they start (e.g. fine-tune a VAE's decoder "
+        "from --init weights)",
+    )
     deterministic: bool = Field(
         False,
         description="deterministic algorithms (bit-exact resume on CUDA), at some cost in speed",
@@ -419,6 +424,13 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(["the top level must be a mapping of sections"], path=source)
+    return override_config(raw, name, source, overrides)
+
+
+def override_config(
+    raw: dict, name: str, source: str, overrides: list[str] | None = None
+) -> LoadedConfig:
+    """Apply `key=value` overrides to a parsed config (a preset's, or one stored in weights)."""
     overridden = apply_overrides(raw, overrides or [])
     return LoadedConfig(validate_config(raw, source, overridden), name, source)
 

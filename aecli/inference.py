@@ -519,7 +519,7 @@ def encode_files(
 
 
 def _size_text(hw: tuple[int, int]) -> str:
-    return f"{hw[1]}x{hw[0]}"
+    return f"{hw[0]}x{hw[1]}"
 
 
 def decoded_images(

@@ -2,6 +2,7 @@
 
 from aecli.cli import (  # noqa: F401  (importing a module registers its commands)
     diff,
+    export,
     generate,
     inspect,
     latents,

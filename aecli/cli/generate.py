@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from enum import Enum
@@ -12,7 +11,16 @@ from typing import Annotated
 import typer
 
 from aecli.cli.app import app, guarded
-from aecli.cli.options import BatchSize, Columns, Device, Format, Json, Overwrite, Weights
+from aecli.cli.options import (
+    BatchSize,
+    Columns,
+    Device,
+    Format,
+    Json,
+    Overwrite,
+    Weights,
+    parse_size,
+)
 from aecli.cli.render import console, print_json, progress_bar
 from aecli.errors import UsageError
 
@@ -38,15 +46,6 @@ INTERPOLATE_EXAMPLES = """
 class Mode(str, Enum):
     lerp = "lerp"
     slerp = "slerp"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`HxW` (or one number for a square) -> (H, W)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
-    if not match or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
-        raise UsageError(f"--size {text}: not a size; give HxW (e.g. 64x96) or one number")
-    h = int(match[1])
-    return h, int(match[2] or h)
 
 
 @app.command(epilog=SAMPLE_EXAMPLES)

@@ -21,6 +21,7 @@ from aecli.cli.options import (
     ShiftFactor,
     Weights,
     Workers,
+    parse_size,
 )
 from aecli.cli.render import (
     console,
@@ -74,7 +75,7 @@ def encode(
         typer.Option(
             "--size",
             help="The size images are resized to: model (the model's input size), native "
-            "(each image as it is; fully convolutional models, all images one size) or WxH.",
+            "(each image as it is; fully convolutional models, all images one size) or HxW.",
         ),
     ] = "model",
     scaled: Annotated[
@@ -172,7 +173,7 @@ def encode(
 
 
 def _encode_size(size: str, predictor) -> tuple[int, int] | None | str:
-    """--size: "model", None for native, or (height, width) from WxH / N."""
+    """--size: "model", None for native, or (height, width) from HxW / N."""
     from aecli.errors import UsageError
 
     text = size.strip().lower()
@@ -185,13 +186,9 @@ def _encode_size(size: str, predictor) -> tuple[int, int] | None | str:
                 "(it is not fully convolutional)"
             )
         return None
-    width, sep, height = text.partition("x")
-    try:
-        hw = (int(height if sep else width), int(width))
-    except ValueError:
-        raise UsageError(f"--size {size!r}: expected model, native, WxH or N") from None
-    if min(hw) < 1 or max(hw) > 65536:
-        raise UsageError(f"--size {size}: each side must be 1 to 65536 pixels")
+    hw = parse_size(size)
+    if max(hw) > 65536:
+        raise UsageError(f"--size {size}: each side must be at most 65536 pixels")
     if hw != predictor.size and not predictor.fully_convolutional:
         raise UsageError(
             f"--size {size}: this model takes images of {predictor.accepts} only "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from aecli.errors import UsageError
 
 Weights = Annotated[
     Path,
@@ -76,3 +79,12 @@ ShiftFactor = Annotated[
         show_default=False,
     ),
 ]
+
+
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
+    """`HxW` (or one number for a square) -> (H, W)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", text)
+    if not match or int(match[1]) == 0 or (match[2] and int(match[2]) == 0):
+        raise UsageError(f"{option} {text}: not a size; give HxW (e.g. 64x96) or one number")
+    h = int(match[1])
+    return h, int(match[2] or h)

@@ -19,6 +19,7 @@ EXAMPLES = """
   aecli train mnist-cae --data digits.npz --epochs 5
   aecli train cifar-cae --data images/ --set model.latent.dim=64 --out runs/cifar64
   aecli train my-preset.yaml --data photos/ --device cuda --json
+  aecli train --init sd-vae-ft-mse/ --data photos/ --set train.freeze=encoder
 """
 
 
@@ -121,6 +122,14 @@ def train(
         "and data; --epochs N sets a new total.",
         show_default=False,
     ),
+    init: Path = typer.Option(
+        None,
+        "--init",
+        help="Start from these weights (aecli's, a diffusers AutoencoderKL folder or a "
+        "single-file VAE): every tensor whose name and shape fit the preset's model is loaded. "
+        "Without a PRESET, the weights' own architecture and settings are used.",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Train an autoencoder from a preset and write a run directory.
@@ -130,7 +139,7 @@ def train(
     metrics.jsonl (one line per epoch) and grids/epoch-NNNN.png (validation images over their
     reconstructions). Ctrl-C stops after the current step, saves, and prints the resume command.
     """
-    from aecli.config import load_config
+    from aecli.config import load_config, override_config
     from aecli.data import load_data
     from aecli.devices import resolve_device
     from aecli.engine import plan_resume
@@ -138,13 +147,16 @@ def train(
     from aecli.engine import train as run_training
     from aecli.errors import UsageError
     from aecli.io.outputs import make_folder, remove_if_empty
+    from aecli.io.weights import init_weights, read_weights
 
+    start = None  # the --init tensors that fit
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
     console.quiet = console.quiet or not main_rank
     resolved_device = resolve_device(device)  # checked before the data loads
     if resume is not None:
         given = (
             ("PRESET", preset),
+            ("--init", init),
             ("--out", out),
             ("--set", overrides),
             ("--batch-size", batch_size),
@@ -170,8 +182,17 @@ def train(
             "train.seed": seed,
         }
         overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-        loaded = load_config(preset, overrides)
+        if init is not None:
+            stored, init_tensors = read_weights(init)
+        if init is not None and preset is None:
+            raw = stored.config.model_dump(mode="json")
+            loaded = override_config(raw, _init_name(init, stored), str(init), overrides)
+        else:
+            loaded = load_config(preset, overrides)
         config, name = loaded.config, loaded.name
+        if init is not None:
+            start = init_weights(init, init_tensors, config)
+            del init_tensors
         run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         _check_run_dir(run_dir)
         _check_outside_data(run_dir, data, "--out")
@@ -193,6 +214,10 @@ def train(
         f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
         f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
     )
+    if start is not None:
+        console.print(f"Initialised from {init}: {start.describe()}")
+    if config.train.freeze != "none":
+        console.print(f"The {config.train.freeze} is frozen (train.freeze).")
     if resume is not None:
         result = resume_training(plan, dataset, run_dir, device=device, reporter=RichReporter())
     else:
@@ -205,6 +230,7 @@ def train(
             device=device,
             reporter=RichReporter(),
             data_path=data_path,
+            init=start.tensors if start is not None else None,
         )
 
     final = result.final
@@ -233,6 +259,14 @@ def train(
     console.print(key_value_table("Training finished", rows))
     if as_json and main_rank:
         print_json(summary)
+
+
+def _init_name(init: Path, stored) -> str:
+    """A run's name when it takes its config from --init weights: their preset, or for an
+    imported VAE the file or folder name."""
+    if stored.data.get("kind") in ("diffusers", "single-file"):
+        return Path(init).resolve().stem or "vae"
+    return stored.preset
 
 
 def epoch_metrics(record: dict) -> dict:

@@ -67,6 +67,11 @@ class TrainStep:
         world: int = 1,
     ):
         self.config, self.model, self.execution = config, model, execution
+        freeze = config.train.freeze
+        if freeze != "none":
+            frozen = [model.decoder] if freeze == "decoder" else [model.encoder, model.latent_head]
+            for part in frozen:
+                part.requires_grad_(False)
         self.ema: Autoencoder | None = None
         if config.train.ema is not None:
             self.ema = copy.deepcopy(model).requires_grad_(False)
@@ -81,8 +86,9 @@ class TrainStep:
         self.forward = torch.compile(forward) if config.train.compile else forward
         optim = config.optim
         optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer_class(
-            model.parameters(),
+            self.params,
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
@@ -91,7 +97,6 @@ class TrainStep:
         )
         self.seed = config.train.seed + 1_000_003 * rank
         self.random = uses_randomness(config, model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
         if self.ema is not None:  # the lists foreach operations take, built once
             self.ema_params = list(self.ema.parameters())
             self.model_params = list(model.parameters())

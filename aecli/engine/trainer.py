@@ -105,6 +105,7 @@ class Trainer:
         device: str | None = None,
         reporter: Reporter | None = None,
         data_path: str | None = None,
+        init: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.preset = config, preset
         self.run = RunDirectory(run_dir)
@@ -121,7 +122,10 @@ class Trainer:
         self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
 
         torch.manual_seed(config.train.seed)
-        model = build_model(config).to(self.device, memory_format=self.execution.memory_format)
+        model = build_model(config)
+        if init:  # checked against this architecture (io.weights.init_weights)
+            model.load_state_dict(init)
+        model.to(self.device, memory_format=self.execution.memory_format)
         self.train_step = TrainStep(
             config, model, self.execution, rank=self.dist.rank, world=self.dist.world
         )
@@ -460,7 +464,7 @@ class Trainer:
 def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
     """Train a model on `data` and write the run directory (DESIGN section 4).
 
-    `options` are Trainer's keywords: preset (required), device, reporter, data_path.
+    `options` are Trainer's keywords: preset (required), device, reporter, data_path, init.
     """
     return Trainer(config, data, run_dir, **options).fit()
 

@@ -494,3 +494,18 @@ def read_json(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise WeightsError("not a JSON object", path=path)
     return raw
+
+
+def export_files(state: dict[str, torch.Tensor], layout: KLLayout, fmt: str) -> dict[str, bytes]:
+    """{relative file name: bytes} of a VAE in `fmt`: diffusers (config.json and
+    diffusion_pytorch_model.safetensors, what AutoencoderKL.from_pretrained reads) or
+    single-file (one .safetensors in the latent-diffusion key layout)."""
+    from aecli.io.tensorfile import tensor_file_bytes
+
+    naming = "diffusers" if fmt == "diffusers" else "ldm"
+    tensors = from_aecli(state, layout, naming)
+    data = tensor_file_bytes(tensors, {"format": "pt"})
+    if fmt == "single-file":
+        return {"": data}
+    config = json.dumps(layout.diffusers_config(), indent=2) + "\n"
+    return {DIFFUSERS_CONFIG: config.encode(), DIFFUSERS_WEIGHTS[0]: data}

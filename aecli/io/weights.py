@@ -110,6 +110,53 @@ def load_weights(
     return model.to(device).eval(), info
 
 
+@dataclass
+class InitWeights:
+    """Tensors to start a run from (`aecli train --init`), checked against its model."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def describe(self) -> str:
+        parameters = sum(t.numel() for t in self.tensors.values())
+        parts = {"encoder": 0, "latent_head": 0, "decoder": 0}
+        for name in self.tensors:
+            parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + 1
+        listing = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in parts.items() if v)
+        return f"all {len(self.tensors)} tensors ({listing}; {parameters:,} values)"
+
+
+def read_weights(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """Any weights aecli reads (its own, a diffusers folder, a single-file VAE), checked, as
+    what they say about themselves and their tensors under aecli's names (CPU)."""
+    return _open(path)
+
+
+def init_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: Config) -> InitWeights:
+    """The tensors (from `read_weights(path)`) to start the model `config` builds from: the
+    architecture must match, every tensor by name and shape; one line names the first that
+    does not."""
+    expected = {k: tuple(v.shape) for k, v in build_model(config, meta=True).state_dict().items()}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(STATS_PREFIX)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            problem = f"this model has {name}, the weights do not"
+        elif tuple(tensors[name].shape) != shape:
+            problem = f"{name} is {list(tensors[name].shape)} in the weights, {list(shape)} here"
+        else:
+            continue
+        raise WeightsError(
+            f"--init: another architecture than this preset's ({problem})", path=path
+        )
+    extra = next((k for k in tensors if k not in expected), None)
+    if extra is not None:
+        raise WeightsError(
+            f"--init: another architecture than this preset's (the weights have {extra}, this "
+            "model does not)",
+            path=path,
+        )
+    return InitWeights(tensors)
+
+
 # A model's parameters at most (16 GB in float32): a stored config may not ask for more memory.
 MAX_PARAMETERS = 2**32
 # safetensors' own limit on the JSON header.
