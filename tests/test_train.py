@@ -189,7 +189,7 @@ def test_bad_weights_files_are_one_line(kind, tmp_path, cli):
     expected = {
         "missing": "file not found",
         "pickle": "pickle",
-        "foreign": "not aecli weights",
+        "foreign": "neither aecli weights (no aecli metadata) nor a VAE",
         "nonfinite": "non-finite",
         "empty": "empty",
     }[kind]

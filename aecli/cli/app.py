@@ -44,8 +44,7 @@ def main_options(
     ),
 ) -> None:
     """Global options."""
-    if debug:
-        _state["debug"] = True
+    _state["debug"] = debug  # set on every call: one process may run several commands
 
 
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -467,23 +467,31 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
         reference = layout.config().model
     except Exception:  # noqa: BLE001  (any failure means: not this layout)
         return None, "model: not the AutoencoderKL layout"
-    for where, mine, theirs in (
-        ("model.encoder", encoder, reference.encoder),
-        ("model.decoder", decoder, reference.decoder),
+    for where, specs, theirs in (
+        ("model.encoder", model.encoder, reference.encoder),
+        ("model.decoder", model.decoder, reference.decoder),
     ):
-        for i in range(max(len(mine), len(theirs))):
-            a = mine[i].model_dump(exclude={"repeat"}) if i < len(mine) else None
-            b = theirs[i].model_dump(exclude={"repeat"}) if i < len(theirs) else None
-            if a != b:
-                got = _spec_text(a) if a else "nothing"
-                want = _spec_text(b) if b else "nothing"
-                return None, f"{where}.{i} is {got}; AutoencoderKL has {want} there"
+        mine = [(i, s) for i, s in enumerate(specs) for _ in range(getattr(s, "repeat", 1))]
+        for j in range(max(len(mine), len(theirs))):
+            index, spec = mine[j] if j < len(mine) else (len(specs), None)
+            want = theirs[j] if j < len(theirs) else None
+            if _dump(spec) != _dump(want):
+                return None, (
+                    f"{where}.{index} is {_spec_text(spec)}; AutoencoderKL has "
+                    f"{_spec_text(want)} there"
+                )
     return layout, ""
 
 
-def _spec_text(spec: dict) -> str:
-    fields = " ".join(f"{k}={v}" for k, v in spec.items() if k != "type")
-    return f"{spec['type']} {fields}".strip()
+def _dump(spec) -> dict | None:
+    return None if spec is None else spec.model_dump(exclude={"repeat"})
+
+
+def _spec_text(spec) -> str:
+    if spec is None:
+        return "nothing"
+    fields = spec.model_dump(exclude_defaults=True, exclude={"type", "repeat"})
+    return " ".join([spec.type] + [f"{k}={v}" for k, v in fields.items()])
 
 
 def read_json(path: Path) -> dict:
