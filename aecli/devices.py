@@ -110,6 +110,21 @@ _BF16_PEAKS = (
 )
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on a device: the GPU's free memory, or the host's available
+    memory (Linux); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
     """The device's peak FLOP/s for bf16 tensor-core work; None where it is not known (the
     CPU, another precision, an unlisted GPU), so that no MFU is guessed."""

@@ -19,6 +19,8 @@ from aecli.cli.options import (
     Overwrite,
     ScalingFactor,
     ShiftFactor,
+    Tile,
+    TileOverlap,
     Weights,
     Workers,
     parse_size,
@@ -88,6 +90,8 @@ def encode(
     ] = False,
     scaling_factor: ScalingFactor = None,
     shift_factor: ShiftFactor = None,
+    tile: Tile = None,
+    tile_overlap: TileOverlap = None,
     fmt: Format = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = 32,
@@ -110,6 +114,7 @@ def encode(
     if to_stdout and as_json:
         raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
     predictor = Predictor(weights, device)
+    predictor.set_tiling(tile, tile_overlap, batch_size)
     if sample and not predictor.variational:
         raise UsageError(
             "--sample draws from a VAE's posterior; this model is a plain autoencoder",
@@ -230,6 +235,8 @@ def decode(
     ] = False,
     scaling_factor: ScalingFactor = None,
     shift_factor: ShiftFactor = None,
+    tile: Tile = None,
+    tile_overlap: TileOverlap = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -255,6 +262,7 @@ def decode(
 
     latents = read_latents(latent_file)
     predictor = Predictor(weights, device)
+    predictor.set_tiling(tile, tile_overlap, batch_size)
     z = predictor.fit(latents, force=force)
     scaling = latents.scaling
     if scaled or scaling_factor is not None or shift_factor is not None:

@@ -80,6 +80,27 @@ ShiftFactor = Annotated[
     ),
 ]
 
+Tile = Annotated[
+    int | None,
+    typer.Option(
+        "--tile",
+        min=1,
+        help="Fully convolutional models: work in tiles of SIZE x SIZE pixels, blended where "
+        "they overlap, so that memory follows the tile, not the image (e.g. 512). "
+        "--batch-size then counts tiles.",
+        show_default=False,
+    ),
+]
+TileOverlap = Annotated[
+    int | None,
+    typer.Option(
+        "--tile-overlap",
+        min=0,
+        help="Pixels neighbouring tiles share (default: a quarter of --tile).",
+        show_default=False,
+    ),
+]
+
 
 def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
     """`HxW` (or one number for a square) -> (H, W)."""

@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 
 from aecli.cli.app import app, guarded
-from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
+from aecli.cli.options import (
+    BatchSize,
+    Device,
+    Inputs,
+    Json,
+    Overwrite,
+    Tile,
+    TileOverlap,
+    Weights,
+    Workers,
+)
 from aecli.cli.render import (
     console,
     failure_rows,
@@ -25,6 +35,7 @@ EXAMPLES = """
   aecli reconstruct runs/demo/model.safetensors photos/ -o recon/
   aecli reconstruct model.safetensors a.jpg b.png -o out/ --grid sheet.png
   aecli reconstruct model.safetensors photos/ --metrics --json > metrics.json
+  aecli reconstruct sd-vae-ft-mse/ big-photos/ -o recon/ --tile 512
 """
 
 METRICS = ["mse", "psnr", "ssim"]
@@ -73,6 +84,8 @@ def reconstruct(
             "fully convolutional models always keep it).",
         ),
     ] = False,
+    tile: Tile = None,
+    tile_overlap: TileOverlap = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = 32,
     workers: Workers = None,
@@ -99,6 +112,7 @@ def reconstruct(
     if out is None and grid is None and not metrics:
         raise UsageError("nothing to do: give -o DIR, --grid FILE or --metrics")
     predictor = Predictor(weights, device)
+    predictor.set_tiling(tile, tile_overlap, batch_size)
     files, failures = collect_inputs(inputs)
     outputs = plan_outputs(files, out) if out is not None else None
     guard = OutputGuard([weights, *inputs], [f.path for f in files])

@@ -89,7 +89,13 @@ class Autoencoder(nn.Module):
         self.latent_shape = latent_shape
 
     def encode(self, x: torch.Tensor) -> Posterior:
-        h = self.latent_head(self.encoder(x))
+        return self.posterior(self.encode_raw(x))
+
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent head's output: the code, or mean and log-variance on dim 1 (VAE)."""
+        return self.latent_head(self.encoder(x))
+
+    def posterior(self, h: torch.Tensor) -> Posterior:
         if self.variational:
             mean, logvar = h.chunk(2, dim=1)
             return DiagonalGaussian(mean, logvar)

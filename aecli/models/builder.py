@@ -273,6 +273,28 @@ def forward_flops(model: Autoencoder) -> int:
     return counter.get_total_flops()
 
 
+def activation_bytes(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """About the memory one input of `shape` (with its batch dimension of 1) needs in
+    activations under inference: three times the largest output of any layer (a residual
+    block holds its input, a hidden state and its output at once), in float32. Counted on the
+    meta device; `module` must be built with `meta=True`."""
+    largest = math.prod(shape)
+
+    def hook(_module, _inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(torch.empty(shape, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 3 * largest * 4
+
+
 def summarize(model: Autoencoder) -> ModelSummary:
     enc = sum(p.numel() for p in model.encoder.parameters())
     enc += sum(p.numel() for p in model.latent_head.parameters())

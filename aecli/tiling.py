@@ -1,0 +1,210 @@
+"""Tiled encoding and decoding: a fully convolutional model applied to overlapping tiles of an
+image (or latent) so that peak memory follows the tile, not the image.
+
+Each output pixel comes from the tile whose core holds it (the tiles' cores partition the
+input); across each core edge neighbours blend linearly over half the overlap, so no seam shows,
+and no tile contributes pixels near its own edge, where missing context spoils them.
+
+GroupNorm is what makes naive tiling show: each tile would normalise with its own statistics
+and come out in its own tone. Here every GroupNorm uses one set of statistics for the whole
+input, measured on the input shrunk to the area of one tile (the "fast" estimate of
+multidiffusion-upscaler's Tiled VAE). Self-attention sees one tile at a time, as in diffusers'
+tiled VAE. Measured figures: the README's "Large images" section.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of `size` x `size` input pixels sharing `overlap` pixels with each neighbour."""
+
+    size: int
+    overlap: int
+
+    def scaled(self, factor: int) -> Tiling:
+        """The same tiling in the units of an input `factor` times smaller (a latent)."""
+        return Tiling(self.size // factor, self.overlap // factor)
+
+
+def starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along one axis: a stride of tile - overlap, the last tile flush with the
+    end (so every tile has the full size when the input is at least a tile long)."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    found = list(range(0, length - tile, stride))
+    return [*found, length - tile]
+
+
+def cores(length: int, offsets: list[int], tile: int) -> list[tuple[int, int]]:
+    """Each tile's share of the axis (a partition): from the middle of its overlap with the
+    previous tile to the middle of its overlap with the next."""
+    ends = [min(o + tile, length) for o in offsets]
+    bounds = [0] + [(offsets[i + 1] + ends[i]) // 2 for i in range(len(offsets) - 1)] + [length]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def blend(length: int, core: tuple[int, int], band: float, device) -> torch.Tensor:
+    """A tile's weights along one axis (in its own coordinates): 1 over its core, 0 beyond,
+    linear over `band` pixels centred on each core edge that borders another tile. Neighbours'
+    weights sum to 1, and no tile contributes pixels closer than (overlap - band) / 2 to its
+    own edge, where missing context spoils them."""
+    position = torch.arange(length, device=device, dtype=torch.float32) + 0.5
+    start, end = core
+    weight = torch.ones(length, device=device)
+    if start > 0:
+        weight = weight.minimum(
+            ((position - start) / band + 0.5).clamp(0, 1) if band else (position >= start).float()
+        )
+    if end < length:
+        weight = weight.minimum(
+            ((end - position) / band + 0.5).clamp(0, 1) if band else (position < end).float()
+        )
+    return weight
+
+
+def tiled(
+    fn: Fn,
+    module: nn.Module,
+    x: torch.Tensor,
+    tiling: Tiling,
+    *,
+    scale: float,
+    batch_size: int,
+) -> torch.Tensor:
+    """fn(x) for one input (1, C, H, W), computed tile by tile; fn maps (B, C, t, t) to
+    (B, C', t * scale, t * scale). `module` holds the GroupNorms that fn runs."""
+    h, w = x.shape[-2:]
+    tile = tiling.size
+    ys, xs = starts(h, tile, tiling.overlap), starts(w, tile, tiling.overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return fn(x)
+    norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+    boxes = [(y, x0) for y in ys for x0 in xs]
+    core_y, core_x = cores(h, ys, tile), cores(w, xs, tile)
+    core_boxes = [(cy, cx) for cy in core_y for cx in core_x]
+    stats = _estimate(fn, norms, x, tile) if norms else None
+    out = None
+    band = tiling.overlap / 2 * scale
+    with _norm_statistics(norms, stats, record=False):
+        for chunk in _chunks(len(boxes), batch_size):
+            y = fn(_crop(x, [boxes[i] for i in chunk], tile)).float()  # (B, C', t*s, t*s)
+            if out is None:
+                out = y.new_zeros(1, y.shape[1], round(h * scale), round(w * scale))
+            for j, i in enumerate(chunk):
+                top, left = boxes[i]
+                y0, y1, x0, x1 = (c * scale for c in _relative(core_boxes[i], boxes[i]))
+                th, tw = round(min(tile, h - top) * scale), round(min(tile, w - left) * scale)
+                mask = (
+                    blend(th, (y0, y1), band, y.device)[:, None]
+                    * blend(tw, (x0, x1), band, y.device)[None, :]
+                )
+                oy, ox = round(top * scale), round(left * scale)
+                out[..., oy : oy + th, ox : ox + tw] += y[j, :, :th, :tw] * mask
+    return out
+
+
+def _chunks(count: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, count))) for i in range(0, count, size)]
+
+
+def _crop(x: torch.Tensor, boxes: list[tuple[int, int]], tile: int) -> torch.Tensor:
+    return torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in boxes])
+
+
+def _relative(core: tuple, box: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A tile's core (y0, y1, x0, x1) in the tile's own coordinates."""
+    (y0, y1), (x0, x1) = core
+    return y0 - box[0], y1 - box[0], x0 - box[1], x1 - box[1]
+
+
+def _estimate(fn: Fn, norms: list[nn.GroupNorm], x: torch.Tensor, tile: int) -> list:
+    """Every GroupNorm's statistics over the whole input, estimated by running the input
+    shrunk (area averaging) to the area of one tile."""
+    h, w = x.shape[-2:]
+    shrink = max(1.0, math.sqrt(h * w) / tile)
+    size = (max(1, round(h / shrink)), max(1, round(w / shrink)))
+    with _norm_statistics(norms, None, record=True) as recorder:
+        recorder.cores, recorder.tile = [(0, size[0], 0, size[1])], size[0]
+        fn(F.interpolate(x, size=size, mode="area"))
+    return recorder.result()
+
+
+class _Recorder:
+    """Per GroupNorm, per group: count, mean and M2 over the tiles' cores (Chan et al.'s
+    parallel variance), in float64 on the CPU."""
+
+    def __init__(self, norms: list[nn.GroupNorm]):
+        self.sums = [None] * len(norms)
+        self.cores: list[tuple[int, int, int, int]] = []
+        self.tile = 1
+
+    def add(self, index: int, x: torch.Tensor, groups: int) -> None:
+        s = x.shape[-2] / self.tile  # this layer's resolution relative to the tile
+        for j, (y0, y1, x0, x1) in enumerate(self.cores):
+            part = x[j, :, round(y0 * s) : round(y1 * s), round(x0 * s) : round(x1 * s)]
+            part = part.float().reshape(groups, -1)
+            if part.shape[1] == 0:
+                continue
+            var, mean = torch.var_mean(part, dim=1, correction=0)
+            n = part.shape[1]
+            new = (n, mean.double().cpu(), var.double().cpu() * n)
+            self.sums[index] = new if self.sums[index] is None else _merge(self.sums[index], new)
+
+    def result(self) -> list:
+        return [None if s is None else (s[1], s[2] / s[0]) for s in self.sums]
+
+
+def _merge(a, b):
+    (na, ma, m2a), (nb, mb, m2b) = a, b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * nb / n, m2a + m2b + delta.pow(2) * na * nb / n
+
+
+@contextmanager
+def _norm_statistics(norms: list[nn.GroupNorm], stats: list | None, *, record: bool):
+    """GroupNorms that normalise with `stats` (per group mean and variance) instead of their
+    input's own, and record their input's statistics over the tiles' cores when `record`."""
+    recorder = _Recorder(norms)
+    for index, norm in enumerate(norms):
+        fixed = None if stats is None else stats[index]
+        norm.forward = _forward(norm, index, fixed, recorder if record else None)
+    try:
+        yield recorder
+    finally:
+        for norm in norms:
+            del norm.forward  # back to GroupNorm.forward
+
+
+def _forward(norm: nn.GroupNorm, index: int, fixed, recorder):
+    groups = norm.num_groups
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if recorder is not None:
+            recorder.add(index, x, groups)
+        if fixed is None:
+            return F.group_norm(x, groups, norm.weight, norm.bias, norm.eps)
+        b, c = x.shape[:2]
+        mean, var = (t.to(x.device, torch.float32) for t in fixed)
+        xf = x.float().reshape(b, groups, -1)
+        xf = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + norm.eps)
+        xf = xf.reshape(x.shape)
+        if norm.affine:
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            xf = xf * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+        return xf
+
+    return forward
