@@ -108,16 +108,36 @@ def test_impossible_block_names_its_place(tiny_preset):
 
 @pytest.mark.parametrize("preset", [p.name for p in list_presets()])
 def test_shape_arithmetic_matches_running_each_block(preset):
-    from aecli.models.builder import _out_shape
+    """The registry's output shape of every block of every preset is what the block gives."""
+    from aecli.models.registry import BLOCKS
 
-    model = build_model(load_config(preset).config, meta=True)
-    for stack, shape in ((model.encoder, model.input_shape), (model.decoder, model.latent_shape)):
+    config = load_config(preset).config
+    model = build_model(config, meta=True)
+    for specs, stack, shape in (
+        (config.model.encoder, model.encoder, model.input_shape),
+        (config.model.decoder, model.decoder, model.latent_shape),
+    ):
+        expanded = [spec for spec in specs for _ in range(getattr(spec, "repeat", 1))]
         with torch.device("meta"):
-            for layer in stack:
+            for spec, layer in zip(expanded, stack, strict=True):
                 expected = tuple(layer(torch.empty(2, *shape)).shape[1:])
-                assert _out_shape(layer, shape) == expected, layer
+                assert BLOCKS[spec.type].out_shape(spec, shape) == expected, spec
                 shape = expected
     assert shape == model.input_shape
+
+
+def test_every_block_type_of_the_schema_is_registered():
+    """The registry is closed and complete: each `type` a preset may name has one entry, with
+    that type's schema."""
+    import typing
+
+    from aecli.config import BlockSpec
+    from aecli.models.registry import BLOCKS
+
+    union = typing.get_args(typing.get_args(BlockSpec)[0])
+    names = {typing.get_args(spec.model_fields["type"].annotation)[0]: spec for spec in union}
+    assert names.keys() == BLOCKS.keys()
+    assert all(BLOCKS[name].spec is spec for name, spec in names.items())
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 16, 16), (2, 1, 28, 28), (2, 3, 40, 24), (2, 3, 8, 8)])

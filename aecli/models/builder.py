@@ -8,144 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from aecli.config import (
-    ActSpec,
-    AttentionSpec,
-    Config,
-    ConvSpec,
-    ConvTransposeSpec,
-    FlattenSpec,
-    InitConfig,
-    LinearSpec,
-    NormSpec,
-    ResBlockSpec,
-    ReshapeSpec,
-    ResizeSpec,
-    UpsampleSpec,
-    to_hw,
-)
+from aecli.config import Config, InitConfig
 from aecli.errors import ConfigError
 from aecli.models import blocks
 from aecli.models.autoencoder import Autoencoder
-
-Shape = tuple[int, ...]  # one item's shape, without the batch dimension
-
-
-def _build_block(spec, shape: Shape) -> nn.Module:
-    """The module for one (non-repeated) block spec, given its input shape."""
-    if isinstance(spec, ConvSpec):
-        _need_image(shape)
-        tf_same = spec.padding == "same" and spec.stride > 1
-        if spec.padding == "same":
-            padding = 0 if tf_same else spec.kernel // 2
-        else:
-            padding = 0 if spec.padding == "valid" else spec.padding
-        conv = nn.Conv2d(shape[0], spec.out, spec.kernel, spec.stride, padding, bias=spec.bias)
-        return blocks.ConvBlock(
-            conv,
-            blocks.norm(spec.norm, spec.out, spec.groups),
-            blocks.activation(spec.act),
-            tf_same,
-        )
-    if isinstance(spec, ConvTransposeSpec):
-        _need_image(shape)
-        if spec.padding == "same":
-            total = max(spec.kernel - spec.stride, 0)
-            padding, crop = 0, (total // 2, total - total // 2)
-        else:
-            padding, crop = spec.padding, (0, 0)
-        conv = nn.ConvTranspose2d(
-            shape[0],
-            spec.out,
-            spec.kernel,
-            spec.stride,
-            padding,
-            spec.output_padding,
-            bias=spec.bias,
-        )
-        return blocks.ConvTransposeBlock(
-            conv, crop, blocks.norm(spec.norm, spec.out, spec.groups), blocks.activation(spec.act)
-        )
-    if isinstance(spec, ResBlockSpec):
-        _need_image(shape)
-        return blocks.ResBlock(shape[0], spec.out or shape[0], spec.groups, spec.act, spec.dropout)
-    if isinstance(spec, AttentionSpec):
-        _need_image(shape)
-        return blocks.Attention(shape[0], spec.groups)
-    if isinstance(spec, NormSpec):
-        _need_image(shape)
-        return blocks.norm(spec.kind, shape[0], spec.groups)
-    if isinstance(spec, ActSpec):
-        return blocks.activation(spec.fn)
-    if isinstance(spec, UpsampleSpec):
-        return blocks.Upsample(spec.factor, spec.mode)
-    if isinstance(spec, ResizeSpec):
-        return blocks.Resize(to_hw(spec.size), spec.mode)
-    if isinstance(spec, FlattenSpec):
-        return nn.Flatten(1)
-    if isinstance(spec, LinearSpec):
-        if len(shape) != 1:
-            raise ValueError(f"needs a vector input, got shape {_fmt(shape)}: add a flatten block")
-        linear = nn.Linear(shape[0], spec.out, bias=spec.bias)
-        return blocks.LinearBlock(linear, blocks.activation(spec.act))
-    if isinstance(spec, ReshapeSpec):
-        if math.prod(spec.shape) != math.prod(shape):
-            raise ValueError(f"cannot reshape {_fmt(shape)} to {_fmt(spec.shape)}")
-        return blocks.Reshape(spec.shape)
-    raise TypeError(f"unknown block spec {spec!r}")  # the schema is closed: unreachable
-
-
-def _need_image(shape: Shape) -> None:
-    if len(shape) != 3:
-        raise ValueError(f"needs an image input (C, H, W), got shape {_fmt(shape)}")
-
-
-def _fmt(shape: Shape) -> str:
-    return "x".join(map(str, shape))
-
-
-def _out_shape(module: nn.Module, shape: Shape) -> Shape:
-    """A block's output shape, by arithmetic: running a module on the meta device would import
-    a second of PyTorch machinery into every command that loads a model."""
-    if isinstance(module, blocks.ConvBlock | blocks.ConvTransposeBlock):
-        conv, (h, w) = module.conv, shape[1:]
-        if isinstance(module, blocks.ConvBlock):
-            if module.tf_same:
-                s = conv.stride[0]
-                return (conv.out_channels, -(-h // s), -(-w // s))
-            size = [
-                (n + 2 * p - d * (k - 1) - 1) // s + 1
-                for n, p, d, k, s in zip(
-                    (h, w), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
-                )
-            ]
-        else:
-            size = [
-                (n - 1) * s - 2 * p + d * (k - 1) + op + 1 - sum(module.crop)
-                for n, p, d, k, s, op in zip(
-                    (h, w),
-                    conv.padding,
-                    conv.dilation,
-                    conv.kernel_size,
-                    conv.stride,
-                    conv.output_padding,
-                    strict=True,
-                )
-            ]
-        return (conv.out_channels, *size)
-    if isinstance(module, blocks.ResBlock):
-        return (module.conv2.out_channels, *shape[1:])
-    if isinstance(module, blocks.Upsample):
-        return (shape[0], shape[1] * module.factor, shape[2] * module.factor)
-    if isinstance(module, blocks.Resize):
-        return (shape[0], *module.size)
-    if isinstance(module, nn.Flatten):
-        return (math.prod(shape),)
-    if isinstance(module, blocks.LinearBlock):
-        return (module.linear.out_features,)
-    if isinstance(module, blocks.Reshape):
-        return module.shape
-    return shape  # attention, norms and activations keep the shape
+from aecli.models.registry import Shape, build_block
+from aecli.models.registry import fmt as _fmt
 
 
 def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, Shape]:
@@ -153,16 +21,11 @@ def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, 
     for index, spec in enumerate(specs):
         for _ in range(getattr(spec, "repeat", 1)):
             try:
-                with torch.device("meta"):
-                    probe = _build_block(spec, shape)
-                new_shape = _out_shape(probe, shape)
-                if any(d <= 0 for d in new_shape):
-                    raise ValueError(f"input {_fmt(shape)} gives an empty output {_fmt(new_shape)}")
+                layer, shape = build_block(spec, shape)
             except (ValueError, RuntimeError) as exc:
                 message = str(exc).splitlines()[0]
                 raise ConfigError([f"{where}.{index} ({spec.type}): {message}"]) from None
-            layers.append(_build_block(spec, shape))
-            shape = new_shape
+            layers.append(layer)
     return nn.Sequential(*layers), shape
 
 

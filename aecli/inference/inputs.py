@@ -1,0 +1,178 @@
+"""Input image files: finding them, and decoding them in DataLoader workers (through the one safe
+image reader) into batches of one size each; a file that cannot be read becomes a Failure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from aecli.data.images import (
+    IMAGE_SUFFIXES,
+    Failure,
+    ImageReadError,
+    fit_image,
+    list_images,
+    read_image,
+)
+from aecli.errors import UsageError
+
+Progress = Callable[[int], None]
+
+
+def no_progress(_: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    name: str  # relative to the input folder it was found in (the file name for a file)
+
+
+def collect_inputs(inputs: list[Path]) -> tuple[list[InputFile], list[Failure]]:
+    """The image files that INPUT arguments name (folders recursively), in a stable order."""
+    files: list[InputFile] = []
+    failures: list[Failure] = []
+    for given in inputs:
+        if not given.exists() and not given.is_symlink():
+            raise UsageError("input does not exist", path=given)
+        if given.is_dir():
+            found, problems = list_images([given])
+            files += [InputFile(file, file.relative_to(given).as_posix()) for _, file in found]
+            failures += problems
+        else:
+            files.append(InputFile(given, given.name))
+    if not files and not failures:
+        raise UsageError(
+            f"no image files found in {', '.join(map(str, inputs))} "
+            f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files, failures
+
+
+@dataclass
+class ImageBatch:
+    indices: list[int]
+    images: torch.Tensor  # uint8 (B, C, H, W)
+    original_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __add__(self, other: ImageBatch) -> ImageBatch:
+        return ImageBatch(
+            self.indices + other.indices,
+            torch.cat([self.images, other.images]),
+            self.original_sizes + other.original_sizes,
+        )
+
+    def split(self, n: int) -> tuple[ImageBatch, ImageBatch]:
+        """The first n images, and the rest."""
+        head = ImageBatch(self.indices[:n], self.images[:n], self.original_sizes[:n])
+        return head, ImageBatch(self.indices[n:], self.images[n:], self.original_sizes[n:])
+
+
+def image_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, C) pixels -> uint8 (C, H, W), sharing memory where it can."""
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
+
+
+class _ImageFiles(Dataset):
+    """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set."""
+
+    def __init__(
+        self,
+        files: list[InputFile],
+        channels: int,
+        size: tuple[int, int] | None,
+        reduced_decode: bool = True,
+    ):
+        self.files, self.channels, self.size = files, channels, size
+        # JPEGs that will be resized down anyway can decode at 1/2, 1/4 or 1/8 scale
+        self.at_least = max(size) if size is not None and reduced_decode else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        try:
+            array = read_image(self.files[index].path, self.channels, at_least=self.at_least)
+        except ImageReadError as exc:
+            return index, Failure(exc.path, exc.reason), None
+        original = array.shape[:2]
+        if self.size is not None:
+            array = fit_image(array, self.size, "stretch")
+        return index, image_tensor(array), original
+
+
+def _group_by_shape(items):
+    """Collate: stack same-sized images (one tensor per size), pass failures through."""
+    groups: dict[tuple, list] = {}
+    failures = []
+    for index, image, original in items:
+        if isinstance(image, Failure):
+            failures.append((index, image))
+        else:
+            groups.setdefault(tuple(image.shape), []).append((index, image, original))
+    stacked = [
+        ImageBatch(
+            [i for i, _, _ in group],
+            torch.stack([image for _, image, _ in group]),
+            [tuple(o) for _, _, o in group],
+        )
+        for group in groups.values()
+    ]
+    return stacked, failures
+
+
+def default_workers(count: int, batch_size: int) -> int:
+    """Decode in the main process for a batch or less; else up to 8 worker processes."""
+    if count <= batch_size:
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def load_batches(
+    files: list[InputFile],
+    channels: int,
+    size: tuple[int, int] | None,
+    batch_size: int,
+    workers: int | None = None,
+    *,
+    failures: dict[int, Failure],
+    progress: Progress = no_progress,
+    original_sizes: bool = False,
+) -> Iterator[ImageBatch]:
+    """Decoded images in batches of one size each (`size` None keeps native sizes).
+
+    Files that cannot be read go into `failures` by index (and count as done for `progress`).
+    `original_sizes` makes each batch's `original_sizes` exact (no reduced-scale JPEG decoding).
+    """
+    workers = default_workers(len(files), batch_size) if workers is None else workers
+    loader = DataLoader(
+        _ImageFiles(files, channels, size, reduced_decode=not original_sizes),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_group_by_shape,
+        prefetch_factor=4 if workers else None,
+    )
+    pending: dict[tuple, ImageBatch] = {}  # per image size, fewer than batch_size images
+    for groups, failed in loader:
+        failures.update(failed)
+        progress(len(failed))
+        for group in groups:
+            key = tuple(group.images.shape[1:])
+            if key in pending:
+                group = pending.pop(key) + group
+            while len(group) >= batch_size:
+                head, group = group.split(batch_size)
+                yield head
+            if len(group):
+                pending[key] = group
+    yield from pending.values()

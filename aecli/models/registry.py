@@ -1,0 +1,175 @@
+"""The closed registry of block types: for each `type` a preset may name, its schema (in
+aecli.config), how it is built, the shape it outputs, and whether it ties a model to one input
+size. The builder, `aecli info` and inference all ask here; a new block type is one entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from aecli.config import (
+    ActSpec,
+    AttentionSpec,
+    BlockSpec,
+    ConvSpec,
+    ConvTransposeSpec,
+    FlattenSpec,
+    LinearSpec,
+    NormSpec,
+    ResBlockSpec,
+    ReshapeSpec,
+    ResizeSpec,
+    UpsampleSpec,
+    to_hw,
+)
+from aecli.models import blocks
+
+Shape = tuple[int, ...]  # one item's shape, without the batch dimension
+
+
+@dataclass(frozen=True)
+class BlockType:
+    spec: type
+    build: Callable[[object, Shape], nn.Module]  # (spec, input shape) -> module
+    out_shape: Callable[[object, Shape], Shape]  # (spec, input shape) -> output shape
+    fixed_size: bool = False  # the model then takes one input size only
+    needs_image: bool = True  # its input must be (C, H, W)
+
+
+def fmt(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# -- conv ----------------------------------------------------------------------------------
+
+
+def _conv_padding(spec: ConvSpec) -> tuple[int, bool]:
+    """(symmetric padding, TensorFlow `same` with stride > 1: padded in forward)."""
+    if spec.padding == "same":
+        return (0, True) if spec.stride > 1 else (spec.kernel // 2, False)
+    return (0 if spec.padding == "valid" else spec.padding), False
+
+
+def _conv(spec: ConvSpec, shape: Shape) -> nn.Module:
+    padding, tf_same = _conv_padding(spec)
+    conv = nn.Conv2d(shape[0], spec.out, spec.kernel, spec.stride, padding, bias=spec.bias)
+    norm = blocks.norm(spec.norm, spec.out, spec.groups)
+    return blocks.ConvBlock(conv, norm, blocks.activation(spec.act), tf_same)
+
+
+def _conv_shape(spec: ConvSpec, shape: Shape) -> Shape:
+    padding, tf_same = _conv_padding(spec)
+    if tf_same:
+        return (spec.out, *(-(-n // spec.stride) for n in shape[1:]))
+    return (spec.out, *((n + 2 * padding - spec.kernel) // spec.stride + 1 for n in shape[1:]))
+
+
+def _transpose_geometry(spec: ConvTransposeSpec) -> tuple[int, tuple[int, int]]:
+    """(padding, crop before and after): Keras `same` crops kernel - stride, the extra pixel
+    at the end, so that the output is exactly input x stride."""
+    if spec.padding == "same":
+        total = max(spec.kernel - spec.stride, 0)
+        return 0, (total // 2, total - total // 2)
+    return spec.padding, (0, 0)
+
+
+def _conv_transpose(spec: ConvTransposeSpec, shape: Shape) -> nn.Module:
+    padding, crop = _transpose_geometry(spec)
+    conv = nn.ConvTranspose2d(
+        shape[0], spec.out, spec.kernel, spec.stride, padding, spec.output_padding, bias=spec.bias
+    )
+    norm = blocks.norm(spec.norm, spec.out, spec.groups)
+    return blocks.ConvTransposeBlock(conv, crop, norm, blocks.activation(spec.act))
+
+
+def _conv_transpose_shape(spec: ConvTransposeSpec, shape: Shape) -> Shape:
+    padding, crop = _transpose_geometry(spec)
+    size = (
+        (n - 1) * spec.stride - 2 * padding + spec.kernel + spec.output_padding - sum(crop)
+        for n in shape[1:]
+    )
+    return (spec.out, *size)
+
+
+# -- the rest ------------------------------------------------------------------------------
+
+
+def _same(_spec, shape: Shape) -> Shape:
+    return shape
+
+
+def _linear(spec: LinearSpec, shape: Shape) -> nn.Module:
+    if len(shape) != 1:
+        raise ValueError(f"needs a vector input, got shape {fmt(shape)}: add a flatten block")
+    linear = nn.Linear(shape[0], spec.out, bias=spec.bias)
+    return blocks.LinearBlock(linear, blocks.activation(spec.act))
+
+
+def _reshape(spec: ReshapeSpec, shape: Shape) -> nn.Module:
+    if math.prod(spec.shape) != math.prod(shape):
+        raise ValueError(f"cannot reshape {fmt(shape)} to {fmt(spec.shape)}")
+    return blocks.Reshape(spec.shape)
+
+
+BLOCKS: dict[str, BlockType] = {
+    "conv": BlockType(ConvSpec, _conv, _conv_shape),
+    "conv_transpose": BlockType(ConvTransposeSpec, _conv_transpose, _conv_transpose_shape),
+    "resblock": BlockType(
+        ResBlockSpec,
+        lambda s, shape: blocks.ResBlock(shape[0], s.out or shape[0], s.groups, s.act, s.dropout),
+        lambda s, shape: (s.out or shape[0], *shape[1:]),
+    ),
+    "attention": BlockType(
+        AttentionSpec, lambda s, shape: blocks.Attention(shape[0], s.groups), _same
+    ),
+    "norm": BlockType(NormSpec, lambda s, shape: blocks.norm(s.kind, shape[0], s.groups), _same),
+    "act": BlockType(ActSpec, lambda s, _: blocks.activation(s.fn), _same, needs_image=False),
+    "upsample": BlockType(
+        UpsampleSpec,
+        lambda s, _: blocks.Upsample(s.factor, s.mode),
+        lambda s, shape: (shape[0], shape[1] * s.factor, shape[2] * s.factor),
+    ),
+    "resize": BlockType(
+        ResizeSpec,
+        lambda s, _: blocks.Resize(to_hw(s.size), s.mode),
+        lambda s, shape: (shape[0], *to_hw(s.size)),
+        fixed_size=True,
+    ),
+    "flatten": BlockType(
+        FlattenSpec,
+        lambda s, _: nn.Flatten(1),
+        lambda s, shape: (math.prod(shape),),
+        fixed_size=True,
+        needs_image=False,
+    ),
+    "linear": BlockType(
+        LinearSpec, _linear, lambda s, _: (s.out,), fixed_size=True, needs_image=False
+    ),
+    "reshape": BlockType(
+        ReshapeSpec, _reshape, lambda s, _: tuple(s.shape), fixed_size=True, needs_image=False
+    ),
+}
+
+
+def block_type(spec: BlockSpec) -> BlockType:
+    return BLOCKS[spec.type]
+
+
+def build_block(spec: BlockSpec, shape: Shape) -> tuple[nn.Module, Shape]:
+    """One (non-repeated) block and its output shape; ValueError for an input it cannot take."""
+    entry = BLOCKS[spec.type]
+    if entry.needs_image and len(shape) != 3:
+        raise ValueError(f"needs an image input (C, H, W), got shape {fmt(shape)}")
+    out = tuple(entry.out_shape(spec, shape))
+    if any(d <= 0 for d in out):
+        raise ValueError(f"input {fmt(shape)} gives an empty output {fmt(out)}")
+    return entry.build(spec, shape), out
+
+
+def fixed_size(specs) -> bool:
+    """Whether any of these blocks ties the model to one input size."""
+    return any(BLOCKS[spec.type].fixed_size for spec in specs)
