@@ -1,10 +1,12 @@
 """Generation in the latent space: drawing new latents (`aecli sample`) and paths between two
 latents (`aecli interpolate`).
 
-A VAE samples from its prior N(0, I). A plain autoencoder has no prior, so it samples from the
-Gaussian fitted to its training latents at the end of training (`aecli.stats`, stored in the
-weights file); `--class` uses one class's Gaussian, for a VAE as well. Spatial latents are
-sampled position by position over their channels, which is how their statistics are stored.
+A VAE samples from its prior N(0, I), or, where it has diffusion scaling factors (Stable
+Diffusion's, FLUX's), from N(shift, scale^-2 I), the spread those factors assume. A plain
+autoencoder has no prior, so it samples from the Gaussian fitted to its training latents at the
+end of training (`aecli.stats`, stored in the weights file); `--class` uses one class's
+Gaussian, for a VAE as well. Spatial latents are sampled position by position over their
+channels, which is how their statistics are stored.
 """
 
 from __future__ import annotations
@@ -72,6 +74,15 @@ def prior(predictor: Predictor, class_index: int | None = None) -> Gaussian:
     stats = predictor.info.latent_stats or {}
     dim = predictor.latent_shape[0]
     if class_index is None and predictor.variational:
+        scaling = predictor.scaling
+        if (scaling.scale, scaling.shift) != (1.0, 0.0):
+            # the latents' spread that the diffusion scaling factors assume (SD, FLUX: a VAE
+            # trained with a tiny KL weight, whose posterior is far from N(0, I))
+            mean = torch.full((dim,), scaling.shift, dtype=torch.float64)
+            factor = torch.eye(dim, dtype=torch.float64) / scaling.scale
+            return Gaussian(
+                mean, factor, f"N({scaling.shift:g}, {1 / scaling.scale:.4g}^2 I) (its scaling)"
+            )
         return Gaussian(torch.zeros(dim, dtype=torch.float64), None, "the VAE prior N(0, I)")
     if "mean" not in stats:
         raise UsageError(

@@ -410,3 +410,14 @@ def test_scaling_overrides_must_be_sound(tmp_path):
     assert predictor.latent_scaling(0.5).scale == 0.5
     with pytest.raises(UsageError, match="--scaling-factor must be a positive number"):
         predictor.latent_scaling(0.0)
+
+
+def test_sampling_a_vae_with_scaling_factors_uses_their_spread(tmp_path, cli):
+    """An SD VAE's latents have a spread of about 1 / scaling_factor, not N(0, I)'s."""
+    vae = make_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "z.safetensors"
+    result = cli("sample", tmp_path / "vae", "-n", "16", "--seed", "1", "--latents-out", out)
+    assert result.exit_code == 0, result.output
+    z = read_latents(out).latents
+    assert abs(z.std().item() * vae.config.scaling_factor - 1) < 0.1

@@ -150,7 +150,7 @@ def reconstruct(
     where = f" -> {out}" if out is not None else ""
     console.print(
         f"reconstructed {done} image{'s' * (done != 1)}{where} in {seconds:.1f} s "
-        f"({done / max(seconds, 1e-9):.0f} img/s) on {predictor.device}"
+        f"({_rate(done / max(seconds, 1e-9))} img/s) on {predictor.device}"
         + (f"; [red]{len(failures)} failed[/red]" if failures else "")
         + (f"; grid -> {grid}" if grid is not None and result.grid is not None else "")
     )
@@ -169,3 +169,8 @@ def reconstruct(
         )
     if failures:
         raise typer.Exit(1)
+
+
+def _rate(per_second: float) -> str:
+    """Whole images per second, or two significant digits below 10 (a large model on a CPU)."""
+    return f"{per_second:.0f}" if per_second >= 10 else f"{per_second:.2g}"
