@@ -53,6 +53,11 @@ class WriteError(AecliError):
     """An output could not be written (disk full, permission, a read-only file system); exit 1."""
 
 
+def first_and_more(names: list[str]) -> str:
+    """`a` or `a and 3 more`: the first of a list of names, for one-line messages."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first non-empty line (its type when it has none)."""
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

@@ -271,6 +271,11 @@ def photos(folder: Path, size=(48, 64)) -> list[Path]:
     return paths
 
 
+def encode_native(cli, tmp_path, *options):
+    """`aecli encode VAE photos/ --size native ...` on the test's VAE folder and photos."""
+    return cli("encode", tmp_path / "vae", tmp_path / "photos", "--size", "native", *options)
+
+
 def test_workflow_info_reconstruct_encode_scaled_decode(tmp_path, cli):
     """The README's workflow on an SD-style folder, checked against diffusers."""
     vae = make_vae()
@@ -291,16 +296,7 @@ def test_workflow_info_reconstruct_encode_scaled_decode(tmp_path, cli):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "rec" / "photo0.png").is_file()
     z_path = tmp_path / "z.safetensors"
-    result = cli(
-        "encode",
-        tmp_path / "vae",
-        tmp_path / "photos",
-        "--size",
-        "native",
-        "--scaled",
-        "-o",
-        z_path,
-    )
+    result = encode_native(cli, tmp_path, "--scaled", "-o", z_path)
     assert result.exit_code == 0, result.output
     latents = read_latents(z_path)
     assert latents.scaling.scale == pytest.approx(0.18215)
@@ -323,25 +319,8 @@ def test_decode_scaled_npy_needs_the_flag(tmp_path, cli):
     vae = make_vae()
     vae.save_pretrained(tmp_path / "vae")
     photos(tmp_path / "photos")
-    cli(
-        "encode",
-        tmp_path / "vae",
-        tmp_path / "photos",
-        "--size",
-        "native",
-        "-o",
-        tmp_path / "z.npy",
-    )
-    cli(
-        "encode",
-        tmp_path / "vae",
-        tmp_path / "photos",
-        "--size",
-        "native",
-        "--scaled",
-        "-o",
-        tmp_path / "zs.npy",
-    )
+    encode_native(cli, tmp_path, "-o", tmp_path / "z.npy")
+    encode_native(cli, tmp_path, "--scaled", "-o", tmp_path / "zs.npy")
     assert cli("decode", tmp_path / "vae", tmp_path / "z.npy", "-o", tmp_path / "a").exit_code == 0
     assert (
         cli(
@@ -360,15 +339,7 @@ def test_encode_native_refuses_mixed_sizes(tmp_path, cli):
     vae.save_pretrained(tmp_path / "vae")
     photos(tmp_path / "photos")
     photos(tmp_path / "photos" / "big", size=(64, 64))
-    result = cli(
-        "encode",
-        tmp_path / "vae",
-        tmp_path / "photos",
-        "--size",
-        "native",
-        "-o",
-        tmp_path / "z.npy",
-    )
+    result = encode_native(cli, tmp_path, "-o", tmp_path / "z.npy")
     assert result.exit_code == 2
     assert "one latent file holds latents of one size" in result.output
 

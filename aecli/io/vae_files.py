@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from aecli.config import Config, config_from_dict
-from aecli.errors import WeightsError
+from aecli.errors import WeightsError, first_and_more
 
 # Scaling and shift factors per latent width when a file does not say (a single file never
 # does): SD 1.x / 2.x for 4 channels (SDXL's 0.13025 has the same layout), FLUX.1 for 16
@@ -376,14 +376,12 @@ def check_shapes(
     wanted = source_names(layout, naming, shapes)
     missing = [k for k in wanted if k not in shapes]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsError(f"missing tensor {missing[0]}{more} for its layout", path=path)
+        raise WeightsError(f"missing tensor {first_and_more(missing)} for its layout", path=path)
     extra = [k for k in shapes if k not in wanted]
     if extra:
         raise WeightsError(
-            f"unexpected tensor {extra[0]}"
-            + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
-            + " (not part of an AutoencoderKL of this layout)",
+            f"unexpected tensor {first_and_more(extra)} (not part of an AutoencoderKL of this "
+            "layout)",
             path=path,
         )
     for key, name in wanted.items():

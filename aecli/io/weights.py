@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 import aecli
 from aecli.config import Config, config_from_dict
-from aecli.errors import ConfigError, WeightsError, first_line, os_reason
+from aecli.errors import ConfigError, WeightsError, first_and_more, first_line, os_reason
 from aecli.io import vae_files
 from aecli.io.atomic import atomic_write_bytes
 from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
@@ -378,9 +378,7 @@ def _check_entries(
     missing = [k for k in required if k not in stored]
     if missing:
         raise WeightsError(
-            f"tensors do not match the stored architecture (missing {missing[0]}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-            + ")",
+            f"tensors do not match the stored architecture (missing {first_and_more(missing)})",
             path=path,
         )
     for name, entry in stored.items():
