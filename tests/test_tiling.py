@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONV
 from PIL import Image
 
 from aecli.inference import Predictor
@@ -59,7 +60,6 @@ def test_tiled_matches_untiled_on_a_random_and_a_trained_model(tmp_path, conv_we
     import yaml
 
     from aecli.config import config_from_dict
-    from tests.conftest import TINY_CONV
 
     random_weights = tmp_path / "random.safetensors"
     save_random(random_weights, config_from_dict(yaml.safe_load(TINY_CONV), "tiny-conv"))
@@ -152,6 +152,8 @@ def test_an_image_too_big_for_memory_is_refused_with_a_hint(tmp_path, monkeypatc
 
 PEAK = """
 import sys, torch
+from conftest import TINY_CONV
+
 from aecli.inference import Predictor
 
 
