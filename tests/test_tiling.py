@@ -152,8 +152,6 @@ def test_an_image_too_big_for_memory_is_refused_with_a_hint(tmp_path, monkeypatc
 
 PEAK = """
 import sys, torch
-from conftest import TINY_CONV
-
 from aecli.inference import Predictor
 
 
