@@ -230,6 +230,20 @@ class LossConfig(Strict):
     kl_warmup_steps: int = Field(0, ge=0, description="KL weight ramps linearly from 0")
     ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - SSIM term")
     ms_ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - MS-SSIM term")
+    perceptual_weight: float = Field(
+        0.0, ge=0.0, description="weight of the LPIPS (VGG) term; needs the lpips extra"
+    )
+    disc_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="PatchGAN discriminator: the generator term's weight times the adaptive "
+        "weight (0: no discriminator)",
+    )
+    disc_start: int = Field(
+        0, ge=0, description="the step from which the discriminator trains and weighs in"
+    )
+    disc_layers: int = Field(3, ge=1, le=6, description="the discriminator's strided layers")
+    disc_channels: int = Field(64, gt=0, description="the discriminator's first width")
 
 
 class ScheduleConfig(Strict):

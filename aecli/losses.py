@@ -110,6 +110,24 @@ def compute_loss(
     return {"loss": total, **terms}
 
 
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss (taming-transformers): 0 when real patches score at least
+    1 and fakes at most -1."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(
+    nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float
+) -> torch.Tensor:
+    """The generator term's weight of latent diffusion's LPIPSWithDiscriminator: the ratio of
+    the reconstruction loss's gradient norm to the generator loss's at the decoder's last layer,
+    clamped to [0, 1e4], detached, times `disc_weight`."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, 1e4).detach() * disc_weight
+
+
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, for images in [0, 1]: shape (B,)."""
     return psnr_from_mse(mse_per_image(prediction, target))

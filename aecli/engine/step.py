@@ -16,6 +16,8 @@ from torch import nn
 from aecli.config import Config
 from aecli.data.transforms import augment
 from aecli.devices import Execution
+from aecli.engine.adversary import Adversary
+from aecli.errors import UsageError
 from aecli.losses import compute_loss
 from aecli.models import Autoencoder
 
@@ -101,6 +103,14 @@ class TrainStep:
             self.ema_params = list(self.ema.parameters())
             self.model_params = list(model.parameters())
             self.ema_buffers, self.model_buffers = list(self.ema.buffers()), list(model.buffers())
+        self.adversary = None
+        if config.loss.disc_weight > 0:
+            if world > 1:
+                raise UsageError(
+                    "loss.disc_weight: the discriminator trains in a single process for now; "
+                    "run without torchrun"
+                )
+            self.adversary = Adversary(config, model, execution)
         self.names: list[str] = []  # what each value of a step's result is
         self._lr: float | None = None
 
@@ -113,6 +123,8 @@ class TrainStep:
         if lr != self._lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            if self.adversary is not None:
+                self.adversary.set_lr(lr)
             self._lr = lr
         x = augment(x, config.data.augment)
         with self.execution.autocast():
@@ -120,12 +132,23 @@ class TrainStep:
         terms = compute_loss(
             out, x, config.loss, self.model.variational, value_range=config.data.range, step=step
         )
+        adversary = self.adversary
+        if adversary is not None:
+            nll = terms[config.loss.reconstruction]
+            if "perceptual" in terms:
+                nll = nll + config.loss.perceptual_weight * terms["perceptual"]
+            generator = adversary.generator_terms(out.image, nll, step)
+            terms["loss"] = terms["loss"] + generator["disc_weight"] * generator["g_loss"]
+            terms.update(generator)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         with torch.no_grad():
             norms = self._grad_norms()
-            values = torch.stack([*terms.values(), *norms])
         self.optimizer.step()
+        if adversary is not None:
+            terms.update(adversary.train(x, out.image, step))
+        with torch.no_grad():
+            values = torch.stack([*(t.detach().float() for t in terms.values()), *norms])
         if self.ema is not None:
             self._update_ema()
         if not self.names:

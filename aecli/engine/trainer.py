@@ -412,12 +412,15 @@ class Trainer:
         )
 
     def _save_checkpoint(self) -> None:
+        adversary = self.train_step.adversary
         self.run.save_checkpoint(
             {
                 "train_state": asdict(self.state),
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "discriminator": adversary and adversary.discriminator.state_dict(),
+                "disc_optimizer": adversary and adversary.optimizer.state_dict(),
                 "best_weights": self.best_weights,
                 "preset": self.preset,
                 "data_path": self.data_path,
@@ -431,6 +434,10 @@ class Trainer:
         load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         if self.ema is not None and checkpoint.get("ema") is not None:
             self.ema.load_state_dict(checkpoint["ema"])
+        adversary = self.train_step.adversary
+        if adversary is not None and checkpoint.get("discriminator") is not None:
+            adversary.discriminator.load_state_dict(checkpoint["discriminator"])
+            load_optimizer_state(adversary.optimizer, checkpoint["disc_optimizer"])
         self.best_weights = checkpoint.get("best_weights")
         if self.dist.main:
             self.run.trim_history(self.state.epoch)
