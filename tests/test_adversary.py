@@ -46,8 +46,8 @@ def test_patch_discriminator_is_the_reference_size():
     convs = 3 * 64 * 16 + 64 + (64 * 128 + 128 * 256 + 256 * 512) * 16 + 512 * 16 + 1
     norms = 2 * (128 + 256 + 512)
     assert sum(p.numel() for p in disc.parameters()) == convs + norms == 2_765_633
-    with torch.device("meta"):
-        assert disc(torch.empty(1, 3, 256, 256)).shape == (1, 1, 30, 30)
+    with torch.no_grad():
+        assert disc(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)
     assert patch_grid(256, 3) == 30
 
 
