@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from aecli.config import LossConfig
 from aecli.data.transforms import to_unit
@@ -81,15 +82,24 @@ def compute_loss(
     *,
     value_range: str = "unit",
     step: int | None = None,
+    perceptual: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{'loss': weighted total, '<reconstruction>': term, 'kl', 'ssim', 'ms_ssim' as configured}.
+    """{'loss': weighted total, '<reconstruction>': term, 'perceptual', 'kl', 'ssim', 'ms_ssim'
+    as configured}.
 
     `step` (training) ramps the KL weight over `kl_warmup_steps`; None (validation) uses the
-    full weight so that validation losses are comparable across epochs.
+    full weight so that validation losses are comparable across epochs. `perceptual` is the
+    LPIPS network (aecli.perceptual) when `perceptual_weight` is set. Latent diffusion adds
+    LPIPS to every pixel's reconstruction loss, so with `reduction: sum` its weight counts once
+    per value of the image, as there.
     """
     kind = config.reconstruction
     terms = {kind: reconstruction_loss(out, target, kind, config.reduction)}
     total = terms[kind]
+    if perceptual is not None and config.perceptual_weight:
+        terms["perceptual"] = lpips_distance(perceptual, out.image, target, value_range)
+        per_image = target[0].numel() if config.reduction == "sum" else 1
+        total = total + config.perceptual_weight * per_image * terms["perceptual"]
     if variational:
         terms["kl"] = out.posterior.kl().float().mean()
         weight = config.kl_weight
@@ -108,6 +118,19 @@ def compute_loss(
             terms["ms_ssim"] = 1.0 - ms_ssim(prediction, reference)
             total = total + config.ms_ssim_weight * terms["ms_ssim"]
     return {"loss": total, **terms}
+
+
+def lpips_distance(
+    network: nn.Module, prediction: torch.Tensor, target: torch.Tensor, value_range: str
+) -> torch.Tensor:
+    """Mean LPIPS of a batch; images go to [-1, 1] (not clamped, as latent diffusion feeds its
+    reconstructions) and grey ones to three channels."""
+    a, b = prediction.float(), target.float()
+    if value_range == "unit":
+        a, b = 2.0 * a - 1.0, 2.0 * b - 1.0
+    if a.shape[1] == 1:
+        a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+    return network(a, b).mean()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,10 @@ def train(
         else:
             loaded = load_config(preset, overrides)
         config, name = loaded.config, loaded.name
+        if config.loss.perceptual_weight:  # the LPIPS weights, before any data is read
+            from aecli.perceptual import check_available
+
+            check_available()
         if init is not None:
             start = init_weights(init, init_tensors, config)
             del init_tensors

@@ -103,6 +103,11 @@ class TrainStep:
             self.ema_params = list(self.ema.parameters())
             self.model_params = list(model.parameters())
             self.ema_buffers, self.model_buffers = list(self.ema.buffers()), list(model.buffers())
+        self.perceptual = None  # LPIPS, when loss.perceptual_weight is set
+        if config.loss.perceptual_weight > 0:
+            from aecli.perceptual import load_lpips
+
+            self.perceptual = load_lpips(execution.device)
         self.adversary = None
         if config.loss.disc_weight > 0:
             if world > 1:
@@ -130,7 +135,13 @@ class TrainStep:
         with self.execution.autocast():
             out = self.forward(x, sample=True)
         terms = compute_loss(
-            out, x, config.loss, self.model.variational, value_range=config.data.range, step=step
+            out,
+            x,
+            config.loss,
+            self.model.variational,
+            value_range=config.data.range,
+            step=step,
+            perceptual=self.perceptual,
         )
         adversary = self.adversary
         if adversary is not None:

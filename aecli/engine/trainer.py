@@ -330,7 +330,12 @@ class Trainer:
             with self.execution.autocast():
                 out = model(x, sample=False)
             terms = compute_loss(
-                out, x, config.loss, model.variational, value_range=config.data.range
+                out,
+                x,
+                config.loss,
+                model.variational,
+                value_range=config.data.range,
+                perceptual=self.train_step.perceptual,
             )
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0) + value.double() * len(index)

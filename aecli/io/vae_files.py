@@ -55,7 +55,9 @@ class KLLayout:
     shift_factor: float = 0.0
 
     def config(self) -> Config:
-        """The aecli config of this layout (training settings as the cat-kl-f8 preset)."""
+        """The aecli config of this layout; training settings as cat-kl-f8's first phase (L1
+        summed + KL 1e-6, Adam (0.5, 0.9)), without its discriminator and LPIPS, which
+        `--set loss.disc_weight=...` / `loss.perceptual_weight=...` add."""
         return config_from_dict(self.raw_config(), "the VAE's configuration")
 
     def raw_config(self) -> dict:
