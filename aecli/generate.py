@@ -254,12 +254,19 @@ def interpolation_path(
 
 
 def slerp_center(predictor: Predictor) -> torch.Tensor | None:
-    """Where slerp turns around: the prior's mean, i.e. the origin for a VAE and the training
-    latents' mean for a plain autoencoder (whose codes need not surround the origin)."""
+    """Where slerp turns around: the prior's mean, i.e. the origin for a VAE (the shift for one
+    with diffusion scaling factors) and the training latents' mean for a plain autoencoder
+    (whose codes need not surround the origin)."""
     stats = predictor.info.latent_stats or {}
-    if predictor.variational or "mean" not in stats:
+    if predictor.variational:
+        shift = predictor.scaling.shift
+        if not shift:
+            return None
+        mean = torch.full((predictor.latent_shape[0],), shift)
+    elif "mean" not in stats:
         return None
-    mean = stats["mean"].float()
+    else:
+        mean = stats["mean"].float()
     return mean[:, None, None] if predictor.spatial else mean
 
 

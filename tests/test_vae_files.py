@@ -392,3 +392,16 @@ def test_sampling_a_vae_with_scaling_factors_uses_their_spread(tmp_path, cli):
     assert result.exit_code == 0, result.output
     z = read_latents(out).latents
     assert abs(z.std().item() * vae.config.scaling_factor - 1) < 0.1
+
+
+def test_slerp_turns_around_the_shift_of_a_flux_style_vae(tmp_path):
+    from aecli.generate import prior, slerp_center
+    from aecli.inference import Predictor
+
+    vae = make_vae(**FLUX_STYLE)
+    vae.register_to_config(shift_factor=0.1159)
+    vae.save_pretrained(tmp_path / "vae")
+    predictor = Predictor(tmp_path / "vae", "cpu")
+    center = slerp_center(predictor)
+    assert center.shape == (16, 1, 1) and torch.allclose(center, torch.tensor(0.1159))
+    assert torch.allclose(prior(predictor).mean, torch.tensor(0.1159, dtype=torch.float64))
