@@ -185,3 +185,16 @@ def test_peak_memory_follows_the_tile(tmp_path):
         grown[tile] = int(run.stdout.split()[-1])
     assert grown["256"] < 0.5 * grown["0"], json.dumps(grown)
     assert grown["256"] < 450e6, json.dumps(grown)
+
+
+def test_tiles_per_batch_are_capped_by_free_memory(tmp_path, monkeypatch):
+    import aecli.inference.predictor
+
+    weights = tmp_path / "kl.safetensors"
+    save_random(weights, KLLayout(3, 3, (8, 16), 1, 4, norm_groups=8).config())
+    predictor = Predictor(weights, "cpu")
+    predictor.set_tiling(256, None, 32)
+    assert predictor.tile_batch == 32  # the dev machine has room for 32 such tiles
+    monkeypatch.setattr(aecli.inference.predictor, "available_memory", lambda _: 60_000_000)
+    predictor.set_tiling(256, None, 32)
+    assert 1 <= predictor.tile_batch < 32

@@ -99,7 +99,23 @@ class Predictor:
                 f"--tile-overlap {overlap}: must be a multiple of {f} from 0 to half the tile "
                 f"({size // 2})"
             )
-        self.tiling, self.tile_batch = Tiling(size, overlap), batch_size
+        self.tiling = Tiling(size, overlap)
+        self.tile_batch = min(batch_size, self._tiles_that_fit(size))
+
+    def _tiles_that_fit(self, size: int) -> int:
+        """How many tiles at a time keep their activations within half the free memory."""
+        from aecli.models.builder import activation_bytes, build_model
+
+        free = available_memory(self.device)
+        if free is None:
+            return 1 << 30
+        meta = build_model(self.info.config, meta=True)
+        latent = size // self.factor
+        per_tile = max(
+            activation_bytes(meta.encoder, (1, self.channels, size, size)),
+            activation_bytes(meta.decoder, (1, self.latent_shape[0], latent, latent)),
+        )
+        return max(1, free // 2 // per_tile)
 
     def images_per_batch(self, batch_size: int) -> int:
         """Images to load at a time: one when tiling (--batch-size then counts tiles)."""
