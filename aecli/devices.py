@@ -112,7 +112,7 @@ _BF16_PEAKS = (
 
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on a device: the GPU's free memory, or the host's available
-    memory (Linux); None where it cannot be told."""
+    memory (Linux's MemAvailable, else the free pages); None where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -121,8 +121,11 @@ def available_memory(device: torch.device) -> int | None:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every OS tells
         return None
-    return None
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:

@@ -12,7 +12,6 @@ channels, which is how their statistics are stored.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from aecli.data.images import ImageReadError, fit_image, read_image
+from aecli.devices import available_memory
 from aecli.errors import UsageError
 from aecli.inference import Predictor, image_tensor
 from aecli.io.latents import STDIO, LatentFile, read_latents
@@ -190,11 +190,8 @@ def _check_memory(count: int, shape: tuple[int, ...]) -> None:
     """Refuse a draw whose latents cannot fit in free memory (noise, float64 draw and float32
     result: 20 bytes a number) instead of failing half-way or being killed by the OS."""
     needed = 20 * count * math.prod(shape)
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not every OS tells
-        return
-    if needed > free:
+    free = available_memory(torch.device("cpu"))
+    if free is not None and needed > free:
         raise UsageError(
             f"-n {count}: {count:,} latents of shape {tuple(shape)} need {needed / 1e9:.1f} GB, "
             f"more than the {free / 1e9:.1f} GB of free memory; sample fewer at a time "

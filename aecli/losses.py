@@ -95,11 +95,9 @@ def compute_loss(
     """
     kind = config.reconstruction
     terms = {kind: reconstruction_loss(out, target, kind, config.reduction)}
-    total = terms[kind]
     if perceptual is not None and config.perceptual_weight:
         terms["perceptual"] = lpips_distance(perceptual, out.image, target, value_range)
-        per_image = target[0].numel() if config.reduction == "sum" else 1
-        total = total + config.perceptual_weight * per_image * terms["perceptual"]
+    total = reconstruction_part(terms, config, target)
     if variational:
         terms["kl"] = out.posterior.kl().float().mean()
         weight = config.kl_weight
@@ -118,6 +116,18 @@ def compute_loss(
             terms["ms_ssim"] = 1.0 - ms_ssim(prediction, reference)
             total = total + config.ms_ssim_weight * terms["ms_ssim"]
     return {"loss": total, **terms}
+
+
+def reconstruction_part(
+    terms: dict[str, torch.Tensor], config: LossConfig, target: torch.Tensor
+) -> torch.Tensor:
+    """The reconstruction term plus LPIPS as the total weighs it (once per image value with
+    `reduction: sum`): latent diffusion's NLL, which the adaptive GAN weight balances."""
+    value = terms[config.reconstruction]
+    if "perceptual" in terms:
+        per_image = target[0].numel() if config.reduction == "sum" else 1
+        value = value + config.perceptual_weight * per_image * terms["perceptual"]
+    return value
 
 
 def lpips_distance(

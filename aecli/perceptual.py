@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aecli.errors import ConfigError
+from aecli.errors import ConfigError, first_line
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
@@ -53,12 +53,21 @@ def load_lpips(device: torch.device) -> nn.Module:
     with warnings.catch_warnings():  # torchvision's note on the `pretrained` argument lpips uses
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-    features = torch.load(vgg16_path(), map_location="cpu", weights_only=True)
-    trunk = {}
-    for key, value in features.items():
-        if key.startswith("features."):
-            index, name = key.split(".")[1:]
-            n = next(i for i, (a, b) in enumerate(_SLICES, 1) if a <= int(index) < b)
-            trunk[f"slice{n}.{index}.{name}"] = value
-    model.net.load_state_dict(trunk)
+    path = vgg16_path()
+    try:
+        features = torch.load(path, map_location="cpu", weights_only=True)
+        trunk = {}
+        for key, value in features.items():
+            if key.startswith("features."):
+                index, name = key.split(".")[1:]
+                n = next(i for i, (a, b) in enumerate(_SLICES, 1) if a <= int(index) < b)
+                trunk[f"slice{n}.{index}.{name}"] = value
+        model.net.load_state_dict(trunk)
+    except Exception as exc:  # noqa: BLE001  (a damaged or foreign file, whatever the failure)
+        raise ConfigError(
+            [
+                f"loss.perceptual_weight: {path} is not torchvision's VGG16 weights "
+                f"({first_line(exc)})"
+            ]
+        ) from None
     return model.eval().requires_grad_(False).to(device)

@@ -98,7 +98,7 @@ def tiled(
     stats = _estimate(fn, norms, x, tile) if norms else None
     out = None
     band = tiling.overlap / 2 * scale
-    with _norm_statistics(norms, stats, record=False):
+    with _norm_statistics(norms, stats):
         for chunk in _chunks(len(boxes), batch_size):
             y = fn(_crop(x, [boxes[i] for i in chunk], tile)).float()  # (B, C', t*s, t*s)
             if out is None:
@@ -136,75 +136,58 @@ def _estimate(fn: Fn, norms: list[nn.GroupNorm], x: torch.Tensor, tile: int) -> 
     h, w = x.shape[-2:]
     shrink = max(1.0, math.sqrt(h * w) / tile)
     size = (max(1, round(h / shrink)), max(1, round(w / shrink)))
-    with _norm_statistics(norms, None, record=True) as recorder:
-        recorder.cores, recorder.tile = [(0, size[0], 0, size[1])], size[0]
-        fn(F.interpolate(x, size=size, mode="area"))
-    return recorder.result()
+    return statistics(fn, norms, F.interpolate(x, size=size, mode="area"))
 
 
-class _Recorder:
-    """Per GroupNorm, per group: count, mean and M2 over the tiles' cores (Chan et al.'s
-    parallel variance), in float64 on the CPU."""
+def statistics(fn: Fn, norms: list[nn.GroupNorm], x: torch.Tensor) -> list:
+    """Each GroupNorm's per-group (mean, variance) of its input when fn runs on one input x
+    (1, C, H, W), as float32 tensors on x's device."""
+    found: list = [None] * len(norms)
 
-    def __init__(self, norms: list[nn.GroupNorm]):
-        self.sums = [None] * len(norms)
-        self.cores: list[tuple[int, int, int, int]] = []
-        self.tile = 1
+    def recorder(index: int):
+        def record(_module, inputs):
+            values = inputs[0].float().reshape(norms[index].num_groups, -1)
+            var, mean = torch.var_mean(values, dim=1, correction=0)
+            found[index] = (mean, var)
 
-    def add(self, index: int, x: torch.Tensor, groups: int) -> None:
-        s = x.shape[-2] / self.tile  # this layer's resolution relative to the tile
-        for j, (y0, y1, x0, x1) in enumerate(self.cores):
-            part = x[j, :, round(y0 * s) : round(y1 * s), round(x0 * s) : round(x1 * s)]
-            part = part.float().reshape(groups, -1)
-            if part.shape[1] == 0:
-                continue
-            var, mean = torch.var_mean(part, dim=1, correction=0)
-            n = part.shape[1]
-            new = (n, mean.double().cpu(), var.double().cpu() * n)
-            self.sums[index] = new if self.sums[index] is None else _merge(self.sums[index], new)
+        return record
 
-    def result(self) -> list:
-        return [None if s is None else (s[1], s[2] / s[0]) for s in self.sums]
-
-
-def _merge(a, b):
-    (na, ma, m2a), (nb, mb, m2b) = a, b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * nb / n, m2a + m2b + delta.pow(2) * na * nb / n
+    handles = [norm.register_forward_pre_hook(recorder(i)) for i, norm in enumerate(norms)]
+    try:
+        fn(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 @contextmanager
-def _norm_statistics(norms: list[nn.GroupNorm], stats: list | None, *, record: bool):
-    """GroupNorms that normalise with `stats` (per group mean and variance) instead of their
-    input's own, and record their input's statistics over the tiles' cores when `record`."""
-    recorder = _Recorder(norms)
-    for index, norm in enumerate(norms):
-        fixed = None if stats is None else stats[index]
-        norm.forward = _forward(norm, index, fixed, recorder if record else None)
+def _norm_statistics(norms: list[nn.GroupNorm], stats: list | None):
+    """GroupNorms that normalise with `stats` (per group mean and variance, from
+    `statistics`) instead of their input's own."""
+    if stats is None:
+        yield
+        return
+    for norm, fixed in zip(norms, stats, strict=True):
+        if fixed is not None:
+            norm.forward = _fixed_forward(norm, *fixed)
     try:
-        yield recorder
+        yield
     finally:
         for norm in norms:
-            del norm.forward  # back to GroupNorm.forward
+            norm.__dict__.pop("forward", None)  # back to GroupNorm.forward
 
 
-def _forward(norm: nn.GroupNorm, index: int, fixed, recorder):
+def _fixed_forward(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
     groups = norm.num_groups
+    shift, scale = mean[:, None], torch.rsqrt(var + norm.eps)[:, None]  # (G, 1)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if recorder is not None:
-            recorder.add(index, x, groups)
-        if fixed is None:
-            return F.group_norm(x, groups, norm.weight, norm.bias, norm.eps)
         b, c = x.shape[:2]
-        mean, var = (t.to(x.device, torch.float32) for t in fixed)
-        xf = x.float().reshape(b, groups, -1)
-        xf = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + norm.eps)
-        xf = xf.reshape(x.shape)
+        xf = ((x.float().reshape(b, groups, -1) - shift) * scale).reshape(x.shape)
         if norm.affine:
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            xf = xf * norm.weight.float().reshape(shape) + norm.bias.float().reshape(shape)
+            view = (1, c) + (1,) * (x.dim() - 2)
+            xf = xf * norm.weight.float().reshape(view) + norm.bias.float().reshape(view)
         return xf
 
     return forward

@@ -73,3 +73,14 @@ def test_missing_lpips_package_is_one_line(monkeypatch, tiny_preset, tmp_path, c
     result = cli("train", tiny_preset, "--out", tmp_path / "run", *PERCEPTUAL)
     assert result.exit_code == 2
     assert "needs the lpips package: pip install 'aecli[lpips]'" in result.output
+
+
+def test_damaged_vgg_weights_are_one_line(tmp_path, monkeypatch, tiny_preset, cli):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / VGG16_FILE).write_bytes(b"not a checkpoint")
+    result = cli("train", tiny_preset, "--out", tmp_path / "run", *PERCEPTUAL)
+    assert result.exit_code == 2
+    assert f"{folder / VGG16_FILE} is not torchvision's VGG16 weights" in result.output
+    assert "Traceback" not in result.output

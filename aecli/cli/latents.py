@@ -121,9 +121,7 @@ def encode(
             path=weights,
         )
     target_size = _encode_size(size, predictor)
-    scaling = None
-    if scaled or scaling_factor is not None or shift_factor is not None:
-        scaling = predictor.latent_scaling(scaling_factor, shift_factor)
+    scaling = _scaling(predictor, scaled, scaling_factor, shift_factor)
     fmt = output_format(out, fmt)
     files, failures = collect_inputs(inputs)
     if not to_stdout:
@@ -177,13 +175,20 @@ def encode(
         raise typer.Exit(1)
 
 
-def _encode_size(size: str, predictor) -> tuple[int, int] | None | str:
-    """--size: "model", None for native, or (height, width) from HxW / N."""
+def _scaling(predictor, scaled: bool, scale: float | None, shift: float | None):
+    """The latent scaling --scaled / --scaling-factor / --shift-factor ask for, or None."""
+    if scaled or scale is not None or shift is not None:
+        return predictor.latent_scaling(scale, shift)
+    return None
+
+
+def _encode_size(size: str, predictor) -> tuple[int, int] | None:
+    """--size as (height, width), or None for native."""
     from aecli.errors import UsageError
 
     text = size.strip().lower()
     if text == "model":
-        return "model"
+        return predictor.size
     if text == "native":
         if not predictor.fully_convolutional:
             raise UsageError(
@@ -264,9 +269,7 @@ def decode(
     predictor = Predictor(weights, device)
     predictor.set_tiling(tile, tile_overlap, batch_size)
     z = predictor.fit(latents, force=force)
-    scaling = latents.scaling
-    if scaled or scaling_factor is not None or shift_factor is not None:
-        scaling = predictor.latent_scaling(scaling_factor, shift_factor)
+    scaling = _scaling(predictor, scaled, scaling_factor, shift_factor) or latents.scaling
     if scaling is not None:
         z = scaling.undo(z)
     grid = is_grid(out)

@@ -126,7 +126,7 @@ def train(
         None,
         "--init",
         help="Start from these weights (aecli's, a diffusers AutoencoderKL folder or a "
-        "single-file VAE): every tensor whose name and shape fit the preset's model is loaded. "
+        "single-file VAE); their architecture must match the preset's tensor for tensor. "
         "Without a PRESET, the weights' own architecture and settings are used.",
         show_default=False,
     ),
@@ -182,9 +182,8 @@ def train(
             "train.seed": seed,
         }
         overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-        if init is not None:
-            stored, init_tensors = read_weights(init)
-        if init is not None and preset is None:
+        stored, init_tensors = read_weights(init) if init is not None else (None, None)
+        if stored is not None and preset is None:  # the weights' own architecture and settings
             raw = stored.config.model_dump(mode="json")
             loaded = override_config(raw, _init_name(init, stored), str(init), overrides)
         else:
@@ -194,7 +193,7 @@ def train(
             from aecli.perceptual import check_available
 
             check_available()
-        if init is not None:
+        if init_tensors is not None:
             start = init_weights(init, init_tensors, config)
             del init_tensors
         run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"

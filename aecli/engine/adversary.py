@@ -80,6 +80,9 @@ class Adversary:
         if not self.active(step):
             zero = self._zeros(nll)
             return {"g_loss": zero, "disc_weight": zero}
+        # the generator's step needs no gradient for the discriminator (Lightning, which the
+        # reference runs on, switches it off the same way)
+        self.discriminator.requires_grad_(False)
         with self.execution.autocast():
             g_loss = -self.discriminator(image).float().mean()
         weight = adaptive_weight(nll, g_loss, self.last_layer, self.weight)
@@ -90,6 +93,7 @@ class Adversary:
         if not self.active(step):
             zero = self._zeros(real)
             return {"d_loss": zero, "logits_real": zero, "logits_fake": zero}
+        self.discriminator.requires_grad_(True)
         with self.execution.autocast():
             logits_real = self.discriminator(real.detach()).float()
             logits_fake = self.discriminator(fake.detach()).float()

@@ -18,7 +18,7 @@ from aecli.data.transforms import augment
 from aecli.devices import Execution
 from aecli.engine.adversary import Adversary
 from aecli.errors import UsageError
-from aecli.losses import compute_loss
+from aecli.losses import compute_loss, reconstruction_part
 from aecli.models import Autoencoder
 
 
@@ -145,9 +145,7 @@ class TrainStep:
         )
         adversary = self.adversary
         if adversary is not None:
-            nll = terms[config.loss.reconstruction]
-            if "perceptual" in terms:
-                nll = nll + config.loss.perceptual_weight * terms["perceptual"]
+            nll = reconstruction_part(terms, config.loss, x)
             generator = adversary.generator_terms(out.image, nll, step)
             terms["loss"] = terms["loss"] + generator["disc_weight"] * generator["g_loss"]
             terms.update(generator)
@@ -159,7 +157,7 @@ class TrainStep:
         if adversary is not None:
             terms.update(adversary.train(x, out.image, step))
         with torch.no_grad():
-            values = torch.stack([*(t.detach().float() for t in terms.values()), *norms])
+            values = torch.stack([*terms.values(), *norms])
         if self.ema is not None:
             self._update_ema()
         if not self.names:

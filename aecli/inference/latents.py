@@ -56,7 +56,8 @@ def encode_files(
         elif shape != first[1]:
             a, b = files[first[0]].path, files[batch.indices[0]].path
             raise UsageError(
-                f"{a} is {_size_text(first[1])} but {b} is {_size_text(shape)}: one latent "
+                f"{a} is {'x'.join(map(str, first[1]))} but {b} is "
+                f"{'x'.join(map(str, shape))}: one latent "
                 "file holds latents of one size; encode them separately or pass --size"
             )
         z = predictor.encode(batch.images, generator)
@@ -77,10 +78,6 @@ def encode_files(
         scaling=scaling,
     )
     return result, [failures[i] for i in sorted(failures)]
-
-
-def _size_text(hw: tuple[int, int]) -> str:
-    return f"{hw[0]}x{hw[1]}"
 
 
 def decoded_images(

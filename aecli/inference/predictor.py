@@ -24,7 +24,7 @@ class Predictor:
 
     def __init__(self, weights: str | Path, device: str | None = None):
         self.tiling: Tiling | None = None
-        self.tile_batch = 8
+        self.tile_batch = 1  # tiles at a time, set with the tiling
         self._activations: dict[tuple, int] = {}
         self.device = resolve_device(device)
         model, info = load_weights(weights, self.device)
@@ -47,7 +47,9 @@ class Predictor:
         latent = config.model.latent
         self.scaling = LatentScaling(latent.scaling_factor, latent.shift_factor)
 
-    def latent_scaling(self, scale: float | None = None, shift: float | None = None):
+    def latent_scaling(
+        self, scale: float | None = None, shift: float | None = None
+    ) -> LatentScaling:
         """The model's latent scaling, with either factor overridden (--scaling-factor,
         --shift-factor)."""
         scaling = LatentScaling(
@@ -104,43 +106,41 @@ class Predictor:
 
     def _tiles_that_fit(self, size: int) -> int:
         """How many tiles at a time keep their activations within half the free memory."""
-        from aecli.models.builder import activation_bytes, build_model
-
         free = available_memory(self.device)
         if free is None:
             return 1 << 30
-        meta = build_model(self.info.config, meta=True)
-        latent = size // self.factor
-        per_tile = max(
-            activation_bytes(meta.encoder, (1, self.channels, size, size)),
-            activation_bytes(meta.decoder, (1, self.latent_shape[0], latent, latent)),
-        )
+        per_tile = self._activation_bytes("reconstruct", (self.channels, size, size))
         return max(1, free // 2 // per_tile)
 
     def images_per_batch(self, batch_size: int) -> int:
         """Images to load at a time: one when tiling (--batch-size then counts tiles)."""
         return 1 if self.tiling is not None else batch_size
 
+    def _activation_bytes(self, part: str, shape: tuple[int, ...]) -> int:
+        """About the activation memory of one item of `shape` (C, H, W) through `part`
+        (reconstruct or encode: an image; decode: a latent), counted once per shape."""
+        key = (part, tuple(shape))
+        if key not in self._activations:
+            from aecli.models.builder import activation_bytes, build_model
+
+            meta = build_model(self.info.config, meta=True)
+            c, h, w = shape
+            if part == "decode":
+                need = activation_bytes(meta.decoder, (1, c, h, w))
+            else:
+                need = activation_bytes(meta.encoder, (1, c, h, w))
+                if part == "reconstruct":
+                    latent = (1, self.latent_shape[0], h // self.factor, w // self.factor)
+                    need = max(need, activation_bytes(meta.decoder, latent))
+            self._activations[key] = need
+        return self._activations[key]
+
     def _check_fits(self, part: str, shape: torch.Size) -> None:
         """Refuse (one line suggesting --tile) a batch whose activations would not fit in the
         device's free memory."""
         if not self.fully_convolutional:
             return
-        key = (part, tuple(shape[1:]))
-        if key not in self._activations:
-            from aecli.models.builder import activation_bytes, build_model
-
-            meta = build_model(self.info.config, meta=True)
-            c, h, w = shape[1:]
-            if part == "decode":
-                self._activations[key] = activation_bytes(meta.decoder, (1, c, h, w))
-            else:
-                latent = (1, self.latent_shape[0], h // self.factor, w // self.factor)
-                need = activation_bytes(meta.encoder, (1, c, h, w))
-                if part == "reconstruct":
-                    need = max(need, activation_bytes(meta.decoder, latent))
-                self._activations[key] = need
-        need = self._activations[key] * shape[0]
+        need = self._activation_bytes(part, tuple(shape[1:])) * shape[0]
         free = available_memory(self.device)
         if free is not None and need > free:
             h, w = shape[-2:]
@@ -155,12 +155,11 @@ class Predictor:
 
     def _tiled_latent(self, x: torch.Tensor) -> torch.Tensor:
         """The latent head's output for one padded image (1, C, H, W), tile by tile."""
-        tiling = self.tiling
         return tiled(
             self.model.encode_raw,
             self.model.encoder,
             x,
-            tiling,
+            self.tiling,
             scale=1 / self.factor,
             batch_size=self.tile_batch,
         )
@@ -217,7 +216,7 @@ class Predictor:
         """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
         z = z.to(self.device, torch.float32)
         with self.execution.autocast():
-            if self.tiling is not None and self.spatial:
+            if self.tiling is not None:  # only ever set for fully convolutional models
                 image = torch.cat([self._tiled_image(one) for one in z.split(1)])
             else:
                 self._check_fits("decode", z.shape)

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from aecli.config import Config, config_from_dict
-from aecli.errors import WeightsError, first_and_more
+from aecli.errors import ConfigError, WeightsError, first_and_more
+from aecli.io.tensorfile import tensor_file_bytes
 
 # Scaling and shift factors per latent width when a file does not say (a single file never
 # does): SD 1.x / 2.x for 4 channels (SDXL's 0.13025 has the same layout), FLUX.1 for 16
-# (SD3's 1.5305 / 0.0609 has the same layout). `--set`-free override: encode --scaling-factor.
+# (SD3's 1.5305 / 0.0609 has the same layout); --scaling-factor / --shift-factor override them.
 KNOWN_FACTORS = {4: (0.18215, 0.0), 16: (0.3611, 0.1159)}
 
 DIFFUSERS_CONFIG = "config.json"
@@ -263,7 +264,7 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
         if raw.get("act_fn", "silu") != "silu":
             raise WeightsError(f"act_fn {raw['act_fn']!r}: aecli builds silu only", path=path)
         latent = int(raw.get("latent_channels", 4))
-        scale, shift = KNOWN_FACTORS.get(latent, (1.0, 0.0))
+        scale = KNOWN_FACTORS.get(latent, (1.0, 0.0))[0]  # diffusers writes one; older may not
         return KLLayout(
             in_channels=int(raw.get("in_channels", 3)),
             out_channels=int(raw.get("out_channels", 3)),
@@ -301,11 +302,9 @@ def layout_from_shapes(shapes: dict[str, tuple[int, ...]], naming: str, path: Pa
     def down(i, j):
         return f"encoder.down.{i}.block.{j}" if ldm else f"encoder.down_blocks.{i}.resnets.{j}"
 
-    widths = []
+    widths = [shape(f"{down(0, 0)}.conv1.weight")[0]]
     while f"{down(len(widths), 0)}.conv1.weight" in shapes:
-        widths.append(shape(f"{down(len(widths), 0)}.conv1.weight")[0])
-    if not widths:
-        shape(f"{down(0, 0)}.conv1.weight")
+        widths.append(shapes[f"{down(len(widths), 0)}.conv1.weight"][0])
     layers = 0
     while f"{down(0, layers)}.conv1.weight" in shapes:
         layers += 1
@@ -465,7 +464,7 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
     )
     try:
         reference = layout.config().model
-    except Exception:  # noqa: BLE001  (any failure means: not this layout)
+    except ConfigError:
         return None, "model: not the AutoencoderKL layout"
     for where, specs, theirs in (
         ("model.encoder", model.encoder, reference.encoder),
@@ -508,8 +507,6 @@ def export_files(state: dict[str, torch.Tensor], layout: KLLayout, fmt: str) -> 
     """{relative file name: bytes} of a VAE in `fmt`: diffusers (config.json and
     diffusion_pytorch_model.safetensors, what AutoencoderKL.from_pretrained reads) or
     single-file (one .safetensors in the latent-diffusion key layout)."""
-    from aecli.io.tensorfile import tensor_file_bytes
-
     naming = "diffusers" if fmt == "diffusers" else "ldm"
     tensors = from_aecli(state, layout, naming)
     data = tensor_file_bytes(tensors, {"format": "pt"})

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def save_weights(
 def read_weights_info(path: str | Path) -> WeightsInfo:
     """Read a weights file's metadata, after checking that its tensors are sound and fit the
     stored architecture."""
-    return _open(path)[0]
+    return read_weights(path)[0]
 
 
 def load_weights(
@@ -117,11 +118,10 @@ class InitWeights:
     tensors: dict[str, torch.Tensor]
 
     def describe(self) -> str:
+        """`all 124 tensors (encoder 52, latent head 2, decoder 70; 658,375 values)`"""
         parameters = sum(t.numel() for t in self.tensors.values())
-        parts = {"encoder": 0, "latent_head": 0, "decoder": 0}
-        for name in self.tensors:
-            parts[name.split(".")[0]] = parts.get(name.split(".")[0], 0) + 1
-        listing = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in parts.items() if v)
+        parts = Counter(name.split(".")[0].replace("_", " ") for name in self.tensors)
+        listing = ", ".join(f"{part} {count}" for part, count in parts.items())
         return f"all {len(self.tensors)} tensors ({listing}; {parameters:,} values)"
 
 
@@ -254,7 +254,8 @@ def _open_diffusers_folder(folder: Path) -> tuple[WeightsInfo, dict[str, torch.T
         raise WeightsError(f"a diffusers VAE folder with {why}", path=vae)
     header, data_bytes = _read_header(weights)
     header.pop("__metadata__", None)
-    return _import_vae(weights, header, data_bytes, layout, "diffusers", "")
+    shapes = {k: _entry_shape(weights, k, v, data_bytes) for k, v in header.items()}
+    return _import_vae(weights, header, shapes, layout, "diffusers", "")
 
 
 def _open_single_file(
@@ -281,18 +282,19 @@ def _open_single_file(
         }
     shapes = {k: _entry_shape(path, k, v, data_bytes) for k, v in header.items()}
     layout = vae_files.layout_from_shapes(shapes, naming, path)
-    return _import_vae(path, header, data_bytes, layout, naming, prefix)
+    return _import_vae(path, header, shapes, layout, naming, prefix)
 
 
 def _import_vae(
     path: Path,
     header: dict,
-    data_bytes: int,
+    shapes: dict[str, tuple[int, ...]],
     layout: vae_files.KLLayout,
     naming: str,
     prefix: str,
 ) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
-    """Check a VAE file's every tensor against its layout, then read it under aecli's names."""
+    """Check a VAE file's every tensor (header entries and their checked `shapes`, keys
+    without `prefix`) against its layout, then read it under aecli's names."""
     try:
         config = layout.config()
         meta_model = build_model(config, meta=True)
@@ -300,7 +302,6 @@ def _import_vae(
         raise WeightsError(f"its layout cannot be built in aecli: {exc}", path=path) from None
     _parameters_within_limit(path, meta_model)
     expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
-    shapes = {k: _entry_shape(path, k, v, data_bytes) for k, v in header.items()}
     for name, entry in header.items():
         if entry.get("dtype") not in ("F32", "F16", "BF16"):
             raise WeightsError(
@@ -310,12 +311,11 @@ def _import_vae(
     wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
     raw = _read_tensors(path, [prefix + k for k in wanted])
     tensors = vae_files.to_aecli({k: raw[prefix + k] for k in wanted}, wanted, expected)
-    kind = "diffusers" if path.name in vae_files.DIFFUSERS_WEIGHTS else "single-file"
+    folder = path.name in vae_files.DIFFUSERS_WEIGHTS
+    kind = "diffusers" if folder else "single-file"
     info = WeightsInfo(
         config=config,
-        preset=f"AutoencoderKL ({kind}, {naming} keys)"
-        if kind == "single-file"
-        else "AutoencoderKL (diffusers folder)",
+        preset="AutoencoderKL (diffusers folder)" if folder else f"AutoencoderKL ({naming} keys)",
         aecli_version="",
         fingerprint=fingerprint(tensors),
         data={"kind": kind, "path": str(path)},
