@@ -305,7 +305,12 @@ class TrainConfig(Strict):
         description="deterministic algorithms (bit-exact resume on CUDA), at some cost in speed",
     )
     grid_images: int = Field(8, ge=0)
-    log_every: int = Field(10, gt=0, description="steps between progress refreshes")
+    log_every: int = Field(
+        10, gt=0, description="steps between progress refreshes and metrics.jsonl window records"
+    )
+    log_to: list[Literal["tensorboard"]] = Field(
+        [], description="also log to these (tensorboard: event files under RUN/tensorboard)"
+    )
     checkpoint_every: int = Field(
         0, ge=0, description="steps between checkpoints (0: at the end of each epoch only)"
     )
@@ -387,24 +392,42 @@ class PresetInfo:
     name: str
     path: Path
     description: str
+    quality: str = ""  # the header's `# quality:` line: measured held-out figures
+
+
+QUALITY_PREFIX = "# quality:"
 
 
 def list_presets() -> list[PresetInfo]:
-    """Every bundled preset with the one-line description from its header comment."""
+    """Every bundled preset with the one-line description from its header comment and, where
+    benchmarks/quality.py measured it, its held-out figures."""
     found = []
     for path in sorted(presets_dir().glob("*.yaml")):
-        first = path.read_text(encoding="utf-8").splitlines()[:1]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        first = lines[:1]
         description = first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""
-        found.append(PresetInfo(path.stem, path, description))
+        quality = next(
+            (
+                line[len(QUALITY_PREFIX) :].strip()
+                for line in lines
+                if line.startswith(QUALITY_PREFIX)
+            ),
+            "",
+        )
+        found.append(PresetInfo(path.stem, path, description, quality))
     return found
 
 
-DEFAULT_PRESET = "default"
+# What `aecli train` trains without a PRESET: aecli's own residual 32x32 colour autoencoder,
+# the one that beats cifar-cae by the held-out figures. `default` names it too.
+DEFAULT_PRESET = "cifar-res"
+DEFAULT_ALIAS = "default"
 
 
 def resolve_preset(preset: str | None) -> tuple[str, Path]:
     """Map a bundled name or a YAML path to (name, path)."""
-    preset = preset or DEFAULT_PRESET
+    if preset in (None, "", DEFAULT_ALIAS):
+        preset = DEFAULT_PRESET
     candidate = Path(preset)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():

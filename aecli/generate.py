@@ -16,12 +16,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aecli.data.images import ImageReadError, fit_image, read_image
 from aecli.devices import available_memory
 from aecli.errors import UsageError
-from aecli.inference import Predictor, image_tensor
+from aecli.inference import Predictor, decoded_images, image_tensor
+from aecli.io.images import compose_sheet
 from aecli.io.latents import STDIO, LatentFile, read_latents
 
 LATENT_SUFFIXES = {".safetensors", ".npy"}
@@ -289,3 +291,24 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
         ) from None
     image = image_tensor(fit_image(array, predictor.size, "stretch"))
     return predictor.encode(image[None]).cpu(), "image"
+
+
+# -- the run's preview -----------------------------------------------------------------------
+
+
+def preview_sheets(
+    predictor: Predictor, ends: torch.Tensor, *, count: int = 16, steps: int = 8, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a run directory shows of a trained model's latent space: `count` samples (as
+    `aecli sample -n count --seed seed`) and the slerp from the first image of `ends` (uint8
+    (N, C, H, W) at the model's input size) to the second (as `aecli interpolate`), as uint8
+    (H, W, C) sheets; no strip with fewer than two images."""
+    latents, _ = sample_latents(predictor, count, seed=seed)
+    images = list(decoded_images(predictor, latents.latents))
+    columns = 8 if count > 8 else count
+    samples = compose_sheet([images[i : i + columns] for i in range(0, count, columns)])
+    if len(ends) < 2:
+        return samples, None
+    z = predictor.encode(ends[:2]).cpu()
+    path = interpolation_path(z[0], z[1], steps, "slerp", slerp_center(predictor))
+    return samples, compose_sheet([list(decoded_images(predictor, path))])

@@ -91,6 +91,13 @@ train: {epochs: 2, batch_size: 32, grid_images: 2}
 """
 
 
+def epochs_of(run: Path) -> list[dict]:
+    """The epoch records of a run's metrics.jsonl (it also holds one per logging window)."""
+    from aecli.engine.rundir import RunDirectory
+
+    return RunDirectory(run).history()
+
+
 def train_weights(directory: Path, preset_text: str, overrides: list[str] = ()) -> Path:
     """Train a tiny preset on the built-in shapes (a few seconds) and return its weights file."""
     from aecli.config import load_config

@@ -1,10 +1,9 @@
 """The adversarial objective of latent diffusion's autoencoder: hinge loss, adaptive weight,
 the disc_start switch, its metrics and exact resume with the discriminator."""
 
-import json
-
 import pytest
 import torch
+from conftest import epochs_of
 from test_engine import RICH, StopAt, assert_same_weights
 
 from aecli.config import load_config
@@ -88,7 +87,7 @@ def test_metrics_and_resume_with_the_discriminator(tiny_preset, tmp_path):
         trainer.fit()
     resume(plan_resume(tmp_path / "cut"), data, tmp_path / "cut", device="cpu")
     assert_same_weights(tmp_path / "straight", tmp_path / "cut")
-    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").open()]
+    records = epochs_of(tmp_path / "cut")
     for key in ("g_loss", "d_loss", "disc_weight", "logits_real", "logits_fake"):
         assert all(key in r for r in records), key
     assert records[0]["d_loss"] == 0.0 and records[-1]["d_loss"] > 0  # 3 steps per epoch

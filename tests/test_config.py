@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -117,14 +118,30 @@ def test_resolved_config_round_trips(tmp_path):
 def test_every_bundled_preset_loads_and_has_a_header():
     names = {p.name for p in list_presets()}
     assert {
-        "default",
         "mnist-cae",
         "cifar-cae",
         "cifar-cae-1000",
         "fashion-vae",
         "dog-vae",
         "cat-kl-f8",
+        "mnist-res",
+        "cifar-res",
+        "dog-res",
     } <= names
     for preset in list_presets():
         load_config(preset.name)
         assert preset.description.startswith(preset.name + ":")
+
+
+def test_default_is_cifar_res_by_either_name():
+    assert load_config().name == load_config("default").name == "cifar-res"
+    assert load_config("default").config == load_config("cifar-res").config
+
+
+def test_benchmarked_presets_carry_their_held_out_figures(cli):
+    quality = {p.name: p.quality for p in list_presets()}
+    for name in ("mnist-cae", "mnist-res", "cifar-cae", "cifar-res", "dog-vae", "dog-res"):
+        assert "held-out PSNR" in quality[name] and " dB" in quality[name], name
+    listing = json.loads(cli("presets", "--json").stdout)
+    row = next(p for p in listing if p["name"] == "cifar-res")
+    assert row["default"] and row["quality"] == quality["cifar-res"]

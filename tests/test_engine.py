@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import epochs_of
 from safetensors import safe_open
 
 from aecli.config import load_config
 from aecli.data import load_data
 from aecli.engine import plan_resume, resume, train
+from aecli.engine.rundir import RunDirectory
 from aecli.errors import Interrupted
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.weights import load_weights
@@ -95,11 +97,13 @@ def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path):
     result = resume(plan, data, tmp_path / "split", device="cpu")
     assert result.epochs == 4 and result.steps == 4 * 3
     assert_same_weights(tmp_path / "straight", tmp_path / "split")
-    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["val_loss"] for x in lines] == [
-        json.loads(x)["val_loss"] for x in straight
+    split, straight = RunDirectory(tmp_path / "split"), RunDirectory(tmp_path / "straight")
+    assert [r["val_loss"] for r in split.history()] == [r["val_loss"] for r in straight.history()]
+    # one window record per step (log_every 1), the same losses as the uninterrupted run's
+    assert [(r["step"], r["loss"]) for r in split.windows()] == [
+        (r["step"], r["loss"]) for r in straight.windows()
     ]
+    assert len(split.windows()) == 4 * 3
 
 
 def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
@@ -118,7 +122,9 @@ def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
     load_weights(tmp_path / "cut" / "model.safetensors")  # usable right away
     resume(plan_resume(tmp_path / "cut"), data, tmp_path / "cut", device="cpu")
     assert_same_weights(tmp_path / "straight", tmp_path / "cut")
-    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    epochs = [r["epoch"] for r in epochs_of(tmp_path / "cut")]
+    windows = RunDirectory(tmp_path / "cut").windows()
+    assert [r["step"] for r in windows] == list(range(1, 13))  # none lost or repeated
     assert epochs == [1, 2, 3, 4]
 
 
@@ -299,7 +305,7 @@ def test_ssim_terms_are_logged(tiny_preset, tmp_path, cli):
         "loss.ms_ssim_weight=0.5",
     )
     assert result.exit_code == 0, result.output
-    record = json.loads((run / "metrics.jsonl").read_text())
+    record = epochs_of(run)[0]
     assert 0 < record["ssim"] < 1 and 0 < record["ms_ssim"] < 1 and "val_ssim" in record
     assert record["loss"] == pytest.approx(
         record["mse"] + 0.5 * record["ssim"] + 0.5 * record["ms_ssim"], rel=1e-4
@@ -309,15 +315,14 @@ def test_ssim_terms_are_logged(tiny_preset, tmp_path, cli):
 def test_learning_rate_schedules():
     from aecli.engine import learning_rate
 
-    config = load_config(
-        "default", ["optim.lr=1.0", "optim.schedule.kind=cosine", "optim.schedule.warmup_steps=10"]
-    ).config
+    cosine = ["optim.schedule.kind=cosine", "optim.schedule.warmup_steps=10"]
+    config = load_config("mnist-cae", ["optim.lr=1.0", *cosine, "optim.schedule.min_lr=0"]).config
     assert learning_rate(config, 0, 110, 10) == pytest.approx(0.1)
     assert learning_rate(config, 10, 110, 10) == pytest.approx(1.0)
     assert learning_rate(config, 60, 110, 10) == pytest.approx(0.5)
     assert learning_rate(config, 110, 110, 10) == pytest.approx(0.0)
     step = load_config(
-        "default",
+        "mnist-cae",
         [
             "optim.lr=1.0",
             "optim.schedule.kind=step",
@@ -464,8 +469,7 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
     config = load_config(str(tiny_preset)).config
     data = load_data(None, config.data, config.train.seed)
     train(config, data, single, preset="tiny", device="cpu")
-    ddp = [json.loads(x) for x in (run / "metrics.jsonl").open()]
-    one = [json.loads(x) for x in (single / "metrics.jsonl").open()]
+    ddp, one = epochs_of(run), epochs_of(single)
     assert len(ddp) == len(one) == 2
     for a, b in zip(ddp, one, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)

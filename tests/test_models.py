@@ -35,7 +35,17 @@ SIZES = {"dog-vae": [], "cat-kl-f8": ["data.image_size=32"]}
 
 @pytest.mark.parametrize(
     "preset",
-    ["default", "mnist-cae", "cifar-cae", "cifar-cae-1000", "fashion-vae", "dog-vae", "cat-kl-f8"],
+    [
+        "mnist-cae",
+        "cifar-cae",
+        "cifar-cae-1000",
+        "fashion-vae",
+        "dog-vae",
+        "cat-kl-f8",
+        "mnist-res",
+        "cifar-res",
+        "dog-res",
+    ],
 )
 def test_each_preset_runs_forward_and_backward(preset):
     config = load_config(preset, SIZES.get(preset, [])).config

@@ -1,13 +1,14 @@
 """LPIPS as a loss term: wired with stand-in VGG16 weights (the real ones are a download aecli
 never makes), and one line when the weights or the package are missing."""
 
-import json
 import warnings
 
 import pytest
 import torch
 
 lpips = pytest.importorskip("lpips")
+
+from conftest import epochs_of  # noqa: E402
 
 from aecli.perceptual import VGG16_FILE, load_lpips  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_training_with_lpips_logs_the_term(stand_in_vgg, tiny_preset, tmp_path, 
     run = tmp_path / "run"
     result = cli("train", tiny_preset, "--out", run, "--epochs", "1", "--device=cpu", *PERCEPTUAL)
     assert result.exit_code == 0, result.output
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    record = epochs_of(run)[-1]
     assert record["perceptual"] > 0 and record["val_perceptual"] > 0
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import epochs_of
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -27,7 +28,7 @@ def test_train_writes_a_complete_run_directory(tiny_preset, tmp_path, cli):
     stored = yaml.safe_load((run / "config.yaml").read_text())
     assert config_from_dict(stored, "config.yaml") == config
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = epochs_of(run)
     assert [r["epoch"] for r in records] == [1, 2]
     for key in (
         "epoch",
@@ -103,7 +104,7 @@ def test_a_run_that_saved_nothing_does_not_block_its_folder(tiny_preset, tmp_pat
     assert (run / "config.yaml").exists() and not (run / "model.safetensors").exists()
     result = cli("train", tiny_preset, "--out", run, "--json")  # the same folder, a sane lr
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = epochs_of(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert load_weights(run / "model.safetensors")[1].metrics["epoch"] == 2
 
@@ -123,7 +124,7 @@ def test_vae_logs_each_loss_term(tiny_preset, tmp_path, cli):
         "loss.kl_weight=0.01",
     )
     assert result.exit_code == 0, result.output
-    record = json.loads((run / "metrics.jsonl").read_text())
+    record = epochs_of(run)[0]
     assert record["loss"] == pytest.approx(record["mse"] + 0.01 * record["kl"], rel=1e-4)
     assert record["kl"] > 0 and "val_kl" in record
 
@@ -143,9 +144,7 @@ def test_mnist_cae_on_real_digits_lowers_validation_loss(digits_npz, tmp_path, c
         "32",
     )
     assert result.exit_code == 0, result.output
-    val = [
-        json.loads(line)["val_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
+    val = [r["val_loss"] for r in epochs_of(run)]
     assert val[-1] < val[0] * 0.9
     assert sum(b < a for a, b in zip(val, val[1:], strict=False)) >= 3
     _, info = load_weights(run / "model.safetensors")
@@ -235,7 +234,7 @@ def test_default_demo_trains_to_recognisable_reconstructions(tmp_path):
         timeout=600,
     )
     assert ran.returncode == 0, ran.stderr
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = epochs_of(run)
     assert records[-1]["val_loss"] < records[0]["val_loss"] / 4
     assert records[-1]["val_psnr"] > 22
     grid = np.asarray(Image.open(run / "grids" / f"epoch-{len(records):04d}.png"))

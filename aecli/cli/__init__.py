@@ -7,6 +7,7 @@ from aecli.cli import (  # noqa: F401  (importing a module registers its command
     inspect,
     latents,
     reconstruct,
+    runs,
     train,
 )
 from aecli.cli.app import app

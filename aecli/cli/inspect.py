@@ -17,24 +17,37 @@ from aecli.cli.render import fmt_metric, key_value_table, print_json, results
 def presets(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
-    """List the bundled presets with a one-line description each."""
-    from aecli.config import list_presets
+    """List the bundled presets with a one-line description each and, where
+    benchmarks/quality.py measured them, their held-out reconstruction figures."""
+    from aecli.config import DEFAULT_ALIAS, DEFAULT_PRESET, list_presets
 
     found = list_presets()
     if as_json:
-        print_json([{"name": p.name, "description": p.description} for p in found])
+        print_json(
+            [
+                {
+                    "name": p.name,
+                    "description": p.description,
+                    "quality": p.quality or None,
+                    "default": p.name == DEFAULT_PRESET,
+                }
+                for p in found
+            ]
+        )
         return
     table = Table(title="Bundled presets", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
+    table.add_column("held-out quality (benchmarks/quality.py)")
     for preset in found:
-        table.add_row(preset.name, escape(preset.description))
+        name = preset.name + (f"\n({DEFAULT_ALIAS})" if preset.name == DEFAULT_PRESET else "")
+        table.add_row(name, escape(preset.description), escape(preset.quality))
     results.print(table)
 
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n  aecli info cifar-cae\n\n"
-    "  aecli info runs/default-20261122-101500/model.safetensors --json"
+    "  aecli info runs/cifar-res-20261122-101500/model.safetensors --json"
 )
 @guarded
 def info(
@@ -54,6 +67,7 @@ def info(
     from aecli.config import load_config
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
+    from aecli.report import describe_source
 
     path = Path(target)
     weights = (
@@ -101,7 +115,7 @@ def info(
     if weights:
         imported = facts["data"].get("kind") in ("diffusers", "single-file")
         rows += [
-            ("imported from" if imported else "trained on", _describe_data(facts["data"])),
+            ("imported from" if imported else "trained on", describe_source(facts["data"])),
             ("classes", ", ".join(facts["class_names"] or []) or "none"),
             ("fingerprint", facts["fingerprint"]),
         ]
@@ -166,11 +180,3 @@ def _row(part: str, text: str, module, x) -> dict:
         "output": list(x.shape[1:]),
         "parameters": sum(p.numel() for p in module.parameters()),
     }
-
-
-def _describe_data(data: dict) -> str:
-    if data.get("kind") in ("diffusers", "single-file"):
-        return data.get("path", "?")
-    if data.get("kind") == "builtin-shapes":
-        return f"built-in shapes ({data.get('count')} images)"
-    return f"{data.get('path', '?')} ({data.get('count', '?')} images)"

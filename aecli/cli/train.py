@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -15,12 +17,17 @@ from aecli.cli.render import console, fmt_metric, key_value_table, print_json, p
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  aecli train                                   [dim]# demo preset on built-in shapes[/dim]
+  aecli train                                   [dim]# cifar-res on built-in shapes[/dim]
   aecli train mnist-cae --data digits.npz --epochs 5
   aecli train cifar-cae --data images/ --set model.latent.dim=64 --out runs/cifar64
   aecli train my-preset.yaml --data photos/ --device cuda --json
   aecli train --init sd-vae-ft-mse/ --data photos/ --set train.freeze=encoder
+  aecli train cifar-res --data images/ --log-to tensorboard
 """
+
+
+class LogTarget(str, Enum):
+    tensorboard = "tensorboard"
 
 
 class RichReporter:
@@ -76,7 +83,7 @@ def train(
     preset: str = typer.Argument(
         None,
         help="A bundled preset name (see `aecli presets`) or a path to a YAML preset. "
-        "Without one, the small `default` preset trains on built-in data.",
+        "Without one, `cifar-res` (alias `default`) trains on built-in data.",
         show_default=False,
     ),
     data: Path = typer.Option(
@@ -130,14 +137,24 @@ def train(
         "Without a PRESET, the weights' own architecture and settings are used.",
         show_default=False,
     ),
+    log_to: list[LogTarget] = typer.Option(
+        [],
+        "--log-to",
+        help="Also log to: tensorboard (scalars and grids under RUN/tensorboard; needs the "
+        "tensorboard extra). Shortcut for --set train.log_to=[tensorboard]; allowed with "
+        "--resume.",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
 ) -> None:
     """Train an autoencoder from a preset and write a run directory.
 
     The run directory holds config.yaml (the resolved preset), model.safetensors (weights that
     every other command can use on their own), checkpoint.safetensors (to resume exactly),
-    metrics.jsonl (one line per epoch) and grids/epoch-NNNN.png (validation images over their
-    reconstructions). Ctrl-C stops after the current step, saves, and prints the resume command.
+    metrics.jsonl (a line per epoch and per logging window), grids/epoch-NNNN.png (validation
+    images over their reconstructions), state.json (running, finished, stopped, interrupted or
+    failed) and report.html (curves, grids and facts on one self-contained page, rewritten
+    every epoch). Ctrl-C stops after the current step, saves, and prints the resume command.
     """
     from aecli.config import load_config, override_config
     from aecli.data import load_data
@@ -170,6 +187,8 @@ def train(
                 "(only --epochs, --data and --device may change)"
             )
         plan = plan_resume(resume, epochs)
+        if log_to:
+            plan.config = _with_log_to(plan.config, log_to)
         config, name, run_dir = plan.config, plan.preset, resume
         data = data if data is not None else plan.data_path
         _check_outside_data(run_dir, data, "--resume")
@@ -180,6 +199,7 @@ def train(
             "train.batch_size": batch_size,
             "optim.lr": lr,
             "train.seed": seed,
+            "train.log_to": json.dumps([t.value for t in log_to]) if log_to else None,
         }
         overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
         stored, init_tensors = read_weights(init) if init is not None else (None, None)
@@ -196,6 +216,10 @@ def train(
         if init_tensors is not None:
             start = init_weights(init, init_tensors, config)
             del init_tensors
+        if "tensorboard" in config.train.log_to:  # before any data is read
+            from aecli.engine.tensorboard import check_available as check_tensorboard
+
+            check_tensorboard()
         run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
         _check_run_dir(run_dir)
         _check_outside_data(run_dir, data, "--out")
@@ -255,6 +279,7 @@ def train(
     rows = [
         ("run", result.run_dir),
         ("weights", result.weights),
+        ("report", result.run_dir / "report.html"),
         ("epochs / steps", f"{result.epochs} / {result.steps}{early}"),
         ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
     ]
@@ -262,6 +287,19 @@ def train(
     console.print(key_value_table("Training finished", rows))
     if as_json and main_rank:
         print_json(summary)
+
+
+def _with_log_to(config, log_to: list[LogTarget]):
+    """The run's config with --log-to given on resume (logging only: results are the same)."""
+    from aecli.config import config_from_dict
+    from aecli.engine.tensorboard import check_available as check_tensorboard
+
+    raw = config.model_dump(mode="json")
+    raw["train"]["log_to"] = [t.value for t in log_to]
+    config = config_from_dict(raw, "--log-to")
+    if "tensorboard" in config.train.log_to:
+        check_tensorboard()
+    return config
 
 
 def _init_name(init: Path, stored) -> str:

@@ -1,12 +1,22 @@
 """The run directory (DESIGN section 4): its files, and what `--resume DIR` continues from it.
 
-config.yaml, metrics.jsonl, grids/epoch-NNNN.png, model.safetensors and checkpoint.safetensors;
-every write is atomic. Only rank 0 of a torchrun writes.
+config.yaml, metrics.jsonl, grids/epoch-NNNN.png, model.safetensors, checkpoint.safetensors,
+state.json (where the run stands: running, finished, stopped, interrupted, failed), report.html
+and, at the end, samples.png and interpolation.png; every write but metrics.jsonl's appends is
+atomic. Only rank 0 of a torchrun writes.
+
+metrics.jsonl holds two kinds of records: one per epoch (`"kind": "epoch"`: the epoch's mean
+training terms, the validation terms, lr, images/s) and one per logging window of
+`train.log_every` steps (`"kind": "window"`: the window's mean training terms, lr, images/s).
+Records without a kind (runs of aecli before 0.9) are epochs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +33,14 @@ from aecli.models import Autoencoder
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
+STATE = "state.json"
+REPORT = "report.html"
+SAMPLES = "samples.png"
+INTERPOLATION = "interpolation.png"
+
+
+def is_epoch(record: dict) -> bool:
+    return record.get("kind", "epoch") == "epoch"
 
 
 class RunDirectory:
@@ -34,6 +52,10 @@ class RunDirectory:
         self.checkpoint = self.path / CHECKPOINT
         self.metrics = self.path / METRICS
         self.grids = self.path / "grids"
+        self.state = self.path / STATE
+        self.report = self.path / REPORT
+        self.samples = self.path / SAMPLES
+        self.interpolation = self.path / INTERPOLATION
 
     def prepare(self, config: Config, *, fresh: bool) -> None:
         """Create the folders, remove what a killed run left half-written, write config.yaml,
@@ -43,25 +65,64 @@ class RunDirectory:
             for leftover in stale_temp_files(folder):
                 leftover.unlink(missing_ok=True)
         atomic_write_text(self.path / "config.yaml", dump_config(config))
-        if fresh:
+        if fresh:  # in a folder a failed run left, nothing of it stays
             atomic_write_text(self.metrics, "")
+            self.state.unlink(missing_ok=True)
 
     def append_metrics(self, record: dict) -> None:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def history(self) -> list[dict]:
-        """Every epoch's record in metrics.jsonl."""
+    def records(self) -> list[dict]:
+        """Every record in metrics.jsonl, epochs and windows, in order. A last line cut short
+        by a killed process is left out."""
         if not self.metrics.exists():
             return []
-        lines = self.metrics.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        found = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return found
 
-    def trim_history(self, before_epoch: int) -> None:
-        """Drop the records of epochs from `before_epoch` on (a resume trains them again)."""
+    def history(self) -> list[dict]:
+        """Every epoch's record in metrics.jsonl."""
+        return [r for r in self.records() if is_epoch(r)]
+
+    def windows(self) -> list[dict]:
+        """Every logging window's record in metrics.jsonl."""
+        return [r for r in self.records() if not is_epoch(r)]
+
+    def trim_history(self, before_epoch: int, after_step: int) -> None:
+        """Drop what a resume trains again: the records of epochs from `before_epoch` on and
+        the windows after step `after_step`."""
         if self.metrics.exists():
-            kept = [r for r in self.history() if r["epoch"] < before_epoch]
+            kept = [
+                r
+                for r in self.records()
+                if (r["epoch"] < before_epoch if is_epoch(r) else r["step"] <= after_step)
+            ]
             atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def read_state(self) -> dict:
+        """state.json, or {} where there is none (or it is damaged)."""
+        try:
+            state = json.loads(self.state.read_text())
+        except (OSError, ValueError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def write_state(self, state: str, **facts) -> None:
+        """Record where the run stands; `running` also records this process, so that a run
+        killed without a word can be told from one still training."""
+        record = self.read_state()
+        record.update(facts, state=state, updated=time.time())
+        if state == "running":
+            record.update(pid=os.getpid(), host=socket.gethostname())
+            record.setdefault("started", record["updated"])
+            record.pop("reason", None)
+        atomic_write_text(self.state, json.dumps(record, indent=1) + "\n")
 
     def write_grid(self, epoch: int, sheet: np.ndarray) -> None:
         save_png(self.grids / f"epoch-{epoch:04d}.png", sheet)

@@ -10,6 +10,7 @@ order (DDP); only rank 0 writes files and reports progress.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -22,12 +23,14 @@ import torch
 from aecli.config import Config
 from aecli.data import ImageData, split
 from aecli.data.transforms import to_uint8, to_unit
-from aecli.devices import Execution, deterministic, peak_flops, resolve_device
+from aecli.devices import Execution, describe, deterministic, peak_flops, resolve_device
 from aecli.engine.distributed import setup_distributed
 from aecli.engine.rundir import ResumePlan, RunDirectory
 from aecli.engine.step import TrainStep, learning_rate, load_optimizer_state, step_seed
-from aecli.errors import Interrupted, TrainingError
-from aecli.io.images import make_grid
+from aecli.engine.tensorboard import TensorBoardLog
+from aecli.engine.tensorboard import check_available as check_tensorboard
+from aecli.errors import Interrupted, TrainingError, first_line
+from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
 from aecli.models import Autoencoder, build_model, forward_flops
 from aecli.stats import latent_statistics
@@ -90,6 +93,7 @@ class Window:
         self.first_step = 0
         self.sums: dict[str, float] = {}  # weighted loss terms of the logging window
         self.images = 0
+        self.started = time.perf_counter()
 
 
 class Trainer:
@@ -119,6 +123,10 @@ class Trainer:
         self.state = TrainState()
         self.fingerprint = ""
         self._stop_requested = False
+        self.tensorboard: TensorBoardLog | None = None
+        self._report_written, self._report_cost = 0.0, 0.0  # when, and how long it took
+        if "tensorboard" in config.train.log_to and self.dist.main:
+            check_tensorboard()  # before any data is placed or trained on
         self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
 
         torch.manual_seed(config.train.seed)
@@ -176,14 +184,46 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Train to the configured number of epochs (from where a restored checkpoint stood)."""
-        with deterministic(self.config.train.deterministic):
-            return self._fit()
+        """Train to the configured number of epochs (from where a restored checkpoint stood).
+
+        state.json follows the run (running, then finished, stopped, interrupted or failed with
+        the reason) and report.html is rewritten after every epoch and at the end."""
+        try:
+            with deterministic(self.config.train.deterministic):
+                result = self._fit()
+        except BaseException as exc:
+            if self.dist.main:
+                self._record_end(exc)
+            raise
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        return result
+
+    def _record_end(self, exc: BaseException) -> None:
+        """state.json and the report of a run that ended on `exc`. What fails here is not
+        allowed to hide `exc`."""
+        if isinstance(exc, Interrupted | KeyboardInterrupt):
+            state, reason = "interrupted", first_line(exc) or "interrupted"
+        else:
+            state, reason = "failed", first_line(exc) or type(exc).__name__
+        with contextlib.suppress(Exception):
+            self.run.write_state(state, reason=reason, checkpoint=self.run.checkpoint.exists())
+            self._write_report()
 
     def _fit(self) -> TrainResult:
         train = self.config.train
         if self.dist.main:
             self.run.prepare(self.config, fresh=self.state.step == 0)
+            self.run.write_state(
+                "running",
+                preset=self.preset,
+                epochs=train.epochs,
+                device=describe(self.device),
+                data=self.data_description,
+            )
+            if "tensorboard" in train.log_to:
+                self.tensorboard = TensorBoardLog(self.run_dir, from_step=self.state.step)
         history = self.run.history() if self.state.step else []
         self.state.finished = False
         self.reporter.start(
@@ -199,10 +239,11 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.batch, self.state.totals = 0, {}
                 if self.dist.main:
-                    self.run.append_metrics(record)
+                    self._log(record)
                     self._write_grid(record["epoch"])
                     self._save_weights(record)
                     self._save_checkpoint()
+                    self._write_report(after_epoch=True)
                 self.reporter.epoch(record)
         finally:
             self.reporter.finish()
@@ -256,6 +297,14 @@ class Trainer:
                 window = self._window
                 means = {k: v / window.images for k, v in window.sums.items()}
                 self.reporter.step(epoch=epoch, step=i + 1, metrics=means)
+                if self.dist.main:
+                    now = time.perf_counter()
+                    speed = window.images * self.dist.world / max(now - window.started, 1e-9)
+                    self._log(
+                        {"kind": "window", "epoch": epoch, "step": state.step, **means}
+                        | {"lr": lr, "images_per_s": round(speed, 1)}
+                    )
+                    window.started = now
                 window.sums, window.images = {}, 0
             if not last and train.checkpoint_every and state.step % train.checkpoint_every == 0:
                 self._sync()
@@ -274,7 +323,7 @@ class Trainer:
         names = list(self._totals)
         totals = dict(zip(names, self.dist.sum([self._totals[k] for k in names]), strict=True))
         n = self.shard_size * self.dist.world
-        record = {"epoch": epoch, "step": state.step}
+        record = {"kind": "epoch", "epoch": epoch, "step": state.step}
         record.update({k: v / n for k, v in totals.items()})
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["images_per_s"] = round(images_this_run / max(seconds, 1e-9), 1)
@@ -383,13 +432,37 @@ class Trainer:
             if rule is not None and rule.restore_best and self.state.best_epoch:
                 record = next((r for r in history if r["epoch"] == self.state.best_epoch), record)
             self._save_weights(record, stats)
+            self._write_previews(record["step"])
             # a run killed before this point has trained every epoch but can still be resumed
             # to write these final weights
             self.state.finished = True
             self._save_checkpoint()
+            ended = "stopped" if self.state.stopped_early else "finished"
+            reason = f"early stopping at epoch {history[-1]['epoch']}" if ended == "stopped" else ""
+            self.run.write_state(ended, reason=reason, checkpoint=True)
+            self._write_report()
         self.dist.barrier()
 
     # -- files -------------------------------------------------------------------------------
+
+    def _write_report(self, *, after_epoch: bool = False) -> None:
+        """report.html. After an epoch only where the last write took under a tenth of the
+        time since: a long run's report takes a fraction of a second to build, which very
+        short epochs should not pay every time. At the end of the run, always."""
+        from aecli.report import write_report  # it reads run directories: imports the engine
+
+        started = time.perf_counter()
+        if after_epoch and started - self._report_written < 9 * self._report_cost:
+            return
+        write_report(self.run)
+        self._report_written = time.perf_counter()
+        self._report_cost = self._report_written - started
+
+    def _log(self, record: dict) -> None:
+        """One metrics.jsonl record, to TensorBoard as well where asked."""
+        self.run.append_metrics(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
 
     def _write_grid(self, epoch: int) -> None:
         if not len(self.grid_images):
@@ -401,7 +474,29 @@ class Trainer:
         with torch.inference_mode(), self.execution.autocast():
             image = model(x, sample=False).image
         rows = [self.grid_images.cpu(), to_uint8(image, self.config.data.range).cpu()]
-        self.run.write_grid(epoch, make_grid(rows))
+        sheet = make_grid(rows)
+        self.run.write_grid(epoch, sheet)
+        if self.tensorboard is not None:
+            self.tensorboard.image("validation", sheet, self.state.step)
+
+    def _write_previews(self, step: int) -> None:
+        """samples.png and interpolation.png from the final weights file, as `aecli sample`
+        and `aecli interpolate` draw them (no samples where the weights hold no statistics)."""
+        from aecli.generate import preview_sheets
+        from aecli.inference import Predictor
+
+        predictor = Predictor(self.run.weights, str(self.device))
+        if not predictor.variational and "mean" not in (predictor.info.latent_stats or {}):
+            return
+        ends = self.grid_images[:2].cpu()
+        samples, strip = preview_sheets(predictor, ends, seed=self.config.train.seed)
+        save_png(self.run.samples, samples)
+        if strip is not None:
+            save_png(self.run.interpolation, strip)
+        if self.tensorboard is not None:
+            self.tensorboard.image("samples", samples, step)
+            if strip is not None:
+                self.tensorboard.image("interpolation", strip, step)
 
     def _save_weights(self, record: dict, stats: dict | None = None) -> None:
         metrics = {k: v for k, v in record.items() if k.startswith("val_")}
@@ -445,7 +540,7 @@ class Trainer:
             load_optimizer_state(adversary.optimizer, checkpoint["disc_optimizer"])
         self.best_weights = checkpoint.get("best_weights")
         if self.dist.main:
-            self.run.trim_history(self.state.epoch)
+            self.run.trim_history(self.state.epoch, self.state.step)
 
     # -- Ctrl-C ------------------------------------------------------------------------------
 

@@ -1,0 +1,137 @@
+"""`aecli runs` (a table of training runs) and `aecli report` (a run's report.html)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from aecli.cli.app import app, guarded
+from aecli.cli.options import Json, Overwrite
+from aecli.cli.render import console, print_json, results
+
+RUNS_EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli runs
+  aecli runs experiments/ --json
+"""
+
+REPORT_EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli report runs/cifar-res-20261123-101500
+  aecli report runs/demo -o demo-report.html
+"""
+
+STATE_STYLE = {
+    "running": "bold blue",
+    "finished": "green",
+    "stopped": "green",
+    "interrupted": "yellow",
+    "failed": "red",
+}
+
+
+@app.command(epilog=RUNS_EXAMPLES)
+@guarded
+def runs(
+    folder: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of run directories (searched at any depth), or one run directory."
+        ),
+    ] = Path("runs"),
+    as_json: Json = False,
+) -> None:
+    """List training runs, newest first: preset, data, epochs done of planned, best validation
+    PSNR and loss, and state: running, finished, stopped (early stopping), interrupted (a
+    checkpoint to resume from) or failed (with the reason)."""
+    from aecli.errors import UsageError
+    from aecli.report import find_runs
+
+    if not folder.is_dir():
+        raise UsageError("no such folder (train with --out DIR, or give the runs' folder)", folder)
+    found = find_runs(folder)
+    if as_json:
+        print_json([r.as_dict() for r in found])
+        return
+    if not found:
+        console.print(f"no training runs in {folder}")
+        return
+    table = Table(title=f"Training runs in {folder}", title_justify="left")
+    for column in ("run", "preset", "data", "epochs", "best val_psnr", "best val_loss", "state"):
+        justify = "right" if column.startswith(("epochs", "best")) else "left"
+        table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
+    for r in found:
+        planned = f"/{r.epochs_planned}" if r.epochs_planned else ""
+        state = f"[{STATE_STYLE[r.state]}]{r.state}[/]"
+        if r.reason:
+            state += f"\n[dim]{escape(r.reason[:80])}[/]"
+        table.add_row(
+            escape(_relative(r.path, folder)),
+            escape(r.preset),
+            escape(r.data),
+            f"{r.epochs_done}{planned}",
+            "-" if r.best_val_psnr is None else f"{r.best_val_psnr:.2f} dB",
+            "-" if r.best_val_loss is None else f"{r.best_val_loss:.4g}",
+            state,
+        )
+    results.print(table)
+    resumable = [r for r in found if r.resume]
+    for r in resumable[:3]:
+        console.print(f"continue {escape(_relative(r.path, folder))}: {escape(r.resume)}")
+
+
+def _relative(path: str, folder: Path) -> str:
+    try:
+        return str(Path(path).relative_to(folder)) or "."
+    except ValueError:
+        return path
+
+
+@app.command(epilog=REPORT_EXAMPLES)
+@guarded
+def report(
+    run: Annotated[
+        Path, typer.Argument(help="A run directory (what aecli train wrote).", show_default=False)
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Write the report here instead of RUN/report.html.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    as_json: Json = False,
+) -> None:
+    """Write a run's report: one self-contained HTML file (no network, no external scripts or
+    fonts) with its loss curves, validation grids, configuration, device, model facts, final
+    and best metrics, and the samples and interpolation drawn at the end of training. Training
+    rewrites RUN/report.html after every epoch; this writes it again on demand, for a run of an
+    older aecli too."""
+    from aecli.engine.rundir import RunDirectory
+    from aecli.errors import UsageError
+    from aecli.io.outputs import OutputGuard
+    from aecli.report import is_run, write_report
+
+    if not is_run(run):
+        raise UsageError("not a run directory (no config.yaml and metrics.jsonl)", path=run)
+    if out is not None:
+        OutputGuard([run]).check("-o", [out], overwrite=overwrite)
+    start = time.perf_counter()
+    written = write_report(RunDirectory(run), out)
+    size = written.stat().st_size
+    console.print(
+        f"report of {run} -> {written} ({size / 2**20:.1f} MB) "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if as_json:
+        print_json({"run": str(run), "report": str(written), "bytes": size})

@@ -1,0 +1,588 @@
+"""A run directory for people: where each run stands (`aecli runs`) and report.html, one
+self-contained page (inline SVG curves, embedded PNGs, no network, no external scripts or fonts)
+that the trainer rewrites after every epoch and `aecli report RUN` on demand.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import html
+import json
+import math
+import os
+import shlex
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aecli.engine.rundir import RunDirectory, is_epoch
+from aecli.io.atomic import atomic_write_text
+
+# PNG bytes of grids embedded in one report at most (16 MiB once base64-encoded), so that a run
+# of 1,000 epochs of large grids still gives a page under 20 MB; past this, the grids of evenly
+# spaced epochs (always the first and the last) are shown.
+GRID_BUDGET = 12 * 2**20
+# Points of a window curve drawn at most (evenly spaced windows past this).
+MAX_WINDOW_POINTS = 2000
+# Fields of metrics.jsonl records that are not loss terms.
+NOT_TERMS = {"kind", "epoch", "step", "lr", "images_per_s", "seconds", "mfu"}
+
+STATES = ("running", "finished", "stopped", "interrupted", "failed")
+
+
+# -- where a run stands ----------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    path: str
+    preset: str
+    data: str
+    state: str  # one of STATES
+    reason: str
+    epochs_done: int
+    epochs_planned: int | None
+    best_val_psnr: float | None
+    best_val_loss: float | None
+    started: float  # seconds since the epoch
+    resume: str | None  # the command that continues it, where one can
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (
+        (path / "metrics.jsonl").exists() or (path / "state.json").exists()
+    )
+
+
+def find_runs(root: Path) -> list[RunSummary]:
+    """The runs in `root` (itself a run, or a folder of runs at any depth), newest first."""
+    root = Path(root)
+    if is_run(root):
+        found = [root]
+    else:
+        found = sorted({p.parent for p in root.rglob("config.yaml") if is_run(p.parent)})
+    return sorted((summarize_run(p) for p in found), key=lambda r: r.started, reverse=True)
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the process that wrote `running` still exists (only knowable on its host)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
+    """Where the run in `path` stands; `history`: its epoch records, where already read."""
+    run = RunDirectory(path)
+    recorded = run.read_state()
+    history = run.history() if history is None else history
+    has_checkpoint = run.checkpoint.exists()
+    state, reason = recorded.get("state"), recorded.get("reason", "")
+    if state == "running" and not _alive(recorded.get("pid", -1), recorded.get("host", "")):
+        state = "interrupted" if has_checkpoint else "failed"
+        reason = "the process ended without a word (killed?)"
+    config = _read_config(run)
+    planned = recorded.get("epochs") or (config or {}).get("train", {}).get("epochs")
+    if state not in STATES:  # a run of an aecli before state.json
+        if run.weights.exists() and planned is not None and len(history) >= planned:
+            state = "finished"
+        else:
+            state = "interrupted" if has_checkpoint else "failed"
+    psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
+    losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
+    resumable = state in ("interrupted", "failed") and has_checkpoint
+    return RunSummary(
+        path=str(path),
+        preset=recorded.get("preset") or _checkpoint_preset(run) or "?",
+        data=describe_source(recorded["data"]) if "data" in recorded else "?",
+        state=state,
+        reason=reason,
+        epochs_done=len(history),
+        epochs_planned=planned,
+        best_val_psnr=max(psnrs) if psnrs else None,
+        best_val_loss=min(losses) if losses else None,
+        started=recorded.get("started") or _mtime(run),
+        resume=f"aecli train --resume {shlex.quote(str(path))}" if resumable else None,
+    )
+
+
+def describe_source(data: dict) -> str:
+    """A data source as recorded in weights files and state.json, in words."""
+    if data.get("kind") in ("diffusers", "single-file"):
+        return data.get("path", "?")
+    if data.get("kind") == "builtin-shapes":
+        return f"built-in shapes ({data.get('count')} images)"
+    return f"{data.get('path', '?')} ({data.get('count', '?')} images)"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _mtime(run: RunDirectory) -> float:
+    return max((p.stat().st_mtime for p in run.path.iterdir()), default=0.0)
+
+
+def _read_config(run: RunDirectory) -> dict | None:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _checkpoint_preset(run: RunDirectory) -> str | None:
+    from aecli.io.weights import read_weights_info
+
+    try:
+        return read_weights_info(run.weights).preset
+    except Exception:  # noqa: BLE001  (no weights yet, or unreadable: the listing goes on)
+        return None
+
+
+# -- report.html -----------------------------------------------------------------------------
+
+
+def write_report(run: RunDirectory, out: Path | None = None) -> Path:
+    """Write (atomically) the run's report: RUN/report.html unless `out` is given."""
+    target = Path(out) if out is not None else run.report
+    atomic_write_text(target, build_report(run))
+    return target
+
+
+def build_report(run: RunDirectory) -> str:
+    records = run.records()
+    history = [r for r in records if is_epoch(r)]
+    windows = [r for r in records if not is_epoch(r)]
+    summary = summarize_run(run.path, history)
+    recorded = run.read_state()
+    sections = [
+        _overview(run, summary, recorded, history),
+        _curves(history, windows),
+        _grids(run),
+        _previews(run),
+        _config_section(run),
+    ]
+    title = f"aecli run {run.path.name}"
+    return PAGE.format(
+        title=html.escape(title),
+        heading=html.escape(title),
+        body="\n".join(s for s in sections if s),
+        style=STYLE,
+        script=SCRIPT,
+    )
+
+
+def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: list[dict]) -> str:
+    rows = [
+        ("state", f"{summary.state}" + (f": {summary.reason}" if summary.reason else "")),
+        ("preset", summary.preset),
+        ("data", summary.data),
+        ("device", recorded.get("device", "?")),
+        (
+            "epochs",
+            f"{summary.epochs_done} of {summary.epochs_planned}"
+            if summary.epochs_planned
+            else str(summary.epochs_done),
+        ),
+    ]
+    rows += _model_rows(run)
+    if history:
+        last = history[-1]
+        rows.append(("final", _metric_text(last)))
+        if summary.best_val_psnr is not None:
+            best = max(
+                (r for r in history if _finite(r.get("val_psnr"))), key=lambda r: r["val_psnr"]
+            )
+            rows.append((f"best (epoch {best['epoch']})", _metric_text(best)))
+    body = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    resume = ""
+    if summary.resume:
+        resume = (
+            '<p class="resume">Continue this run with '
+            f"<code>{html.escape(summary.resume)}</code></p>"
+        )
+    return f'<section id="overview"><table class="facts">{body}</table>{resume}</section>'
+
+
+def _model_rows(run: RunDirectory) -> list[tuple[str, str]]:
+    try:
+        return _model_facts((run.path / "config.yaml").read_text(encoding="utf-8"))
+    except OSError:
+        return []
+
+
+@functools.lru_cache(maxsize=8)  # a training run asks every epoch
+def _model_facts(config_text: str) -> list[tuple[str, str]]:
+    import yaml
+
+    from aecli.config import config_from_dict
+    from aecli.models import build_model, summarize
+
+    try:
+        raw = yaml.safe_load(config_text)
+        summary = summarize(build_model(config_from_dict(raw, "config.yaml"), meta=True))
+    except Exception:  # noqa: BLE001  (a config of another aecli version: the facts are left out)
+        return []
+    kind = "VAE" if summary.variational else "autoencoder"
+    return [
+        (
+            "parameters",
+            f"{summary.parameters:,} (encoder {summary.encoder_parameters:,}, "
+            f"decoder {summary.decoder_parameters:,})",
+        ),
+        ("model", f"{kind}, {summary.latent_kind} latent"),
+        ("input", "x".join(map(str, summary.input_shape))),
+        ("latent", "x".join(map(str, summary.latent_shape))),
+        ("compression", f"{summary.compression_ratio:g}x"),
+        ("compute", f"{summary.forward_gflops:.4g} GFLOPs per image (forward)"),
+    ]
+
+
+def _metric_text(record: dict) -> str:
+    parts = []
+    for key, value in record.items():
+        if key.startswith("val_") and _finite(value):
+            parts.append(f"{key} {value:.2f} dB" if key == "val_psnr" else f"{key} {value:.4g}")
+    return ", ".join(parts) or "-"
+
+
+# -- curves ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Series:
+    name: str
+    points: list[tuple[float, float]]  # (step, value)
+    css: str  # the line's class: train, window, val
+    markers: bool  # one marker per point (the epoch series)
+
+
+def _series(records: list[dict], key: str, name: str, css: str, markers: bool) -> Series:
+    points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+    return Series(name, points, css, markers)
+
+
+def _curves(history: list[dict], windows: list[dict]) -> str:
+    if not history and not windows:
+        return '<section id="curves"><h2>Curves</h2><p>No epoch has finished yet.</p></section>'
+    if len(windows) > MAX_WINDOW_POINTS:
+        stride = math.ceil(len(windows) / MAX_WINDOW_POINTS)
+        windows = windows[::stride]
+    keys = {k for r in history + windows for k in r}
+    terms = sorted(k for k in keys if k not in NOT_TERMS and not k.startswith("val_"))
+    terms += sorted(
+        k[4:] for k in keys if k.startswith("val_") and k != "val_psnr" and k[4:] not in terms
+    )
+    # the total first; a term that is the whole loss (a single-term objective) is its chart
+    terms.sort(key=lambda t: t != "loss")
+    terms = [t for t in terms if t == "loss" or not _same_as_loss(history, t)]
+    charts = []
+    for term in terms:
+        series = [
+            _series(windows, term, "training (window)", "window", False),
+            _series(history, term, "training (epoch)", "train", True),
+            _series(history, f"val_{term}", "validation", "val", True),
+        ]
+        charts.append(_chart(term, term, series))
+    charts.append(
+        _chart("val_psnr", "PSNR (dB)", [_series(history, "val_psnr", "validation", "val", True)])
+    )
+    charts.append(
+        _chart(
+            "lr",
+            "learning rate",
+            [
+                _series(windows, "lr", "window", "window", False),
+                _series(history, "lr", "epoch", "train", True),
+            ],
+        )
+    )
+    charts.append(
+        _chart(
+            "images_per_s",
+            "images/s",
+            [
+                _series(windows, "images_per_s", "window", "window", False),
+                _series(history, "images_per_s", "epoch", "train", True),
+            ],
+        )
+    )
+    if any("mfu" in r for r in history):
+        charts.append(
+            _chart("mfu", "MFU (fraction)", [_series(history, "mfu", "epoch", "train", True)])
+        )
+    return (
+        '<section id="curves"><h2>Curves</h2><p class="note">One marker per epoch; thin lines '
+        "are the logging windows (<code>train.log_every</code> steps). Hover a marker for its "
+        f'value.</p><div class="charts">{"".join(c for c in charts if c)}</div></section>'
+    )
+
+
+def _same_as_loss(history: list[dict], term: str) -> bool:
+    return bool(history) and all(
+        r.get(term) == r.get("loss") and r.get(f"val_{term}") == r.get("val_loss") for r in history
+    )
+
+
+WIDTH, HEIGHT = 460, 250
+LEFT, RIGHT, TOP, BOTTOM = 64, 12, 28, 40
+
+
+def _chart(name: str, label: str, series: list[Series]) -> str:
+    series = [s for s in series if s.points]
+    if not series:
+        return ""
+    xs = [x for s in series for x, _ in s.points]
+    ys = [y for s in series for _, y in s.points]
+    log = min(ys) > 0 and max(ys) / min(ys) > 30
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    ty = math.log10 if log else (lambda v: v)
+    y_lo, y_hi = ty(min(ys)), ty(max(ys))
+    if y_hi == y_lo:
+        y_lo, y_hi = y_lo - (abs(y_lo) * 0.05 or 1), y_hi + (abs(y_hi) * 0.05 or 1)
+    pad = (y_hi - y_lo) * 0.05
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + (x - x_lo) / (x_hi - x_lo) * plot_w
+
+    def py(y: float) -> float:
+        return TOP + (1 - (ty(y) - y_lo) / (y_hi - y_lo)) * plot_h
+
+    parts = [
+        f'<svg class="chart" data-chart="{html.escape(name)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{html.escape(label)}">',
+        f'<text class="title" x="{LEFT}" y="16">{html.escape(label)}'
+        f"{' (log scale)' if log else ''}</text>",
+    ]
+    for value in _log_ticks(y_lo, y_hi) if log else _ticks(y_lo, y_hi):
+        y = py(value)
+        parts.append(
+            f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
+            f"{_tick_text(value)}</text>"
+        )
+    for value in _ticks(x_lo, x_hi):
+        if value != int(value):
+            continue
+        x = px(value)
+        parts.append(
+            f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
+            f'<text class="tick" x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">'
+            f"{int(value):,}</text>"
+        )
+    parts.append(
+        f'<text class="axis" x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
+        "training step</text>"
+    )
+    for s in series:
+        coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s.points)
+        parts.append(
+            f'<g class="series {s.css}" data-series="{html.escape(s.name)}">'
+            f'<polyline points="{coords}"/>'
+        )
+        if s.markers:
+            parts.extend(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5"><title>step {x:,}: '
+                f"{_tick_text(y, 5)}</title></circle>"
+                for x, y in s.points
+            )
+        parts.append("</g>")
+    legend = "".join(f'<span class="key {s.css}">{html.escape(s.name)}</span>' for s in series)
+    parts.append("</svg>")
+    return f'<figure class="curve">{"".join(parts)}<figcaption>{legend}</figcaption></figure>'
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round values between lo and hi, about `count` of them."""
+    span = hi - lo
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten (and 2 and 5 where there are few) between 10**lo and 10**hi."""
+    ticks = []
+    for power in range(math.floor(lo), math.ceil(hi) + 1):
+        factors = (1,) if hi - lo > 3 else (1, 2, 5)
+        ticks += [f * 10.0**power for f in factors if lo <= math.log10(f * 10.0**power) <= hi]
+    return ticks
+
+
+def _tick_text(value: float, digits: int = 3) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+# -- images ----------------------------------------------------------------------------------
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _grids(run: RunDirectory) -> str:
+    grids = sorted(run.grids.glob("epoch-*.png")) if run.grids.is_dir() else []
+    if not grids:
+        return ""
+    shown = _within_budget(grids, [p.stat().st_size for p in grids])
+    images = "".join(
+        f'<img class="grid-image" data-epoch="{int(p.stem.split("-")[1])}" '
+        f'alt="validation grid, epoch {int(p.stem.split("-")[1])}" src="{_data_uri(p)}"'
+        f"{'' if i == len(shown) - 1 else ' hidden'}>"
+        for i, p in enumerate(shown)
+    )
+    note = "" if len(shown) == len(grids) else f" ({len(shown)} of {len(grids)} epochs shown)"
+    return (
+        '<section id="grids"><h2>Validation images</h2><p class="note">Fixed validation '
+        f"images (top) over their reconstructions (bottom){note}.</p>"
+        '<div class="stepper"><button type="button" id="grid-prev" aria-label="previous epoch">'
+        '&larr;</button><input type="range" id="grid-slider" min="0" '
+        f'max="{len(shown) - 1}" value="{len(shown) - 1}" aria-label="epoch">'
+        '<button type="button" id="grid-next" aria-label="next epoch">&rarr;</button>'
+        '<span id="grid-label"></span></div>'
+        f'<div class="grid-frame">{images}</div></section>'
+    )
+
+
+def _within_budget(paths: list[Path], sizes: list[int]) -> list[Path]:
+    """All of `paths` when their sizes fit GRID_BUDGET, else evenly spaced ones that do
+    (always the first and the last)."""
+    if sum(sizes) <= GRID_BUDGET or len(paths) <= 2:
+        return paths
+    average = sum(sizes) / len(sizes)
+    count = max(2, int(GRID_BUDGET // average))
+    while count > 2:
+        picks = sorted({round(i * (len(paths) - 1) / (count - 1)) for i in range(count)})
+        if sum(sizes[i] for i in picks) <= GRID_BUDGET:
+            return [paths[i] for i in picks]
+        count -= 1
+    return [paths[0], paths[-1]]
+
+
+def _previews(run: RunDirectory) -> str:
+    parts = []
+    for path, caption in (
+        (run.samples, "Samples drawn from the latent space (as <code>aecli sample</code>)"),
+        (
+            run.interpolation,
+            "Interpolation (slerp) between two validation images "
+            "(as <code>aecli interpolate</code>)",
+        ),
+    ):
+        if path.exists():
+            parts.append(
+                f'<figure><img class="preview" alt="{path.stem}" src="{_data_uri(path)}">'
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
+    if not parts:
+        return ""
+    return f'<section id="previews"><h2>At the end of training</h2>{"".join(parts)}</section>'
+
+
+def _config_section(run: RunDirectory) -> str:
+    try:
+        text = (run.path / "config.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    recorded = run.read_state()
+    facts = {k: recorded[k] for k in ("started", "updated", "pid", "host") if k in recorded}
+    return (
+        '<section id="config"><h2>Resolved configuration</h2>'
+        f"<pre>{html.escape(text)}</pre>"
+        f"<details><summary>state.json</summary><pre>{html.escape(json.dumps(facts, indent=1))}"
+        "</pre></details></section>"
+    )
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px;
+  color: #1b1b1b; background: #fff; max-width: 1480px; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+table.facts th { text-align: left; padding: 2px 16px 2px 0; color: #555; font-weight: 600; }
+table.facts td { padding: 2px 0; }
+.note { color: #555; font-size: 0.9em; }
+.resume code, pre { background: #f4f4f4; padding: 2px 6px; border-radius: 3px; }
+pre { padding: 10px; overflow-x: auto; font-size: 0.85em; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; }
+figure.curve { margin: 0; border: 1px solid #e4e4e4; border-radius: 4px; padding: 4px; }
+svg.chart { font-size: 11px; }
+svg .title { font-weight: 600; font-size: 12px; }
+svg .tick, svg .axis { fill: #555; }
+svg .grid { stroke: #ececec; stroke-width: 1; }
+svg polyline { fill: none; stroke-width: 1.6; }
+svg .train polyline { stroke: #1f6fb4; } svg .train circle { fill: #1f6fb4; }
+svg .val polyline { stroke: #e0711b; } svg .val circle { fill: #e0711b; }
+svg .window polyline { stroke: #9cc3e6; stroke-width: 1; }
+figcaption { font-size: 0.85em; color: #444; }
+.key { margin-right: 12px; } .key::before { content: ""; display: inline-block; width: 14px;
+  height: 3px; margin: 0 4px 3px 0; vertical-align: middle; }
+.key.train::before { background: #1f6fb4; } .key.val::before { background: #e0711b; }
+.key.window::before { background: #9cc3e6; }
+.stepper { display: flex; align-items: center; gap: 8px; margin-bottom: 8px; }
+.stepper input { width: 320px; }
+.grid-frame img, img.preview { image-rendering: pixelated; max-width: 100%; }
+"""
+
+SCRIPT = """
+(function () {
+  var images = document.querySelectorAll(".grid-image");
+  var slider = document.getElementById("grid-slider");
+  if (!slider || !images.length) return;
+  var label = document.getElementById("grid-label");
+  function show(i) {
+    i = Math.max(0, Math.min(images.length - 1, i));
+    slider.value = i;
+    images.forEach(function (img, j) { img.hidden = j !== i; });
+    label.textContent = "epoch " + images[i].dataset.epoch;
+  }
+  slider.addEventListener("input", function () { show(Number(slider.value)); });
+  document.getElementById("grid-prev").addEventListener("click", function () {
+    show(Number(slider.value) - 1);
+  });
+  document.getElementById("grid-next").addEventListener("click", function () {
+    show(Number(slider.value) + 1);
+  });
+  show(Number(slider.value));
+})();
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>{style}</style>
+</head>
+<body>
+<h1>{heading}</h1>
+{body}
+<script>{script}</script>
+</body>
+</html>
+"""
