@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aecli.engine.rundir import RunDirectory, is_epoch
 from aecli.io.atomic import atomic_write_text
+from aecli.io.checkpoint import read_train_state
 
 # PNG bytes of grids embedded in one report at most (16 MiB once base64-encoded), so that a run
 # of 1,000 epochs of large grids still gives a page under 20 MB; past this, the grids of evenly
@@ -88,16 +89,18 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
     history = run.history() if history is None else history
     has_checkpoint = run.checkpoint.exists()
     state, reason = recorded.get("state"), recorded.get("reason", "")
-    if state == "running" and not _alive(recorded.get("pid", -1), recorded.get("host", "")):
-        state = "interrupted" if has_checkpoint else "failed"
-        reason = "the process ended without a word (killed?)"
     config = _read_config(run)
     planned = recorded.get("epochs") or (config or {}).get("train", {}).get("epochs")
-    if state not in STATES:  # a run of an aecli before state.json
-        if run.weights.exists() and planned is not None and len(history) >= planned:
-            state = "finished"
+    vanished = state == "running" and not _alive(recorded.get("pid", -1), recorded.get("host", ""))
+    if vanished or state not in STATES:  # killed, or a run of an aecli before state.json
+        # the checkpoint says whether everything was written before the process ended
+        saved = read_train_state(run.checkpoint) if has_checkpoint else None
+        ended = _ended(saved, planned) if saved is not None else None
+        if ended is not None:
+            state, reason = ended, ""
         else:
             state = "interrupted" if has_checkpoint else "failed"
+            reason = "the process ended without a word (killed?)" if vanished else reason
     psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
     losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
     resumable = state in ("interrupted", "failed") and has_checkpoint
@@ -114,6 +117,16 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         started=recorded.get("started") or _mtime(run),
         resume=f"aecli train --resume {shlex.quote(str(path))}" if resumable else None,
     )
+
+
+def _ended(saved: dict, planned: int | None) -> str | None:
+    """finished or stopped where a checkpoint's train_state says the run wrote everything (as
+    `--resume` judges it: a checkpoint without `finished` is finished once its epochs are)."""
+    if not saved.get("finished", True) or saved.get("batch", 1) != 0:
+        return None
+    if saved.get("stopped_early"):
+        return "stopped"
+    return "finished" if saved.get("epoch", 1) - 1 >= (planned or 0) else None
 
 
 def describe_source(data: dict) -> str:
@@ -302,30 +315,12 @@ def _curves(history: list[dict], windows: list[dict]) -> str:
     charts.append(
         _chart("val_psnr", "PSNR (dB)", [_series(history, "val_psnr", "validation", "val", True)])
     )
-    charts.append(
-        _chart(
-            "lr",
-            "learning rate",
-            [
-                _series(windows, "lr", "window", "window", False),
-                _series(history, "lr", "epoch", "train", True),
-            ],
-        )
-    )
-    charts.append(
-        _chart(
-            "images_per_s",
-            "images/s",
-            [
-                _series(windows, "images_per_s", "window", "window", False),
-                _series(history, "images_per_s", "epoch", "train", True),
-            ],
-        )
-    )
-    if any("mfu" in r for r in history):
-        charts.append(
-            _chart("mfu", "MFU (fraction)", [_series(history, "mfu", "epoch", "train", True)])
-        )
+    for key, label in (("lr", "learning rate"), ("images_per_s", "images/s"), ("mfu", "MFU")):
+        series = [
+            _series(windows, key, "window", "window", False),
+            _series(history, key, "epoch", "train", True),
+        ]
+        charts.append(_chart(key, label, series))  # none where no record has the key (mfu)
     return (
         '<section id="curves"><h2>Curves</h2><p class="note">One marker per epoch; thin lines '
         "are the logging windows (<code>train.log_every</code> steps). Hover a marker for its "

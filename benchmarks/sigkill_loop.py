@@ -5,8 +5,10 @@ One run of the `default` preset on the built-in shapes, a checkpoint every step,
 during start-up, training, checkpoint and weights writes, validation) and resumed after each
 kill with `aecli train --resume`, until it finishes. After every kill it checks that
 model.safetensors and checkpoint.safetensors are readable (or not there yet), that the resume
-starts, and counts leftover temporary files. At the end the weights are compared, tensor for
-tensor, with the same run never interrupted (bit-exact on the CPU).
+starts, that state.json and report.html are whole, and counts leftover temporary files. At the
+end the weights are compared, tensor for tensor, with the same run never interrupted (bit-exact
+on the CPU), and so are metrics.jsonl's records (every epoch and logging window once, with the
+same losses) and the state `aecli runs` reports (finished).
 
     python benchmarks/sigkill_loop.py                  # 100 kills
     python benchmarks/sigkill_loop.py --kills 300 --seed 2
@@ -25,9 +27,17 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from aecli.engine.rundir import RunDirectory
 from aecli.errors import AecliError
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.weights import load_weights
+from aecli.report import summarize_run
+
+
+def losses(run: Path) -> list[tuple]:
+    """(kind, step, loss) of every metrics.jsonl record: what a resumed run must repeat."""
+    return [(r.get("kind"), r["step"], r["loss"]) for r in RunDirectory(run).records()]
+
 
 SETTINGS = [
     "--set", "data.builtin_count=512",
@@ -94,6 +104,14 @@ def main() -> None:
                     except AecliError as exc:
                         unreadable += 1
                         print(f"kill {kills}: unreadable {name}: {exc}")
+            if (run / "state.json").exists() and not RunDirectory(run).read_state():
+                unreadable += 1
+                print(f"kill {kills}: unreadable state.json")
+            if (run / "report.html").exists() and not (
+                (run / "report.html").read_text().rstrip().endswith("</html>")
+            ):
+                unreadable += 1
+                print(f"kill {kills}: report.html cut short")
             has_checkpoint = (run / "checkpoint.safetensors").exists()
             if has_checkpoint and load_checkpoint(run / "checkpoint.safetensors")[
                 "train_state"
@@ -109,11 +127,14 @@ def main() -> None:
         seconds = time.perf_counter() - started
         a, b = tensors(reference / "model.safetensors"), tensors(run / "model.safetensors")
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        same_records = losses(reference) == losses(run)
+        state = summarize_run(run).state
         print(
             f"kills: {kills} ({before_first_save} before the first checkpoint); "
             f"unreadable files: {unreadable}; failed resumes: {failed_resumes}; "
             f"temporary files left at the end: {leftovers}; "
             f"final weights equal to the uninterrupted run: {'yes' if same else 'NO'}; "
+            f"metrics.jsonl records equal: {'yes' if same_records else 'NO'}; state: {state}; "
             f"{seconds:.0f} s"
         )
 

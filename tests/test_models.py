@@ -35,17 +35,7 @@ SIZES = {"dog-vae": [], "cat-kl-f8": ["data.image_size=32"]}
 
 @pytest.mark.parametrize(
     "preset",
-    [
-        "mnist-cae",
-        "cifar-cae",
-        "cifar-cae-1000",
-        "fashion-vae",
-        "dog-vae",
-        "cat-kl-f8",
-        "mnist-res",
-        "cifar-res",
-        "dog-res",
-    ],
+    [p.name for p in list_presets()],
 )
 def test_each_preset_runs_forward_and_backward(preset):
     config = load_config(preset, SIZES.get(preset, [])).config

@@ -179,15 +179,18 @@ def test_state_follows_the_run_and_runs_lists_each_kind(tiny_preset, tmp_path, c
         assert word in table.stdout
     assert "aecli train --resume" in table.stderr
 
-    # a run killed without a word (its process is gone) counts as interrupted: it has a checkpoint
+    # a run killed without a word (its process gone) is interrupted where its checkpoint is
+    # mid-run, and finished where the checkpoint says everything was written
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
     )
-    state = json.loads((runs / "finished" / "state.json").read_text())
-    state.update(state="running", pid=int(gone.stdout))
-    (runs / "finished" / "state.json").write_text(json.dumps(state))
-    killed = next(r for r in find_runs(runs) if r.path.endswith("finished"))
-    assert killed.state == "interrupted" and "killed" in killed.reason
+    for name in ("cut", "finished"):
+        state = json.loads((runs / name / "state.json").read_text())
+        state.update(state="running", pid=int(gone.stdout))
+        (runs / name / "state.json").write_text(json.dumps(state))
+    states = {r.path.split("/")[-1]: r for r in find_runs(runs)}
+    assert states["cut"].state == "interrupted" and "killed" in states["cut"].reason
+    assert states["finished"].state == "finished" and states["finished"].reason == ""
 
 
 def test_report_command_writes_elsewhere_and_refuses_a_non_run(tiny_preset, tmp_path, cli):

@@ -38,10 +38,11 @@ def presets(
     table = Table(title="Bundled presets", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
     table.add_column("description")
-    table.add_column("held-out quality (benchmarks/quality.py)")
+    table.add_column("measured (benchmarks/quality.py)")
     for preset in found:
         name = preset.name + (f"\n({DEFAULT_ALIAS})" if preset.name == DEFAULT_PRESET else "")
-        table.add_row(name, escape(preset.description), escape(preset.quality))
+        description = preset.description.removeprefix(f"{preset.name}:").strip()
+        table.add_row(name, escape(description), escape(preset.quality))
     results.print(table)
 
 

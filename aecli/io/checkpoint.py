@@ -72,3 +72,19 @@ def load_checkpoint(path: str | Path) -> dict:
         return _unflatten(json.loads(metadata["state"]), tensors)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise UsageError(f"damaged checkpoint ({type(exc).__name__})", path=path) from None
+
+
+def read_train_state(path: str | Path) -> dict | None:
+    """A checkpoint's train_state (epoch, step, finished, ...) from its header alone; None where
+    there is no readable aecli checkpoint."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            return None
+        pairs = json.loads(metadata["state"])["__dict__"]  # the skeleton _flatten wrote
+        found = next(value for key, value in pairs if key == "train_state")
+        state = _unflatten(found, {})  # plain values: no tensor is read
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+    return state if isinstance(state, dict) else None
