@@ -368,14 +368,13 @@ def _chart(name: str, label: str, series: list[Series]) -> str:
         f'<text class="title" x="{LEFT}" y="16">{html.escape(label)}'
         f"{' (log scale)' if log else ''}</text>",
     ]
-    for value in _log_ticks(y_lo, y_hi) if log else _ticks(y_lo, y_hi):
+    for value, text in _log_ticks(y_lo, y_hi) if log else _ticks(y_lo, y_hi):
         y = py(value)
         parts.append(
             f'<line class="grid" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>'
-            f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">'
-            f"{_tick_text(value)}</text>"
+            f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{text}</text>'
         )
-    for value in _ticks(x_lo, x_hi):
+    for value, _ in _ticks(x_lo, x_hi):
         if value != int(value):
             continue
         x = px(value)
@@ -397,7 +396,7 @@ def _chart(name: str, label: str, series: list[Series]) -> str:
         if s.markers:
             parts.extend(
                 f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5"><title>step {x:,}: '
-                f"{_tick_text(y, 5)}</title></circle>"
+                f"{y:.5g}</title></circle>"
                 for x, y in s.points
             )
         parts.append("</g>")
@@ -406,31 +405,35 @@ def _chart(name: str, label: str, series: list[Series]) -> str:
     return f'<figure class="curve">{"".join(parts)}<figcaption>{legend}</figcaption></figure>'
 
 
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round values between lo and hi, about `count` of them."""
-    span = hi - lo
-    raw = span / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+def _ticks(lo: float, hi: float, count: int = 5) -> list[tuple[float, str]]:
+    """About `count` round values between lo and hi, each with its label, all labels with as
+    many decimals as the step between them needs."""
+    raw = (hi - lo) / count
+    power = math.floor(math.log10(raw))
+    factor = next(m for m in (1, 2, 2.5, 5, 10) if m * 10.0**power >= raw)
+    step = factor * 10.0**power
+    decimals = max(0, -power) + (factor == 2.5)
     first = math.ceil(lo / step) * step
-    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+    values = [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    return [(v, _label(v, decimals)) for v in values]
 
 
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Powers of ten (and 2 and 5 where there are few) between 10**lo and 10**hi."""
+def _log_ticks(lo: float, hi: float) -> list[tuple[float, str]]:
+    """Powers of ten (and 2 and 5 where there are few) between 10**lo and 10**hi, labelled."""
     ticks = []
     for power in range(math.floor(lo), math.ceil(hi) + 1):
-        factors = (1,) if hi - lo > 3 else (1, 2, 5)
-        ticks += [f * 10.0**power for f in factors if lo <= math.log10(f * 10.0**power) <= hi]
+        for factor in (1,) if hi - lo > 3 else (1, 2, 5):
+            value = factor * 10.0**power
+            if lo <= math.log10(value) <= hi:
+                ticks.append((value, _label(value, max(0, -power))))
     return ticks
 
 
-def _tick_text(value: float, digits: int = 3) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e5 or abs(value) < 1e-3:
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}g}"
+def _label(value: float, decimals: int) -> str:
+    """1,000, 0.25, 12.05; powers beyond those in scientific notation (1e-05, 2e+06)."""
+    if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        return f"{value:.3g}"
+    return f"{value:,.{decimals}f}"
 
 
 # -- images ----------------------------------------------------------------------------------

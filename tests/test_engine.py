@@ -1,5 +1,6 @@
 """Long-run safety: exact resume, Ctrl-C, non-finite stops, SIGKILL, training options."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -431,6 +432,7 @@ def test_sigkill_never_leaves_a_broken_weights_file(tiny_preset, tmp_path):
 def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
     run, single = tmp_path / "ddp", tmp_path / "single"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
     ran = subprocess.run(
         [
             sys.executable,
@@ -446,6 +448,7 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
             str(run),
             "--device",
             "cpu",  # gloo on the CPU, also where GPUs exist (two ranks may exceed them)
+            *(["--log-to", "tensorboard"] if has_tensorboard else []),
             "--json",
         ],
         capture_output=True,
@@ -462,8 +465,12 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
         "metrics.jsonl",
         "checkpoint.safetensors",
         "grids",
+        "report.html",
+        "state.json",
     }
     assert not list(run.glob(".*.tmp"))
+    if has_tensorboard:  # one event file: only rank 0 logs
+        assert len(list((run / "tensorboard").iterdir())) == 1
     load_weights(run / "model.safetensors")
     # two ranks of 16 images see the same 32 images per step as one process: same losses
     config = load_config(str(tiny_preset)).config
