@@ -17,8 +17,9 @@ from aecli.cli.render import fmt_metric, key_value_table, print_json, results
 def presets(
     as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
 ) -> None:
-    """List the bundled presets with a one-line description each and, where
-    benchmarks/quality.py measured them, their held-out reconstruction figures."""
+    """List the bundled presets with a one-line description and measured quality each.
+
+    The quality is the held-out PSNR that benchmarks/quality.py measured, where it did."""
     from aecli.config import DEFAULT_ALIAS, DEFAULT_PRESET, list_presets
 
     found = list_presets()

@@ -48,9 +48,11 @@ def runs(
     ] = Path("runs"),
     as_json: Json = False,
 ) -> None:
-    """List training runs, newest first: preset, data, epochs done of planned, best validation
-    PSNR and loss, and state: running, finished, stopped (early stopping), interrupted (a
-    checkpoint to resume from) or failed (with the reason)."""
+    """List training runs, newest first, with their state and best figures.
+
+    Each row: the preset, the data, epochs done of planned, the best validation PSNR and loss,
+    and the state: running, finished, stopped (early stopping), interrupted (a checkpoint to
+    resume from) or failed (with the reason)."""
     from aecli.errors import UsageError
     from aecli.report import find_runs
 
@@ -112,11 +114,12 @@ def report(
     overwrite: Overwrite = False,
     as_json: Json = False,
 ) -> None:
-    """Write a run's report: one self-contained HTML file (no network, no external scripts or
-    fonts) with its loss curves, validation grids, configuration, device, model facts, final
-    and best metrics, and the samples and interpolation drawn at the end of training. Training
-    rewrites RUN/report.html after every epoch; this writes it again on demand, for a run of an
-    older aecli too."""
+    """Write a run's report: curves, grids and facts on one self-contained HTML page.
+
+    The page needs no network, scripts or fonts from elsewhere: loss curves, every epoch's
+    validation grid, the configuration, device, model facts, final and best metrics, and the
+    samples and interpolation drawn at the end of training. Training rewrites RUN/report.html
+    after every epoch; this writes it again on demand, for a run of an older aecli too."""
     from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
     from aecli.io.outputs import OutputGuard
