@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="default: aecli's own")
-    parser.add_argument("--preset", action="append", help="default: cifar-cae and default")
+    parser.add_argument("--preset", action="append", help="default: cifar-cae and cifar-res")
     parser.add_argument(
         "--dir", default=None, help="where to write the files (e.g. /dev/shm to leave the disk out)"
     )
@@ -141,7 +141,7 @@ def main() -> None:
         tmp = Path(tmp)
         folder = tmp / "jpegs"
         write_jpegs(folder, args.images)
-        for preset in args.preset or ["cifar-cae", "default"]:
+        for preset in args.preset or ["cifar-cae", "cifar-res"]:
             weights = tmp / f"{preset}.safetensors"
             write_weights(preset, weights)
             predictor = Predictor(weights, device)
