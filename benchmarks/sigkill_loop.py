@@ -1,8 +1,8 @@
 """Kill training with SIGKILL at random moments, resume it each time, and check what it left.
 
-One run of the `default` preset (cifar-res) on the built-in shapes, a checkpoint every step, is killed
-`--kills` times at a random moment (uniform over `--window` seconds after its process starts:
-during start-up, training, checkpoint and weights writes, validation) and resumed after each
+One run of the `default` preset (cifar-res) on the built-in shapes, a checkpoint every step,
+is killed `--kills` times at a random moment (uniform over `--window` seconds after its process
+starts: during start-up, training, checkpoint and weights writes, validation) and resumed after each
 kill with `aecli train --resume`, until it finishes. After every kill it checks that
 model.safetensors and checkpoint.safetensors are readable (or not there yet), that the resume
 starts, that state.json and report.html are whole, and counts leftover temporary files. At the
