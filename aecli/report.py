@@ -104,9 +104,11 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
     psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
     losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
     resumable = state in ("interrupted", "failed") and has_checkpoint
+    if "preset" not in recorded or "data" not in recorded:  # a run of an aecli before state.json
+        recorded = {**_weights_facts(run), **recorded}
     return RunSummary(
         path=str(path),
-        preset=recorded.get("preset") or _checkpoint_preset(run) or "?",
+        preset=recorded.get("preset", "?"),
         data=describe_source(recorded["data"]) if "data" in recorded else "?",
         state=state,
         reason=reason,
@@ -156,13 +158,15 @@ def _read_config(run: RunDirectory) -> dict | None:
     return loaded if isinstance(loaded, dict) else None
 
 
-def _checkpoint_preset(run: RunDirectory) -> str | None:
+def _weights_facts(run: RunDirectory) -> dict:
+    """The preset and data the run's weights file records, where it has one."""
     from aecli.io.weights import read_weights_info
 
     try:
-        return read_weights_info(run.weights).preset
+        info = read_weights_info(run.weights)
     except Exception:  # noqa: BLE001  (no weights yet, or unreadable: the listing goes on)
-        return None
+        return {}
+    return {"preset": info.preset, "data": info.data}
 
 
 # -- report.html -----------------------------------------------------------------------------

@@ -233,3 +233,19 @@ def test_log_to_tensorboard_without_the_package_is_one_line(
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "pip install" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_run_of_an_older_aecli_lists_and_reports(tiny_preset, tmp_path, cli):
+    """No state.json, epoch records without a kind, no windows: what aecli wrote before."""
+    run = tmp_path / "old"
+    tiny_run(tiny_preset, run, ["train.epochs=2"])
+    epochs = [{k: v for k, v in r.items() if k != "kind"} for r in epochs_of(run)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+    for name in ("state.json", "report.html", "samples.png", "interpolation.png"):
+        (run / name).unlink()
+    (listed,) = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert (listed["state"], listed["preset"], listed["epochs_done"]) == ("finished", "tiny", 2)
+    assert listed["data"] == "built-in shapes (96 images)"
+    assert cli("report", run).exit_code == 0
+    page = (run / "report.html").read_text()
+    assert page.count('class="grid-image"') == 2 and 'data-chart="val_psnr"' in page
