@@ -70,8 +70,9 @@ def find_runs(root: Path) -> list[RunSummary]:
 
 
 def _alive(pid: int, host: str) -> bool:
-    """Whether the process that wrote `running` still exists (only knowable on its host)."""
-    if host != socket.gethostname():
+    """Whether the process that wrote `running` still exists (only knowable on its host, and
+    not asked on Windows, where signal 0 is CTRL_C_EVENT)."""
+    if host != socket.gethostname() or os.name == "nt" or not isinstance(pid, int) or pid <= 0:
         return True
     try:
         os.kill(pid, 0)
