@@ -150,11 +150,13 @@ def _mtime(run: RunDirectory) -> float:
 
 
 def _read_config(run: RunDirectory) -> dict | None:
-    import yaml
+    from aecli.config import parse_yaml, read_yaml_text
+    from aecli.errors import AecliError
 
+    path = run.path / "config.yaml"
     try:
-        loaded = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        loaded = parse_yaml(read_yaml_text(path), str(path))
+    except AecliError:  # unreadable or damaged: the listing goes on without it
         return None
     return loaded if isinstance(loaded, dict) else None
 
@@ -246,13 +248,11 @@ def _model_rows(run: RunDirectory) -> list[tuple[str, str]]:
 
 @functools.lru_cache(maxsize=8)  # a training run asks every epoch
 def _model_facts(config_text: str) -> list[tuple[str, str]]:
-    import yaml
-
-    from aecli.config import config_from_dict
+    from aecli.config import config_from_dict, parse_yaml
     from aecli.models import build_model, summarize
 
     try:
-        raw = yaml.safe_load(config_text)
+        raw = parse_yaml(config_text, "config.yaml")
         summary = summarize(build_model(config_from_dict(raw, "config.yaml"), meta=True))
     except Exception:  # noqa: BLE001  (a config of another aecli version: the facts are left out)
         return []

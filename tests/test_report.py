@@ -203,6 +203,10 @@ def test_report_command_writes_elsewhere_and_refuses_a_non_run(tiny_preset, tmp_
     assert "validation grid, epoch 1" in out.read_text()
     result = cli("report", tmp_path)
     assert result.exit_code == 2 and "not a run directory" in result.stderr
+    result = cli("runs", tmp_path / "missing")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1  # one line naming the folder, no traceback
+    assert result.stderr.startswith(f"error: {tmp_path / 'missing'}: no such folder")
 
 
 def test_tensorboard_events_hold_every_metric_and_the_grids(tiny_preset, tmp_path, cli):

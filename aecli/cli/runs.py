@@ -57,7 +57,9 @@ def runs(
     from aecli.report import find_runs
 
     if not folder.is_dir():
-        raise UsageError("no such folder (train with --out DIR, or give the runs' folder)", folder)
+        raise UsageError(
+            "no such folder (train with --out DIR, or give the runs' folder)", path=folder
+        )
     found = find_runs(folder)
     if as_json:
         print_json([r.as_dict() for r in found])
