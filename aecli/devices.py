@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -129,11 +130,15 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
-    """The device's peak FLOP/s for bf16 tensor-core work; None where it is not known (the
-    CPU, another precision, an unlisted GPU), so that no MFU is guessed."""
-    if device.type != "cuda" or dtype != torch.bfloat16:
+    """The device's peak FLOP/s for the tensor-core work a run does: bf16 under bf16 autocast,
+    TF32 without it (half the bf16 peak on every GPU listed); None where it is not known (the
+    CPU, an unlisted GPU), so that no MFU is guessed."""
+    if device.type != "cuda":
         return None
-    return peak_for_name(torch.cuda.get_device_name(device))
+    peak = peak_for_name(torch.cuda.get_device_name(device))
+    if peak is None:
+        return None
+    return peak if dtype == torch.bfloat16 else peak / 2
 
 
 def peak_for_name(name: str) -> float | None:
@@ -142,19 +147,86 @@ def peak_for_name(name: str) -> float | None:
 
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
+# bf16 autocast pays where a model's convolutions outweigh the casts it adds: on mnist-cae
+# (0.001 GFLOPs per image) autocast added about 130 cast kernels to a step and made the bare loop
+# 4.2 ms instead of 3.2 ms on an H100 (issue 13), while on kl-f8 (895 GFLOPs) bf16 is what
+# reaches the tensor cores' peak. Below this forward cost per image, CUDA runs fp32 on TF32
+# tensor cores instead.
+BF16_FROM_GFLOPS = 0.25
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What the execution policy needs to know about a model."""
+
+    forward_flops: int  # one image's forward pass
+    group_norm: bool  # has GroupNorm layers
+
+    @classmethod
+    def of(cls, config) -> ModelCost:
+        """Counted on the meta device (no memory, no compute; a fraction of a second)."""
+        from aecli.models import build_model, forward_flops
+
+        model = build_model(config, meta=True)
+        group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+        return cls(forward_flops(model), group_norm)
+
+
+def execution_plan(
+    kind: str, precision: str, memory_format: str, cost: ModelCost | None = None
+) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None, memory format name) for `precision` and `memory_format` as a
+    config gives them, on a device of type `kind` (cpu, cuda). `auto` on the CPU: fp32, contiguous. `auto` on CUDA: bf16 autocast where
+    the forward pass costs at least BF16_FROM_GFLOPS per image (or the cost is not known), else
+    fp32 (TF32); channels-last, except for models with GroupNorm, where channels-last made the
+    kl-f8 VAE slower (51.7 against 68.9 images/s on an H100, issue 13)."""
+    cuda = kind == "cuda"
+    if precision == "auto":
+        big = cost is None or cost.forward_flops >= BF16_FROM_GFLOPS * 1e9
+        precision = "bf16" if cuda and big else "fp32"
+    if memory_format == "auto":
+        group_norm = cost is not None and cost.group_norm
+        memory_format = "channels_last" if cuda and not group_norm else "contiguous"
+    return (torch.bfloat16 if precision == "bf16" else None), memory_format
+
 
 class Execution:
-    """bf16 autocast (precision `bf16`, or `auto` on CUDA) and the memory format (`auto`:
-    channels-last on CUDA)."""
+    """How a model runs on a device: bf16 autocast or fp32, and the memory format, as
+    `execution_plan` resolves the config's `precision` and `memory_format`. On CUDA, fp32
+    matrix products and convolutions use TF32 tensor cores (`float32_matmul_precision` high;
+    cuDNN's default for convolutions)."""
 
-    def __init__(self, device: torch.device, precision: str, memory_format: str = "auto"):
+    def __init__(
+        self,
+        device: torch.device,
+        precision: str,
+        memory_format: str = "auto",
+        cost: ModelCost | None = None,
+    ):
         self.device = device
-        cuda = device.type == "cuda"
-        use_bf16 = precision == "bf16" or (precision == "auto" and cuda)
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        if memory_format == "auto":
-            memory_format = "channels_last" if cuda else "contiguous"
-        self.memory_format = MEMORY_FORMATS[memory_format]
+        self.autocast_dtype, format_name = execution_plan(
+            device.type, precision, memory_format, cost
+        )
+        self.memory_format = MEMORY_FORMATS[format_name]
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+
+    @classmethod
+    def for_config(cls, device: torch.device, config) -> Execution:
+        """The execution of a config's model; its cost is counted only where the policy needs
+        it (CUDA with an `auto` setting)."""
+        train = config.train
+        auto = "auto" in (train.precision, train.memory_format)
+        cost = ModelCost.of(config) if device.type == "cuda" and auto else None
+        return cls(device, train.precision, train.memory_format, cost)
+
+    def describe(self) -> str:
+        """`bf16 autocast, channels-last` or `fp32, contiguous` (TF32 on CUDA)."""
+        precision = "bf16 autocast" if self.autocast_dtype is not None else "fp32"
+        if precision == "fp32" and self.device.type == "cuda":
+            precision = "fp32 (TF32)"
+        layout = "channels-last" if self.memory_format == torch.channels_last else "contiguous"
+        return f"{precision}, {layout}"
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor on the device; from the CPU to CUDA through pinned memory, without blocking
@@ -180,15 +252,22 @@ class Execution:
 
 
 @contextlib.contextmanager
-def deterministic(enabled: bool) -> Iterator[None]:
+def deterministic(enabled: bool, *, autotune: bool = False) -> Iterator[None]:
     """Deterministic algorithms while the block runs (and the previous settings after it):
     `torch.use_deterministic_algorithms` (a warning where an operation has no deterministic
     version), cuDNN autotuning off, and the cuBLAS workspace setting that CUDA needs for
-    reproducible matrix products (effective when set before the process's first one)."""
-    if not enabled:
-        yield
-        return
+    reproducible matrix products (effective when set before the process's first one).
+    Otherwise, with `autotune` (training's fixed shapes on CUDA), cuDNN benchmarks its
+    algorithms for each shape once and keeps the fastest."""
     cudnn = torch.backends.cudnn
+    if not enabled:
+        previous_benchmark = cudnn.benchmark
+        cudnn.benchmark = previous_benchmark or autotune
+        try:
+            yield
+        finally:
+            cudnn.benchmark = previous_benchmark
+        return
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -211,6 +211,7 @@ def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: l
         ("preset", summary.preset),
         ("data", summary.data),
         ("device", recorded.get("device", "?")),
+        *([("execution", recorded["execution"])] if "execution" in recorded else []),
         (
             "epochs",
             f"{summary.epochs_done} of {summary.epochs_planned}"

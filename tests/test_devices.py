@@ -18,7 +18,7 @@ from conftest import AECLI, ROOT, read_pngs, shell, write_image
 
 from aecli.config import list_presets, load_config
 from aecli.data import load_data
-from aecli.devices import resolve_device, same_device
+from aecli.devices import ModelCost, execution_plan, resolve_device, same_device
 from aecli.engine import Trainer, plan_resume, resume
 from aecli.errors import UsageError
 from aecli.io.latents import read_latents
@@ -338,12 +338,18 @@ def test_deterministic_resume_is_bit_exact(device, tiny_preset, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_cuda_training_uses_bf16_autocast_and_channels_last(compiled, tiny_preset, tmp_path):
-    """On CUDA the model runs in bf16 on channels-last tensors (eager: seen by a hook on the
-    first convolution; compiled: the hook would break the graph) and its validation losses stay
-    within 5% of the CPU's fp32 run."""
+    """Asked for bf16 and channels-last, the model runs in bf16 on channels-last tensors on CUDA
+    (eager: seen by a hook on the first convolution; compiled: the hook would break the graph)
+    and its validation losses stay within 5% of the CPU's fp32 run."""
     config = load_config(
         str(tiny_preset),
-        ["train.epochs=3", "optim.lr=3e-3", f"train.compile={str(compiled).lower()}"],
+        [
+            "train.epochs=3",
+            "optim.lr=3e-3",
+            f"train.compile={str(compiled).lower()}",
+            "train.precision=bf16",
+            "train.memory_format=channels_last",
+        ],
     ).config
     trainer = trained(config, tmp_path / "cuda", "cuda")
     assert trainer.execution.autocast_dtype == torch.bfloat16
@@ -364,6 +370,49 @@ def test_cuda_training_uses_bf16_autocast_and_channels_last(compiled, tiny_prese
     cpu = val_losses(trained(config, tmp_path / "cpu", "cpu").fit().history)
     assert cuda[-1] < cuda[0]
     assert cuda == pytest.approx(cpu, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "preset, precision, layout",
+    [
+        ("mnist-cae", None, "channels_last"),  # tiny: fp32 on TF32, no casts
+        ("cifar-cae", None, "channels_last"),
+        ("cifar-res", None, "contiguous"),  # GroupNorm
+        ("dog-vae", torch.bfloat16, "channels_last"),  # 0.53 GFLOPs per image
+        ("cat-kl-f8", torch.bfloat16, "contiguous"),  # 895 GFLOPs, GroupNorm
+    ],
+)
+def test_auto_execution_follows_the_model(preset, precision, layout):
+    """`auto` on CUDA: bf16 autocast from 0.25 GFLOPs per image, channels-last without
+    GroupNorm; on the CPU fp32 and contiguous; explicit settings are kept as given."""
+    config = load_config(preset, []).config
+    cost = ModelCost.of(config)
+    assert execution_plan("cuda", "auto", "auto", cost) == (precision, layout)
+    assert execution_plan("cpu", "auto", "auto", cost) == (None, "contiguous")
+    explicit = execution_plan("cuda", "fp32", "contiguous", cost)
+    assert explicit == (None, "contiguous")
+    assert execution_plan("cuda", "bf16", "channels_last", cost) == (
+        torch.bfloat16,
+        "channels_last",
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_autotunes_and_says_how_it_ran(tiny_preset, tmp_path):
+    """A CUDA run benchmarks cuDNN's algorithms while it trains (and restores the setting), and
+    state.json and the report say which precision and layout it used."""
+    config = load_config(str(tiny_preset), ["train.epochs=1"]).config
+    trainer = trained(config, tmp_path / "run", "cuda")
+    seen = []
+    first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    trainer.fit()
+    assert seen and all(seen) and torch.backends.cudnn.benchmark == before
+    described = json.loads((tmp_path / "run" / "state.json").read_text())["execution"]
+    assert described == trainer.execution.describe() == "fp32 (TF32), channels-last"
+    assert described in (tmp_path / "run" / "report.html").read_text()
 
 
 @pytest.mark.cuda

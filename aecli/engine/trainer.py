@@ -127,7 +127,7 @@ class Trainer:
         self._report_written, self._report_cost = 0.0, 0.0  # when, and how long it took
         if "tensorboard" in config.train.log_to and self.dist.main:
             check_tensorboard()  # before any data is placed or trained on
-        self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
+        self.execution = Execution.for_config(self.device, config)
 
         torch.manual_seed(config.train.seed)
         model = build_model(config)
@@ -189,7 +189,9 @@ class Trainer:
         state.json follows the run (running, then finished, stopped, interrupted or failed with
         the reason) and report.html is rewritten after every epoch and at the end."""
         try:
-            with deterministic(self.config.train.deterministic):
+            with deterministic(
+                self.config.train.deterministic, autotune=self.device.type == "cuda"
+            ):
                 result = self._fit()
         except BaseException as exc:
             if self.dist.main:
@@ -220,6 +222,7 @@ class Trainer:
                 preset=self.preset,
                 epochs=train.epochs,
                 device=describe(self.device),
+                execution=self.execution.describe(),
                 data=self.data_description,
             )
             if "tensorboard" in train.log_to:

@@ -36,7 +36,7 @@ class Predictor:
         self.channels = config.data.channels
         self.size: tuple[int, int] = tuple(config.data.size)
         self.value_range = config.data.range
-        self.execution = Execution(self.device, config.train.precision, config.train.memory_format)
+        self.execution = Execution.for_config(self.device, config)
         self.model.to(memory_format=self.execution.memory_format)
         self.latent_shape = tuple(model.latent_shape)
         self.spatial = config.model.latent.spatial
