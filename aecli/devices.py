@@ -176,10 +176,12 @@ def execution_plan(
     kind: str, precision: str, memory_format: str, cost: ModelCost | None = None
 ) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None, memory format name) for `precision` and `memory_format` as a
-    config gives them, on a device of type `kind` (cpu, cuda). `auto` on the CPU: fp32, contiguous. `auto` on CUDA: bf16 autocast where
-    the forward pass costs at least BF16_FROM_GFLOPS per image (or the cost is not known), else
-    fp32 (TF32); channels-last, except for models with GroupNorm, where channels-last made the
-    kl-f8 VAE slower (51.7 against 68.9 images/s on an H100, issue 13)."""
+    config gives them, on a device of type `kind` (cpu, cuda).
+
+    `auto` on the CPU: fp32, contiguous. `auto` on CUDA: bf16 autocast where the forward pass
+    costs at least BF16_FROM_GFLOPS per image (or the cost is not known), else fp32 (TF32);
+    channels-last, except for models with GroupNorm, where channels-last made the kl-f8 VAE
+    slower (51.7 against 68.9 images/s on an H100, issue 13)."""
     cuda = kind == "cuda"
     if precision == "auto":
         big = cost is None or cost.forward_flops >= BF16_FROM_GFLOPS * 1e9
