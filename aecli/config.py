@@ -299,6 +299,11 @@ class TrainConfig(Strict):
         "contiguous on the CPU",
     )
     compile: bool = False
+    cuda_graph: bool = Field(
+        False,
+        description="replay the training step as one CUDA graph (CUDA, one process; not with "
+        "train.compile or the discriminator)",
+    )
     freeze: Literal["none", "encoder", "decoder"] = Field(
         "none",
         description="keep this part's weights as they start (e.g. fine-tune a VAE's decoder "

@@ -247,9 +247,14 @@ class Execution:
         x = to_model_range(self.to_device(images), value_range)
         return x.contiguous(memory_format=self.memory_format)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, *, cache: bool = True) -> contextlib.AbstractContextManager:
+        """bf16 autocast where the plan has it (`cache` off for a step a CUDA graph captures:
+        autocast's cast cache cannot outlive the capture)."""
         return torch.autocast(
-            self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            self.device.type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=cache,
         )
 
 

@@ -79,6 +79,9 @@ class StopAt:
     def epoch(self, record):
         pass
 
+    def notice(self, message):
+        pass
+
     def finish(self):
         pass
 

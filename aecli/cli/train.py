@@ -58,6 +58,9 @@ class RichReporter:
     def step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{metrics['loss']:.4g}")
 
+    def notice(self, message: str) -> None:
+        print_warning(message)  # the live bar redraws below it
+
     def epoch(self, record: dict) -> None:
         parts = "  ".join(f"{k} {fmt_metric(k, v)}" for k, v in epoch_metrics(record).items())
         self.progress.console.print(

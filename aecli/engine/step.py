@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from aecli.config import Config
 from aecli.data.transforms import augment
 from aecli.devices import Execution
 from aecli.engine.adversary import Adversary
-from aecli.errors import UsageError
+from aecli.errors import UsageError, first_line
 from aecli.losses import compute_loss, reconstruction_part
 from aecli.models import Autoencoder
 
@@ -67,8 +68,14 @@ class TrainStep:
         *,
         rank: int = 0,
         world: int = 1,
+        batch_size: int | None = None,
+        notice: Callable[[str], None] = lambda _: None,
     ):
         self.config, self.model, self.execution = config, model, execution
+        obstacle = graph_obstacle(config, execution, world) if config.train.cuda_graph else None
+        if obstacle:
+            notice(f"train.cuda_graph: {obstacle}; every step runs eagerly")
+        graphed = config.train.cuda_graph and obstacle is None
         freeze = config.train.freeze
         if freeze != "none":
             frozen = [model.decoder] if freeze == "decoder" else [model.encoder, model.latent_head]
@@ -89,13 +96,16 @@ class TrainStep:
         optim = config.optim
         optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
         self.params = [p for p in model.parameters() if p.requires_grad]
+        device_options = {"fused": True} if execution.device.type == "cuda" else {}
+        if graphed:  # the graph reads the learning rate from a tensor the loop fills
+            device_options["capturable"] = True
         self.optimizer = optimizer_class(
             self.params,
-            lr=optim.lr,
+            lr=torch.tensor(optim.lr, device=execution.device) if graphed else optim.lr,
             betas=optim.betas,
             eps=optim.eps,
             weight_decay=optim.weight_decay,
-            **({"fused": True} if execution.device.type == "cuda" else {}),
+            **device_options,
         )
         self.seed = config.train.seed + 1_000_003 * rank
         self.random = uses_randomness(config, model)
@@ -118,21 +128,44 @@ class TrainStep:
             self.adversary = Adversary(config, model, execution)
         self.names: list[str] = []  # what each value of a step's result is
         self._lr: float | None = None
+        self.graph: CapturedStep | None = None
+        if graphed:
+            self.graph = CapturedStep(
+                self._work,
+                batch_size or config.train.batch_size,
+                first_step=config.loss.kl_warmup_steps,  # the KL weight is constant from here
+                notice=notice,
+                before_capture=lambda: self.optimizer.zero_grad(set_to_none=True),
+            )
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last step (the optimiser's before any)."""
+        return self._lr if self._lr is not None else float(self.optimizer.param_groups[0]["lr"])
 
     def __call__(self, x: torch.Tensor, step: int, lr: float) -> torch.Tensor:
         """Train on one batch (model-range floats on the device) at optimiser step `step`.
         Returns each loss term, then the gradient norm(s), as one float tensor on the device."""
-        config = self.config
         if self.random:
             torch.manual_seed(step_seed(self.seed, step))
         if lr != self._lr:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)  # in place: a captured graph reads this tensor
+                else:
+                    group["lr"] = lr
             if self.adversary is not None:
                 self.adversary.set_lr(lr)
             self._lr = lr
+        if self.graph is not None:
+            return self.graph(x, step)
+        return self._work(x, step)
+
+    def _work(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The step's device work: no host synchronisation, so that it can be captured."""
+        config = self.config
         x = augment(x, config.data.augment)
-        with self.execution.autocast():
+        with self.execution.autocast(cache=self.graph is None):
             out = self.forward(x, sample=True)
         terms = compute_loss(
             out,
@@ -164,6 +197,14 @@ class TrainStep:
             self.names = [*terms, *["gradient"] * len(norms)]
         return values
 
+    def optimizer_state(self) -> dict:
+        """The optimiser's state dict for a checkpoint, with plain-number learning rates."""
+        state = self.optimizer.state_dict()
+        for group in state["param_groups"]:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
+        return state
+
     def _grad_norms(self) -> list[torch.Tensor]:
         """The global gradient norm when clipping to it, else each gradient's norm (one fused
         operation; a non-finite gradient shows in its own norm, all the check needs)."""
@@ -177,6 +218,97 @@ class TrainStep:
         torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - decay)
         if self.ema_buffers:
             torch._foreach_copy_(self.ema_buffers, self.model_buffers)
+
+
+def graph_obstacle(config: Config, execution: Execution, world: int) -> str | None:
+    """Why the step cannot run as a CUDA graph here, or None where it can."""
+    if execution.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if world > 1:
+        return "not under torchrun (DDP synchronises gradients outside the graph)"
+    if config.train.compile:
+        return "not with train.compile"
+    if config.loss.disc_weight > 0:
+        return "not with the discriminator (loss.disc_weight)"
+    return None
+
+
+class CapturedStep:
+    """A step's device work recorded once as a CUDA graph and replayed for every batch of the
+    full batch size (train.cuda_graph): one launch instead of hundreds.
+
+    The first WARMUP steps of that size run eagerly on a side stream (cuDNN autotunes, the
+    optimiser creates its state), as PyTorch's whole-network capture prescribes; the next one is
+    captured and replayed. Later steps copy their batch into the graph's static input and
+    replay it. Other steps run eagerly: a smaller last batch, steps before `first_step` (the KL
+    warm-up, whose weight changes every step), and every step after a capture that failed (one
+    notice). Replay takes the CUDA generator's seed at launch, so the loop's per-step seeding
+    draws what an eager step would. The learning rate is a tensor the optimiser reads inside
+    the graph (TrainStep fills it in place).
+    """
+
+    WARMUP = 3
+
+    def __init__(
+        self,
+        work: Callable[[torch.Tensor, int], torch.Tensor],
+        batch_size: int,
+        *,
+        first_step: int = 0,
+        notice: Callable[[str], None] = lambda _: None,
+        before_capture: Callable[[], None] = lambda: None,
+    ):
+        self.work, self.batch_size, self.first_step = work, batch_size, first_step
+        self.notice, self.before_capture = notice, before_capture
+        self.warm = 0
+        self.failed = False
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x: torch.Tensor | None = None
+        self.static_result: torch.Tensor | None = None
+        self.replays = 0
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.failed or len(x) != self.batch_size or step < self.first_step:
+            return self.work(x, step)
+        if self.graph is not None and self._fits(x):
+            self.static_x.copy_(x)
+            self.graph.replay()
+            self.replays += 1
+            return self.static_result.clone()  # the next replay overwrites it
+        if self.warm < self.WARMUP:
+            self.warm += 1
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                result = self.work(x, step)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            return result
+        return self._capture(x, step)
+
+    def _fits(self, x: torch.Tensor) -> bool:
+        return x.shape == self.static_x.shape and x.stride() == self.static_x.stride()
+
+    def _capture(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Record this step (capture runs nothing), then replay it to train on it."""
+        self.static_x = x.clone()
+        self.before_capture()  # gradients from the graph's own memory, overwritten by replays
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.static_result = self.work(self.static_x, step)
+        except RuntimeError as exc:  # an operation that cannot be captured
+            self.failed = True
+            self.static_x = self.static_result = None
+            self.notice(
+                f"train.cuda_graph: the step could not be captured ({first_line(exc)}); "
+                "every step runs eagerly"
+            )
+            self.before_capture()
+            return self.work(x, step)
+        self.graph = graph
+        graph.replay()
+        self.replays += 1
+        return self.static_result.clone()
 
 
 # How the optimiser runs on this device, not what it has learnt: kept from the optimiser that
@@ -195,9 +327,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     implementation = [
         {k: group[k] for k in _IMPLEMENTATION if k in group} for group in optimizer.param_groups
     ]
+    rates = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
-    for group, flags in zip(optimizer.param_groups, implementation, strict=True):
+    for group, flags, rate in zip(optimizer.param_groups, implementation, rates, strict=True):
         group.update(flags)
+        saved_rate = float(group["lr"])
+        # a tensor learning rate (read by a captured graph) stays that tensor, refilled
+        group["lr"] = rate.fill_(saved_rate) if isinstance(rate, torch.Tensor) else saved_rate
         on_device = bool(group.get("fused") or group.get("capturable"))
         for param in group["params"]:
             state = optimizer.state.get(param, {})

@@ -42,6 +42,7 @@ class Reporter(Protocol):
     def start(self, *, epochs: int, steps_per_epoch: int, first_epoch: int) -> None: ...
     def step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
     def epoch(self, record: dict) -> None: ...
+    def notice(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -49,6 +50,7 @@ class SilentReporter:
     def start(self, **_: object) -> None: ...
     def step(self, **_: object) -> None: ...
     def epoch(self, record: dict) -> None: ...
+    def notice(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -134,17 +136,23 @@ class Trainer:
         if init:  # checked against this architecture (io.weights.init_weights)
             model.load_state_dict(init)
         model.to(self.device, memory_format=self.execution.memory_format)
+        # every rank takes an equal shard of each epoch's order and an equal share of the batch
+        n = len(self.train_data) // self.dist.world * self.dist.world
+        self.shard_size = n // self.dist.world
+        self.rank_batch = max(1, config.train.batch_size // self.dist.world)
         self.train_step = TrainStep(
-            config, model, self.execution, rank=self.dist.rank, world=self.dist.world
+            config,
+            model,
+            self.execution,
+            rank=self.dist.rank,
+            world=self.dist.world,
+            batch_size=self.rank_batch,
+            notice=self.reporter.notice,
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.train_images = self._place(self.train_data.images)
         self.val_images = self._place(self.val_data.images)
         self.grid_images = self.val_images[: config.train.grid_images]
-        # every rank takes an equal shard of each epoch's order and an equal share of the batch
-        n = len(self.train_data) // self.dist.world * self.dist.world
-        self.shard_size = n // self.dist.world
-        self.rank_batch = max(1, config.train.batch_size // self.dist.world)
         self.steps_per_epoch = math.ceil(self.shard_size / self.rank_batch)
         # model FLOPs utilisation (nanoGPT's MFU) where the GPU's peak is known
         self.peak = peak_flops(self.device, self.execution.autocast_dtype)
@@ -328,7 +336,7 @@ class Trainer:
         n = self.shard_size * self.dist.world
         record = {"kind": "epoch", "epoch": epoch, "step": state.step}
         record.update({k: v / n for k, v in totals.items()})
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["lr"] = self.train_step.lr
         record["images_per_s"] = round(images_this_run / max(seconds, 1e-9), 1)
         if self.peak:  # per GPU: every rank runs on one
             per_gpu = record["images_per_s"] / self.dist.world
@@ -520,7 +528,7 @@ class Trainer:
             {
                 "train_state": asdict(self.state),
                 "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.train_step.optimizer_state(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "discriminator": adversary and adversary.discriminator.state_dict(),
                 "disc_optimizer": adversary and adversary.optimizer.state_dict(),
