@@ -42,12 +42,12 @@ def digits_28() -> ImageData:
     return ImageData(images, torch.from_numpy(digits.target), None, {"kind": "digits"})
 
 
-def aecli_speed(preset: str, data: ImageData, steps: int, device: str) -> float:
-    config = load_config(preset, ["train.grid_images=0"]).config
+def aecli_speed(preset: str, data: ImageData, steps: int, device: str, extra=()) -> float:
+    config = load_config(preset, ["train.grid_images=0", *extra]).config
     train_n = len(split(data, config.data.val_fraction, config.train.seed)[0])
     per_epoch = -(-train_n // config.train.batch_size)
     epochs = max(2, -(-steps // per_epoch))
-    config = load_config(preset, ["train.grid_images=0", f"train.epochs={epochs}"]).config
+    config = load_config(preset, ["train.grid_images=0", f"train.epochs={epochs}", *extra]).config
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
         result = trainer.fit()
@@ -77,13 +77,15 @@ class TextbookDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i])
 
 
-def work_per_step(preset: str, data: ImageData, device: str) -> tuple[float, float | None]:
+def work_per_step(
+    preset: str, data: ImageData, device: str, extra=()
+) -> tuple[float, float | None]:
     """Operations the host dispatches per training step (top-level aten calls: forward, loss,
-    optimiser and bookkeeping) and, on CUDA, kernel launches per step, from torch.profiler over
-    one epoch."""
+    optimiser and bookkeeping) and, on CUDA, kernel and graph launches per step, from
+    torch.profiler over one epoch."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = load_config(preset, ["train.grid_images=0", "train.epochs=1"]).config
+    config = load_config(preset, ["train.grid_images=0", "train.epochs=1", *extra]).config
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
         activities = [ProfilerActivity.CPU]
@@ -100,7 +102,7 @@ def work_per_step(preset: str, data: ImageData, device: str) -> tuple[float, flo
     ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
     launches = None
     if trainer.device.type == "cuda":
-        kernels = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        kernels = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
         launches = sum(1 for e in events if e.name in kernels) / steps
     return ops / steps, launches
 
@@ -152,26 +154,31 @@ def main() -> None:
     )
     cifar_data = load_data(None, load_config("cifar-cae").config.data, seed=0)
     print(
-        f"{'preset':<12} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7} "
+        f"{'preset':<17} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7} "
         f"{'ops/step':>9} {'launches/step':>14}"
     )
+    # on CUDA, also with the step replayed as one CUDA graph
+    variants = [("", [])]
+    if device.startswith("cuda"):
+        variants.append((" +graph", ["train.cuda_graph=true"]))
     for preset, data, label in (
         ("mnist-cae", digits_28(), "digits 28x28 (1797)"),
         ("cifar-cae", cifar_data, "shapes 32x32 (2048)"),
     ):
-        ours, theirs, ratios = [], [], []
-        for _ in range(args.repeats):
-            a = aecli_speed(preset, data, args.steps, device)
-            b = textbook_speed(preset, data, args.steps, device)
-            ours.append(a)
-            theirs.append(b)
-            ratios.append(a / b)
-        ops, launches = work_per_step(preset, data, device)
-        print(
-            f"{preset:<12} {label:<22} {statistics.median(ours):>12.0f} "
-            f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x "
-            f"{ops:>9.1f} {'-' if launches is None else f'{launches:.1f}':>14}"
-        )
+        for suffix, extra in variants:
+            ours, theirs, ratios = [], [], []
+            for _ in range(args.repeats):
+                a = aecli_speed(preset, data, args.steps, device, extra)
+                b = textbook_speed(preset, data, args.steps, device)
+                ours.append(a)
+                theirs.append(b)
+                ratios.append(a / b)
+            ops, launches = work_per_step(preset, data, device, extra)
+            print(
+                f"{preset + suffix:<17} {label:<22} {statistics.median(ours):>12.0f} "
+                f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x "
+                f"{ops:>9.1f} {'-' if launches is None else f'{launches:.1f}':>14}"
+            )
 
 
 if __name__ == "__main__":

@@ -270,7 +270,9 @@ class CapturedStep:
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.failed or len(x) != self.batch_size or step < self.first_step:
             return self.work(x, step)
-        if self.graph is not None and self._fits(x):
+        if self.graph is not None:
+            if not self._fits(x):  # another memory layout: never captured twice
+                return self.work(x, step)
             self.static_x.copy_(x)
             self.graph.replay()
             self.replays += 1
