@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -240,6 +240,22 @@ class Execution:
                 tensor = tensor.pin_memory()
             return tensor.to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+    @staticmethod
+    def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:
+        """Host copies of device tensors, started without blocking the host (into pinned
+        memory, after the work that computes them), and the function that waits for them:
+        meanwhile the host can decode, launch the next batch or write files. CPU tensors come
+        back as they are."""
+        if not tensors or tensors[0].device.type != "cuda":
+            return tensors, lambda: None
+        copies = [
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t in tensors
+        ]
+        done = torch.cuda.Event()
+        done.record()
+        return copies, done.synchronize
 
     def prepare(self, images: torch.Tensor, value_range: str) -> torch.Tensor:
         """uint8 (B, C, H, W) anywhere -> model-range floats on the device, in its memory

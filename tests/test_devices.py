@@ -525,3 +525,16 @@ def test_cuda_graph_step_trains_like_the_eager_one(tiny_preset, tmp_path):
     assert_losses_close(expected, val_losses(resumed(tmp_path / "split", "cuda", 5)), 0.01)
     saved = load_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
     assert all(isinstance(g["lr"], float) for g in saved["optimizer"]["param_groups"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_inference_batches_fill_the_gpu(tiny_weights, conv_weights):
+    """On CUDA a fixed-size model's default batch is as large as a quarter of free memory
+    allows, up to 512; a fully convolutional model (any image size) keeps 32."""
+    from aecli.inference import Predictor
+    from aecli.inference.predictor import MAX_AUTO_BATCH
+
+    assert Predictor(tiny_weights, "cuda").batch_size(None) == MAX_AUTO_BATCH  # 16x16 images
+    assert Predictor(conv_weights, "cuda").batch_size(None) == 32
+    assert Predictor(tiny_weights, "cuda").batch_size(7) == 7

@@ -190,3 +190,27 @@ def test_predictor_knows_fully_convolutional_models(tiny_weights, conv_weights):
     assert not vector.fully_convolutional and vector.size == (16, 16)
     assert conv.fully_convolutional and conv.factor == 4 and conv.latent_shape == (2, 4, 4)
     assert vector.fingerprint == read_weights_info(tiny_weights).fingerprint
+
+
+def test_batches_in_flight_give_what_one_batch_gives(photos, tmp_path, tiny_weights, cli):
+    """Batches of 2 (each one's results fetched while the next runs) write the same PNGs, rows,
+    metrics and grid as the six images in one batch; the default batch is 32 on the CPU."""
+    summaries = {}
+    for batch in (2, 6):
+        out = tmp_path / f"out{batch}"
+        ran = cli(
+            "reconstruct", tiny_weights, photos, "-o", out, "--grid", tmp_path / f"g{batch}.png",
+            "--metrics", "--json", "--batch-size", batch, "--workers", "0",
+        )  # fmt: skip
+        assert ran.exit_code == 0, ran.output
+        summaries[batch] = json.loads(ran.stdout)
+    for key in ("mse", "psnr", "ssim"):
+        one = [r[key] for r in summaries[6]["rows"]]
+        assert [r[key] for r in summaries[2]["rows"]] == pytest.approx(one, rel=1e-6)
+    names = sorted(p.relative_to(tmp_path / "out6") for p in (tmp_path / "out6").rglob("*.png"))
+    assert len(names) == 6
+    for name in names:
+        assert np.array_equal(pixels(tmp_path / "out2" / name), pixels(tmp_path / "out6" / name))
+    assert np.array_equal(pixels(tmp_path / "g2.png"), pixels(tmp_path / "g6.png"))
+    predictor = Predictor(tiny_weights, "cpu")
+    assert predictor.batch_size(None) == 32 and predictor.batch_size(5) == 5

@@ -57,7 +57,7 @@ def diff(
         ),
     ] = None,
     overwrite: Overwrite = False,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     as_json: Json = False,
@@ -73,6 +73,7 @@ def diff(
     from aecli.io.outputs import OutputGuard
 
     predictor = Predictor(weights, device)
+    batch_size = predictor.batch_size(batch_size)
     other = Predictor(vs, device) if vs is not None else None
     files, failures = collect_inputs(inputs)
     if out is not None:

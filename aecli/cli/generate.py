@@ -112,7 +112,7 @@ def sample(
     columns: Columns = 8,
     fmt: Format = None,
     overwrite: Overwrite = False,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
@@ -142,6 +142,7 @@ def sample(
     image_size = parse_size(size) if size is not None else None
     fmt = output_format(latents_out, fmt) if latents_out is not None else None
     predictor = Predictor(weights, device)
+    batch_size = predictor.batch_size(batch_size)
     class_index = None
     if class_name is not None:
         class_index = resolve_class(class_name, predictor.info.class_names)

@@ -94,7 +94,7 @@ def encode(
     tile_overlap: TileOverlap = None,
     fmt: Format = None,
     overwrite: Overwrite = False,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     as_json: Json = False,
@@ -114,6 +114,7 @@ def encode(
     if to_stdout and as_json:
         raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
     predictor = Predictor(weights, device)
+    batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size)
     if sample and not predictor.variational:
         raise UsageError(
@@ -249,7 +250,7 @@ def decode(
         ),
     ] = False,
     overwrite: Overwrite = False,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
@@ -267,6 +268,7 @@ def decode(
 
     latents = read_latents(latent_file)
     predictor = Predictor(weights, device)
+    batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size)
     z = predictor.fit(latents, force=force)
     scaling = _scaling(predictor, scaled, scaling_factor, shift_factor) or latents.scaling

@@ -31,7 +31,14 @@ Device = Annotated[
     typer.Option("--device", help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N."),
 ]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", min=1, help="Images per batch on the device.")
+    int | None,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Images per batch on the device (default: 32; on CUDA, for models of a fixed input "
+        "size, as many as fit in a quarter of the free GPU memory, up to 512).",
+        show_default=False,
+    ),
 ]
 Workers = Annotated[
     int | None,
@@ -39,7 +46,7 @@ Workers = Annotated[
         "--workers",
         min=0,
         help="Processes decoding image files in parallel with the model "
-        "(default: one per CPU core but one, up to 8; 0 decodes in the main process).",
+        "(default: one per CPU core but one, up to 32; 0 decodes in the main process).",
         show_default=False,
     ),
 ]

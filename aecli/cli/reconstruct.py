@@ -87,7 +87,7 @@ def reconstruct(
     tile: Tile = None,
     tile_overlap: TileOverlap = None,
     overwrite: Overwrite = False,
-    batch_size: BatchSize = 32,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     device: Device = "auto",
     as_json: Json = False,
@@ -112,6 +112,7 @@ def reconstruct(
     if out is None and grid is None and not metrics:
         raise UsageError("nothing to do: give -o DIR, --grid FILE or --metrics")
     predictor = Predictor(weights, device)
+    batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size)
     files, failures = collect_inputs(inputs)
     outputs = plan_outputs(files, out) if out is not None else None

@@ -132,10 +132,16 @@ def _group_by_shape(items):
 
 
 def default_workers(count: int, batch_size: int) -> int:
-    """Decode in the main process for a batch or less; else up to 8 worker processes."""
+    """Decode in the main process for a batch or less; else one worker process per core but
+    the one that feeds the model, up to 32."""
     if count <= batch_size:
         return 0
-    return min(8, max(1, (os.cpu_count() or 2) - 1))
+    return min(32, max(1, (os.cpu_count() or 2) - 1))
+
+
+# Files a worker decodes per task: batches of the model's size are put together from these, so
+# that a large --batch-size still spreads a few thousand files over every worker.
+LOADER_CHUNK = 32
 
 
 def load_batches(
@@ -157,7 +163,7 @@ def load_batches(
     workers = default_workers(len(files), batch_size) if workers is None else workers
     loader = DataLoader(
         _ImageFiles(files, channels, size, reduced_decode=not original_sizes),
-        batch_size=batch_size,
+        batch_size=min(batch_size, LOADER_CHUNK) if workers else batch_size,
         num_workers=workers,
         collate_fn=_group_by_shape,
         prefetch_factor=4 if workers else None,

@@ -3,6 +3,7 @@ or a folder."""
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,10 +39,12 @@ def plan_outputs(files: list[InputFile], out_dir: Path) -> list[Path]:
 
 
 class PngWriter:
-    """Encodes and writes batch PNGs on a few threads (Pillow releases the GIL while
-    compressing), a bounded number in flight; leaving the `with` block waits for all."""
+    """Encodes and writes batch PNGs on threads (Pillow releases the GIL while compressing;
+    one per core, 2 to 8), a bounded number in flight; leaving the `with` block waits for
+    all."""
 
-    def __init__(self, threads: int = 4):
+    def __init__(self, threads: int | None = None):
+        threads = threads or min(8, max(2, os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(threads)
         self.pending: deque[Future] = deque()
         self.limit = threads * 4

@@ -18,6 +18,8 @@ from aecli.models import Autoencoder
 from aecli.models.registry import fixed_size
 from aecli.tiling import Tiling, tiled
 
+MAX_AUTO_BATCH = 512
+
 
 class Predictor:
     """A model loaded from a weights file, with what batch inference needs to know about it."""
@@ -111,6 +113,18 @@ class Predictor:
             return 1 << 30
         per_tile = self._activation_bytes("reconstruct", (self.channels, size, size))
         return max(1, free // 2 // per_tile)
+
+    def batch_size(self, requested: int | None) -> int:
+        """`--batch-size`, or its default: 32; on CUDA, for a model of a fixed input size, as
+        many images as keep their activations within a quarter of the free memory, up to
+        MAX_AUTO_BATCH (a small model's batches of 32 leave an H100 mostly idle)."""
+        if requested is not None:
+            return requested
+        if self.device.type != "cuda" or self.fully_convolutional:
+            return 32
+        per_image = self._activation_bytes("reconstruct", (self.channels, *self.size))
+        free = available_memory(self.device) or 0
+        return max(32, min(MAX_AUTO_BATCH, free // 4 // per_image))
 
     def images_per_batch(self, batch_size: int) -> int:
         """Images to load at a time: one when tiling (--batch-size then counts tiles)."""

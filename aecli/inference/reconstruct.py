@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from aecli.data.images import Failure, fit_image
-from aecli.inference.inputs import InputFile, Progress, load_batches, no_progress
+from aecli.inference.inputs import ImageBatch, InputFile, Progress, load_batches, no_progress
 from aecli.inference.outputs import PngWriter, hwc
 from aecli.inference.predictor import Predictor
 from aecli.io.images import compose_sheet
@@ -70,25 +70,42 @@ def reconstruct_files(
         progress=progress,
         original_sizes=keep_size,
     )
+
+    def launch(batch: ImageBatch) -> tuple:
+        """Start a batch on the device; its results come to the host while the next runs."""
+        recon = predictor.reconstruct(batch.images)
+        scores = {}
+        if metrics:
+            scores = image_metrics(predictor.execution.to_device(batch.images), recon)
+        copies, wait = predictor.execution.to_host([recon, *scores.values()])
+        return batch, copies[0], dict(zip(scores, copies[1:], strict=True)), wait
+
+    def finish(batch: ImageBatch, recon: torch.Tensor, scores: dict, wait) -> None:
+        wait()
+        scores = {k: v.tolist() for k, v in scores.items()}
+        for j, index in enumerate(batch.indices):
+            image = hwc(recon[j])
+            if keep_size and image.shape[:2] != batch.original_sizes[j]:
+                image = fit_image(image, batch.original_sizes[j], "stretch")
+            row = {"file": str(files[index].path)}
+            if outputs is not None:
+                writer.save(outputs[index], image)
+                row["output"] = str(outputs[index])
+            row.update({k: v[j] for k, v in scores.items()})
+            rows[index] = row
+            if index < grid_count:
+                grid[index] = (hwc(batch.images[j]), hwc(recon[j]))
+        progress(len(batch))
+
     with PngWriter() as writer:
+        in_flight = None  # one batch behind: the device never waits for the host's writing
         for batch in batches:
-            recon = predictor.reconstruct(batch.images)
-            scores = image_metrics(batch.images.to(recon.device), recon) if metrics else {}
-            scores = {k: v.tolist() for k, v in scores.items()}
-            recon_cpu = recon.cpu()
-            for j, index in enumerate(batch.indices):
-                image = hwc(recon_cpu[j])
-                if keep_size and image.shape[:2] != batch.original_sizes[j]:
-                    image = fit_image(image, batch.original_sizes[j], "stretch")
-                row = {"file": str(files[index].path)}
-                if outputs is not None:
-                    writer.save(outputs[index], image)
-                    row["output"] = str(outputs[index])
-                row.update({k: v[j] for k, v in scores.items()})
-                rows[index] = row
-                if index < grid_count:
-                    grid[index] = (hwc(batch.images[j]), hwc(recon_cpu[j]))
-            progress(len(batch))
+            launched = launch(batch)
+            if in_flight is not None:
+                finish(*in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            finish(*in_flight)
     ordered = [rows[i] for i in sorted(rows)]
     result = Reconstruction(ordered, [failures[i] for i in sorted(failures)])
     if grid:
