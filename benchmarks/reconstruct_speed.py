@@ -13,7 +13,9 @@ The model has the preset's architecture with its initial weights: speed does not
 training. `aecli reconstruct` from a shell is also timed once per preset, start-up included.
 
     python benchmarks/reconstruct_speed.py
-    python benchmarks/reconstruct_speed.py --images 1000 --device cuda --repeats 5
+    python benchmarks/reconstruct_speed.py --images 10000 --device cuda --dir /dev/shm
+
+On CUDA it also prints the model-alone rate's MFU and the kernel launches per batch.
 """
 
 from __future__ import annotations
@@ -61,11 +63,15 @@ def write_weights(preset: str, path: Path) -> None:
     )
 
 
-def aecli_speed(predictor: Predictor, folder: Path, out: Path, workers: int | None) -> float:
+def aecli_speed(
+    predictor: Predictor, folder: Path, out: Path, workers: int | None, batch: int
+) -> float:
     shutil.rmtree(out, ignore_errors=True)
     files, _ = collect_inputs([folder])
     start = time.perf_counter()
-    result = reconstruct_files(predictor, files, plan_outputs(files, out), workers=workers)
+    result = reconstruct_files(
+        predictor, files, plan_outputs(files, out), workers=workers, batch_size=batch
+    )
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -95,14 +101,44 @@ def plain_loop_speed(predictor: Predictor, folder: Path, out: Path) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def model_alone_speed(predictor: Predictor, images: torch.Tensor, batch_size: int = 32) -> float:
+def model_alone_speed(predictor: Predictor, images: torch.Tensor, batch_size: int) -> float:
+    """The model on decoded images already on the device, batch after batch."""
+    images = predictor.execution.to_device(images)
     predictor.reconstruct(images[:batch_size])  # warm-up
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
         predictor.reconstruct(images[i : i + batch_size])
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)
+
+
+def launches_per_batch(predictor: Predictor, images: torch.Tensor, batch_size: int) -> float:
+    """CUDA kernel launches per batch of the model alone, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = predictor.execution.to_device(images[:batch_size])
+    predictor.reconstruct(x)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            predictor.reconstruct(x)
+        torch.cuda.synchronize()
+    kernels = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+    return sum(1 for e in prof.events() if e.name in kernels) / 5
+
+
+def mfu(predictor: Predictor, preset: str, images_per_s: float) -> float | None:
+    """The model-alone rate's share of the GPU's peak for its precision (None on the CPU)."""
+    from aecli.devices import peak_flops
+    from aecli.models import forward_flops
+
+    peak = peak_flops(predictor.device, predictor.execution.autocast_dtype)
+    if peak is None:
+        return None
+    flops = forward_flops(build_model(load_config(preset).config, meta=True))
+    return images_per_s * flops / peak
 
 
 def cli_seconds(weights: Path, folder: Path, out: Path, device: str) -> float:
@@ -123,6 +159,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="default: aecli's own")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: aecli's own")
     parser.add_argument("--preset", action="append", help="default: cifar-cae and cifar-res")
     parser.add_argument(
         "--dir", default=None, help="where to write the files (e.g. /dev/shm to leave the disk out)"
@@ -134,8 +171,9 @@ def main() -> None:
         f"96-192 px; median of {args.repeats}; files in {args.dir or tempfile.gettempdir()}"
     )
     print(
-        f"{'preset':<10} {'aecli img/s':>12} {'plain loop':>11} {'ratio':>7} "
-        f"{'model alone':>12} {'aecli/model':>12} {'CLI wall s':>11}"
+        f"{'preset':<10} {'batch':>6} {'aecli img/s':>12} {'plain loop':>11} {'ratio':>7} "
+        f"{'model alone':>12} {'aecli/model':>12} {'CLI wall s':>11} {'MFU':>6} "
+        f"{'launches/batch':>15}"
     )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
@@ -151,16 +189,24 @@ def main() -> None:
                     for f in sorted(folder.iterdir())
                 ]
             ).permute(0, 3, 1, 2)
+            batch = predictor.batch_size(args.batch_size)  # aecli's default where not given
             ours, plain, alone = [], [], []
             for _ in range(args.repeats):
-                ours.append(aecli_speed(predictor, folder, tmp / "out", args.workers))
+                ours.append(aecli_speed(predictor, folder, tmp / "out", args.workers, batch))
                 plain.append(plain_loop_speed(predictor, folder, tmp / "plain"))
-                alone.append(model_alone_speed(predictor, images))
+                alone.append(model_alone_speed(predictor, images, batch))
             wall = cli_seconds(weights, folder, tmp / "cli", device)
             a, p, m = (statistics.median(v) for v in (ours, plain, alone))
+            use = mfu(predictor, preset, m)
+            launches = (
+                launches_per_batch(predictor, images, batch)
+                if predictor.device.type == "cuda"
+                else None
+            )
             print(
-                f"{preset:<10} {a:>12.0f} {p:>11.0f} {a / p:>6.2f}x {m:>12.0f} "
-                f"{a / m:>11.0%} {wall:>11.2f}"
+                f"{preset:<10} {batch:>6} {a:>12.0f} {p:>11.0f} {a / p:>6.2f}x {m:>12.0f} "
+                f"{a / m:>11.0%} {wall:>11.2f} {'-' if use is None else f'{use:.1%}':>6} "
+                f"{'-' if launches is None else f'{launches:.0f}':>15}"
             )
 
 
