@@ -9,7 +9,8 @@ fp32. aecli's figure is its own training time (validation and file writing exclu
     python benchmarks/train_speed.py --device cuda --steps 300 --repeats 5
 
 It also prints the host's work per training step from torch.profiler: top-level aten operations
-(the same count on every device) and, on CUDA, kernel launches.
+(the same count on every device) and, on CUDA, kernel launches, and the MFU on GPUs whose peak
+aecli knows.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def digits_28() -> ImageData:
     return ImageData(images, torch.from_numpy(digits.target), None, {"kind": "digits"})
 
 
-def aecli_speed(preset: str, data: ImageData, steps: int, device: str, extra=()) -> float:
+def aecli_speed(
+    preset: str, data: ImageData, steps: int, device: str, extra=()
+) -> tuple[float, float | None]:
+    """aecli's images/s past the first epoch, and the MFU it means (None where the device's
+    peak is not known: the CPU, an unlisted GPU)."""
     config = load_config(preset, ["train.grid_images=0", *extra]).config
     train_n = len(split(data, config.data.val_fraction, config.train.seed)[0])
     per_epoch = -(-train_n // config.train.batch_size)
@@ -53,7 +58,8 @@ def aecli_speed(preset: str, data: ImageData, steps: int, device: str, extra=())
         result = trainer.fit()
     # drop the first epoch (warm-up: allocator, autotuning), as for the textbook loop
     rest = result.history[1:]
-    return sum(r["images_per_s"] * r["seconds"] for r in rest) / sum(r["seconds"] for r in rest)
+    speed = sum(r["images_per_s"] * r["seconds"] for r in rest) / sum(r["seconds"] for r in rest)
+    return speed, (speed * trainer.step_flops / trainer.peak if trainer.peak else None)
 
 
 class TextbookDataset(torch.utils.data.Dataset):
@@ -155,7 +161,7 @@ def main() -> None:
     cifar_data = load_data(None, load_config("cifar-cae").config.data, seed=0)
     print(
         f"{'preset':<17} {'data':<22} {'aecli img/s':>12} {'textbook img/s':>15} {'ratio':>7} "
-        f"{'ops/step':>9} {'launches/step':>14}"
+        f"{'ops/step':>9} {'launches/step':>14} {'MFU':>6}"
     )
     # on CUDA, also with the step replayed as one CUDA graph
     variants = [("", [])]
@@ -166,18 +172,21 @@ def main() -> None:
         ("cifar-cae", cifar_data, "shapes 32x32 (2048)"),
     ):
         for suffix, extra in variants:
-            ours, theirs, ratios = [], [], []
+            ours, theirs, ratios, mfus = [], [], [], []
             for _ in range(args.repeats):
-                a = aecli_speed(preset, data, args.steps, device, extra)
+                a, use = aecli_speed(preset, data, args.steps, device, extra)
                 b = textbook_speed(preset, data, args.steps, device)
                 ours.append(a)
                 theirs.append(b)
                 ratios.append(a / b)
+                mfus.append(use)
             ops, launches = work_per_step(preset, data, device, extra)
+            use = None if None in mfus else statistics.median(mfus)
             print(
                 f"{preset + suffix:<17} {label:<22} {statistics.median(ours):>12.0f} "
                 f"{statistics.median(theirs):>15.0f} {statistics.median(ratios):>6.2f}x "
-                f"{ops:>9.1f} {'-' if launches is None else f'{launches:.1f}':>14}"
+                f"{ops:>9.1f} {'-' if launches is None else f'{launches:.1f}':>14} "
+                f"{'-' if use is None else f'{use:.2%}':>6}"
             )
 
 
