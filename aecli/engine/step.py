@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -268,15 +269,21 @@ class CapturedStep:
         self.replays = 0
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        if self.failed or len(x) != self.batch_size or step < self.first_step:
-            return self.work(x, step)
-        if self.graph is not None:
-            if not self._fits(x):  # another memory layout: never captured twice
-                return self.work(x, step)
+        if self.graph is not None and self._fits(x) and step >= self.first_step:
             self.static_x.copy_(x)
             self.graph.replay()
             self.replays += 1
             return self.static_result.clone()  # the next replay overwrites it
+        with warnings.catch_warnings():
+            # capturable Adam warns when it steps outside a capture: here that is the plan
+            warnings.filterwarnings("ignore", "This instance was constructed with capturable")
+            return self._unreplayed(x, step)
+
+    def _unreplayed(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """An eager step, a warm-up step or the capture."""
+        eager = self.failed or self.graph is not None  # after the capture: another layout
+        if eager or len(x) != self.batch_size or step < self.first_step:
+            return self.work(x, step)
         if self.warm < self.WARMUP:
             self.warm += 1
             side = torch.cuda.Stream(x.device)
