@@ -27,6 +27,11 @@ def test_reference_parameter_counts(preset, encoder, decoder, cli):
     assert facts["parameters"] == encoder + decoder
     for key in ("latent_shape", "compression_ratio"):
         assert key in facts
+    # how `auto` runs it on CUDA (the policy itself: tests/test_devices.py)
+    big = preset == "cat-kl-f8"
+    expected = "bf16 autocast, contiguous" if big else "fp32 (TF32), channels-last"
+    assert facts["cuda_execution"] == expected
+    assert f"on CUDA      {expected}" in cli("info", preset).output
 
 
 # Full architectures; only the image size is reduced where the full one is slow on a CPU.

@@ -66,7 +66,10 @@ def info(
     """
     from dataclasses import asdict
 
+    import torch
+
     from aecli.config import load_config
+    from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
     from aecli.report import describe_source
@@ -96,6 +99,12 @@ def info(
     model = build_model(config, meta=True)
     summary = asdict(summarize(model))
     facts.update(summary)
+    group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    cost = ModelCost(round(summary["forward_gflops"] * 1e9), group_norm)
+    train = config.train
+    facts["cuda_execution"] = describe_plan(
+        "cuda", *execution_plan("cuda", train.precision, train.memory_format, cost)
+    )
     facts["layers"] = _layers(model, config)
     if as_json:
         print_json(facts)
@@ -108,6 +117,7 @@ def info(
         ("latent", "x".join(map(str, summary["latent_shape"]))),
         ("compression", f"{summary['compression_ratio']:g}x"),
         ("compute", f"{summary['forward_gflops']:.4g} GFLOPs per image (forward; training ~3x)"),
+        ("on CUDA", facts["cuda_execution"]),
         (
             "parameters",
             f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "
