@@ -226,18 +226,6 @@ class Execution:
         """`bf16 autocast, channels-last` or `fp32, contiguous` (TF32 on CUDA)."""
         return describe_plan(self.device.type, self.autocast_dtype, self.memory_format)
 
-
-def describe_plan(
-    kind: str, autocast_dtype: torch.dtype | None, memory_format: str | torch.memory_format
-) -> str:
-    """How a model runs on a device of type `kind`: `bf16 autocast, channels-last`,
-    `fp32 (TF32), contiguous` (CUDA) or `fp32, contiguous` (CPU)."""
-    precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
-    if precision == "fp32" and kind == "cuda":
-        precision = "fp32 (TF32)"
-    channels_last = memory_format in ("channels_last", torch.channels_last)
-    return f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
-
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor on the device; from the CPU to CUDA through pinned memory, without blocking
         the host (the copy is ordered on the current stream before any use of its result)."""
@@ -280,6 +268,18 @@ def describe_plan(
             enabled=self.autocast_dtype is not None,
             cache_enabled=cache,
         )
+
+
+def describe_plan(
+    kind: str, autocast_dtype: torch.dtype | None, memory_format: str | torch.memory_format
+) -> str:
+    """How a model runs on a device of type `kind`: `bf16 autocast, channels-last`,
+    `fp32 (TF32), contiguous` (CUDA) or `fp32, contiguous` (CPU)."""
+    precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
+    if precision == "fp32" and kind == "cuda":
+        precision = "fp32 (TF32)"
+    channels_last = memory_format in ("channels_last", torch.channels_last)
+    return f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
 
 
 @contextlib.contextmanager
