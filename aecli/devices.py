@@ -195,7 +195,7 @@ def execution_plan(
 class Execution:
     """How a model runs on a device: bf16 autocast or fp32, and the memory format, as
     `execution_plan` resolves the config's `precision` and `memory_format`. On CUDA, fp32
-    matrix products and convolutions use TF32 tensor cores (`float32_matmul_precision` high;
+    matrix products and convolutions use TF32 tensor cores (`torch.backends.cuda.matmul`;
     cuDNN's default for convolutions)."""
 
     def __init__(
@@ -205,13 +205,13 @@ class Execution:
         memory_format: str = "auto",
         cost: ModelCost | None = None,
     ):
-        self.device = device
+        self.device, self.cost = device, cost
         self.autocast_dtype, format_name = execution_plan(
             device.type, precision, memory_format, cost
         )
         self.memory_format = MEMORY_FORMATS[format_name]
-        if device.type == "cuda":
-            torch.set_float32_matmul_precision("high")
+        if device.type == "cuda":  # CUDA's matrix products only (the CPU's stay as they are)
+            torch.backends.cuda.matmul.allow_tf32 = True
 
     @classmethod
     def for_config(cls, device: torch.device, config) -> Execution:

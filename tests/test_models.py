@@ -181,10 +181,41 @@ def test_forward_flops_count_every_layer_and_scale_with_pixels():
     assert conv_only(32) == 4 * conv_only(16)  # fully convolutional: proportional to pixels
 
 
-def test_mfu_peaks_are_looked_up_by_gpu_name_and_never_guessed():
+def test_mfu_peaks_are_looked_up_by_gpu_name_and_never_guessed(monkeypatch):
     from aecli.devices import peak_flops, peak_for_name
 
     assert peak_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_for_name("NVIDIA H100 PCIe") == 756e12
     assert peak_for_name("Tesla T4") is None
     assert peak_flops(torch.device("cpu", 0), torch.bfloat16) is None
+    # without bf16 autocast the denominator is the TF32 peak, half the bf16 one
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    assert peak_flops(gpu, torch.bfloat16) == 989e12 and peak_flops(gpu, None) == 494.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert peak_flops(gpu, None) is None
+
+
+def test_mfu_is_images_per_second_times_training_flops_over_the_peak(
+    tiny_preset, tmp_path, monkeypatch
+):
+    """Where the device's peak is known (here a stand-in for the CPU, which has none), each
+    epoch record's mfu is images/s x 3 x the forward FLOPs of one image over the peak."""
+    import json
+
+    import aecli.engine.trainer as trainer_module
+    from aecli.data import load_data
+    from aecli.engine import train
+    from aecli.models import forward_flops
+
+    peak = 1e9
+    monkeypatch.setattr(trainer_module, "peak_flops", lambda device, dtype: peak)
+    config = load_config(str(tiny_preset), ["train.epochs=2"]).config
+    data = load_data(None, config.data, config.train.seed)
+    train(config, data, tmp_path / "run", preset="tiny", device="cpu")
+    flops = forward_flops(build_model(config, meta=True))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    epochs = [r for r in map(json.loads, lines) if r.get("kind") == "epoch"]
+    assert len(epochs) == 2
+    for record in epochs:
+        assert record["mfu"] == pytest.approx(record["images_per_s"] * 3 * flops / peak, abs=1e-4)

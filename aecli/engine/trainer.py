@@ -23,7 +23,14 @@ import torch
 from aecli.config import Config
 from aecli.data import ImageData, split
 from aecli.data.transforms import to_uint8, to_unit
-from aecli.devices import Execution, describe, deterministic, peak_flops, resolve_device
+from aecli.devices import (
+    Execution,
+    ModelCost,
+    describe,
+    deterministic,
+    peak_flops,
+    resolve_device,
+)
 from aecli.engine.distributed import setup_distributed
 from aecli.engine.rundir import ResumePlan, RunDirectory
 from aecli.engine.step import TrainStep, learning_rate, load_optimizer_state, step_seed
@@ -32,7 +39,7 @@ from aecli.engine.tensorboard import check_available as check_tensorboard
 from aecli.errors import Interrupted, TrainingError, first_line
 from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
-from aecli.models import Autoencoder, build_model, forward_flops
+from aecli.models import Autoencoder, build_model
 from aecli.stats import latent_statistics
 
 
@@ -156,7 +163,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.shard_size / self.rank_batch)
         # model FLOPs utilisation (nanoGPT's MFU) where the GPU's peak is known
         self.peak = peak_flops(self.device, self.execution.autocast_dtype)
-        self.step_flops = 3 * forward_flops(build_model(config, meta=True)) if self.peak else 0
+        if self.peak:  # counted once: the execution policy may have done it already
+            cost = self.execution.cost or ModelCost.of(config)
+            self.step_flops = 3 * cost.forward_flops
+        else:
+            self.step_flops = 0
 
     @property
     def model(self) -> Autoencoder:
