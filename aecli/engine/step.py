@@ -235,17 +235,17 @@ def graph_obstacle(config: Config, execution: Execution, world: int) -> str | No
 
 
 class CapturedStep:
-    """A step's device work recorded once as a CUDA graph and replayed for every batch of the
-    full batch size (train.cuda_graph): one launch instead of hundreds.
+    """A step's device work recorded once as a CUDA graph and replayed for every batch of the full
+    batch size (train.cuda_graph): one launch instead of hundreds.
 
     The first WARMUP steps of that size run eagerly on a side stream (cuDNN autotunes, the
     optimiser creates its state), as PyTorch's whole-network capture prescribes; the next one is
-    captured and replayed. Later steps copy their batch into the graph's static input and
-    replay it. Other steps run eagerly: a smaller last batch, steps before `first_step` (the KL
-    warm-up, whose weight changes every step), and every step after a capture that failed (one
-    notice). Replay takes the CUDA generator's seed at launch, so the loop's per-step seeding
-    draws what an eager step would. The learning rate is a tensor the optimiser reads inside
-    the graph (TrainStep fills it in place).
+    captured on the same stream and replayed. Later steps copy their batch into the graph's
+    static input and replay it. Other steps run eagerly: a smaller last batch, steps before
+    `first_step` (the KL warm-up, whose weight changes every step), and every step after a
+    capture that failed (one notice). Replay takes the CUDA generator's seed at launch, so the
+    loop's per-step seeding draws what an eager step would. The learning rate is a tensor the
+    optimiser reads inside the graph (TrainStep fills it in place).
     """
 
     WARMUP = 3
@@ -262,6 +262,7 @@ class CapturedStep:
         self.work, self.batch_size, self.first_step = work, batch_size, first_step
         self.notice, self.before_capture = notice, before_capture
         self.warm = 0
+        self.stream: torch.cuda.Stream | None = None  # warm-up and capture run on it
         self.failed = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x: torch.Tensor | None = None
@@ -284,15 +285,17 @@ class CapturedStep:
         eager = self.failed or self.graph is not None  # after the capture: another layout
         if eager or len(x) != self.batch_size or step < self.first_step:
             return self.work(x, step)
-        if self.warm < self.WARMUP:
-            self.warm += 1
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                result = self.work(x, step)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            return result
-        return self._capture(x, step)
+        with torch.cuda.device(x.device):  # the device whose generator the graph uses
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(x.device)
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                self.stream.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(self.stream):
+                    result = self.work(x, step)
+                torch.cuda.current_stream(x.device).wait_stream(self.stream)
+                return result
+            return self._capture(x, step)
 
     def _fits(self, x: torch.Tensor) -> bool:
         return x.shape == self.static_x.shape and x.stride() == self.static_x.stride()
@@ -303,7 +306,8 @@ class CapturedStep:
         self.before_capture()  # gradients from the graph's own memory, overwritten by replays
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # on the warm-up's stream, whose library handles and workspaces are set up already
+            with torch.cuda.graph(graph, stream=self.stream):
                 self.static_result = self.work(self.static_x, step)
         except RuntimeError as exc:  # an operation that cannot be captured
             self.failed = True
