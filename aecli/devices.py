@@ -165,11 +165,19 @@ class ModelCost:
     @classmethod
     def of(cls, config) -> ModelCost:
         """Counted on the meta device (no memory, no compute; a fraction of a second)."""
-        from aecli.models import build_model, forward_flops
+        from aecli.models import build_model
 
-        model = build_model(config, meta=True)
+        return cls.of_model(build_model(config, meta=True))
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module, forward_flops: int | None = None) -> ModelCost:
+        """The cost of a model built on the meta device (its FLOPs where already counted)."""
+        if forward_flops is None:
+            from aecli.models import forward_flops as count
+
+            forward_flops = count(model)
         group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-        return cls(forward_flops(model), group_norm)
+        return cls(forward_flops, group_norm)
 
 
 def execution_plan(
@@ -209,7 +217,7 @@ class Execution:
         self.autocast_dtype, format_name = execution_plan(
             device.type, precision, memory_format, cost
         )
-        self.memory_format = MEMORY_FORMATS[format_name]
+        self.memory_format, self.layout = MEMORY_FORMATS[format_name], format_name
         if device.type == "cuda":  # CUDA's matrix products only (the CPU's stay as they are)
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -224,7 +232,7 @@ class Execution:
 
     def describe(self) -> str:
         """`bf16 autocast, channels-last` or `fp32, contiguous` (TF32 on CUDA)."""
-        return describe_plan(self.device.type, self.autocast_dtype, self.memory_format)
+        return describe_plan(self.device.type, self.autocast_dtype, self.layout)
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor on the device; from the CPU to CUDA through pinned memory, without blocking
@@ -270,16 +278,13 @@ class Execution:
         )
 
 
-def describe_plan(
-    kind: str, autocast_dtype: torch.dtype | None, memory_format: str | torch.memory_format
-) -> str:
+def describe_plan(kind: str, autocast_dtype: torch.dtype | None, layout: str) -> str:
     """How a model runs on a device of type `kind`: `bf16 autocast, channels-last`,
     `fp32 (TF32), contiguous` (CUDA) or `fp32, contiguous` (CPU)."""
     precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
     if precision == "fp32" and kind == "cuda":
         precision = "fp32 (TF32)"
-    channels_last = memory_format in ("channels_last", torch.channels_last)
-    return f"{precision}, {'channels-last' if channels_last else 'contiguous'}"
+    return f"{precision}, {layout.replace('_', '-')}"
 
 
 @contextlib.contextmanager

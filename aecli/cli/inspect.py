@@ -66,8 +66,6 @@ def info(
     """
     from dataclasses import asdict
 
-    import torch
-
     from aecli.config import load_config
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.weights import read_weights_info
@@ -99,8 +97,7 @@ def info(
     model = build_model(config, meta=True)
     summary = asdict(summarize(model))
     facts.update(summary)
-    group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-    cost = ModelCost(round(summary["forward_gflops"] * 1e9), group_norm)
+    cost = ModelCost.of_model(model, round(summary["forward_gflops"] * 1e9))
     train = config.train
     facts["cuda_execution"] = describe_plan(
         "cuda", *execution_plan("cuda", train.precision, train.memory_format, cost)

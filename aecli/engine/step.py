@@ -270,7 +270,7 @@ class CapturedStep:
         self.replays = 0
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        if self.graph is not None and self._fits(x) and step >= self.first_step:
+        if self.graph is not None and self._fits(x):
             self.static_x.copy_(x)
             self.graph.replay()
             self.replays += 1

@@ -73,10 +73,9 @@ def reconstruct_files(
 
     def launch(batch: ImageBatch) -> tuple:
         """Start a batch on the device; its results come to the host while the next runs."""
-        recon = predictor.reconstruct(batch.images)
-        scores = {}
-        if metrics:
-            scores = image_metrics(predictor.execution.to_device(batch.images), recon)
+        images = predictor.execution.to_device(batch.images)  # once, for model and scores
+        recon = predictor.reconstruct(images)
+        scores = image_metrics(images, recon) if metrics else {}
         copies, wait = predictor.execution.to_host([recon, *scores.values()])
         return batch, copies[0], dict(zip(scores, copies[1:], strict=True)), wait
 
