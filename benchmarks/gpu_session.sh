@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in stages that each fit one 10-minute call on a machine
-# without a package registry: install from the wheels carried in .wheels/ (see README,
-# Development), then run the stage, its output also written under $OUT (default: ./gpu-out).
+# without a package registry: install from the wheels carried in .wheels/ (gpu_wheels.sh fetches
+# them; see README, Development), then run the stage, its output also written under $OUT
+# (default: ./gpu-out).
 #
 #   bash benchmarks/gpu_session.sh tests     # the whole pytest, then the README's first command
 #   bash benchmarks/gpu_session.sh speed     # train_speed.py and reconstruct_speed.py at 10,000
