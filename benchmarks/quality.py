@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from aecli.config import load_config
-from aecli.data import ImageData
+from aecli.data import ImageData, validation_count
 from aecli.data.shapes import make_shapes
 from aecli.engine import train
 from aecli.inference import Predictor
@@ -145,8 +145,9 @@ def evaluate(weights: Path, test: torch.Tensor, device: str, lpips: bool) -> dic
 
 def run(preset: str, train_images: torch.Tensor, test: torch.Tensor, images_seen: int,
         seed: int, device: str, work: Path) -> dict[str, float]:  # fmt: skip
-    train_images = fewer_images(train_images, images_seen)
-    usable = len(train_images) - held_out(len(train_images))
+    fraction = load_config(preset, []).config.data.val_fraction  # what the run holds out
+    train_images = fewer_images(train_images, images_seen, fraction)
+    usable = len(train_images) - validation_count(len(train_images), fraction)
     epochs = max(1, round(images_seen / usable))
     overrides = [f"train.epochs={epochs}", f"train.seed={seed}", "train.early_stopping=null"]
     config = load_config(preset, overrides).config
@@ -165,19 +166,14 @@ def run(preset: str, train_images: torch.Tensor, test: torch.Tensor, images_seen
     return figures
 
 
-def held_out(count: int) -> int:
-    """How many of `count` training images the run's validation split (val_fraction 0.1) takes."""
-    return max(1, int(count * 0.1))
-
-
-def fewer_images(train_images: torch.Tensor, images_seen: int) -> torch.Tensor:
+def fewer_images(train_images: torch.Tensor, images_seen: int, fraction: float) -> torch.Tensor:
     """The training images, cut to the fewest whose one epoch still sees `images_seen`.
 
     A budget under one epoch (cat-kl-f8 on a CPU) then trains one shorter epoch instead of
     rounding up to the whole set.
     """
-    count = images_seen
-    while count - held_out(count) < images_seen:
+    count = max(2, images_seen)  # a split needs two
+    while count - validation_count(count, fraction) < images_seen:
         count += 1
     return train_images if count >= len(train_images) else train_images[:count]
 

@@ -1,5 +1,5 @@
 """Data sources, the built-in shapes, the safe image reader and per-batch transforms."""
 
-from aecli.data.sources import ImageData, fit_tensor, load_data, split
+from aecli.data.sources import ImageData, fit_tensor, load_data, split, validation_count
 
-__all__ = ["ImageData", "fit_tensor", "load_data", "split"]
+__all__ = ["ImageData", "fit_tensor", "load_data", "split", "validation_count"]

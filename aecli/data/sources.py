@@ -273,6 +273,11 @@ def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> t
     return out
 
 
+def validation_count(n: int, val_fraction: float) -> int:
+    """How many of n images (n >= 2) `split` holds out for validation: at least one each side."""
+    return min(n - 1, max(1, round(n * val_fraction)))
+
+
 def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     """A seeded train / validation split (at least one image each side), or the source's own."""
     if data.validation is not None:
@@ -280,6 +285,6 @@ def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, I
     n = len(data)
     if n < 2:
         raise DataError(f"need at least 2 images for a train / validation split, got {n}")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    n_val = validation_count(n, val_fraction)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return data.subset(order[n_val:]), data.subset(order[:n_val])
