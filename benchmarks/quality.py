@@ -49,7 +49,7 @@ class Pair:
     reference: str
     ours: str | None
     data: list[str]
-    images_seen: int  # per training run (epochs x training images, rounded up to epochs)
+    images_seen: int  # per training run, asked for (the run rounds it to whole epochs)
 
 
 PAIRS = {
@@ -163,6 +163,7 @@ def run(preset: str, train_images: torch.Tensor, test: torch.Tensor, images_seen
     result = train(config, data, work / f"{preset}-{seed}", preset=preset, device=device)
     figures = evaluate(result.weights, test, device, lpips)
     figures["seconds"] = time.perf_counter() - start
+    figures["images_seen"] = epochs * usable  # what the run trained on, in whole epochs
     return figures
 
 
@@ -204,7 +205,8 @@ def main() -> None:
                 lpips_text = f"{med['lpips']:.4f}" if "lpips" in med else "-"
                 print(
                     f"| {data_name} | {preset} | {med['psnr']:.2f} dB | {med['ssim']:.4f} | "
-                    f"{med['ms_ssim']:.4f} | {lpips_text} | {med['seconds']:.0f} | {seen:,} |",
+                    f"{med['ms_ssim']:.4f} | {lpips_text} | {med['seconds']:.0f} | "
+                    f"{med['images_seen']:,.0f} |",
                     flush=True,
                 )
 
