@@ -132,6 +132,44 @@ def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
     assert epochs == [1, 2, 3, 4]
 
 
+def test_more_ctrl_c_while_an_interrupted_run_saves_and_records_its_end_are_ignored(
+    tiny_preset, tmp_path, monkeypatch
+):
+    """Ctrl-C pressed twice: the second lands during the save or while fit writes state.json
+    and the report. It must not turn into a KeyboardInterrupt that hides the resume command."""
+    from aecli.engine import Trainer
+
+    config = load_config(str(tiny_preset), ["train.epochs=4", "train.log_every=1"]).config
+    data = load_data(None, config.data, config.train.seed)
+    reporter = StopAt(step=5)
+    trainer = Trainer(
+        config, data, tmp_path / "cut", preset="tiny", reporter=reporter, device="cpu"
+    )
+    reporter.trainer = trainer
+    pressed = []
+
+    def press_ctrl_c_then(method):
+        def wrapper(*args, **kwargs):
+            if trainer._stop_requested:
+                pressed.append(method.__name__)
+                os.kill(os.getpid(), signal.SIGINT)
+            return method(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(trainer, "_save_checkpoint", press_ctrl_c_then(trainer._save_checkpoint))
+    monkeypatch.setattr(trainer, "_record_end", press_ctrl_c_then(trainer._record_end))
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted, match=r"aecli train --resume .*cut"):
+            trainer.fit()
+    except KeyboardInterrupt:
+        pytest.fail(f"a Ctrl-C after the first one became a KeyboardInterrupt (in {pressed[-1]})")
+    assert pressed == ["_save_checkpoint", "_record_end"]
+    assert RunDirectory(tmp_path / "cut").read_state()["state"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+
+
 def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_path):
     """A checkpoint stores contiguous tensors; in a channels-last run (the default on CUDA,
     where fused Adam refuses a mix of layouts) Adam's state must come back channels-last."""

@@ -132,6 +132,7 @@ class Trainer:
         self.state = TrainState()
         self.fingerprint = ""
         self._stop_requested = False
+        self._sigint_after_save = None  # the handler to restore once an interrupted run is recorded
         self.tensorboard: TensorBoardLog | None = None
         self._report_written, self._report_cost = 0.0, 0.0  # when, and how long it took
         if "tensorboard" in config.train.log_to and self.dist.main:
@@ -219,6 +220,9 @@ class Trainer:
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
+            if self._sigint_after_save is not None:
+                signal.signal(signal.SIGINT, self._sigint_after_save)
+                self._sigint_after_save = None
         return result
 
     def _record_end(self, exc: BaseException) -> None:
@@ -267,6 +271,11 @@ class Trainer:
                     self._save_checkpoint()
                     self._write_report(after_epoch=True)
                 self.reporter.epoch(record)
+        except Interrupted:
+            # saved: a second Ctrl-C while fit records the end must not cut that short with a
+            # KeyboardInterrupt (and lose the resume command); fit restores the handler after it
+            self._sigint_after_save, previous_handler = previous_handler, None
+            raise
         finally:
             self.reporter.finish()
             if previous_handler is not None:
@@ -567,7 +576,8 @@ class Trainer:
     # -- Ctrl-C ------------------------------------------------------------------------------
 
     def _catch_sigint(self):
-        """First Ctrl-C: finish the step, save, stop. Later ones (during the save): ignored."""
+        """First Ctrl-C: finish the step, save, stop. Later ones (during the save, and while fit
+        records the end): ignored."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
