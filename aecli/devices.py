@@ -163,21 +163,14 @@ class ModelCost:
     group_norm: bool  # has GroupNorm layers
 
     @classmethod
-    def of(cls, config) -> ModelCost:
-        """Counted on the meta device (no memory, no compute; a fraction of a second)."""
-        from aecli.models import build_model
+    def of(cls, config, model: torch.nn.Module | None = None) -> ModelCost:
+        """The cost of a config's model: FLOPs by arithmetic, the layers from `model` (that
+        model, already built) or from one built on the meta device (no memory, no compute)."""
+        from aecli.models import build_model, forward_flops
 
-        return cls.of_model(build_model(config, meta=True))
-
-    @classmethod
-    def of_model(cls, model: torch.nn.Module, forward_flops: int | None = None) -> ModelCost:
-        """The cost of a model built on the meta device (its FLOPs where already counted)."""
-        if forward_flops is None:
-            from aecli.models import forward_flops as count
-
-            forward_flops = count(model)
+        model = model if model is not None else build_model(config, meta=True)
         group_norm = any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-        return cls(forward_flops, group_norm)
+        return cls(forward_flops(config), group_norm)
 
 
 def execution_plan(

@@ -250,11 +250,11 @@ def _model_rows(run: RunDirectory) -> list[tuple[str, str]]:
 @functools.lru_cache(maxsize=8)  # a training run asks every epoch
 def _model_facts(config_text: str) -> list[tuple[str, str]]:
     from aecli.config import config_from_dict, parse_yaml
-    from aecli.models import build_model, summarize
+    from aecli.models import summarize
 
     try:
         raw = parse_yaml(config_text, "config.yaml")
-        summary = summarize(build_model(config_from_dict(raw, "config.yaml"), meta=True))
+        summary = summarize(config_from_dict(raw, "config.yaml"))
     except Exception:  # noqa: BLE001  (a config of another aecli version: the facts are left out)
         return []
     kind = "VAE" if summary.variational else "autoencoder"

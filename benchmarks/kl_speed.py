@@ -36,7 +36,7 @@ from aecli.data import ImageData  # noqa: E402
 from aecli.devices import describe, peak_flops, resolve_device  # noqa: E402
 from aecli.engine import Trainer  # noqa: E402
 from aecli.io.vae_files import layout_of_config  # noqa: E402
-from aecli.models import build_model, forward_flops  # noqa: E402
+from aecli.models import forward_flops  # noqa: E402
 
 
 def kl_config(size: int, batch: int, epochs: int, extra: list[str]):
@@ -134,7 +134,7 @@ def main() -> None:
     args.device = str(device)
     batches = args.batch or [16, 32]
     images, _ = photo_crops(args.size, max(batches) * (args.steps + 1), 1)
-    flops = forward_flops(build_model(kl_config(args.size, 1, 1, []), meta=True))
+    flops = forward_flops(kl_config(args.size, 1, 1, []))
     peak = peak_flops(device, torch.bfloat16)
     print(
         f"device: {describe(device)}; torch {torch.__version__}; cat-kl-f8 at {args.size}x"

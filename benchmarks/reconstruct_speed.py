@@ -137,7 +137,7 @@ def mfu(predictor: Predictor, preset: str, images_per_s: float) -> float | None:
     peak = peak_flops(predictor.device, predictor.execution.autocast_dtype)
     if peak is None:
         return None
-    flops = forward_flops(build_model(load_config(preset).config, meta=True))
+    flops = forward_flops(load_config(preset).config)
     return images_per_s * flops / peak
 
 

@@ -30,7 +30,7 @@ from aecli.inference import Predictor
 from aecli.io.vae_files import KLLayout
 from aecli.io.weights import save_weights
 from aecli.models import build_model
-from aecli.models.builder import activation_bytes
+from aecli.models.builder import activation_bytes, layers
 
 LAYOUT = KLLayout(3, 3, (16, 32, 32, 32), 1, 4, norm_groups=8, sample_size=64)
 
@@ -116,11 +116,7 @@ def main() -> None:
             )
             predictor.tiling = None
         print(f"  {name:12s} " + "; ".join(cells))
-    meta = build_model(config, meta=True)
-    need = max(
-        activation_bytes(meta.encoder, (1, 3, 4096, 4096)),
-        activation_bytes(meta.decoder, (1, 4, 512, 512)),
-    )
+    need = activation_bytes(layers(config, (4096, 4096)))
     print(f"\n4096x4096 image: untiled activations about {need / 1e9:.1f} GB (estimate)")
     for tile in (256, 512):
         run = subprocess.run(

@@ -77,7 +77,7 @@ def test_cifar_init_is_xavier_with_bias_001():
 
 def test_keras_same_padding_shapes():
     model = build_model(load_config("mnist-cae").config, meta=True)
-    assert summarize(model).latent_shape == (10,)
+    assert summarize(load_config("mnist-cae").config, model).latent_shape == (10,)
     x = torch.empty(1, 1, 28, 28, device="meta")
     shapes = []
     for block in model.encoder:
@@ -131,6 +131,41 @@ def test_shape_arithmetic_matches_running_each_block(preset):
     assert shape == model.input_shape
 
 
+# the presets (cat-kl-f8 at a size whose attention is cheap on the meta device), and a FLUX-style
+# VAE whose encoder output is the latent (no head)
+FLOP_CASES = [(p.name, []) for p in list_presets() if p.name != "cat-kl-f8"] + [
+    ("cat-kl-f8", ["data.image_size=64"]),
+    ("cat-kl-f8", ["data.image_size=[48, 80]", "model.latent.head=false"]),
+]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), FLOP_CASES)
+def test_flop_arithmetic_is_what_torch_s_flop_counter_counts(preset, overrides):
+    """`aecli info`, the CUDA precision policy and MFU take FLOPs from the registry's
+    arithmetic; torch's FlopCounterMode, running the model on the meta device, is the
+    reference for every block, the latent head and the whole forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aecli.models import forward_flops
+    from aecli.models.builder import layers
+
+    config = load_config(preset, overrides).config
+    model = build_model(config, meta=True)
+    x = torch.empty(1, *model.input_shape, device="meta")
+    found = layers(config)
+    modules = [*model.encoder, model.latent_head, *model.decoder]
+    for layer, module in zip(found, modules, strict=True):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            y = module(x)
+        assert counter.get_total_flops() == layer.flops, (layer.part, layer.spec)
+        # the head gives mean and log-variance for a VAE: the layer's output is the latent
+        x = x.new_empty(1, *layer.output) if layer.part == "latent" else y
+        assert tuple(x.shape[1:]) == layer.output, (layer.part, layer.spec)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(1, *model.input_shape, device="meta"), sample=False)
+    assert forward_flops(config) == counter.get_total_flops() > 0
+
+
 def test_every_block_type_of_the_schema_is_registered():
     """The registry is closed and complete: each `type` a preset may name has one entry, with
     that type's schema."""
@@ -174,7 +209,7 @@ def test_forward_flops_count_every_layer_and_scale_with_pixels():
                 "model.decoder=[{type: conv, out: 3, kernel: 1}]",
             ],
         ).config
-        return forward_flops(build_model(config, meta=True))
+        return forward_flops(config)
 
     latent_head = 2 * 3 * 8 * 16 * 16  # the 1x1 convolution to the latent (8 -> 3 channels)
     assert conv_only(16) == 2 * 8 * 27 * 16 * 16 + latent_head + 2 * 3 * 3 * 16 * 16
@@ -213,7 +248,7 @@ def test_mfu_is_images_per_second_times_training_flops_over_the_peak(
     config = load_config(str(tiny_preset), ["train.epochs=2"]).config
     data = load_data(None, config.data, config.train.seed)
     train(config, data, tmp_path / "run", preset="tiny", device="cpu")
-    flops = forward_flops(build_model(config, meta=True))
+    flops = forward_flops(config)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     epochs = [r for r in map(json.loads, lines) if r.get("kind") == "epoch"]
     assert len(epochs) == 2

@@ -95,9 +95,9 @@ def info(
         config = loaded.config
         facts.update(preset=loaded.name)
     model = build_model(config, meta=True)
-    summary = asdict(summarize(model))
+    summary = asdict(summarize(config, model))
     facts.update(summary)
-    cost = ModelCost.of_model(model, round(summary["forward_gflops"] * 1e9))
+    cost = ModelCost.of(config, model)
     train = config.train
     facts["cuda_execution"] = describe_plan(
         "cuda", *execution_plan("cuda", train.precision, train.memory_format, cost)
@@ -141,24 +141,22 @@ def info(
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
     results.print(key_value_table(target, rows))
     table = Table(title="Layers", title_justify="left")
-    for column in ("part", "layer", "output", "parameters"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for column in ("part", "layer", "output", "parameters", "MFLOPs"):
+        table.add_column(column, justify="right" if column in ("parameters", "MFLOPs") else "left")
     for layer in facts["layers"]:
         table.add_row(
             layer["part"],
             escape(layer["layer"]),
             "x".join(map(str, layer["output"])),
             f"{layer['parameters']:,}",
+            f"{layer['gflops'] * 1e3:,.1f}",
         )
     results.print(table)
 
 
 def _layers(model, config) -> list[dict]:
-    """Each block with its settings, output shape (traced on the meta device) and parameters."""
-    import torch
-
-    def expand(specs):
-        return [spec for spec in specs for _ in range(getattr(spec, "repeat", 1))]
+    """Each block with its settings, output shape, parameters and forward FLOPs per image."""
+    from aecli.models.builder import layers
 
     def text(spec) -> str:
         fields = spec.model_dump(exclude_defaults=True, exclude={"type", "repeat"})
@@ -169,23 +167,14 @@ def _layers(model, config) -> list[dict]:
         f"{'conv 1x1' if latent.spatial else 'linear'} to " if latent.head else "encoder output as "
     )
     head += "mean and log-variance" if latent.variational else "the code"
-    rows = []
-    x = torch.empty(1, *model.input_shape, device="meta")
-    for spec, module in zip(expand(config.model.encoder), model.encoder, strict=True):
-        x = module(x)
-        rows.append(_row("encoder", text(spec), module, x))
-    x = model.encode(x.new_empty(1, *model.input_shape)).mode()
-    rows.append(_row("latent", head, model.latent_head, x))
-    for spec, module in zip(expand(config.model.decoder), model.decoder, strict=True):
-        x = module(x)
-        rows.append(_row("decoder", text(spec), module, x))
-    return rows
-
-
-def _row(part: str, text: str, module, x) -> dict:
-    return {
-        "part": part,
-        "layer": text,
-        "output": list(x.shape[1:]),
-        "parameters": sum(p.numel() for p in module.parameters()),
-    }
+    modules = [*model.encoder, model.latent_head, *model.decoder]
+    return [
+        {
+            "part": layer.part,
+            "layer": head if layer.spec is None else text(layer.spec),
+            "output": list(layer.output),
+            "parameters": sum(p.numel() for p in module.parameters()),
+            "gflops": round(layer.flops / 1e9, 6),
+        }
+        for layer, module in zip(layers(config), modules, strict=True)
+    ]

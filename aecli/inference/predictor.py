@@ -135,18 +135,15 @@ class Predictor:
         (reconstruct or encode: an image; decode: a latent), counted once per shape."""
         key = (part, tuple(shape))
         if key not in self._activations:
-            from aecli.models.builder import activation_bytes, build_model
+            from aecli.models.builder import activation_bytes, layers
 
-            meta = build_model(self.info.config, meta=True)
-            c, h, w = shape
+            h, w = shape[1:]
             if part == "decode":
-                need = activation_bytes(meta.decoder, (1, c, h, w))
-            else:
-                need = activation_bytes(meta.encoder, (1, c, h, w))
-                if part == "reconstruct":
-                    latent = (1, self.latent_shape[0], h // self.factor, w // self.factor)
-                    need = max(need, activation_bytes(meta.decoder, latent))
-            self._activations[key] = need
+                h, w = h * self.factor, w * self.factor
+            found = layers(self.info.config, (h, w))
+            if part != "reconstruct":  # the encoder's layers, or the decoder's
+                found = [layer for layer in found if layer.part == f"{part}r"]
+            self._activations[key] = activation_bytes(found)
         return self._activations[key]
 
     def _check_fits(self, part: str, shape: torch.Size) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,24 +13,31 @@ from aecli.config import Config, InitConfig
 from aecli.errors import ConfigError
 from aecli.models import blocks
 from aecli.models.autoencoder import Autoencoder
-from aecli.models.registry import Shape, build_block
+from aecli.models.registry import Shape, block_flops, block_shape, build_block
 from aecli.models.registry import fmt as _fmt
+
+
+def expanded(specs: list) -> Iterator[tuple[int, object]]:
+    """(index in the list, spec) for every block a stack runs: `repeat: n` gives n."""
+    for index, spec in enumerate(specs):
+        for _ in range(getattr(spec, "repeat", 1)):
+            yield index, spec
 
 
 def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, Shape]:
     layers = []
-    for index, spec in enumerate(specs):
-        for _ in range(getattr(spec, "repeat", 1)):
-            try:
-                layer, shape = build_block(spec, shape)
-            except (ValueError, RuntimeError) as exc:
-                message = str(exc).splitlines()[0]
-                raise ConfigError([f"{where}.{index} ({spec.type}): {message}"]) from None
-            layers.append(layer)
+    for index, spec in expanded(specs):
+        try:
+            layer, shape = build_block(spec, shape)
+        except (ValueError, RuntimeError) as exc:
+            message = str(exc).splitlines()[0]
+            raise ConfigError([f"{where}.{index} ({spec.type}): {message}"]) from None
+        layers.append(layer)
     return nn.Sequential(*layers), shape
 
 
-def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
+def _latent_shape(config: Config, shape: Shape) -> Shape:
+    """The latent's shape after an encoder output of `shape` (checked against the config)."""
     latent = config.model.latent
     factor = 2 if latent.variational else 1
     if not latent.head:
@@ -44,8 +52,7 @@ def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
                     f"it ends in shape {_fmt(shape)}"
                 ]
             )
-        latent_shape = (latent.channels, *shape[1:]) if latent.spatial else (latent.dim,)
-        return nn.Sequential(), latent_shape
+        return (latent.channels, *shape[1:]) if latent.spatial else (latent.dim,)
     if latent.spatial:
         if len(shape) != 3:
             raise ConfigError(
@@ -54,14 +61,66 @@ def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
                     "a spatial latent needs an image (C, H, W)"
                 ]
             )
-        head = nn.Sequential(nn.Conv2d(shape[0], latent.channels * factor, 1))
-        latent_shape = (latent.channels, *shape[1:])
-    else:
-        parts = [nn.Flatten(1)] if len(shape) > 1 else []
-        parts += [nn.Linear(math.prod(shape), latent.dim * factor), blocks.activation(latent.act)]
-        head = nn.Sequential(*parts)
-        latent_shape = (latent.dim,)
-    return head, latent_shape
+        return (latent.channels, *shape[1:])
+    return (latent.dim,)
+
+
+def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
+    latent = config.model.latent
+    latent_shape = _latent_shape(config, shape)
+    if not latent.head:
+        return nn.Sequential(), latent_shape
+    outputs = (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
+    if latent.spatial:
+        return nn.Sequential(nn.Conv2d(shape[0], outputs, 1)), latent_shape
+    parts = [nn.Flatten(1)] if len(shape) > 1 else []
+    parts += [nn.Linear(math.prod(shape), outputs), blocks.activation(latent.act)]
+    return nn.Sequential(*parts), latent_shape
+
+
+def _latent_head_flops(config: Config, shape: Shape) -> int:
+    """The latent head's FLOPs (a 1x1 convolution or a linear layer) from `shape`."""
+    latent = config.model.latent
+    if not latent.head:
+        return 0
+    outputs = (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
+    inputs, positions = (
+        (shape[0], math.prod(shape[1:])) if latent.spatial else (math.prod(shape), 1)
+    )
+    return 2 * inputs * outputs * positions
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One block of a model as shapes and cost, for one item (no batch dimension)."""
+
+    part: str  # encoder, latent (the head), decoder
+    spec: object | None  # the block's spec; None for the latent head
+    input: Shape
+    output: Shape
+    flops: int  # forward FLOPs, as torch.utils.flop_counter counts them
+
+
+def layers(config: Config, size: tuple[int, int] | None = None) -> list[Layer]:
+    """Every block of the model a config describes, at an input of `size` (H, W; default the
+    config's), with its shapes and forward FLOPs: arithmetic from the block registry, nothing
+    built and nothing run (a meta-device forward pass would cost a second the first time in a
+    process: torch imports its compiler for it)."""
+    shape: Shape = (config.data.channels, *(size or config.data.size))
+    found = []
+    for part, specs in (("encoder", config.model.encoder), ("decoder", config.model.decoder)):
+        if part == "decoder":
+            latent = _latent_shape(config, shape)
+            found.append(Layer("latent", None, shape, latent, _latent_head_flops(config, shape)))
+            shape = latent
+        for index, spec in expanded(specs):
+            try:
+                out = block_shape(spec, shape)
+            except ValueError as exc:
+                raise ConfigError([f"model.{part}.{index} ({spec.type}): {exc}"]) from None
+            found.append(Layer(part, spec, shape, out, block_flops(spec, shape, out)))
+            shape = out
+    return found
 
 
 def _initialise(model: nn.Module, init: InitConfig) -> None:
@@ -124,41 +183,24 @@ class ModelSummary:
     forward_gflops: float  # per image at the input size; a training step takes about 3x
 
 
-def forward_flops(model: Autoencoder) -> int:
-    """Floating-point operations of one image's forward pass (encode, decode), counted by
-    torch.utils.flop_counter on the meta device: no memory, no compute. Call it with a model
-    built with `meta=True`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.empty(1, *model.input_shape, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        model(x, sample=False)
-    return counter.get_total_flops()
+def forward_flops(config: Config, size: tuple[int, int] | None = None) -> int:
+    """Floating-point operations of one image's forward pass (encode, decode) at `size` (H, W;
+    default the config's), as torch.utils.flop_counter counts them; arithmetic (`layers`)."""
+    return sum(layer.flops for layer in layers(config, size))
 
 
-def activation_bytes(module: nn.Module, shape: tuple[int, ...]) -> int:
-    """About the memory one input of `shape` (with its batch dimension of 1) needs in
-    activations under inference: three times the largest output of any layer (a residual
-    block holds its input, a hidden state and its output at once), in float32. Counted on the
-    meta device; `module` must be built with `meta=True`."""
-    largest = math.prod(shape)
-
-    def hook(_module, _inputs, output):
-        nonlocal largest
-        if isinstance(output, torch.Tensor):
-            largest = max(largest, output.numel())
-
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
-    try:
-        with torch.no_grad():
-            module(torch.empty(shape, device="meta"))
-    finally:
-        for handle in handles:
-            handle.remove()
+def activation_bytes(found: list[Layer]) -> int:
+    """About the memory one item needs in activations under inference through these layers:
+    three times the largest tensor between them (a residual block holds its input, a hidden
+    state and its output at once), in float32."""
+    largest = max(math.prod(shape) for layer in found for shape in (layer.input, layer.output))
     return 3 * largest * 4
 
 
-def summarize(model: Autoencoder) -> ModelSummary:
+def summarize(config: Config, model: Autoencoder | None = None) -> ModelSummary:
+    """The facts `aecli info` prints about the model of `config` (`model`: that model, already
+    built, for example on the meta device)."""
+    model = model if model is not None else build_model(config, meta=True)
     enc = sum(p.numel() for p in model.encoder.parameters())
     enc += sum(p.numel() for p in model.latent_head.parameters())
     dec = sum(p.numel() for p in model.decoder.parameters())
@@ -171,5 +213,5 @@ def summarize(model: Autoencoder) -> ModelSummary:
         compression_ratio=round(math.prod(model.input_shape) / math.prod(model.latent_shape), 3),
         variational=model.variational,
         latent_kind="spatial" if len(model.latent_shape) == 3 else "vector",
-        forward_gflops=round(forward_flops(model) / 1e9, 6),
+        forward_gflops=round(forward_flops(config) / 1e9, 6),
     )

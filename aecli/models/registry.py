@@ -38,6 +38,10 @@ class BlockType:
     out_shape: Callable[[object, Shape], Shape]  # (spec, input shape) -> output shape
     fixed_size: bool = False  # the model then takes one input size only
     needs_image: bool = True  # its input must be (C, H, W)
+    # (spec, input shape, output shape) -> one item's forward FLOPs, counted as
+    # torch.utils.flop_counter counts them: 2 per multiply-add of convolutions, matrix products
+    # and attention; norms, activations and resizing count nothing
+    flops: Callable[[object, Shape, Shape], int] = lambda _spec, _in, _out: 0
 
 
 def fmt(shape: Shape) -> str:
@@ -95,6 +99,27 @@ def _conv_transpose_shape(spec: ConvTransposeSpec, shape: Shape) -> Shape:
     return (spec.out, *size)
 
 
+def _conv_flops(spec: ConvSpec, shape: Shape, out: Shape) -> int:
+    return 2 * shape[0] * spec.out * spec.kernel**2 * math.prod(out[1:])
+
+
+def _conv_transpose_flops(spec: ConvTransposeSpec, shape: Shape, _out: Shape) -> int:
+    # every input pixel spreads over a kernel's worth of outputs (the crop counts too)
+    return 2 * shape[0] * spec.out * spec.kernel**2 * math.prod(shape[1:])
+
+
+def _resblock_flops(_spec: ResBlockSpec, shape: Shape, out: Shape) -> int:
+    c, o, pixels = shape[0], out[0], math.prod(shape[1:])
+    shortcut = 2 * c * o * pixels if c != o else 0
+    return 2 * 9 * pixels * (c * o + o * o) + shortcut
+
+
+def _attention_flops(_spec: AttentionSpec, shape: Shape, _out: Shape) -> int:
+    c, positions = shape[0], math.prod(shape[1:])
+    # q, k, v and the projection (1x1 convolutions), then q.k^T and its product with v
+    return 4 * 2 * c * c * positions + 2 * 2 * positions * positions * c
+
+
 # -- the rest ------------------------------------------------------------------------------
 
 
@@ -116,15 +141,21 @@ def _reshape(spec: ReshapeSpec, shape: Shape) -> nn.Module:
 
 
 BLOCKS: dict[str, BlockType] = {
-    "conv": BlockType(ConvSpec, _conv, _conv_shape),
-    "conv_transpose": BlockType(ConvTransposeSpec, _conv_transpose, _conv_transpose_shape),
+    "conv": BlockType(ConvSpec, _conv, _conv_shape, flops=_conv_flops),
+    "conv_transpose": BlockType(
+        ConvTransposeSpec, _conv_transpose, _conv_transpose_shape, flops=_conv_transpose_flops
+    ),
     "resblock": BlockType(
         ResBlockSpec,
         lambda s, shape: blocks.ResBlock(shape[0], s.out or shape[0], s.groups, s.act, s.dropout),
         lambda s, shape: (s.out or shape[0], *shape[1:]),
+        flops=_resblock_flops,
     ),
     "attention": BlockType(
-        AttentionSpec, lambda s, shape: blocks.Attention(shape[0], s.groups), _same
+        AttentionSpec,
+        lambda s, shape: blocks.Attention(shape[0], s.groups),
+        _same,
+        flops=_attention_flops,
     ),
     "norm": BlockType(NormSpec, lambda s, shape: blocks.norm(s.kind, shape[0], s.groups), _same),
     "act": BlockType(ActSpec, lambda s, _: blocks.activation(s.fn), _same, needs_image=False),
@@ -147,7 +178,12 @@ BLOCKS: dict[str, BlockType] = {
         needs_image=False,
     ),
     "linear": BlockType(
-        LinearSpec, _linear, lambda s, _: (s.out,), fixed_size=True, needs_image=False
+        LinearSpec,
+        _linear,
+        lambda s, _: (s.out,),
+        fixed_size=True,
+        needs_image=False,
+        flops=lambda s, shape, _out: 2 * shape[0] * s.out,
     ),
     "reshape": BlockType(
         ReshapeSpec, _reshape, lambda s, _: tuple(s.shape), fixed_size=True, needs_image=False
@@ -161,13 +197,25 @@ def block_type(spec: BlockSpec) -> BlockType:
 
 def build_block(spec: BlockSpec, shape: Shape) -> tuple[nn.Module, Shape]:
     """One (non-repeated) block and its output shape; ValueError for an input it cannot take."""
+    out = block_shape(spec, shape)
+    return BLOCKS[spec.type].build(spec, shape), out
+
+
+def block_shape(spec: BlockSpec, shape: Shape) -> Shape:
+    """A (non-repeated) block's output shape for an input of `shape`, without building it;
+    ValueError for an input it cannot take."""
     entry = BLOCKS[spec.type]
     if entry.needs_image and len(shape) != 3:
         raise ValueError(f"needs an image input (C, H, W), got shape {fmt(shape)}")
     out = tuple(entry.out_shape(spec, shape))
     if any(d <= 0 for d in out):
         raise ValueError(f"input {fmt(shape)} gives an empty output {fmt(out)}")
-    return entry.build(spec, shape), out
+    return out
+
+
+def block_flops(spec: BlockSpec, shape: Shape, out: Shape) -> int:
+    """One item's forward FLOPs through a (non-repeated) block from `shape` to `out`."""
+    return BLOCKS[spec.type].flops(spec, shape, out)
 
 
 def fixed_size(specs) -> bool:
