@@ -39,10 +39,9 @@ def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, 
 def _latent_shape(config: Config, shape: Shape) -> Shape:
     """The latent's shape after an encoder output of `shape` (checked against the config)."""
     latent = config.model.latent
-    factor = 2 if latent.variational else 1
     if not latent.head:
         # the encoder ends in the latent itself (mean and log-variance for a VAE)
-        wanted = (latent.channels * factor,) if latent.spatial else (latent.dim * factor,)
+        wanted = (_head_outputs(latent),)
         if shape[:1] != wanted or len(shape) != (3 if latent.spatial else 1):
             kind = "channels" if latent.spatial else "features"
             raise ConfigError(
@@ -65,12 +64,17 @@ def _latent_shape(config: Config, shape: Shape) -> Shape:
     return (latent.dim,)
 
 
+def _head_outputs(latent) -> int:
+    """The latent head's outputs per position: the code, or its mean and log-variance (VAE)."""
+    return (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
+
+
 def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
     latent = config.model.latent
     latent_shape = _latent_shape(config, shape)
     if not latent.head:
         return nn.Sequential(), latent_shape
-    outputs = (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
+    outputs = _head_outputs(latent)
     if latent.spatial:
         return nn.Sequential(nn.Conv2d(shape[0], outputs, 1)), latent_shape
     parts = [nn.Flatten(1)] if len(shape) > 1 else []
@@ -83,7 +87,7 @@ def _latent_head_flops(config: Config, shape: Shape) -> int:
     latent = config.model.latent
     if not latent.head:
         return 0
-    outputs = (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
+    outputs = _head_outputs(latent)
     inputs, positions = (
         (shape[0], math.prod(shape[1:])) if latent.spatial else (math.prod(shape), 1)
     )
