@@ -214,3 +214,40 @@ def test_batches_in_flight_give_what_one_batch_gives(photos, tmp_path, tiny_weig
     assert np.array_equal(pixels(tmp_path / "g2.png"), pixels(tmp_path / "g6.png"))
     predictor = Predictor(tiny_weights, "cpu")
     assert predictor.batch_size(None) == 32 and predictor.batch_size(5) == 5
+
+
+def test_activation_estimate_sizes_cuda_batches_for_vector_and_convolutional_models(
+    tiny_weights, conv_weights, monkeypatch
+):
+    """On CUDA a batch holds as many images as fit a quarter of the free memory, from an
+    estimate of three float32 copies of the largest tensor between the model's blocks (what
+    running the model shows). It crashed for vector latents, whose decoder was traced with a
+    spatial latent; the CUDA branch runs here on the CPU with a stand-in for the free memory."""
+    import torch
+
+    import aecli.inference.predictor as predictor_module
+    from aecli.inference.predictor import MAX_AUTO_BATCH
+
+    for weights in (tiny_weights, conv_weights):
+        predictor = Predictor(weights, "cpu")
+        model, c = predictor.model, predictor.channels
+        sizes = [predictor.size] + ([(40, 24)] if predictor.fully_convolutional else [])
+        for h, w in sizes:
+            largest = [c * h * w]
+            hooks = [
+                block.register_forward_hook(
+                    lambda _m, _i, out, seen=largest: seen.append(out.numel())
+                )
+                for block in [*model.encoder, model.latent_head, *model.decoder]
+            ]
+            with torch.no_grad():
+                model(torch.zeros(1, c, h, w), sample=False)
+            for hook in hooks:
+                hook.remove()
+            assert predictor._activation_bytes("reconstruct", (c, h, w)) == 3 * 4 * max(largest)
+        predictor.device = torch.device("cuda", 0)  # the CUDA branch, without a GPU
+        monkeypatch.setattr(predictor_module, "available_memory", lambda _device: 8 * 2**30)
+        expected = MAX_AUTO_BATCH if not predictor.fully_convolutional else 32
+        assert predictor.batch_size(None) == expected and predictor.batch_size(7) == 7
+        monkeypatch.setattr(predictor_module, "available_memory", lambda _device: 2**20)
+        assert predictor.batch_size(None) == 32  # never fewer than the CPU's default
