@@ -141,8 +141,9 @@ class Predictor:
             if part == "decode":
                 h, w = h * self.factor, w * self.factor
             found = layers(self.info.config, (h, w))
-            if part != "reconstruct":  # the encoder's layers, or the decoder's
-                found = [layer for layer in found if layer.part == f"{part}r"]
+            if part != "reconstruct":
+                stack = {"encode": "encoder", "decode": "decoder"}[part]
+                found = [layer for layer in found if layer.part == stack]
             self._activations[key] = activation_bytes(found)
         return self._activations[key]
 

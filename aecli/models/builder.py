@@ -24,16 +24,16 @@ def expanded(specs: list) -> Iterator[tuple[int, object]]:
             yield index, spec
 
 
-def _build_stack(specs: list, shape: Shape, where: str) -> tuple[nn.Sequential, Shape]:
-    layers = []
-    for index, spec in expanded(specs):
+def _build_stack(stack: list[Layer]) -> nn.Sequential:
+    """The modules of a stack's layers (their shapes already checked by `layers`)."""
+    modules = []
+    for layer in stack:
         try:
-            layer, shape = build_block(spec, shape)
+            modules.append(build_block(layer.spec, layer.input))
         except (ValueError, RuntimeError) as exc:
             message = str(exc).splitlines()[0]
-            raise ConfigError([f"{where}.{index} ({spec.type}): {message}"]) from None
-        layers.append(layer)
-    return nn.Sequential(*layers), shape
+            raise ConfigError([f"{layer.where} ({layer.spec.type}): {message}"]) from None
+    return nn.Sequential(*modules)
 
 
 def _latent_shape(config: Config, shape: Shape) -> Shape:
@@ -69,17 +69,17 @@ def _head_outputs(latent) -> int:
     return (latent.channels if latent.spatial else latent.dim) * (2 if latent.variational else 1)
 
 
-def _latent_head(config: Config, shape: Shape) -> tuple[nn.Module, Shape]:
+def _latent_head(config: Config, shape: Shape) -> nn.Module:
+    """The module from the encoder's output of `shape` to the latent (empty without a head)."""
     latent = config.model.latent
-    latent_shape = _latent_shape(config, shape)
     if not latent.head:
-        return nn.Sequential(), latent_shape
+        return nn.Sequential()
     outputs = _head_outputs(latent)
     if latent.spatial:
-        return nn.Sequential(nn.Conv2d(shape[0], outputs, 1)), latent_shape
+        return nn.Sequential(nn.Conv2d(shape[0], outputs, 1))
     parts = [nn.Flatten(1)] if len(shape) > 1 else []
     parts += [nn.Linear(math.prod(shape), outputs), blocks.activation(latent.act)]
-    return nn.Sequential(*parts), latent_shape
+    return nn.Sequential(*parts)
 
 
 def _latent_head_flops(config: Config, shape: Shape) -> int:
@@ -99,6 +99,7 @@ class Layer:
     """One block of a model as shapes and cost, for one item (no batch dimension)."""
 
     part: str  # encoder, latent (the head), decoder
+    where: str  # the config key, for messages: model.encoder.3 (a repeated block's entry)
     spec: object | None  # the block's spec; None for the latent head
     input: Shape
     output: Shape
@@ -115,14 +116,16 @@ def layers(config: Config, size: tuple[int, int] | None = None) -> list[Layer]:
     for part, specs in (("encoder", config.model.encoder), ("decoder", config.model.decoder)):
         if part == "decoder":
             latent = _latent_shape(config, shape)
-            found.append(Layer("latent", None, shape, latent, _latent_head_flops(config, shape)))
+            flops = _latent_head_flops(config, shape)
+            found.append(Layer("latent", "model.latent", None, shape, latent, flops))
             shape = latent
         for index, spec in expanded(specs):
+            where = f"model.{part}.{index}"
             try:
                 out = block_shape(spec, shape)
             except ValueError as exc:
-                raise ConfigError([f"model.{part}.{index} ({spec.type}): {exc}"]) from None
-            found.append(Layer(part, spec, shape, out, block_flops(spec, shape, out)))
+                raise ConfigError([f"{where} ({spec.type}): {exc}"]) from None
+            found.append(Layer(part, where, spec, shape, out, block_flops(spec, shape, out)))
             shape = out
     return found
 
@@ -151,9 +154,12 @@ def build_model(config: Config, *, meta: bool = False) -> Autoencoder:
 
 def _build(config: Config) -> Autoencoder:
     input_shape = (config.data.channels, *config.data.size)
-    encoder, features = _build_stack(config.model.encoder, input_shape, "model.encoder")
-    head, latent_shape = _latent_head(config, features)
-    decoder, out_shape = _build_stack(config.model.decoder, latent_shape, "model.decoder")
+    found = layers(config)
+    latent = next(layer for layer in found if layer.part == "latent")
+    encoder = _build_stack([layer for layer in found if layer.part == "encoder"])
+    head = _latent_head(config, latent.input)
+    decoder = _build_stack([layer for layer in found if layer.part == "decoder"])
+    latent_shape, out_shape = latent.output, found[-1].output
     if out_shape != input_shape:
         raise ConfigError(
             [

@@ -195,10 +195,10 @@ def block_type(spec: BlockSpec) -> BlockType:
     return BLOCKS[spec.type]
 
 
-def build_block(spec: BlockSpec, shape: Shape) -> tuple[nn.Module, Shape]:
-    """One (non-repeated) block and its output shape; ValueError for an input it cannot take."""
-    out = block_shape(spec, shape)
-    return BLOCKS[spec.type].build(spec, shape), out
+def build_block(spec: BlockSpec, shape: Shape) -> nn.Module:
+    """One (non-repeated) block for an input of `shape` (checked with `block_shape` first);
+    ValueError or RuntimeError for settings it cannot take."""
+    return BLOCKS[spec.type].build(spec, shape)
 
 
 def block_shape(spec: BlockSpec, shape: Shape) -> Shape:
