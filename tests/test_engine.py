@@ -170,6 +170,20 @@ def test_more_ctrl_c_while_an_interrupted_run_saves_and_records_its_end_are_igno
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
+def test_the_ema_update_records_no_autograd_history(tiny_preset, tmp_path):
+    """The EMA is averaged outside autograd: its tensors carry no history, which would grow by
+    a node a step and keep the parameters' gradient accumulators alive (on CUDA the step's graph
+    capture then failed in backward)."""
+    from aecli.engine import Trainer
+
+    config = load_config(str(tiny_preset), [*RICH[:-1], "train.epochs=1"]).config
+    data = load_data(None, config.data, config.train.seed)
+    trainer = Trainer(config, data, tmp_path / "run", preset="tiny", device="cpu")
+    trainer.fit()
+    averaged = [*trainer.ema.parameters(), *trainer.ema.buffers()]
+    assert averaged and all(t.grad_fn is None and not t.requires_grad for t in averaged)
+
+
 def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_path):
     """A checkpoint stores contiguous tensors; in a channels-last run (the default on CUDA,
     where fused Adam refuses a mix of layouts) Adam's state must come back channels-last."""

@@ -200,7 +200,7 @@ def test_batches_in_flight_give_what_one_batch_gives(photos, tmp_path, tiny_weig
         out = tmp_path / f"out{batch}"
         ran = cli(
             "reconstruct", tiny_weights, photos, "-o", out, "--grid", tmp_path / f"g{batch}.png",
-            "--metrics", "--json", "--batch-size", batch, "--workers", "0",
+            "--metrics", "--json", "--batch-size", batch, "--workers", "0", "--device", "cpu",
         )  # fmt: skip
         assert ran.exit_code == 0, ran.output
         summaries[batch] = json.loads(ran.stdout)

@@ -320,10 +320,14 @@ def test_decoder_messages_are_folded_into_one_line_per_file(tiny_weights, tmp_pa
         assert ran.returncode == 1
         lines = ran.stderr.strip().splitlines()
         failed = sorted(line for line in lines if line.startswith("failed:"))
-        assert len(failed) == 2 and len(lines) == 3, ran.stderr  # two failures and the summary
+        # some Pillow versions read noisy.tif with a warning (folded away), others refuse it
+        noisy_failed = any("noisy.tif" in line for line in failed)
+        assert len(failed) == 2 + noisy_failed, ran.stderr
+        assert len(lines) == len(failed) + 1, ran.stderr  # one line each, and the summary
         assert "broken.tif: cannot decode" in failed[0] and "ZIPDecode" in failed[0]
-        assert "samples.tif" in failed[1]
-        assert sorted(p.name for p in out.iterdir()) == ["good.png", "noisy.png"]
+        assert "samples.tif" in failed[-1]
+        written = ["good.png"] + ([] if noisy_failed else ["noisy.png"])
+        assert sorted(p.name for p in out.iterdir()) == written
 
 
 def test_a_complex_npy_is_one_line(tiny_weights, tmp_path):

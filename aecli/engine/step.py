@@ -214,7 +214,11 @@ class TrainStep:
             return [torch.nn.utils.clip_grad_norm_(self.params, clip)]
         return list(torch._foreach_norm([p.grad for p in self.params if p.grad is not None]))
 
+    @torch.no_grad()
     def _update_ema(self) -> None:
+        # without no_grad the in-place lerp records autograd history: every EMA tensor would
+        # chain one node per step and keep the parameters' gradient accumulators alive (memory
+        # growing with the run; on CUDA a graph capture then fails in backward)
         decay = self.config.train.ema.decay
         torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - decay)
         if self.ema_buffers:
@@ -317,11 +321,26 @@ class CapturedStep:
                 "every step runs eagerly"
             )
             self.before_capture()
+            reset_generator(x.device)
             return self.work(x, step)
         self.graph = graph
         graph.replay()
         self.replays += 1
         return self.static_result.clone()
+
+
+def reset_generator(device: torch.device) -> None:
+    """Give the device's default CUDA generator a fresh state with the same seed. A capture that
+    fails can leave the generator in capture mode, and every later random draw on the device
+    would then fail ("Offset increment outside graph capture"), in this run and the process's
+    next ones. The loop reseeds every step, so the offset it loses does not matter."""
+    generator = torch.cuda.default_generators[device.index]
+    seed = generator.initial_seed()
+    try:
+        generator.graphsafe_set_state(torch.Generator(device).graphsafe_get_state())
+    except (AttributeError, RuntimeError):  # a torch without graph-safe generator states
+        return
+    generator.manual_seed(seed)
 
 
 # How the optimiser runs on this device, not what it has learnt: kept from the optimiser that
