@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import AECLI, ROOT, read_pngs, shell, write_image
 
+import aecli.engine.trainer
 from aecli.config import list_presets, load_config
 from aecli.data import load_data
 from aecli.devices import ModelCost, execution_plan, resolve_device, same_device
@@ -338,7 +339,9 @@ def test_deterministic_resume_is_bit_exact(device, tiny_preset, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_cuda_training_uses_bf16_autocast_and_channels_last(compiled, tiny_preset, tmp_path):
+def test_cuda_training_uses_bf16_autocast_and_channels_last(
+    compiled, tiny_preset, tmp_path, monkeypatch
+):
     """Asked for bf16 and channels-last, the model runs in bf16 on channels-last tensors on CUDA
     (eager: seen by a hook on the first convolution; compiled: the hook would break the graph)
     and its validation losses stay within 5% of the CPU's fp32 run."""
@@ -356,17 +359,28 @@ def test_cuda_training_uses_bf16_autocast_and_channels_last(compiled, tiny_prese
     assert trainer.execution.autocast_dtype == torch.bfloat16
     first_conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
-    seen = []
+    seen, in_statistics = [], []
     if not compiled:
-        first_conv.register_forward_hook(  # training steps (latent statistics run in fp32)
+        # every pass but the latent statistics' (fp32 on purpose, for the stored moments)
+        first_conv.register_forward_hook(
             lambda module, inputs, output: (
-                seen.append(
+                None
+                if in_statistics
+                else seen.append(
                     (inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype)
                 )
-                if module.training
-                else None
             )
         )
+        statistics = aecli.engine.trainer.latent_statistics
+
+        def flagged(*args, **kwargs):
+            in_statistics.append(True)
+            try:
+                return statistics(*args, **kwargs)
+            finally:
+                in_statistics.clear()
+
+        monkeypatch.setattr(aecli.engine.trainer, "latent_statistics", flagged)
     cuda = val_losses(trainer.fit().history)
     if not compiled:
         assert seen and all(layout and dtype == torch.bfloat16 for layout, dtype in seen), set(seen)

@@ -176,7 +176,7 @@ def test_the_ema_update_records_no_autograd_history(tiny_preset, tmp_path):
     capture then failed in backward)."""
     from aecli.engine import Trainer
 
-    config = load_config(str(tiny_preset), [*RICH[:-1], "train.epochs=1"]).config
+    config = load_config(str(tiny_preset), [*RICH, "train.epochs=1"]).config
     data = load_data(None, config.data, config.train.seed)
     trainer = Trainer(config, data, tmp_path / "run", preset="tiny", device="cpu")
     trainer.fit()
