@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should check, in stages that each fit one 10-minute call on a machine
-# without a package registry: install from the wheels carried in .wheels/ (gpu_wheels.sh fetches
-# them; see README, Development), then run the stage, its output also written under $OUT
-# (default: ./gpu-out).
+# Everything a GPU machine should check, on a machine without a package registry: install from
+# the wheels carried in .wheels/ (gpu_wheels.sh fetches them; see README, Development), then run
+# the named stages in order, each under its own time limit so that what finished still reports
+# (the device tool's call is 10 minutes), the log also written under $OUT (default: ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh tests     # the whole pytest, then the README's first command
-#   bash benchmarks/gpu_session.sh speed     # train_speed.py and reconstruct_speed.py at 10,000
-#   bash benchmarks/gpu_session.sh kl        # kl_speed.py: cat-kl-f8 against diffusers, MFU
-#   bash benchmarks/gpu_session.sh quality   # quality.py --pairs kl (cat-kl-f8's held-out row)
+#   bash benchmarks/gpu_session.sh tests train       # one call: about 9 minutes at most
+#   bash benchmarks/gpu_session.sh reconstruct kl    # the next call
+#
+#   tests        the whole pytest (8 processes with pytest-xdist, where installed), then the
+#                README's first command, both timed
+#   train        train_speed.py (presets at their batch and at 1024, eager and +graph)
+#   reconstruct  reconstruct_speed.py at 10,000 JPEGs in /dev/shm
+#   speed        train, then reconstruct
+#   kl           kl_speed.py: cat-kl-f8 against diffusers, MFU, then aecli with train.cuda_graph
+#   quality      quality.py --pairs kl (cat-kl-f8's held-out row)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage="${1:?stage: tests, speed, kl or quality}"
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl or quality" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
-log="$out/$stage.log"
+log="$out/$(IFS=-; echo "$*").log"
 
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -26,33 +32,47 @@ log="$out/$stage.log"
   python3 -c "import aecli, torch; print('aecli', aecli.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee "$log"
 
-run() { echo "\$ $*" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
+# run LIMIT_S COMMAND...: the command under a time limit, its output in the log as it comes
+run() {
+  local limit="$1"; shift
+  echo "\$ $* (limit ${limit} s)" | tee -a "$log"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "[rc $rc, $(( SECONDS - start )) s]" | tee -a "$log"
+}
 
-case "$stage" in
-  tests)
-    start=$(date +%s)
-    run python3 -m pytest -q -p no:cacheprovider -rs
-    echo "pytest: $(( $(date +%s) - start )) s" | tee -a "$log"
-    rm -rf runs/demo
-    start=$(date +%s)
-    run aecli train --out runs/demo
-    echo "README first command: $(( $(date +%s) - start )) s" | tee -a "$log"
-    ;;
-  speed)
-    run python3 benchmarks/train_speed.py --device cuda --steps 300 --repeats 3
-    run python3 benchmarks/reconstruct_speed.py --device cuda --images 10000 --dir /dev/shm
-    ;;
-  kl)
-    run python3 benchmarks/kl_speed.py --device cuda
-    run python3 benchmarks/kl_speed.py --device cuda --batch 32 --repeats 1 \
-      --variants eager --set train.cuda_graph=true
-    ;;
-  quality)
-    # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
-    run python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
-    ;;
-  *)
-    echo "unknown stage $stage: tests, speed, kl or quality" >&2
-    exit 2
-    ;;
-esac
+for stage in "$@"; do
+  case "$stage" in
+    tests)
+      parallel=()
+      python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+      run 270 python3 -m pytest -q -p no:cacheprovider -rs "${parallel[@]}"
+      rm -rf runs/demo
+      run 60 aecli train --out runs/demo
+      ;;
+    train)
+      run 270 python3 benchmarks/train_speed.py --device cuda --steps 300 --repeats 3
+      ;;
+    reconstruct)
+      run 240 python3 benchmarks/reconstruct_speed.py --device cuda --images 10000 --dir /dev/shm
+      ;;
+    speed)
+      run 270 python3 benchmarks/train_speed.py --device cuda --steps 300 --repeats 3
+      run 240 python3 benchmarks/reconstruct_speed.py --device cuda --images 10000 --dir /dev/shm
+      ;;
+    kl)
+      run 240 python3 benchmarks/kl_speed.py --device cuda
+      run 90 python3 benchmarks/kl_speed.py --device cuda --batch 32 --repeats 1 \
+        --variants eager --set train.cuda_graph=true
+      ;;
+    quality)
+      # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
+      run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
+      ;;
+    *)
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl or quality" | tee -a "$log" >&2
+      exit 2
+      ;;
+  esac
+done

@@ -5,7 +5,7 @@
 # packages that machine already has (numpy, pillow, pyyaml, safetensors) are dropped so that the
 # set stays well inside the device tool's 64 MiB carry. Run it here, then carry .wheels:
 #
-#   bash benchmarks/gpu_wheels.sh && run ... carry=[".wheels"] "bash benchmarks/gpu_session.sh tests"
+#   bash benchmarks/gpu_wheels.sh && run ... carry=[".wheels"] "bash benchmarks/gpu_session.sh tests train"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=(--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64

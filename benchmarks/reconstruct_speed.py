@@ -101,18 +101,25 @@ def plain_loop_speed(predictor: Predictor, folder: Path, out: Path) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def model_alone_speed(predictor: Predictor, images: torch.Tensor, batch_size: int) -> float:
-    """The model on decoded images already on the device, batch after batch."""
+def model_alone_speed(
+    predictor: Predictor, images: torch.Tensor, batch_size: int, seconds: float = 1.0
+) -> float:
+    """The model on decoded images already on the device, batch after batch, over the images as
+    many times as it takes to fill `seconds` (on a GPU one pass can take a few milliseconds)."""
     images = predictor.execution.to_device(images)
     predictor.reconstruct(images[:batch_size])  # warm-up
-    if predictor.device.type == "cuda":
+    cuda = predictor.device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        predictor.reconstruct(images[i : i + batch_size])
-    if predictor.device.type == "cuda":
-        torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - start)
+    start, passes, elapsed = time.perf_counter(), 0, 0.0
+    while passes == 0 or elapsed < seconds:
+        for i in range(0, len(images), batch_size):
+            predictor.reconstruct(images[i : i + batch_size])
+        if cuda:
+            torch.cuda.synchronize()
+        passes += 1
+        elapsed = time.perf_counter() - start
+    return passes * len(images) / elapsed
 
 
 def launches_per_batch(predictor: Predictor, images: torch.Tensor, batch_size: int) -> float:
