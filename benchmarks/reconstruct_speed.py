@@ -7,7 +7,9 @@ written to a temp dir and reconstructed three ways, in one run:
   batches under inference_mode, PNGs written on threads);
 - a plain loop, as a script would do it: per file open, resize, ToTensor, the model on a
   batch of 1 under no_grad, save the PNG with Pillow's default settings;
-- the model alone, on the same images already decoded and resized, in batches: the ceiling.
+- the model alone, on the same images already decoded and resized, in batches: one ceiling;
+- aecli's path with the model taken out (decoding, copies to the device and back, PNG writing):
+  the other ceiling, the work per file that no speed of the model removes.
 
 The model has the preset's architecture with its initial weights: speed does not depend on
 training. `aecli reconstruct` from a shell is also timed once per preset, start-up included.
@@ -37,6 +39,8 @@ from aecli.config import load_config
 from aecli.data.images import fit_image, read_image
 from aecli.devices import describe, resolve_device
 from aecli.inference import Predictor, collect_inputs, plan_outputs, reconstruct_files
+from aecli.io.atomic import atomic_write_bytes
+from aecli.io.images import png_bytes
 from aecli.io.weights import save_weights
 from aecli.models import build_model
 
@@ -77,6 +81,40 @@ def aecli_speed(
     seconds = time.perf_counter() - start
     assert len(result.rows) == len(files) and not result.failures
     return len(files) / seconds
+
+
+def no_model_speed(
+    predictor: Predictor, folder: Path, out: Path, workers: int | None, batch: int
+) -> float:
+    """aecli's path with the model taken out: each batch's input images are its output."""
+    predictor.reconstruct = lambda images: images  # the instance's, over the method
+    try:
+        return aecli_speed(predictor, folder, out, workers, batch)
+    finally:
+        del predictor.reconstruct
+
+
+def per_file_costs(folder: Path, size: tuple[int, int], count: int = 300) -> str:
+    """What one core spends per file on the path's own work (microseconds, on up to `count`
+    files): decoding and resizing as aecli's workers do, PNG encoding and the file write as its
+    writer threads do. These bound the rate of any number of cores, however fast the model."""
+    files = sorted(folder.iterdir())[:count]
+    start = time.perf_counter()
+    images = [fit_image(read_image(f, at_least=max(size)), size, "stretch") for f in files]
+    decode = time.perf_counter() - start
+    start = time.perf_counter()
+    data = [png_bytes(a, compress_level=1) for a in images]
+    encode = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(dir=folder.parent) as out:
+        start = time.perf_counter()
+        for i, d in enumerate(data):
+            atomic_write_bytes(Path(out) / f"{i}.png", d, durable=False)
+        write = time.perf_counter() - start
+    per = [t / len(files) * 1e6 for t in (decode, encode, write)]
+    return (
+        f"per file on one core, {size[0]}x{size[1]}: decode+resize {per[0]:.0f} us, PNG encode "
+        f"{per[1]:.0f} us, write {per[2]:.0f} us; {1e6 / sum(per):,.0f} files/s per core"
+    )
 
 
 def plain_loop_speed(predictor: Predictor, folder: Path, out: Path) -> float:
@@ -179,7 +217,7 @@ def main() -> None:
     )
     print(
         f"{'preset':<10} {'batch':>6} {'aecli img/s':>12} {'plain loop':>11} {'ratio':>7} "
-        f"{'model alone':>12} {'aecli/model':>12} {'CLI wall s':>11} {'MFU':>6} "
+        f"{'model alone':>12} {'aecli/model':>12} {'no model':>9} {'CLI wall s':>11} {'MFU':>6} "
         f"{'launches/batch':>15}"
     )
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -196,14 +234,16 @@ def main() -> None:
                     for f in sorted(folder.iterdir())
                 ]
             ).permute(0, 3, 1, 2)
+            print(per_file_costs(folder, predictor.size))
             batch = predictor.batch_size(args.batch_size)  # aecli's default where not given
-            ours, plain, alone = [], [], []
+            ours, plain, alone, bare = [], [], [], []
             for _ in range(args.repeats):
                 ours.append(aecli_speed(predictor, folder, tmp / "out", args.workers, batch))
                 plain.append(plain_loop_speed(predictor, folder, tmp / "plain"))
                 alone.append(model_alone_speed(predictor, images, batch))
+                bare.append(no_model_speed(predictor, folder, tmp / "out", args.workers, batch))
             wall = cli_seconds(weights, folder, tmp / "cli", device)
-            a, p, m = (statistics.median(v) for v in (ours, plain, alone))
+            a, p, m, n = (statistics.median(v) for v in (ours, plain, alone, bare))
             use = mfu(predictor, preset, m)
             launches = (
                 launches_per_batch(predictor, images, batch)
@@ -212,7 +252,7 @@ def main() -> None:
             )
             print(
                 f"{preset:<10} {batch:>6} {a:>12.0f} {p:>11.0f} {a / p:>6.2f}x {m:>12.0f} "
-                f"{a / m:>11.0%} {wall:>11.2f} {'-' if use is None else f'{use:.1%}':>6} "
+                f"{a / m:>11.0%} {n:>9.0f} {wall:>11.2f} {'-' if use is None else f'{use:.1%}':>6} "
                 f"{'-' if launches is None else f'{launches:.0f}':>15}"
             )
 
