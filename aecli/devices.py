@@ -11,6 +11,7 @@ two names of one device different.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,6 +261,11 @@ class Execution:
         x = to_model_range(self.to_device(images), value_range)
         return x.contiguous(memory_format=self.memory_format)
 
+    def optimizer_options(self) -> dict:
+        """Adam's keyword for this device: the fused implementation (one kernel for every
+        parameter on CUDA, one C++ loop on the CPU) where this torch has it for the device."""
+        return {"fused": True} if fused_adam(self.device.type) else {}
+
     def autocast(self, *, cache: bool = True) -> contextlib.AbstractContextManager:
         """bf16 autocast where the plan has it (`cache` off for a step a CUDA graph captures:
         autocast's cast cache cannot outlive the capture)."""
@@ -269,6 +275,19 @@ class Execution:
             enabled=self.autocast_dtype is not None,
             cache_enabled=cache,
         )
+
+
+@functools.cache
+def fused_adam(kind: str) -> bool:
+    """Whether this torch has fused Adam on devices of type `kind` (CUDA always; the CPU from
+    torch 2.4): Adam checks at construction, so a one-element probe answers."""
+    if kind == "cuda":
+        return True
+    try:
+        torch.optim.Adam([torch.zeros(1, device=kind, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def describe_plan(kind: str, autocast_dtype: torch.dtype | None, layout: str) -> str:

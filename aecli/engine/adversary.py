@@ -60,7 +60,7 @@ class Adversary:
             lr=optim.lr,
             betas=optim.betas,
             eps=optim.eps,
-            **({"fused": True} if execution.device.type == "cuda" else {}),
+            **execution.optimizer_options(),
         )
         self.execution = execution
         self._zero: torch.Tensor | None = None

@@ -97,7 +97,7 @@ class TrainStep:
         optim = config.optim
         optimizer_class = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
         self.params = [p for p in model.parameters() if p.requires_grad]
-        device_options = {"fused": True} if execution.device.type == "cuda" else {}
+        device_options = execution.optimizer_options()
         if graphed:  # the graph reads the learning rate from a tensor the loop fills
             device_options["capturable"] = True
         self.optimizer = optimizer_class(
