@@ -295,8 +295,7 @@ class TrainConfig(Strict):
     )
     memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
         "auto",
-        description="auto: channels-last on CUDA (contiguous for models with GroupNorm), "
-        "contiguous on the CPU",
+        description="auto: channels-last (on CUDA contiguous for models with GroupNorm)",
     )
     compile: bool = False
     cuda_graph: bool = Field(

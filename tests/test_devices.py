@@ -403,11 +403,12 @@ def test_cuda_training_uses_bf16_autocast_and_channels_last(
 )
 def test_auto_execution_follows_the_model(preset, precision, layout):
     """`auto` on CUDA: bf16 autocast from 0.25 GFLOPs per image, channels-last without
-    GroupNorm; on the CPU fp32 and contiguous; explicit settings are kept as given."""
+    GroupNorm; on the CPU fp32 and channels-last, GroupNorm or not; explicit settings are kept
+    as given."""
     config = load_config(preset, []).config
     cost = ModelCost.of(config)
     assert execution_plan("cuda", "auto", "auto", cost) == (precision, layout)
-    assert execution_plan("cpu", "auto", "auto", cost) == (None, "contiguous")
+    assert execution_plan("cpu", "auto", "auto", cost) == (None, "channels_last")
     explicit = execution_plan("cuda", "fp32", "contiguous", cost)
     assert explicit == (None, "contiguous")
     assert execution_plan("cuda", "bf16", "channels_last", cost) == (
