@@ -184,33 +184,6 @@ def test_the_ema_update_records_no_autograd_history(tiny_preset, tmp_path):
     assert averaged and all(t.grad_fn is None and not t.requires_grad for t in averaged)
 
 
-def test_cpu_adam_is_fused_and_resumes_a_checkpoint_of_the_other_implementation(
-    tiny_preset, tmp_path, monkeypatch
-):
-    """Adam on the CPU is the fused implementation where the torch has it (4-6% faster on the
-    2-core CPU for the cifar presets). A checkpoint written by the default implementation (an
-    older torch) resumes under it with its state: the result stays with the uninterrupted run
-    to float rounding, where a lost moment or step count would move it by far more."""
-    from aecli import devices
-    from aecli.engine import Trainer
-
-    if not devices.fused_adam("cpu"):
-        pytest.skip("this torch has no fused Adam on the CPU")
-    with monkeypatch.context() as older_torch:
-        older_torch.setattr(devices, "fused_adam", lambda kind: kind == "cuda")
-        config, data = run_straight(tiny_preset, tmp_path)
-        half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
-        train(half, data, tmp_path / "split", preset="tiny", device="cpu")
-    plan = plan_resume(tmp_path / "split", epochs=4)
-    trainer = Trainer(plan.config, data, tmp_path / "split", preset="tiny", device="cpu")
-    trainer.restore(plan.checkpoint)
-    assert trainer.optimizer.param_groups[0]["fused"] is True
-    trainer.fit()
-    resumed, straight = weights(tmp_path / "split"), weights(tmp_path / "straight")
-    for key in straight:
-        assert torch.allclose(resumed[key], straight[key], rtol=1e-4, atol=1e-6), key
-
-
 def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_path):
     """A checkpoint stores contiguous tensors; in a channels-last run (the default on CUDA,
     where fused Adam refuses a mix of layouts) Adam's state must come back channels-last."""
@@ -233,9 +206,8 @@ def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_pa
 
 
 def test_optimizer_state_keeps_the_resuming_run_s_implementation():
-    """Fused Adam runs on CUDA, and on the CPU where the torch has it; the default one on an
-    older torch's CPU: a checkpoint from either side must not switch the other's
-    implementation, and the step counter goes where that one wants it."""
+    """Fused Adam runs on CUDA, the default one on the CPU: a checkpoint from either side must
+    not switch the other's implementation, and the step counter goes where that one wants it."""
     from aecli.engine import load_optimizer_state
 
     def adam(fused):
