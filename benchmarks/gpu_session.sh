@@ -42,7 +42,12 @@ run() {
   echo "[rc $rc, $(( SECONDS - start )) s]" | tee -a "$log"
 }
 
-for stage in "$@"; do
+stages=()
+for stage in "$@"; do  # speed is train, then reconstruct
+  if [ "$stage" = speed ]; then stages+=(train reconstruct); else stages+=("$stage"); fi
+done
+
+for stage in "${stages[@]}"; do
   case "$stage" in
     tests)
       parallel=()
@@ -55,10 +60,6 @@ for stage in "$@"; do
       run 270 python3 benchmarks/train_speed.py --device cuda --steps 300 --repeats 3
       ;;
     reconstruct)
-      run 240 python3 benchmarks/reconstruct_speed.py --device cuda --images 10000 --dir /dev/shm
-      ;;
-    speed)
-      run 270 python3 benchmarks/train_speed.py --device cuda --steps 300 --repeats 3
       run 240 python3 benchmarks/reconstruct_speed.py --device cuda --images 10000 --dir /dev/shm
       ;;
     kl)

@@ -40,7 +40,7 @@ from aecli.data.images import fit_image, read_image
 from aecli.devices import describe, resolve_device
 from aecli.inference import Predictor, collect_inputs, plan_outputs, reconstruct_files
 from aecli.io.atomic import atomic_write_bytes
-from aecli.io.images import png_bytes
+from aecli.io.images import BATCH_COMPRESS_LEVEL, png_bytes
 from aecli.io.weights import save_weights
 from aecli.models import build_model
 
@@ -97,13 +97,14 @@ def no_model_speed(
 def per_file_costs(folder: Path, size: tuple[int, int], count: int = 300) -> str:
     """What one core spends per file on the path's own work (microseconds, on up to `count`
     files): decoding and resizing as aecli's workers do, PNG encoding and the file write as its
-    writer threads do. These bound the rate of any number of cores, however fast the model."""
+    writer threads do (save_png for a batch output, timed in its two parts). These bound the
+    rate of any number of cores, however fast the model."""
     files = sorted(folder.iterdir())[:count]
     start = time.perf_counter()
     images = [fit_image(read_image(f, at_least=max(size)), size, "stretch") for f in files]
     decode = time.perf_counter() - start
     start = time.perf_counter()
-    data = [png_bytes(a, compress_level=1) for a in images]
+    data = [png_bytes(a, compress_level=BATCH_COMPRESS_LEVEL) for a in images]
     encode = time.perf_counter() - start
     with tempfile.TemporaryDirectory(dir=folder.parent) as out:
         start = time.perf_counter()

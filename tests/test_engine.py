@@ -93,8 +93,9 @@ def run_straight(tiny_preset, tmp_path, extra=()):
     return config, data
 
 
-def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path):
-    config, data = run_straight(tiny_preset, tmp_path)
+@pytest.mark.parametrize("layout", ["auto", "contiguous"])  # auto: channels-last on the CPU
+def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path, layout):
+    config, data = run_straight(tiny_preset, tmp_path, [f"train.memory_format={layout}"])
     half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
     train(half, data, tmp_path / "split", preset="tiny", device="cpu")
     plan = plan_resume(tmp_path / "split", epochs=4)
