@@ -245,7 +245,8 @@ class Execution:
         """Host copies of device tensors, started without blocking the host (into pinned
         memory, after the work that computes them), and the function that waits for them:
         meanwhile the host can decode, launch the next batch or write files. CPU tensors come
-        back as they are."""
+        back as they are. The wait covers the tensors' own GPU, also where it is not the
+        process's current one (`--device cuda:1`: the copies queue on that GPU's stream)."""
         if not tensors or tensors[0].device.type != "cuda":
             return tensors, lambda: None
         copies = [
@@ -253,7 +254,7 @@ class Execution:
             for t in tensors
         ]
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(tensors[0].device))
         return copies, done.synchronize
 
     def prepare(self, images: torch.Tensor, value_range: str) -> torch.Tensor:

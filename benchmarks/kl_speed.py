@@ -108,12 +108,12 @@ def diffusers_speed(images: torch.Tensor, args, batch: int, variant: str) -> flo
     for i in range(args.warmup):
         run(batches[i % len(batches)])
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for i in range(args.steps):
         run(batches[i % len(batches)])
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return batch * args.steps / (time.perf_counter() - start)
 
 

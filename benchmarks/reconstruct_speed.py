@@ -77,7 +77,7 @@ def aecli_speed(
         predictor, files, plan_outputs(files, out), workers=workers, batch_size=batch
     )
     if predictor.device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(predictor.device)
     seconds = time.perf_counter() - start
     assert len(result.rows) == len(files) and not result.failures
     return len(files) / seconds
@@ -149,13 +149,13 @@ def model_alone_speed(
     predictor.reconstruct(images[:batch_size])  # warm-up
     cuda = predictor.device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(predictor.device)
     start, passes, elapsed = time.perf_counter(), 0, 0.0
     while passes == 0 or elapsed < seconds:
         for i in range(0, len(images), batch_size):
             predictor.reconstruct(images[i : i + batch_size])
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(predictor.device)
         passes += 1
         elapsed = time.perf_counter() - start
     return passes * len(images) / elapsed
@@ -170,7 +170,7 @@ def launches_per_batch(predictor: Predictor, images: torch.Tensor, batch_size: i
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             predictor.reconstruct(x)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(predictor.device)
     kernels = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
     return sum(1 for e in prof.events() if e.name in kernels) / 5
 

@@ -103,7 +103,7 @@ def work_per_step(
         with profile(activities=activities) as prof:
             trainer._train_epoch()
             if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(trainer.device)
     steps = trainer.steps_per_epoch
     events = prof.events()
     ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
@@ -142,7 +142,7 @@ def textbook_speed(preset: str, data: ImageData, steps: int, device: str) -> flo
             if done >= steps + warmup:
                 break
         if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         if done > warmup:
             seconds += time.perf_counter() - started
     return images / seconds

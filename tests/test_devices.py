@@ -29,6 +29,10 @@ CUDA = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+TWO_GPUS = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+]
 OTHER_DEVICES = [
     pytest.param("cpu:0", id="cpu:0"),
     pytest.param("cuda", id="cuda", marks=CUDA),
@@ -557,3 +561,19 @@ def test_cuda_inference_batches_fill_the_gpu(tiny_weights, conv_weights):
     assert Predictor(tiny_weights, "cuda").batch_size(None) == MAX_AUTO_BATCH  # 16x16 images
     assert Predictor(conv_weights, "cuda").batch_size(None) == 32
     assert Predictor(tiny_weights, "cuda").batch_size(7) == 7
+
+
+@pytest.mark.parametrize("index", [pytest.param(0, marks=CUDA), pytest.param(1, marks=TWO_GPUS)])
+def test_host_copies_are_complete_after_the_wait(index):
+    """reconstruct's results come to the host without blocking; after the wait they hold the
+    device's values, also on a GPU that is not the process's current one (`--device cuda:1`,
+    whose copies queue on that GPU's stream)."""
+    from aecli.devices import Execution
+
+    device = torch.device("cuda", index)
+    x = torch.randn(4096, 4096, device=device)
+    results = [x @ x for _ in range(4)]  # long enough work that an early read would show
+    copies, wait = Execution.to_host(results)
+    wait()
+    for copy, result in zip(copies, results, strict=True):
+        assert copy.device.type == "cpu" and torch.equal(copy, result.cpu())
