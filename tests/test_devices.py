@@ -29,10 +29,7 @@ CUDA = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TWO_GPUS = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
-]
+NEEDS_TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 OTHER_DEVICES = [
     pytest.param("cpu:0", id="cpu:0"),
     pytest.param("cuda", id="cuda", marks=CUDA),
@@ -489,7 +486,7 @@ def test_torchrun_with_more_processes_than_gpus_is_one_line(tiny_preset, tmp_pat
 
 @pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@NEEDS_TWO_GPUS
 def test_torchrun_on_two_gpus_with_nccl(tiny_preset, tmp_path):
     import subprocess
     import sys
@@ -563,7 +560,9 @@ def test_cuda_inference_batches_fill_the_gpu(tiny_weights, conv_weights):
     assert Predictor(tiny_weights, "cuda").batch_size(7) == 7
 
 
-@pytest.mark.parametrize("index", [pytest.param(0, marks=CUDA), pytest.param(1, marks=TWO_GPUS)])
+@pytest.mark.parametrize(
+    "index", [pytest.param(0, marks=CUDA), pytest.param(1, marks=[*CUDA, NEEDS_TWO_GPUS])]
+)
 def test_host_copies_are_complete_after_the_wait(index):
     """reconstruct's results come to the host without blocking; after the wait they hold the
     device's values, also on a GPU that is not the process's current one (`--device cuda:1`,
