@@ -44,7 +44,9 @@ def torchrun_processes() -> tuple[int, int] | None:
 
 def resolve_device(name: str | None) -> torch.device:
     """The indexed device that `--device NAME` means: `auto` (or None) picks CUDA when present;
-    an explicit device must exist. Under torchrun each process takes `cuda:LOCAL_RANK`."""
+    an explicit device must exist. Under torchrun each process takes `cuda:LOCAL_RANK`. A CUDA
+    device also becomes the process's current one (`torch.cuda.set_device`): one process, one
+    GPU."""
     name = (name or "auto").strip()
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +87,11 @@ def resolve_device(name: str | None) -> torch.device:
             f"--device {name}: no such GPU; this machine has {count} "
             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
         )
-    return torch.device("cuda", _index(device))
+    device = torch.device("cuda", _index(device))
+    # and the process's current device: whatever takes the implicit one (a bare
+    # torch.cuda.synchronize(), current_stream(), a library) then means this GPU, not cuda:0
+    torch.cuda.set_device(device)
+    return device
 
 
 def describe(device: torch.device) -> str:

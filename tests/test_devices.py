@@ -93,9 +93,26 @@ def test_bad_devices_are_one_line(name, message, tiny_weights, tmp_path, cli):
     assert len(lines) == 1 and f"--device {name}" in lines[0] and message in lines[0], lines
 
 
-def pretend_torchrun(monkeypatch, *, gpus: int, processes: int = 2, local_rank: int = 1):
+def pretend_gpus(monkeypatch, gpus: int) -> list[torch.device]:
+    """CUDA with `gpus` GPUs as resolve_device sees it; the devices it makes current, in order."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    made_current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    return made_current
+
+
+def test_a_gpu_device_becomes_the_current_one(monkeypatch):
+    """`--device cuda:1` in one process: whatever takes the implicit device means cuda:1."""
+    made_current = pretend_gpus(monkeypatch, 2)
+    assert str(resolve_device("cuda:1")) == "cuda:1"
+    assert [str(d) for d in made_current] == ["cuda:1"]
+    resolve_device("cpu")
+    assert len(made_current) == 1  # the CPU leaves CUDA's current device alone
+
+
+def pretend_torchrun(monkeypatch, *, gpus: int, processes: int = 2, local_rank: int = 1):
+    made_current = pretend_gpus(monkeypatch, gpus)
     for key, value in {
         "WORLD_SIZE": processes,
         "LOCAL_WORLD_SIZE": processes,
@@ -103,11 +120,13 @@ def pretend_torchrun(monkeypatch, *, gpus: int, processes: int = 2, local_rank: 
         "LOCAL_RANK": local_rank,
     }.items():
         monkeypatch.setenv(key, str(value))
+    return made_current
 
 
 def test_torchrun_gives_each_process_the_gpu_of_its_local_rank(monkeypatch):
-    pretend_torchrun(monkeypatch, gpus=2)
+    made_current = pretend_torchrun(monkeypatch, gpus=2)
     assert str(resolve_device("auto")) == str(resolve_device("cuda")) == "cuda:1"
+    assert {str(d) for d in made_current} == {"cuda:1"}  # NCCL's device, before it starts
     assert str(resolve_device("cpu")) == "cpu:0"  # --device cpu: gloo, GPUs or not
     with pytest.raises(UsageError, match=r"--device cuda:0: under torchrun .*LOCAL_RANK"):
         resolve_device("cuda:0")

@@ -50,12 +50,10 @@ class Distributed:
 
 def setup_distributed(device: torch.device) -> Distributed:
     """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs (`device` is already
-    this process's `cuda:LOCAL_RANK`, see resolve_device), gloo on CPUs."""
+    this process's `cuda:LOCAL_RANK` and its current device, see resolve_device), gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed(device=device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(int(os.environ["RANK"]), world, device)
