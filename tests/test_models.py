@@ -86,6 +86,26 @@ def test_keras_same_padding_shapes():
     assert shapes == [(16, 14, 14), (8, 7, 7), (4, 4, 4)]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_transposed_same_crop_slices_and_returns_the_gradient_in_its_layout(layout):
+    """Keras 'same' crops a transposed convolution's output with its own autograd function (a
+    cheaper backward than slicing's): the values and gradients of slicing, in the input's
+    memory format."""
+    from aecli.models.blocks import Crop
+
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_(True)
+    y = Crop.apply(x, 0, 1)  # the 3x3, stride-2 case: one pixel off the end
+    assert torch.equal(y, x[..., :8, :8])
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    expected = torch.zeros_like(x)
+    expected[..., :8, :8] = upstream
+    assert torch.equal(grad, expected)
+    assert grad.is_contiguous(memory_format=layout)
+    assert torch.autograd.gradcheck(lambda t: Crop.apply(t, 1, 2), (x,))
+
+
 def test_posterior_mode_sample_and_kl():
     mean, logvar = torch.zeros(4, 3), torch.zeros(4, 3)
     standard = DiagonalGaussian(mean, logvar)
