@@ -13,10 +13,11 @@
 #   reconstruct  reconstruct_speed.py at 10,000 JPEGs in /dev/shm
 #   speed        train, then reconstruct
 #   kl           kl_speed.py: cat-kl-f8 against diffusers, MFU, then aecli with train.cuda_graph
+#   profile      kl_speed.py --profile: where cat-kl-f8's step spends its GPU time, aecli and diffusers
 #   quality      quality.py --pairs kl (cat-kl-f8's held-out row)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl or quality" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile or quality" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 log="$out/$(IFS=-; echo "$*").log"
@@ -67,12 +68,15 @@ for stage in "${stages[@]}"; do
       run 90 python3 benchmarks/kl_speed.py --device cuda --batch 32 --repeats 1 \
         --variants eager --set train.cuda_graph=true
       ;;
+    profile)
+      run 150 python3 benchmarks/kl_speed.py --device cuda --batch 16 --repeats 0 --profile 15
+      ;;
     quality)
       # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
       run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
       ;;
     *)
-      echo "unknown stage $stage: tests, train, reconstruct, speed, kl or quality" | tee -a "$log" >&2
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile or quality" | tee -a "$log" >&2
       exit 2
       ;;
   esac

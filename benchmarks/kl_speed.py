@@ -10,11 +10,14 @@ channels-last (the fastest loop issue 13 found). aecli runs its own execution po
 Images/s exclude warm-up steps (allocation, autotuning, compilation: aecli's first epoch of
 `--steps` steps, the loops' first `--warmup`); MFU is images/s
 x 3 x the forward FLOPs (torch.utils.flop_counter) over the GPU's dense peak for the precision
-(bf16 here). Medians of `--repeats` runs, all in one process.
+(bf16 here). Medians of `--repeats` runs, all in one process. `--profile N` then prints where
+a step's time goes in aecli and in the eager diffusers loop: the N busiest kernels and, on CUDA,
+how much of the step the GPU is busy.
 
     python benchmarks/kl_speed.py --device cuda                     # 256x256, batches 16 and 32
     python benchmarks/kl_speed.py --device cuda --set train.cuda_graph=true
     python benchmarks/kl_speed.py --device cpu --size 64 --batch 2 --steps 2 --warmup 1
+    python benchmarks/kl_speed.py --device cuda --batch 16 --repeats 0 --profile 15
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import photo_crops  # noqa: E402
+from train_speed import profiled_epoch  # noqa: E402
 
 from aecli.config import load_config  # noqa: E402
 from aecli.data import ImageData  # noqa: E402
@@ -55,27 +59,49 @@ def kl_config(size: int, batch: int, epochs: int, extra: list[str]):
     ).config
 
 
+def kl_trainer(images: torch.Tensor, args, batch: int, steps: int, run_dir: Path) -> Trainer:
+    """aecli's trainer for cat-kl-f8 on epochs of `steps` steps, validating on one batch."""
+    data = images[: batch * (steps + 1)]
+    config = kl_config(args.size, batch, 2, [f"data.val_fraction={1 / (steps + 1)}", *args.set])
+    return Trainer(
+        config,
+        ImageData(data, None, None, {"kind": "photo crops"}),
+        run_dir,
+        preset="cat-kl-f8",
+        device=args.device,
+    )
+
+
 def aecli_speed(images: torch.Tensor, args, batch: int) -> float:
     """aecli's training images/s: `--steps` steps of warm-up (epoch 1), then `--steps` timed
     (epoch 2), validation on one batch between them (not timed)."""
-    data = images[: batch * (args.steps + 1)]
-    config = kl_config(
-        args.size, batch, 2, [f"data.val_fraction={1 / (args.steps + 1)}", *args.set]
-    )
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(
-            config,
-            ImageData(data, None, None, {"kind": "photo crops"}),
-            Path(tmp),
-            preset="cat-kl-f8",
-            device=args.device,
-        )
-        history = trainer.fit().history
+        history = kl_trainer(images, args, batch, args.steps, Path(tmp)).fit().history
     return history[-1]["images_per_s"]
 
 
 def diffusers_speed(images: torch.Tensor, args, batch: int, variant: str) -> float:
-    """A plain training loop over diffusers' AutoencoderKL with the same layout and loss."""
+    """images/s of a plain training loop over diffusers' AutoencoderKL (`--warmup` steps, then
+    `--steps` timed)."""
+    run, batches = diffusers_loop(images, args, batch, variant)
+    for i in range(args.warmup):
+        run(batches[i % len(batches)])
+    sync(args)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        run(batches[i % len(batches)])
+    sync(args)
+    return batch * args.steps / (time.perf_counter() - start)
+
+
+def sync(args) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize(args.device)
+
+
+def diffusers_loop(images: torch.Tensor, args, batch: int, variant: str):
+    """A plain training step over diffusers' AutoencoderKL with the same layout and loss, and
+    the batches it trains on."""
     import diffusers
 
     device = torch.device(args.device)
@@ -104,17 +130,49 @@ def diffusers_speed(images: torch.Tensor, args, batch: int, variant: str) -> flo
 
     run = torch.compile(step) if variant == "compiled" else step
     x_all = (images.to(device).float() / 127.5 - 1).contiguous(memory_format=layout_format)
-    batches = [x_all[i : i + batch] for i in range(0, len(x_all) - batch + 1, batch)]
+    return run, [x_all[i : i + batch] for i in range(0, len(x_all) - batch + 1, batch)]
+
+
+PROFILED_STEPS = 3
+
+
+def print_profile(images: torch.Tensor, args, batch: int, rows: int) -> None:
+    """Where a step's time goes, for aecli and for the eager diffusers loop: the `rows` kernels
+    with the most GPU time (operations with the most CPU time on the CPU) over PROFILED_STEPS
+    steps, after warm-up, and on CUDA how much of the step the GPU is busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = kl_trainer(images, args, batch, PROFILED_STEPS, Path(tmp))
+        tables = {"aecli": profiled_epoch(trainer)}
+    run, batches = diffusers_loop(images, args, batch, "eager")
     for i in range(args.warmup):
         run(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for i in range(args.steps):
-        run(batches[i % len(batches)])
-    if cuda:
-        torch.cuda.synchronize(device)
-    return batch * args.steps / (time.perf_counter() - start)
+    sync(args)
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for i in range(PROFILED_STEPS):
+            run(batches[i % len(batches)])
+        sync(args)
+        tables["diffusers eager"] = (prof, time.perf_counter() - started)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    for name, (prof, seconds) in tables.items():
+        averages = prof.key_averages()
+        step_ms = seconds / PROFILED_STEPS * 1e3
+        line = f"\nprofile: {name}, batch {batch}, {step_ms:.1f} ms per step (profiled)"
+        if cuda:
+            kernels = (
+                e
+                for e in averages
+                if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            )
+            busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3 / PROFILED_STEPS
+            line += f"; GPU busy {busy_ms:.1f} ms of it ({busy_ms / step_ms:.0%})"
+        print(f"{line}; per {PROFILED_STEPS} steps:")
+        print(averages.table(sort_by=key, row_limit=rows))
 
 
 def main() -> None:
@@ -128,6 +186,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="aecli preset overrides")
     parser.add_argument(
         "--variants", default="eager,channels_last,compiled", help="diffusers loops to run"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then print the N busiest kernels of aecli's step and the eager diffusers step, "
+        "at the first batch size (--repeats 0: only that)",
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -144,7 +210,7 @@ def main() -> None:
     )
     print(f"{'batch':>5} {'loop':<26} {'img/s':>9} {'MFU':>7} {'aecli / it':>11}")
     variants = [v for v in args.variants.split(",") if v]
-    for batch in batches:
+    for batch in batches if args.repeats else []:
         runs: dict[str, list[float]] = {"aecli": []} | {v: [] for v in variants}
         for _ in range(args.repeats):
             runs["aecli"].append(aecli_speed(images, args, batch))
@@ -157,6 +223,8 @@ def main() -> None:
             label = "aecli" if name == "aecli" else f"diffusers {name.replace('_', '-')}"
             ratio = "" if name == "aecli" else f"{ours / speed:.2f}x"
             print(f"{batch:>5} {label:<26} {speed:>9.1f} {use:>7} {ratio:>11}")
+    if args.profile:
+        print_profile(images, args, batches[0], args.profile)
 
 
 if __name__ == "__main__":

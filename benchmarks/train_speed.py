@@ -28,7 +28,7 @@ from PIL import Image
 
 from aecli.config import load_config
 from aecli.data import ImageData, load_data, split
-from aecli.devices import describe, resolve_device
+from aecli.devices import describe, deterministic, resolve_device
 from aecli.engine import Trainer
 from aecli.models import build_model
 
@@ -84,26 +84,36 @@ class TextbookDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i])
 
 
+def profiled_epoch(trainer: Trainer):
+    """torch.profiler (and CUDA's, on a GPU) over one training epoch after a warm-up epoch, with
+    cuDNN autotuning as fit() sets it; returns the profile and the epoch's wall-clock seconds
+    (with the profiler's overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with deterministic(False, autotune=cuda):
+        trainer._train_epoch()  # warm-up
+        trainer.state.batch = 0
+        with profile(activities=activities) as prof:
+            started = time.perf_counter()
+            trainer._train_epoch()
+            if cuda:
+                torch.cuda.synchronize(trainer.device)
+            seconds = time.perf_counter() - started
+    return prof, seconds
+
+
 def work_per_step(
     preset: str, data: ImageData, device: str, extra=()
 ) -> tuple[float, float | None]:
     """Operations the host dispatches per training step (top-level aten calls: forward, loss,
     optimiser and bookkeeping) and, on CUDA, kernel and graph launches per step, from
     torch.profiler over one epoch."""
-    from torch.profiler import ProfilerActivity, profile
-
     config = load_config(preset, ["train.grid_images=0", "train.epochs=1", *extra]).config
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
-        activities = [ProfilerActivity.CPU]
-        if trainer.device.type == "cuda":
-            activities.append(ProfilerActivity.CUDA)
-        trainer._train_epoch()  # warm-up
-        trainer.state.batch = 0
-        with profile(activities=activities) as prof:
-            trainer._train_epoch()
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
+        prof, _ = profiled_epoch(trainer)
     steps = trainer.steps_per_epoch
     events = prof.events()
     ops = sum(1 for e in events if e.cpu_parent is None and e.name.startswith("aten::"))
