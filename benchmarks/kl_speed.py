@@ -208,7 +208,8 @@ def main() -> None:
         f"after {args.warmup}; median of {args.repeats}"
         + (f"; aecli with {' '.join(args.set)}" if args.set else "")
     )
-    print(f"{'batch':>5} {'loop':<26} {'img/s':>9} {'MFU':>7} {'aecli / it':>11}")
+    if args.repeats:
+        print(f"{'batch':>5} {'loop':<26} {'img/s':>9} {'MFU':>7} {'aecli / it':>11}")
     variants = [v for v in args.variants.split(",") if v]
     for batch in batches if args.repeats else []:
         runs: dict[str, list[float]] = {"aecli": []} | {v: [] for v in variants}
