@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import photo_crops  # noqa: E402
-from train_speed import profiled_epoch  # noqa: E402
+from train_speed import device_profile, profiled_epoch  # noqa: E402
 
 from aecli.config import load_config  # noqa: E402
 from aecli.data import ImageData  # noqa: E402
@@ -84,19 +84,18 @@ def diffusers_speed(images: torch.Tensor, args, batch: int, variant: str) -> flo
     """images/s of a plain training loop over diffusers' AutoencoderKL (`--warmup` steps, then
     `--steps` timed)."""
     run, batches = diffusers_loop(images, args, batch, variant)
-    for i in range(args.warmup):
-        run(batches[i % len(batches)])
-    sync(args)
+    train_steps(run, batches, args.warmup, args)
+    return batch * args.steps / train_steps(run, batches, args.steps, args)
+
+
+def train_steps(run, batches: list[torch.Tensor], steps: int, args) -> float:
+    """`steps` steps of a loop over `batches`, waited for; the seconds they took."""
     start = time.perf_counter()
-    for i in range(args.steps):
+    for i in range(steps):
         run(batches[i % len(batches)])
-    sync(args)
-    return batch * args.steps / (time.perf_counter() - start)
-
-
-def sync(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize(args.device)
+    return time.perf_counter() - start
 
 
 def diffusers_loop(images: torch.Tensor, args, batch: int, variant: str):
@@ -141,23 +140,16 @@ def print_profile(images: torch.Tensor, args, batch: int, rows: int) -> None:
     with the most GPU time (operations with the most CPU time on the CPU) over PROFILED_STEPS
     steps, after warm-up, and on CUDA how much of the step the GPU is busy."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = kl_trainer(images, args, batch, PROFILED_STEPS, Path(tmp))
         tables = {"aecli": profiled_epoch(trainer)}
     run, batches = diffusers_loop(images, args, batch, "eager")
-    for i in range(args.warmup):
-        run(batches[i % len(batches)])
-    sync(args)
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with profile(activities=activities) as prof:
-        started = time.perf_counter()
-        for i in range(PROFILED_STEPS):
-            run(batches[i % len(batches)])
-        sync(args)
-        tables["diffusers eager"] = (prof, time.perf_counter() - started)
+    train_steps(run, batches, args.warmup, args)
+    with device_profile(cuda) as prof:
+        seconds = train_steps(run, batches, PROFILED_STEPS, args)
+    tables["diffusers eager"] = (prof, seconds)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     for name, (prof, seconds) in tables.items():
         averages = prof.key_averages()
@@ -173,6 +165,25 @@ def print_profile(images: torch.Tensor, args, batch: int, rows: int) -> None:
             line += f"; GPU busy {busy_ms:.1f} ms of it ({busy_ms / step_ms:.0%})"
         print(f"{line}; per {PROFILED_STEPS} steps:")
         print(averages.table(sort_by=key, row_limit=rows))
+
+
+def print_speeds(images: torch.Tensor, args, batches: list[int], flops: float, peak) -> None:
+    """The table: images/s, MFU and aecli's ratio to each loop, medians of `--repeats` runs."""
+    print(f"{'batch':>5} {'loop':<26} {'img/s':>9} {'MFU':>7} {'aecli / it':>11}")
+    variants = [v for v in args.variants.split(",") if v]
+    for batch in batches:
+        runs: dict[str, list[float]] = {"aecli": []} | {v: [] for v in variants}
+        for _ in range(args.repeats):
+            runs["aecli"].append(aecli_speed(images, args, batch))
+            for variant in variants:
+                runs[variant].append(diffusers_speed(images, args, batch, variant))
+        ours = statistics.median(runs["aecli"])
+        for name, speeds in runs.items():
+            speed = statistics.median(speeds)
+            use = f"{speed * 3 * flops / peak:.1%}" if peak else "-"
+            label = "aecli" if name == "aecli" else f"diffusers {name.replace('_', '-')}"
+            ratio = "" if name == "aecli" else f"{ours / speed:.2f}x"
+            print(f"{batch:>5} {label:<26} {speed:>9.1f} {use:>7} {ratio:>11}")
 
 
 def main() -> None:
@@ -209,21 +220,7 @@ def main() -> None:
         + (f"; aecli with {' '.join(args.set)}" if args.set else "")
     )
     if args.repeats:
-        print(f"{'batch':>5} {'loop':<26} {'img/s':>9} {'MFU':>7} {'aecli / it':>11}")
-    variants = [v for v in args.variants.split(",") if v]
-    for batch in batches if args.repeats else []:
-        runs: dict[str, list[float]] = {"aecli": []} | {v: [] for v in variants}
-        for _ in range(args.repeats):
-            runs["aecli"].append(aecli_speed(images, args, batch))
-            for variant in variants:
-                runs[variant].append(diffusers_speed(images, args, batch, variant))
-        ours = statistics.median(runs["aecli"])
-        for name, speeds in runs.items():
-            speed = statistics.median(speeds)
-            use = f"{speed * 3 * flops / peak:.1%}" if peak else "-"
-            label = "aecli" if name == "aecli" else f"diffusers {name.replace('_', '-')}"
-            ratio = "" if name == "aecli" else f"{ours / speed:.2f}x"
-            print(f"{batch:>5} {label:<26} {speed:>9.1f} {use:>7} {ratio:>11}")
+        print_speeds(images, args, batches, flops, peak)
     if args.profile:
         print_profile(images, args, batches[0], args.profile)
 

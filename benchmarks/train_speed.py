@@ -84,18 +84,22 @@ class TextbookDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i])
 
 
-def profiled_epoch(trainer: Trainer):
-    """torch.profiler (and CUDA's, on a GPU) over one training epoch after a warm-up epoch, with
-    cuDNN autotuning as fit() sets it; returns the profile and the epoch's wall-clock seconds
-    (with the profiler's overhead)."""
+def device_profile(cuda: bool):
+    """torch.profiler over the host's operations and, on a GPU, its kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    return profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+
+
+def profiled_epoch(trainer: Trainer):
+    """device_profile over one training epoch after a warm-up epoch, with cuDNN autotuning as
+    fit() sets it; returns the profile and the epoch's wall-clock seconds (with the profiler's
+    overhead)."""
     cuda = trainer.device.type == "cuda"
-    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with deterministic(False, autotune=cuda):
         trainer._train_epoch()  # warm-up
         trainer.state.batch = 0
-        with profile(activities=activities) as prof:
+        with device_profile(cuda) as prof:
             started = time.perf_counter()
             trainer._train_epoch()
             if cuda:
