@@ -215,6 +215,39 @@ def test_ssim_equals_torchmetrics(shape):
     assert ssim(a[..., :4, :4], a[..., :4, :4]).item() == pytest.approx(1.0)  # tiny images too
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["mse", "l1", "bce"])
+def test_reconstruction_losses_are_their_definitions(kind, reduction):
+    """Each loss, fused for speed, equals its written-out definition in value and gradient: the
+    mean over every value, or (`reduction: sum`) each image's sum averaged over the batch."""
+    from aecli.losses import reconstruction_loss
+    from aecli.models.autoencoder import AutoencoderOutput
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 2, 5, 7, generator=generator)
+    prediction = torch.randn(3, 2, 5, 7, generator=generator, dtype=torch.float64)
+    prediction = prediction.to(torch.bfloat16).requires_grad_()  # as autocast leaves it
+    p = prediction.double()
+    y = target.double()
+    per_element = {
+        "mse": (p - y) ** 2,
+        "l1": (p - y).abs(),
+        "bce": -(y * torch.sigmoid(p).log() + (1 - y) * (1 - torch.sigmoid(p)).log()),
+    }[kind]
+    expected = per_element.sum((1, 2, 3)).mean() if reduction == "sum" else per_element.mean()
+    (expected_grad,) = torch.autograd.grad(expected, prediction)
+    # bce reads the logits (raw), the others the image: give each a tensor the other cannot be
+    logits = kind == "bce"
+    out = AutoencoderOutput(
+        None, None, raw=prediction if logits else None, image=None if logits else prediction
+    )
+    loss = reconstruction_loss(out, target, kind, reduction)
+    (grad,) = torch.autograd.grad(loss, prediction)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(grad.double(), expected_grad.double(), rtol=1e-2, atol=1e-6)
+
+
 def test_forward_flops_count_every_layer_and_scale_with_pixels():
     from aecli.models import forward_flops
 
