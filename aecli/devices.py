@@ -266,8 +266,7 @@ class Execution:
     def prepare(self, images: torch.Tensor, value_range: str) -> torch.Tensor:
         """uint8 (B, C, H, W) anywhere -> model-range floats on the device, in its memory
         format."""
-        x = to_model_range(self.to_device(images), value_range)
-        return x.contiguous(memory_format=self.memory_format)
+        return to_model_range(self.to_device(images), value_range, self.memory_format)
 
     def optimizer_options(self) -> dict:
         """Adam's keyword for this device: fused on CUDA (one kernel for every parameter). Not

@@ -123,6 +123,19 @@ def test_batch_conversion_round_trips():
         assert torch.equal(to_uint8(x, value_range), batch)
 
 
+def test_batch_conversion_is_the_textbook_formula_in_the_layout_asked_for():
+    """Every uint8 value maps to exactly v / 255 (unit) and v / 255 * 2 - 1 (symmetric), and the
+    one conversion gives the model's memory format."""
+    values = torch.arange(256, dtype=torch.uint8).view(4, 4, 4, 4)  # all 256, 4 channels
+    unit = values.float() / 255.0
+    for value_range, expected in (("unit", unit), ("symmetric", unit * 2.0 - 1.0)):
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = to_model_range(values, value_range, memory_format)
+            assert x.dtype == torch.float32 and torch.equal(x, expected)
+            assert x.is_contiguous(memory_format=memory_format)
+    assert not to_model_range(values, "unit", torch.channels_last).is_contiguous()
+
+
 def test_augment_flips_and_crops_per_image():
     torch.manual_seed(0)
     x = torch.arange(16.0).view(1, 1, 1, 16).expand(64, 1, 16, 16).contiguous()
