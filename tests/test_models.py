@@ -236,7 +236,7 @@ def test_reconstruction_losses_are_their_definitions(kind, reduction):
     }[kind]
     expected = per_element.sum((1, 2, 3)).mean() if reduction == "sum" else per_element.mean()
     (expected_grad,) = torch.autograd.grad(expected, prediction)
-    # bce reads the logits (raw), the others the image: give each a tensor the other cannot be
+    # bce reads the logits (raw), the others the image; the field not read is None
     logits = kind == "bce"
     out = AutoencoderOutput(
         None, None, raw=prediction if logits else None, image=None if logits else prediction
