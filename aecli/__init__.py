@@ -1,3 +1,8 @@
 """aecli: train convolutional image autoencoders and VAEs, and put them to work."""
 
 __version__ = "0.1.0"
+
+# cuBLAS's workspace setting for reproducible matrix products (train.deterministic). cuBLAS reads
+# it at the process's first matrix product, so the command line sets it at start-up
+# (aecli.cli.main); the engine sets it where nothing did, effective only before that product.
+CUBLAS_WORKSPACE = ":4096:8"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aecli import CUBLAS_WORKSPACE
 from aecli.data.transforms import to_model_range
 from aecli.errors import UsageError
 
@@ -94,6 +95,15 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def resolved(device: torch.device | str | None) -> torch.device:
+    """A device as the engine and the Predictor take it: an indexed `torch.device` is one that
+    resolve_device gave already and passes on as it is (resolving `cuda:1` again under
+    torchrun would refuse it); a name, None or an unindexed device is resolved now."""
+    if isinstance(device, torch.device):
+        return device if device.index is not None else resolve_device(str(device))
+    return resolve_device(device)
+
+
 def describe(device: torch.device) -> str:
     """The device for reports: `cuda:0 (NVIDIA H100 80GB HBM3)` or `cpu (2 threads)`."""
     if device.type == "cuda":
@@ -118,10 +128,13 @@ _BF16_PEAKS = (
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new tensors on a device: the GPU's free memory, or the host's available
-    memory (Linux's MemAvailable, else the free pages); None where it cannot be told."""
+    """Bytes free for new tensors on a device: on a GPU its free memory plus what PyTorch's
+    caching allocator holds but does not use (reserved, not allocated: it serves new tensors
+    first, and the driver counts it as used); on the host its available memory (Linux's
+    MemAvailable, else the free pages); None where it cannot be told."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(0, cached)
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
@@ -179,22 +192,39 @@ class ModelCost:
         return cls(forward_flops(config), group_norm)
 
 
+# bf16 and TF32 tensor cores arrived with compute capability 8.0 (Ampere): older GPUs (V100,
+# T4) emulate bf16, slower than their fp32, and have no TF32.
+TENSOR_CORE_CAPABILITY = (8, 0)
+
+
+def has_bf16_tensor_cores(device: torch.device) -> bool:
+    """Whether a CUDA device has bf16 and TF32 tensor cores (compute capability 8.0 or more)."""
+    return tuple(torch.cuda.get_device_capability(device)) >= TENSOR_CORE_CAPABILITY
+
+
 def execution_plan(
-    kind: str, precision: str, memory_format: str, cost: ModelCost | None = None
+    kind: str,
+    precision: str,
+    memory_format: str,
+    cost: ModelCost | None = None,
+    *,
+    bf16_cores: bool = True,
 ) -> tuple[torch.dtype | None, str]:
     """(autocast dtype or None, memory format name) for `precision` and `memory_format` as a
-    config gives them, on a device of type `kind` (cpu, cuda).
+    config gives them, on a device of type `kind` (cpu, cuda); `bf16_cores` says whether that
+    CUDA device has bf16 tensor cores (has_bf16_tensor_cores: `auto` stays fp32 without them).
 
     `auto` on the CPU: fp32, channels-last (oneDNN's convolutions are faster on it: on the 2-core
     dev machine, training 1.0x to 1.5x and the model alone 1.1x to 1.5x the images/s of
     contiguous tensors over the bundled presets, and never measurably slower). `auto` on CUDA:
     bf16 autocast where the forward pass costs at least BF16_FROM_GFLOPS per image (or the cost
     is not known), else fp32 (TF32); channels-last, except for models with GroupNorm, where
-    channels-last made the kl-f8 VAE slower (51.7 against 68.9 images/s on an H100, issue 13)."""
+    channels-last made the kl-f8 VAE slower (51.7 against 68.9 images/s on an H100, issue 13).
+    A GPU older than compute capability 8.0 runs `auto` in fp32."""
     cuda = kind == "cuda"
     if precision == "auto":
         big = cost is None or cost.forward_flops >= BF16_FROM_GFLOPS * 1e9
-        precision = "bf16" if cuda and big else "fp32"
+        precision = "bf16" if cuda and bf16_cores and big else "fp32"
     if memory_format == "auto":
         group_norm = cost is not None and cost.group_norm
         memory_format = "contiguous" if cuda and group_norm else "channels_last"
@@ -203,9 +233,9 @@ def execution_plan(
 
 class Execution:
     """How a model runs on a device: bf16 autocast or fp32, and the memory format, as
-    `execution_plan` resolves the config's `precision` and `memory_format`. On CUDA, fp32
-    matrix products and convolutions use TF32 tensor cores (`torch.backends.cuda.matmul`;
-    cuDNN's default for convolutions)."""
+    `execution_plan` resolves the config's `precision` and `memory_format`. On a CUDA device
+    with tensor cores (compute capability 8.0 or more), fp32 matrix products and convolutions use
+    TF32 (`torch.backends.cuda.matmul`; cuDNN's default for convolutions)."""
 
     def __init__(
         self,
@@ -215,11 +245,12 @@ class Execution:
         cost: ModelCost | None = None,
     ):
         self.device, self.cost = device, cost
+        self.tensor_cores = device.type == "cuda" and has_bf16_tensor_cores(device)
         self.autocast_dtype, format_name = execution_plan(
-            device.type, precision, memory_format, cost
+            device.type, precision, memory_format, cost, bf16_cores=self.tensor_cores
         )
         self.memory_format, self.layout = MEMORY_FORMATS[format_name], format_name
-        if device.type == "cuda":  # CUDA's matrix products only (the CPU's stay as they are)
+        if self.tensor_cores:  # CUDA's matrix products only (the CPU's stay as they are)
             torch.backends.cuda.matmul.allow_tf32 = True
 
     @classmethod
@@ -233,14 +264,23 @@ class Execution:
 
     def describe(self) -> str:
         """`bf16 autocast, channels-last` or `fp32, contiguous` (TF32 on CUDA)."""
-        return describe_plan(self.device.type, self.autocast_dtype, self.layout)
+        return describe_plan(
+            self.device.type, self.autocast_dtype, self.layout, tf32=self.tensor_cores
+        )
+
+    @property
+    def pins_memory(self) -> bool:
+        """Whether host batches for this device belong in pinned memory (CUDA's copies from it
+        do not block the host)."""
+        return self.device.type == "cuda"
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor on the device; from the CPU to CUDA through pinned memory, without blocking
-        the host (the copy is ordered on the current stream before any use of its result)."""
+        """A tensor on the device; from the CPU to CUDA through pinned memory (pinned here
+        unless the loader pinned it), without blocking the host (the copy is ordered on the
+        current stream before any use of its result)."""
         if same_device(tensor.device, self.device):
             return tensor
-        if self.device.type == "cuda" and tensor.device.type == "cpu":
+        if self.pins_memory and tensor.device.type == "cpu":
             if not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             return tensor.to(self.device, non_blocking=True)
@@ -259,7 +299,7 @@ class Execution:
             torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
             for t in tensors
         ]
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # the host sleeps in the wait instead of spinning
         done.record(torch.cuda.current_stream(tensors[0].device))
         return copies, done.synchronize
 
@@ -286,23 +326,32 @@ class Execution:
         )
 
 
-def describe_plan(kind: str, autocast_dtype: torch.dtype | None, layout: str) -> str:
+def describe_plan(
+    kind: str, autocast_dtype: torch.dtype | None, layout: str, *, tf32: bool = True
+) -> str:
     """How a model runs on a device of type `kind`: `bf16 autocast, channels-last`,
-    `fp32 (TF32), contiguous` (CUDA) or `fp32, channels-last` (CPU)."""
+    `fp32 (TF32), contiguous` (CUDA with tensor cores) or `fp32, channels-last` (CPU)."""
     precision = "bf16 autocast" if autocast_dtype is not None else "fp32"
-    if precision == "fp32" and kind == "cuda":
+    if precision == "fp32" and kind == "cuda" and tf32:
         precision = "fp32 (TF32)"
     return f"{precision}, {layout.replace('_', '-')}"
+
+
+# PyTorch's scaled-dot-product attention backends other than the math one (flash, memory
+# efficient, cuDNN): their backward passes are not deterministic on CUDA.
+_FAST_ATTENTION = ("flash", "mem_efficient", "cudnn")
+
+NOT_DETERMINISTIC = "does not have a deterministic implementation"
 
 
 @contextlib.contextmanager
 def deterministic(enabled: bool, *, autotune: bool = False) -> Iterator[None]:
     """Deterministic algorithms while the block runs (and the previous settings after it):
-    `torch.use_deterministic_algorithms` (a warning where an operation has no deterministic
-    version), cuDNN autotuning off, and the cuBLAS workspace setting that CUDA needs for
-    reproducible matrix products (effective when set before the process's first one).
-    Otherwise, with `autotune` (training's fixed shapes on CUDA), cuDNN benchmarks its
-    algorithms for each shape once and keeps the fastest."""
+    `torch.use_deterministic_algorithms(True)`, so that an operation without a deterministic
+    kernel raises (RuntimeError naming it, see NOT_DETERMINISTIC) instead of warning; attention
+    on the math backend; cuDNN autotuning off and cuDNN's deterministic algorithms; and the
+    cuBLAS workspace setting. Otherwise, with `autotune` (training's fixed shapes on CUDA),
+    cuDNN benchmarks its algorithms for each shape once and keeps the fastest."""
     cudnn = torch.backends.cudnn
     if not enabled:
         previous_benchmark = cudnn.benchmark
@@ -318,15 +367,24 @@ def deterministic(enabled: bool, *, autotune: bool = False) -> Iterator[None]:
         cudnn.benchmark,
         cudnn.deterministic,
     )
+    attention = {
+        name: getattr(torch.backends.cuda, f"{name}_sdp_enabled")()
+        for name in _FAST_ATTENTION
+        if hasattr(torch.backends.cuda, f"enable_{name}_sdp")
+    }
     workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if workspace is None:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch.use_deterministic_algorithms(True)
     cudnn.benchmark, cudnn.deterministic = False, True
+    for name in attention:
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         cudnn.benchmark, cudnn.deterministic = previous[2], previous[3]
+        for name, on in attention.items():
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(on)
         if workspace is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -50,8 +50,7 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "eleme
     gauss = gauss / gauss.sum()
     kernel = (gauss[:, None] * gauss[None, :]).expand(channels, 1, 11, 11).contiguous()
     inputs = torch.cat([x, y, x * x, y * y, x * y])
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"  # reflect needs > 5 pixels
-    moments = F.conv2d(F.pad(inputs, (pad,) * 4, mode=mode), kernel, groups=channels)
+    moments = F.conv2d(reflect_pad(inputs, pad), kernel, groups=channels)
     mu_x, mu_y, xx, yy, xy = moments.split(x.shape[0])
     var_x = (xx - mu_x**2).clamp_min(0)
     var_y = (yy - mu_y**2).clamp_min(0)
@@ -62,6 +61,20 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, reduction: str = "eleme
     )
     per_image = index.flatten(1).mean(dim=1)
     return per_image if reduction == "none" else per_image.mean()
+
+
+def reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """`F.pad(x, (pad,) * 4, mode="reflect")` (replicate for sides of `pad` pixels or fewer,
+    which reflection cannot pad), as gathers: their backward is deterministic on CUDA, where
+    the reflection padding's backward has no deterministic kernel (train.deterministic)."""
+    if min(x.shape[-2:]) <= pad:
+        return F.pad(x, (pad,) * 4, mode="replicate")
+    for dim in (-2, -1):
+        n = x.shape[dim]
+        index = torch.arange(-pad, n + pad, device=x.device).abs()
+        index = torch.where(index >= n, 2 * (n - 1) - index, index)
+        x = x.index_select(dim, index)
+    return x
 
 
 def ms_ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

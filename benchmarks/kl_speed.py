@@ -93,7 +93,7 @@ def train_steps(run, batches: list[torch.Tensor], steps: int, args) -> float:
     start = time.perf_counter()
     for i in range(steps):
         run(batches[i % len(batches)])
-    if args.device.startswith("cuda"):
+    if args.device.type == "cuda":
         torch.cuda.synchronize(args.device)
     return time.perf_counter() - start
 
@@ -103,7 +103,7 @@ def diffusers_loop(images: torch.Tensor, args, batch: int, variant: str):
     the batches it trains on."""
     import diffusers
 
-    device = torch.device(args.device)
+    device = args.device
     config = kl_config(args.size, batch, 1, [])
     layout, _ = layout_of_config(config)
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def print_profile(images: torch.Tensor, args, batch: int, rows: int) -> None:
     steps, after warm-up, and on CUDA how much of the step the GPU is busy."""
     from torch.autograd import DeviceType
 
-    cuda = args.device.startswith("cuda")
+    cuda = args.device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         trainer = kl_trainer(images, args, batch, PROFILED_STEPS, Path(tmp))
         tables = {"aecli": profiled_epoch(trainer)}
@@ -207,8 +207,7 @@ def main() -> None:
         "at the first batch size (--repeats 0: only that)",
     )
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    args.device = str(device)
+    device = args.device = resolve_device(args.device)  # resolved once, passed on as it is
     batches = args.batch or [16, 32]
     images, _ = photo_crops(args.size, max(batches) * (args.steps + 1), 1)
     flops = forward_flops(kl_config(args.size, 1, 1, []))

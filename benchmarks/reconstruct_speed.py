@@ -187,12 +187,12 @@ def mfu(predictor: Predictor, preset: str, images_per_s: float) -> float | None:
     return images_per_s * flops / peak
 
 
-def cli_seconds(weights: Path, folder: Path, out: Path, device: str) -> float:
+def cli_seconds(weights: Path, folder: Path, out: Path, device: torch.device) -> float:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "aecli", "reconstruct", str(weights), str(folder), "-o", str(out)]
-        + ["--device", device],
+        + ["--device", str(device)],
         check=True,
         capture_output=True,
     )
@@ -211,9 +211,9 @@ def main() -> None:
         "--dir", default=None, help="where to write the files (e.g. /dev/shm to leave the disk out)"
     )
     args = parser.parse_args()
-    device = str(resolve_device(args.device))
+    device = resolve_device(args.device)
     print(
-        f"device: {describe(torch.device(device))}; torch {torch.__version__}; {args.images} JPEGs "
+        f"device: {describe(device)}; torch {torch.__version__}; {args.images} JPEGs "
         f"96-192 px; median of {args.repeats}; files in {args.dir or tempfile.gettempdir()}"
     )
     print(

@@ -45,7 +45,7 @@ def digits_28() -> ImageData:
 
 
 def aecli_speed(
-    preset: str, data: ImageData, steps: int, device: str, extra=()
+    preset: str, data: ImageData, steps: int, device: torch.device, extra=()
 ) -> tuple[float, float | None]:
     """aecli's images/s past the first epoch, and the MFU it means (None where the device's
     peak is not known: the CPU, an unlisted GPU)."""
@@ -109,7 +109,7 @@ def profiled_epoch(trainer: Trainer):
 
 
 def work_per_step(
-    preset: str, data: ImageData, device: str, extra=()
+    preset: str, data: ImageData, device: torch.device, extra=()
 ) -> tuple[float, float | None]:
     """Operations the host dispatches per training step (top-level aten calls: forward, loss,
     optimiser and bookkeeping) and, on CUDA, kernel and graph launches per step, from
@@ -128,7 +128,7 @@ def work_per_step(
     return ops / steps, launches
 
 
-def textbook_speed(preset: str, data: ImageData, steps: int, device: str) -> float:
+def textbook_speed(preset: str, data: ImageData, steps: int, device: torch.device) -> float:
     config = load_config(preset).config
     train_part, _ = split(data, config.data.val_fraction, config.train.seed)
     dataset = TextbookDataset(train_part.images, config.data.range == "symmetric")
@@ -155,7 +155,7 @@ def textbook_speed(preset: str, data: ImageData, steps: int, device: str) -> flo
                 images += len(x)
             if done >= steps + warmup:
                 break
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         if done > warmup:
             seconds += time.perf_counter() - started
@@ -174,11 +174,11 @@ def main() -> None:
         help="also train at this batch size, aecli alone (default: 1024 on CUDA, none on the CPU)",
     )
     args = parser.parse_args()
-    device = str(resolve_device(args.device))
-    cuda = device.startswith("cuda")
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
     large = args.large_batch if args.large_batch is not None else (1024 if cuda else 0)
     print(
-        f"device: {describe(torch.device(device))}; torch {torch.__version__}; {args.steps} steps, "
+        f"device: {describe(device)}; torch {torch.__version__}; {args.steps} steps, "
         f"median of {args.repeats}"
     )
     digits = digits_28()

@@ -1,5 +1,8 @@
 """The `aecli` command line: one module per command over the shared core."""
 
+import os
+
+from aecli import CUBLAS_WORKSPACE
 from aecli.cli import (  # noqa: F401  (importing a module registers its commands)
     diff,
     export,
@@ -14,6 +17,8 @@ from aecli.cli.app import app
 
 
 def main() -> None:
+    # before anything can run a matrix product on a GPU (a user's own setting stays)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     app()
 
 

@@ -74,7 +74,7 @@ def diff(
 
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
-    other = Predictor(vs, device) if vs is not None else None
+    other = Predictor(vs, predictor.device) if vs is not None else None
     files, failures = collect_inputs(inputs)
     if out is not None:
         reads = [weights, *([vs] if vs is not None else []), *inputs]

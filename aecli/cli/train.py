@@ -249,7 +249,9 @@ def train(
     if config.train.freeze != "none":
         console.print(f"The {config.train.freeze} is frozen (train.freeze).")
     if resume is not None:
-        result = resume_training(plan, dataset, run_dir, device=device, reporter=RichReporter())
+        result = resume_training(
+            plan, dataset, run_dir, device=resolved_device, reporter=RichReporter()
+        )
     else:
         data_path = None if data is None else str(Path(data).resolve())
         result = run_training(
@@ -257,7 +259,7 @@ def train(
             dataset,
             run_dir,
             preset=name,
-            device=device,
+            device=resolved_device,
             reporter=RichReporter(),
             data_path=data_path,
             init=start.tensors if start is not None else None,

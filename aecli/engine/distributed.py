@@ -1,7 +1,9 @@
-"""Several processes under torchrun: joining the process group and summing across ranks."""
+"""Several processes under torchrun: joining the process group, summing and agreeing across
+ranks, and leaving the group."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -36,24 +38,38 @@ class Distributed:
                 dist.all_reduce(value)
         return sums
 
-    def max(self, value: int) -> int:
+    def max(self, values: list[int]) -> list[int]:
+        """Each value's maximum over the ranks, in one collective."""
         if self.world == 1:
-            return value
-        tensor = torch.tensor([value], device=self.device)
+            return values
+        tensor = torch.tensor(values, dtype=torch.int64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor)
+        return tensor.tolist()
 
     def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        if self.world > 1:  # where setup_distributed always gives the device
+            cuda = self.device.type == "cuda"
+            # NCCL's barrier on this rank's own GPU (it would guess one from the rank)
+            dist.barrier(device_ids=[self.device.index] if cuda else None)
+
+    def close(self) -> None:
+        """Leave the process group (PyTorch warns at exit, and some NCCL versions hang, where a
+        process ends without)."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_distributed(device: torch.device) -> Distributed:
     """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs (`device` is already
-    this process's `cuda:LOCAL_RANK` and its current device, see resolve_device), gloo on CPUs."""
+    this process's `cuda:LOCAL_RANK` and its current device, see resolve_device; NCCL is told
+    so, which also lets it connect at once), gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed(device=device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            bound = "device_id" in inspect.signature(dist.init_process_group).parameters
+            dist.init_process_group("nccl", **({"device_id": device} if bound else {}))
+        else:
+            dist.init_process_group("gloo")
     return Distributed(int(os.environ["RANK"]), world, device)

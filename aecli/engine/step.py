@@ -7,6 +7,7 @@ comes back as one small tensor that the loop reads once per logging window.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -225,6 +226,19 @@ class TrainStep:
             torch._foreach_copy_(self.ema_buffers, self.model_buffers)
 
 
+def deterministic_obstacle(config: Config) -> str | None:
+    """The first block or loss of a config that trains with an operation PyTorch has no
+    deterministic CUDA kernel for (the backward of bilinear and bicubic interpolation, and of
+    torchmetrics' reflection padding in MS-SSIM), or None."""
+    for part in ("encoder", "decoder"):
+        for i, spec in enumerate(getattr(config.model, part)):
+            if spec.type in ("resize", "upsample") and spec.mode in ("bilinear", "bicubic"):
+                return f"model.{part}[{i}] ({spec.type}, {spec.mode} interpolation)"
+    if config.loss.ms_ssim_weight:
+        return "loss.ms_ssim_weight (MS-SSIM's reflection padding)"
+    return None
+
+
 def graph_obstacle(config: Config, execution: Execution, world: int) -> str | None:
     """Why the step cannot run as a CUDA graph here, or None where it can."""
     if execution.device.type != "cuda":
@@ -235,6 +249,9 @@ def graph_obstacle(config: Config, execution: Execution, world: int) -> str | No
         return "not with train.compile"
     if config.loss.disc_weight > 0:
         return "not with the discriminator (loss.disc_weight)"
+    if config.loss.ms_ssim_weight:
+        # torchmetrics builds a GPU tensor from a Python list every call: a host copy
+        return "not with MS-SSIM (loss.ms_ssim_weight: torchmetrics' copies from the host)"
     return None
 
 
@@ -311,8 +328,7 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             # on the warm-up's stream, whose library handles and workspaces are set up already
-            with torch.cuda.graph(graph, stream=self.stream):
-                self.static_result = self.work(self.static_x, step)
+            self.static_result = capture(graph, self.stream, lambda: self.work(self.static_x, step))
         except RuntimeError as exc:  # an operation that cannot be captured
             self.failed = True
             self.static_x = self.static_result = None
@@ -327,6 +343,37 @@ class CapturedStep:
         graph.replay()
         self.replays += 1
         return self.static_result.clone()
+
+
+def capture(
+    graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, work: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """`work()` recorded into `graph` on `stream`, as `torch.cuda.graph` records it, but leaving
+    the stream and the allocator's capture however the capture ends. (torch.cuda.graph's exit
+    raises from `capture_end` before it restores the current stream, so a failed capture left
+    the eager fallback training on the side stream, with an allocator that defers every free
+    while it believes a capture is under way.)"""
+    torch.cuda.synchronize(stream.device)
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            result = work()
+            graph.capture_end()
+        except BaseException:
+            abandon_capture(graph, stream.device)
+            raise
+    return result
+
+
+def abandon_capture(graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    """End a capture that failed, wherever it failed: the stream's capture mode, the allocator's
+    private pool for it (each step is allowed to fail: it may have happened already)."""
+    with contextlib.suppress(RuntimeError):
+        graph.capture_end()
+    with contextlib.suppress(RuntimeError, AttributeError):
+        torch._C._cuda_endAllocateToPool(device.index, graph.pool())
+    with contextlib.suppress(RuntimeError):
+        graph.reset()
 
 
 def reset_generator(device: torch.device) -> None:

@@ -24,19 +24,27 @@ from aecli.config import Config
 from aecli.data import ImageData, split
 from aecli.data.transforms import to_uint8, to_unit
 from aecli.devices import (
+    NOT_DETERMINISTIC,
     Execution,
     ModelCost,
+    available_memory,
     describe,
     deterministic,
     peak_flops,
-    resolve_device,
+    resolved,
 )
 from aecli.engine.distributed import setup_distributed
 from aecli.engine.rundir import ResumePlan, RunDirectory
-from aecli.engine.step import TrainStep, learning_rate, load_optimizer_state, step_seed
+from aecli.engine.step import (
+    TrainStep,
+    deterministic_obstacle,
+    learning_rate,
+    load_optimizer_state,
+    step_seed,
+)
 from aecli.engine.tensorboard import TensorBoardLog
 from aecli.engine.tensorboard import check_available as check_tensorboard
-from aecli.errors import Interrupted, TrainingError, first_line
+from aecli.errors import Interrupted, TrainingError, UsageError, first_line
 from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
 from aecli.models import Autoencoder, build_model
@@ -115,7 +123,7 @@ class Trainer:
         run_dir: Path,
         *,
         preset: str,
-        device: str | None = None,
+        device: torch.device | str | None = None,
         reporter: Reporter | None = None,
         data_path: str | None = None,
         init: dict[str, torch.Tensor] | None = None,
@@ -123,7 +131,13 @@ class Trainer:
         self.config, self.preset = config, preset
         self.run = RunDirectory(run_dir)
         self.run_dir = self.run.path
-        self.device = resolve_device(device)
+        self.device = resolved(device)
+        obstacle = deterministic_obstacle(config) if self.device.type == "cuda" else None
+        if config.train.deterministic and obstacle:
+            raise UsageError(
+                f"train.deterministic: {obstacle} has no deterministic CUDA kernel in PyTorch; "
+                "set train.deterministic=false, or train on the CPU (--device cpu)"
+            )
         self.dist = setup_distributed(self.device)
         self.reporter = reporter if reporter is not None and self.dist.main else SilentReporter()
         self.data_description, self.data_path = data.source, data_path
@@ -131,7 +145,8 @@ class Trainer:
         self.train_data, self.val_data = split(data, config.data.val_fraction, config.train.seed)
         self.state = TrainState()
         self.fingerprint = ""
-        self._stop_requested = False
+        self._stop_requested = False  # this process's Ctrl-C
+        self._agreed_stop = False  # any rank's, as the ranks last agreed
         self._sigint_after_save = None  # the handler to restore once an interrupted run is recorded
         self.tensorboard: TensorBoardLog | None = None
         self._report_written, self._report_cost = 0.0, 0.0  # when, and how long it took
@@ -192,8 +207,7 @@ class Trainer:
         in host memory, and each batch goes through pinned memory (Execution.to_device)."""
         if self.device.type != "cuda":
             return images
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if images.numel() < free // 4:
+        if images.numel() < (available_memory(self.device) or 0) // 4:
             return images.to(self.device)
         return images
 
@@ -212,11 +226,24 @@ class Trainer:
             with deterministic(
                 self.config.train.deterministic, autotune=self.device.type == "cuda"
             ):
-                result = self._fit()
+                try:
+                    result = self._fit()
+                except RuntimeError as exc:
+                    if NOT_DETERMINISTIC not in str(exc):
+                        raise
+                    operation = first_line(exc).split()[0]
+                    raise UsageError(
+                        f"train.deterministic: PyTorch has no deterministic kernel for "
+                        f"{operation} on {self.device}; set train.deterministic=false"
+                    ) from exc
         except BaseException as exc:
             if self.dist.main:
                 self._record_end(exc)
+            if isinstance(exc, Interrupted):  # every rank stopped at the same step
+                self.dist.close()
             raise
+        else:
+            self.dist.close()
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -342,7 +369,7 @@ class Trainer:
                 state.totals = dict(self._totals)
                 if self.dist.main:
                     self._save_checkpoint()
-            if self._stop_requested:
+            if self._stopping(synced=(i + 1) % train.log_every == 0 or last):
                 self._sync()
                 state.totals = dict(self._totals)
                 state.seconds += time.perf_counter() - started
@@ -374,7 +401,10 @@ class Trainer:
         labels = self.train_step.names
         bad = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), -1)
         bad_step = window.first_step + bad if bad >= 0 else -1
-        if self.dist.max(bad_step) >= 0:
+        # the ranks agree here on what each saw: a non-finite value, a Ctrl-C
+        bad_step, stop = self.dist.max([bad_step, int(self._stop_requested)])
+        self._agreed_stop = bool(stop)
+        if bad_step >= 0:
             self._stop_non_finite(bad_step, rows[bad] if bad >= 0 else [], labels)
         terms = [name for name in labels if name != "gradient"]
         for row, weight in zip(rows, window.weights, strict=True):
@@ -383,6 +413,14 @@ class Trainer:
                 window.sums[name] = window.sums.get(name, 0.0) + value * weight
             window.images += weight
         window.results, window.weights = [], []
+
+    def _stopping(self, *, synced: bool) -> bool:
+        """Whether to stop after this step for a Ctrl-C: at once in a single process; under
+        torchrun at the step where the ranks last agreed (each window's sync), so that every
+        rank stops at the same step and joins the same collectives."""
+        if self.dist.world == 1:
+            return self._stop_requested
+        return synced and self._agreed_stop
 
     def _stop_non_finite(self, bad_step: int, row: list[float], labels: list[str]) -> None:
         bad = [not math.isfinite(v) for v in row]
@@ -404,6 +442,9 @@ class Trainer:
         psnr_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         n = len(self.val_data)
         mine = torch.arange(self.dist.rank, n, self.dist.world, device=self.val_images.device)
+        weight = 1.0
+        if not len(mine):  # fewer images than ranks: one image counted 0 times, so that this
+            mine, weight = mine.new_zeros(1), 0.0  # rank's sums have every key all the same
         for start in range(0, len(mine), config.train.batch_size):
             index = mine[start : start + config.train.batch_size]
             x = self._batch(self.val_images, index)
@@ -418,11 +459,12 @@ class Trainer:
                 perceptual=self.train_step.perceptual,
             )
             for name, value in terms.items():
-                totals[name] = totals.get(name, 0) + value.double() * len(index)
+                totals[name] = totals.get(name, 0) + value.double() * (weight * len(index))
             psnr_sum += (
                 psnr(to_unit(out.image.float(), config.data.range), to_unit(x, config.data.range))
                 .double()
                 .sum()
+                * weight
             )
         totals["psnr"] = psnr_sum
         return {f"val_{k}": float(v) / n for k, v in self.dist.reduce(totals).items()}
@@ -516,7 +558,7 @@ class Trainer:
         from aecli.generate import preview_sheets
         from aecli.inference import Predictor
 
-        predictor = Predictor(self.run.weights, str(self.device))
+        predictor = Predictor(self.run.weights, self.device)
         if not predictor.variational and "mean" not in (predictor.info.latent_stats or {}):
             return
         ends = self.grid_images[:2].cpu()
@@ -589,10 +631,10 @@ class Trainer:
         return signal.signal(signal.SIGINT, handler)
 
     def _save_on_interrupt(self) -> None:
+        record = {"epoch": self.state.epoch, "step": self.state.step}
+        record.update(self._validate())  # on every rank: it ends in a sum over them
         if self.dist.main:
             self._save_checkpoint()
-            record = {"epoch": self.state.epoch, "step": self.state.step}
-            record.update(self._validate())
             self._save_weights(record)
         raise Interrupted(
             f"stopped at epoch {self.state.epoch}, step {self.state.step}; checkpoint saved. "

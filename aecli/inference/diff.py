@@ -48,7 +48,14 @@ def diff_files(
     worst: list[tuple[float, int, dict]] = []  # a min-heap of the `top` largest MSEs
     models = [predictor] if vs is None else [predictor, vs]
     for batch in load_batches(
-        files, predictor.channels, size, batch_size, workers, failures=failures, progress=progress
+        files,
+        predictor.channels,
+        size,
+        batch_size,
+        workers,
+        failures=failures,
+        progress=progress,
+        pin_memory=predictor.execution.pins_memory,
     ):
         recons = [m.reconstruct(batch.images) for m in models]
         originals = batch.images.to(recons[0].device)

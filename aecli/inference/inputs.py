@@ -66,11 +66,19 @@ class ImageBatch:
         return len(self.indices)
 
     def __add__(self, other: ImageBatch) -> ImageBatch:
+        """Both batches' images in one, in pinned memory where both are pinned."""
+        pinned = self.images.is_pinned() and other.images.is_pinned()
+        shape = (len(self) + len(other), *self.images.shape[1:])
+        out = torch.empty(shape, dtype=self.images.dtype, pin_memory=pinned)
         return ImageBatch(
             self.indices + other.indices,
-            torch.cat([self.images, other.images]),
+            torch.cat([self.images, other.images], out=out),
             self.original_sizes + other.original_sizes,
         )
+
+    def pin_memory(self) -> ImageBatch:
+        """The batch in pinned memory (the DataLoader's pinning thread calls this)."""
+        return ImageBatch(self.indices, self.images.pin_memory(), self.original_sizes)
 
     def split(self, n: int) -> tuple[ImageBatch, ImageBatch]:
         """The first n images, and the rest."""
@@ -154,8 +162,11 @@ def load_batches(
     failures: dict[int, Failure],
     progress: Progress = no_progress,
     original_sizes: bool = False,
+    pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Decoded images in batches of one size each (`size` None keeps native sizes).
+    """Decoded images in batches of one size each (`size` None keeps native sizes), in pinned
+    memory with `pin_memory` (pinned by the DataLoader's thread, beside the main one, for
+    copies to a GPU that do not block the host).
 
     Files that cannot be read go into `failures` by index (and count as done for `progress`).
     `original_sizes` makes each batch's `original_sizes` exact (no reduced-scale JPEG decoding).
@@ -167,6 +178,7 @@ def load_batches(
         num_workers=workers,
         collate_fn=_group_by_shape,
         prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory,
     )
     pending: dict[tuple, ImageBatch] = {}  # per image size, fewer than batch_size images
     for groups, failed in loader:

@@ -49,6 +49,7 @@ def encode_files(
         workers,
         failures=failures,
         progress=progress,
+        pin_memory=predictor.execution.pins_memory,
     ):
         shape = tuple(batch.images.shape[-2:])
         if first is None:

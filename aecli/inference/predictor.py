@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from aecli.data.transforms import to_uint8
-from aecli.devices import Execution, available_memory, resolve_device
+from aecli.devices import Execution, available_memory, resolved
 from aecli.errors import UsageError
 from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.weights import WeightsInfo, load_weights
@@ -24,11 +24,12 @@ MAX_AUTO_BATCH = 512
 class Predictor:
     """A model loaded from a weights file, with what batch inference needs to know about it."""
 
-    def __init__(self, weights: str | Path, device: str | None = None):
+    def __init__(self, weights: str | Path, device: torch.device | str | None = None):
+        """`device`: a device resolve_device gave (used as it is), or a `--device` name."""
         self.tiling: Tiling | None = None
         self.tile_batch = 1  # tiles at a time, set with the tiling
         self._activations: dict[tuple, int] = {}
-        self.device = resolve_device(device)
+        self.device = resolved(device)
         model, info = load_weights(weights, self.device)
         self.model: Autoencoder = model
         self.info: WeightsInfo = info

@@ -68,6 +68,7 @@ def reconstruct_files(
         workers,
         failures=failures,
         progress=progress,
+        pin_memory=predictor.execution.pins_memory,
         original_sizes=keep_size,
     )
 

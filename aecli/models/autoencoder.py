@@ -9,25 +9,35 @@ from torch import nn
 
 
 class DiagonalGaussian:
-    """q(z | x) of a VAE: a diagonal Gaussian from mean and log-variance."""
+    """q(z | x) of a VAE: a diagonal Gaussian from mean and log-variance, held in fp32 whatever
+    the encoder ran in: under bf16 autocast (8 bits of mantissa) the KL's exp(logvar) - 1 -
+    logvar cancels to a fraction of its value near the prior, and its gradient vanishes for
+    |logvar| < 2^-8."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
-        self.mean = mean
+        self.mean = mean.float()
         # Same clamp as latent diffusion: keeps exp() finite early in training.
-        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.logvar = logvar.float().clamp(-30.0, 20.0)
 
     def mode(self) -> torch.Tensor:
         return self.mean
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A draw from q(z | x): from the global RNG on the mean's device, or float32 noise from
-        `generator` on its own device (the same noise for a seed wherever the model runs)."""
+        """A draw from q(z | x): from the global RNG on the mean's device, or from `generator`
+        on its own device, one item after another, so that an item's noise depends on the seed
+        and its place in the sequence, not on the batch size (the CPU sampler draws a batch in
+        blocks of 16 values and redraws the last block for sizes that are not multiples of
+        16), nor on the device the model runs on."""
         if generator is None:
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
         else:
-            noise = torch.randn(self.mean.shape, generator=generator, device=generator.device).to(
-                self.mean.device
-            )
+            shape = self.mean.shape[1:]
+            noise = torch.stack(
+                [
+                    torch.randn(shape, generator=generator, device=generator.device)
+                    for _ in range(len(self.mean))
+                ]
+            ).to(self.mean.device)
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def kl(self) -> torch.Tensor:
