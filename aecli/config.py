@@ -25,6 +25,10 @@ NormKind = Literal["none", "batch", "group", "instance"]
 Size2 = Union[int, tuple[int, int]]  # noqa: UP007  (pydantic needs the runtime union)
 
 
+def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -167,10 +171,50 @@ class DataConfig(Strict):
     )
     builtin_count: int = Field(2048, gt=1, description="images in the built-in shapes data")
     augment: AugmentConfig = AugmentConfig()
+    stream: Literal["auto"] | bool = Field(
+        "auto",
+        description="read images from disk in worker processes every epoch instead of holding "
+        "the decoded set in memory: auto streams where the decoded set would take more than a "
+        "quarter of available memory, or data.resize / data.crop: random ask for full images; "
+        "WebDataset shards always stream",
+    )
+    resize: int | tuple[int, int] | None = Field(
+        None,
+        description="streamed: resize each image's shorter side to N, or to a size drawn per "
+        "sample from [lo, hi], before data.crop takes data.image_size from it",
+    )
+    crop: Literal["center", "random"] = Field(
+        "center", description="streamed: where the image_size crop is taken from each image"
+    )
+    val_max: int = Field(
+        1000, gt=0, description="streamed: at most this many validation images (in memory)"
+    )
+    workers: int | None = Field(
+        None, ge=0, description="streamed: decoding processes (default: one per core but one)"
+    )
 
     @property
     def size(self) -> tuple[int, int]:
         return to_hw(self.image_size)
+
+    @property
+    def resize_range(self) -> tuple[int, int] | None:
+        """data.resize as (lo, hi) shorter sides, or None."""
+        return None if self.resize is None else to_hw(self.resize)
+
+    @model_validator(mode="after")
+    def _resize_covers_the_crop(self) -> DataConfig:
+        low, high = self.resize_range or (max(self.size), max(self.size))
+        if low > high:
+            raise ValueError(f"resize: [{low}, {high}] must run from low to high")
+        if low < max(self.size):
+            raise ValueError(
+                f"resize: a shorter side of {low} is less than the crop ({max(self.size)}, "
+                "data.image_size)"
+            )
+        if self.stream is False and (self.resize is not None or self.crop == "random"):
+            raise ValueError("resize and crop: random need data.stream (auto or true)")
+        return self
 
 
 class LatentConfig(Strict):
@@ -338,10 +382,6 @@ class Config(Strict):
         if self.loss.reconstruction == "bce" and self.data.range != "unit":
             raise ValueError("loss.reconstruction bce needs data.range unit (targets in [0, 1])")
         return self
-
-
-def to_hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 # ---------------------------------------------------------------------------------------------

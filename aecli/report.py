@@ -138,7 +138,14 @@ def describe_source(data: dict) -> str:
         return data.get("path", "?")
     if data.get("kind") == "builtin-shapes":
         return f"built-in shapes ({data.get('count')} images)"
-    return f"{data.get('path', '?')} ({data.get('count', '?')} images)"
+    if data.get("kind") == "shards":
+        how = f"{data.get('shards', '?')} WebDataset shards, streamed"
+    elif "streamed" in data:
+        how = "streamed" if data["streamed"] else "in memory"
+    else:  # a source that is always in memory, or one recorded before streaming existed
+        how = ""
+    count = f"{data.get('count', '?')} images" + (f", {how}" if how else "")
+    return f"{data.get('path', '?')} ({count})"
 
 
 def _finite(value) -> bool:

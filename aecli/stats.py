@@ -7,7 +7,7 @@ its C channels, with every position of every image a sample. Per class too where
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -19,21 +19,17 @@ MAX_CLASS_COVARIANCE = 2**24
 @torch.inference_mode()
 def latent_statistics(
     model: Autoencoder,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
     num_classes: int,
-    to_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batch_size: int,
     reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda t: t,
-    index: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Sums over the posterior means of `images` (those at `index`), reduced, then moments."""
+    """Sums over the posterior means of `batches` ((model input, labels or None) each),
+    reduced (over the ranks), then moments."""
     model.eval()
-    index = torch.arange(len(images)) if index is None else index
     spatial = len(model.latent_shape) == 3
     dim = model.latent_shape[0]
     device = next(model.parameters()).device
-    with_classes = labels is not None and num_classes > 0
+    with_classes = num_classes > 0
     class_cov = with_classes and num_classes * dim * dim <= MAX_CLASS_COVARIANCE
     sums = {
         "count": torch.zeros((), dtype=torch.float64, device=device),
@@ -47,12 +43,8 @@ def latent_statistics(
             sums["class_outer"] = torch.zeros(
                 num_classes, dim, dim, dtype=torch.float64, device=device
             )
-    # labels and indices copied to their devices once, not per batch
-    all_labels = labels[index].to(device) if with_classes else None
-    index = index.to(images.device)
-    for start in range(0, len(index), batch_size):
-        batch_index = index[start : start + batch_size]
-        z = model.encode(to_batch(images, batch_index).float()).mode().double()
+    for x, labels in batches:
+        z = model.encode(x.float()).mode().double()
         if spatial:  # (B, C, H, W) -> (B*H*W, C), one sample per position
             positions = z.shape[2] * z.shape[3]
             z = z.permute(0, 2, 3, 1).reshape(-1, dim)
@@ -62,7 +54,7 @@ def latent_statistics(
         sums["sum"] += z.sum(0)
         sums["outer"] += z.T @ z
         if with_classes:
-            y = all_labels[start : start + batch_size].repeat_interleave(positions)
+            y = labels.to(device).repeat_interleave(positions)
             sums["class_count"].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
             sums["class_sum"].index_add_(0, y, z)
             if class_cov:

@@ -23,6 +23,7 @@ EXAMPLES = """
   aecli train my-preset.yaml --data photos/ --device cuda --json
   aecli train --init sd-vae-ft-mse/ --data photos/ --set train.freeze=encoder
   aecli train cifar-res --data images/ --log-to tensorboard
+  aecli train cat-kl-f8 --data 'shards/{00000..00199}.tar' --set data.crop=random
 """
 
 
@@ -93,8 +94,18 @@ def train(
         None,
         "--data",
         "-d",
-        help="A folder of images (subfolders become class labels) or a "
-        ".npy / .npz array file. Without it, built-in coloured shapes are generated.",
+        help="A folder of images (subfolders become class labels), WebDataset tar shards (one "
+        ".tar, a folder of them, or a quoted brace pattern such as 'shards/{00000..00099}.tar', "
+        "always streamed from disk), MNIST IDX or CIFAR files, or a .npy / .npz array file. "
+        "Folders too large for memory stream (data.stream). Without it, built-in coloured "
+        "shapes are generated.",
+        show_default=False,
+    ),
+    val_data: Path = typer.Option(
+        None,
+        "--val-data",
+        help="A separate validation set (images held in memory: a folder, IDX, CIFAR or array "
+        "file); nothing of --data is held out then.",
         show_default=False,
     ),
     out: Path = typer.Option(
@@ -194,6 +205,7 @@ def train(
             plan.config = _with_log_to(plan.config, log_to)
         config, name, run_dir = plan.config, plan.preset, resume
         data = data if data is not None else plan.data_path
+        val_data = val_data if val_data is not None else plan.val_data_path
         _check_outside_data(run_dir, data, "--resume")
         created = None
     else:
@@ -231,7 +243,7 @@ def train(
 
     try:
         with console.status("loading data"):
-            dataset = load_data(data, config.data, config.train.seed)
+            dataset = load_data(data, config.data, config.train.seed, validation=val_data)
     except BaseException:
         if created is not None:
             remove_if_empty(run_dir, created)
@@ -244,6 +256,7 @@ def train(
         f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
         f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
     )
+    console.print(_data_path_line(dataset))
     if start is not None:
         console.print(f"Initialised from {init}: {start.describe()}")
     if config.train.freeze != "none":
@@ -254,6 +267,7 @@ def train(
         )
     else:
         data_path = None if data is None else str(Path(data).resolve())
+        val_data_path = None if val_data is None else str(Path(val_data).resolve())
         result = run_training(
             config,
             dataset,
@@ -262,6 +276,7 @@ def train(
             device=resolved_device,
             reporter=RichReporter(),
             data_path=data_path,
+            val_data_path=val_data_path,
             init=start.tensors if start is not None else None,
         )
 
@@ -278,6 +293,7 @@ def train(
         "fingerprint": result.fingerprint,
         "stopped_early": result.stopped_early,
         "best_epoch": result.best_epoch,
+        "skipped_images": len(dataset.skipped) + len(result.skipped),
         "final": final,
     }
     early = f" (stopped early; best epoch {result.best_epoch})" if result.stopped_early else ""
@@ -288,10 +304,28 @@ def train(
         ("epochs / steps", f"{result.epochs} / {result.steps}{early}"),
         ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
     ]
+    if summary["skipped_images"]:
+        rows.append(("skipped images", summary["skipped_images"]))
     rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]
     console.print(key_value_table("Training finished", rows))
     if as_json and main_rank:
         print_json(summary)
+
+
+def _data_path_line(dataset) -> str:
+    """How the data reaches the model: streamed (and how) or held in memory."""
+    from aecli.data.stream import StreamedData, default_workers
+
+    if not isinstance(dataset, StreamedData):
+        return "Data held in memory (decoded once)."
+    workers = dataset.config.workers
+    workers = default_workers() if workers is None else workers
+    validation = len(dataset.validation)
+    return (
+        f"Data streamed from disk by {workers} worker process{'es' if workers != 1 else ''} "
+        f"every epoch; {validation} validation image{'s' if validation != 1 else ''} in memory "
+        "(data.stream)."
+    )
 
 
 def _with_log_to(config, log_to: list[LogTarget]):

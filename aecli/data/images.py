@@ -7,6 +7,7 @@ be used raises ImageReadError with a reason a person can act on, never anything 
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import stat
@@ -58,11 +59,31 @@ def read_image(path: str | Path, channels: int = 3, *, at_least: int | None = No
         raise ImageReadError(path, _with_notes(exc.reason, said)) from None
 
 
-def _decode(path: str | Path, channels: int, at_least: int | None, said: list[str]) -> np.ndarray:
+def read_image_bytes(
+    data: bytes, name: str, channels: int = 3, *, at_least: int | None = None
+) -> np.ndarray:
+    """`read_image` for an image held in memory (a member of a tar shard), `name` saying where
+    it came from in messages."""
+    said: list[str] = []
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+        return _decode(name, channels, at_least, said, io.BytesIO(data))
+    except ImageReadError as exc:
+        raise ImageReadError(name, _with_notes(exc.reason, said)) from None
+
+
+def _decode(
+    path: str | Path,
+    channels: int,
+    at_least: int | None,
+    said: list[str],
+    data: io.BytesIO | None = None,
+) -> np.ndarray:
+    try:
+        # a FIFO would block, a device never end
+        if data is None and not stat.S_ISREG(os.stat(path).st_mode):
             raise ImageReadError(path, "not a regular file")
-        with _warnings_to(said), Image.open(path, formats=ALLOWED_FORMATS) as image:
+        source = path if data is None else data
+        with _warnings_to(said), Image.open(source, formats=ALLOWED_FORMATS) as image:
             # Pillow only warns between its two limits; a bomb is an error here at any size.
             if image.width * image.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
                 raise Image.DecompressionBombError(f"{image.width}x{image.height}")

@@ -1,4 +1,5 @@
-"""Data sources, detected from the path; each becomes one uint8 (N, C, H, W) tensor + labels."""
+"""Data sources, detected from the path: in memory as one uint8 (N, C, H, W) tensor + labels, or
+streamed from disk (aecli.data.stream) where a folder is too large, and for WebDataset shards."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from aecli.data.images import (
     read_image,
 )
 from aecli.data.shapes import CLASS_NAMES, make_shapes
+from aecli.data.stream import StreamedData, choose_validation, open_stream, shard_paths
 from aecli.errors import DataError
 
 LAYOUTS = (
@@ -51,12 +53,44 @@ class ImageData:
         return ImageData(self.images[index], labels, self.class_names, self.source)
 
 
-def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> ImageData:
-    """Load the data a path names (or the built-in shapes when None), fitted to the preset."""
+def load_data(
+    path: str | Path | None,
+    config: DataConfig,
+    seed: int = 0,
+    *,
+    validation: str | Path | None = None,
+) -> ImageData | StreamedData:
+    """Load the data a path names (or the built-in shapes when None), fitted to the preset:
+    in memory, or streamed from disk (folders as data.stream decides, WebDataset shards
+    always). `validation` (--val-data) is a separate validation set, held in memory."""
+    held_out = None
+    if validation is not None:
+        if shard_paths(validation):
+            raise DataError(
+                "--val-data takes images held in memory: a folder, IDX, CIFAR or array file, "
+                "not shards",
+                path=validation,
+            )
+        held_out = load_data(validation, config.model_copy(update={"stream": False}), seed)
+        held_out.source = {**held_out.source, "split": "validation"}
+    data = _load(path, config, seed)
+    if isinstance(data, StreamedData):
+        return choose_validation(data, config.val_fraction, held_out)
+    if held_out is not None:
+        data.validation = held_out
+    return data
+
+
+def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData | StreamedData:
     if path is None:
+        if config.stream is True:
+            raise DataError("data.stream: the built-in shapes are made in memory")
         images, labels = make_shapes(config.builtin_count, config.size, config.channels, seed)
         source = {"kind": "builtin-shapes", "count": len(images), "seed": seed}
         return ImageData(torch.from_numpy(images), torch.from_numpy(labels), CLASS_NAMES, source)
+    shards = shard_paths(path)
+    if shards is not None:
+        return open_stream(path, config, shards)
     path = Path(path)
     if not path.exists():
         raise DataError(f"does not exist; --data takes {LAYOUTS}", path=path)
@@ -66,11 +100,14 @@ def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> Ima
             idx_files = None if layout else find_idx_splits(path)
         except PermissionError:
             raise DataError("permission denied", path=path) from None
-        if layout:
-            return _load_cifar(path, layout, config)
-        if idx_files:
-            return _load_idx(*idx_files, config)
-        return _load_folder(path, config)
+        if layout or idx_files:
+            _in_memory_only(config, path)
+            return _load_cifar(path, layout, config) if layout else _load_idx(*idx_files, config)
+        listing = list_images([path])
+        if _streams(config, len(listing[0])):
+            return open_stream(path, config, None, listing)
+        return _load_folder(path, config, listing)
+    _in_memory_only(config, path)
     if is_idx(path):
         return _load_idx(path, None, config)
     if path.suffix.lower() in (".npy", ".npz"):
@@ -78,8 +115,39 @@ def load_data(path: str | Path | None, config: DataConfig, seed: int = 0) -> Ima
     raise DataError(f"not a data source aecli understands; --data takes {LAYOUTS}", path=path)
 
 
-def _load_folder(root: Path, config: DataConfig) -> ImageData:
-    files, failures = list_images([root])
+def _in_memory_only(config: DataConfig, path: Path) -> None:
+    if config.stream is True or config.resize is not None or config.crop == "random":
+        raise DataError(
+            "data.stream, data.resize and data.crop: random read image folders and WebDataset "
+            "shards; this source is read into memory whole",
+            path=path,
+        )
+
+
+# A folder streams (data.stream: auto) where its decoded pixels would take more than this share
+# of the memory available when the run starts.
+STREAM_SHARE = 0.25
+
+
+def _streams(config: DataConfig, count: int) -> bool:
+    """Whether a folder of `count` images streams: as data.stream says, and for auto where
+    data.resize or a random crop needs the full images every epoch, or the decoded set would
+    take more than STREAM_SHARE of available memory."""
+    if config.stream != "auto":
+        return bool(config.stream)
+    if config.resize is not None or config.crop == "random":
+        return True
+    from aecli.devices import available_memory
+
+    available = available_memory(torch.device("cpu", 0))
+    h, w = config.size
+    return available is not None and count * config.channels * h * w > STREAM_SHARE * available
+
+
+def _load_folder(
+    root: Path, config: DataConfig, listing: tuple[list, list[Failure]] | None = None
+) -> ImageData:
+    files, failures = listing if listing is not None else list_images([root])
     if not files:
         raise DataError(
             f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
@@ -108,7 +176,7 @@ def _load_folder(root: Path, config: DataConfig) -> ImageData:
     labels = None
     if all_labels is not None:
         labels = torch.tensor([all_labels[i] for i in keep], dtype=torch.int64)
-    source = {"kind": "folder", "path": str(root), "count": len(keep)}
+    source = {"kind": "folder", "path": str(root), "count": len(keep), "streamed": False}
     return ImageData(images.contiguous(), labels, class_names, source, failures)
 
 

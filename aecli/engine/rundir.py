@@ -140,12 +140,13 @@ class RunDirectory:
 
 @dataclass
 class ResumePlan:
-    """What `--resume DIR` continues: the run's config, preset name and data path."""
+    """What `--resume DIR` continues: the run's config, preset name and data paths."""
 
     config: Config
     preset: str
     data_path: str | None
     checkpoint: dict
+    val_data_path: str | None = None
 
 
 def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
@@ -171,4 +172,10 @@ def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
             "with a larger total to train on",
             path=run_dir,
         )
-    return ResumePlan(config, checkpoint["preset"], checkpoint["data_path"], checkpoint)
+    return ResumePlan(
+        config,
+        checkpoint["preset"],
+        checkpoint["data_path"],
+        checkpoint,
+        checkpoint.get("val_data_path"),
+    )

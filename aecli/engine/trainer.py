@@ -14,14 +14,17 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from aecli.config import Config
 from aecli.data import ImageData, split
+from aecli.data.stream import StreamedData, batch_loader
 from aecli.data.transforms import to_uint8, to_unit
 from aecli.devices import (
     NOT_DETERMINISTIC,
@@ -49,6 +52,9 @@ from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
 from aecli.models import Autoencoder, build_model
 from aecli.stats import latent_statistics
+
+# A stream's latent statistics (for `aecli sample`) come from at most this many training images.
+STATISTICS_MAX = 20_000
 
 
 class Reporter(Protocol):
@@ -82,6 +88,7 @@ class TrainResult:
     fingerprint: str = ""
     stopped_early: bool = False
     best_epoch: int | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # streamed images that failed
 
 
 @dataclass
@@ -99,6 +106,7 @@ class TrainState:
     stopped_early: bool = False
     finished: bool = False  # the final weights (with latent statistics) are written
     totals: dict[str, float] = field(default_factory=dict)  # this epoch's running loss sums
+    skipped: int = 0  # this epoch's streamed images (on this rank) that failed to decode
 
 
 class Window:
@@ -126,6 +134,7 @@ class Trainer:
         device: torch.device | str | None = None,
         reporter: Reporter | None = None,
         data_path: str | None = None,
+        val_data_path: str | None = None,
         init: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.preset = config, preset
@@ -141,8 +150,16 @@ class Trainer:
         self.dist = setup_distributed(self.device)
         self.reporter = reporter if reporter is not None and self.dist.main else SilentReporter()
         self.data_description, self.data_path = data.source, data_path
+        self.val_data_path = val_data_path
         self.class_names = data.class_names
-        self.train_data, self.val_data = split(data, config.data.val_fraction, config.train.seed)
+        self.stream = data if isinstance(data, StreamedData) else None
+        if self.stream is not None:  # the validation images are held out already
+            self.train_data, self.val_data = data, data.validation
+        else:
+            self.train_data, self.val_data = split(
+                data, config.data.val_fraction, config.train.seed
+            )
+        self.skipped: dict[str, str] = {}  # streamed images that failed to decode: path, reason
         self.state = TrainState()
         self.fingerprint = ""
         self._stop_requested = False  # this process's Ctrl-C
@@ -173,7 +190,7 @@ class Trainer:
             notice=self.reporter.notice,
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
-        self.train_images = self._place(self.train_data.images)
+        self.train_images = None if self.stream else self._place(self.train_data.images)
         self.val_images = self._place(self.val_data.images)
         self.grid_images = self.val_images[: config.train.grid_images]
         self.steps_per_epoch = math.ceil(self.shard_size / self.rank_batch)
@@ -290,7 +307,7 @@ class Trainer:
                 self._early_stopping(record)
                 history.append(record)
                 self.state.epoch += 1
-                self.state.batch, self.state.totals = 0, {}
+                self.state.batch, self.state.totals, self.state.skipped = 0, {}, 0
                 if self.dist.main:
                     self._log(record)
                     self._write_grid(record["epoch"])
@@ -320,35 +337,29 @@ class Trainer:
             fingerprint=self.fingerprint,
             stopped_early=self.state.stopped_early,
             best_epoch=self.state.best_epoch or None,
+            skipped=self.skipped,
         )
 
     def _train_epoch(self) -> dict:
         train, state = self.config.train, self.state
         self.model.train()
         epoch = state.epoch
-        order = torch.randperm(
-            len(self.train_data),
-            generator=torch.Generator().manual_seed(step_seed(train.seed, -epoch)),
-        )
-        shard = order[: self.shard_size * self.dist.world][self.dist.rank :: self.dist.world]
-        shard = shard.to(self.train_images.device)  # one copy per epoch, none per step
         self._totals = dict(state.totals)
         self._window = Window()
         total_steps = train.epochs * self.steps_per_epoch
         started = time.perf_counter()
         images_this_run = 0
-        for i in range(state.batch, self.steps_per_epoch):
-            index = shard[i * self.rank_batch : (i + 1) * self.rank_batch]
+        for i, images in self._epoch_batches(epoch):
             lr = learning_rate(self.config, state.step, total_steps, self.steps_per_epoch)
-            if not self._window.results:
-                self._window.first_step = state.step
-            self._window.results.append(
-                self.train_step(self._batch(self.train_images, index), state.step, lr)
-            )
-            self._window.weights.append(len(index))
-            state.step += 1
+            if len(images):
+                if not self._window.results:
+                    self._window.first_step = state.step
+                x = self.execution.prepare(images, self.config.data.range)
+                self._window.results.append(self.train_step(x, state.step, lr))
+                self._window.weights.append(len(images))
+                state.step += 1
             state.batch = i + 1
-            images_this_run += len(index) * self.dist.world
+            images_this_run += len(images) * self.dist.world
             last = i + 1 == self.steps_per_epoch
             if (i + 1) % train.log_every == 0 or last:
                 self._sync()
@@ -380,7 +391,8 @@ class Trainer:
         state.images += images_this_run
         names = list(self._totals)
         totals = dict(zip(names, self.dist.sum([self._totals[k] for k in names]), strict=True))
-        n = self.shard_size * self.dist.world
+        # the images trained on: less the streamed ones that failed, on every rank
+        n = self.shard_size * self.dist.world - int(self.dist.sum([float(state.skipped)])[0])
         record = {"kind": "epoch", "epoch": epoch, "step": state.step}
         record.update({k: v / n for k, v in totals.items()})
         record["lr"] = self.train_step.lr
@@ -390,6 +402,50 @@ class Trainer:
             record["mfu"] = round(per_gpu * self.step_flops / self.peak, 4)
         record["seconds"] = round(seconds, 3)
         return record
+
+    def _rank_order(self, epoch: int) -> torch.Tensor | np.ndarray:
+        """This rank's share of the epoch's order of training images (positions in the
+        in-memory tensor, or sample numbers of the stream): every rank an equal share."""
+        seed = self.config.train.seed
+        if self.stream is not None:
+            order = self.stream.epoch_order(seed, epoch)
+        else:
+            generator = torch.Generator().manual_seed(step_seed(seed, -epoch))
+            order = torch.randperm(len(self.train_data), generator=generator)
+        return order[: self.shard_size * self.dist.world][self.dist.rank :: self.dist.world]
+
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(batch number, uint8 (B, C, H, W) images) of this rank's batches of the epoch, from
+        the first one not trained yet (state.batch): indexed from the tensor in memory, or
+        decoded by the stream's workers, which never read the batches before it. A streamed
+        image that cannot be decoded is named once and left out of its batch."""
+        share, b = self._rank_order(epoch), self.rank_batch
+        if self.stream is None:
+            share = share.to(self.train_images.device)  # one copy per epoch, none per step
+            for i in range(self.state.batch, self.steps_per_epoch):
+                yield i, self.train_images[share[i * b : (i + 1) * b]]
+            return
+        batches = [share[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
+        loader = batch_loader(
+            self.stream,
+            batches,
+            self.state.batch,
+            self.config.train.seed,
+            epoch,
+            pin_memory=self.execution.pins_memory,
+        )
+        for i, images, _, failures in loader:
+            for failure in failures:
+                if failure.path not in self.skipped:
+                    self.skipped[failure.path] = failure.reason
+                    self.reporter.notice(f"skipped {failure.path}: {failure.reason}")
+                self.state.skipped += 1
+            if not len(images) and self.dist.world > 1:
+                raise TrainingError(
+                    f"no image of batch {i + 1} on rank {self.dist.rank} could be decoded; "
+                    "under torchrun every rank needs one to take the step"
+                )
+            yield i, images
 
     def _sync(self) -> None:
         """Read the window's step results (the host waits for the device here, once): stop on
@@ -490,15 +546,12 @@ class Trainer:
         rule = self.config.train.early_stopping
         if rule is not None and rule.restore_best and self.best_weights is not None:
             self.eval_model.load_state_dict(self.best_weights)
+        labelled = self.train_data.labels is not None and self.class_names
         stats = latent_statistics(
             self.eval_model,
-            self.train_images,
-            self.train_data.labels,
-            len(self.class_names or []),
-            self._batch,
-            self.config.train.batch_size,
+            self._statistics_batches(),
+            len(self.class_names) if labelled else 0,
             self.dist.reduce,
-            torch.arange(self.dist.rank, len(self.train_data), self.dist.world),
         )
         if self.dist.main and history:
             record = history[-1]
@@ -512,9 +565,35 @@ class Trainer:
             self._save_checkpoint()
             ended = "stopped" if self.state.stopped_early else "finished"
             reason = f"early stopping at epoch {history[-1]['epoch']}" if ended == "stopped" else ""
-            self.run.write_state(ended, reason=reason, checkpoint=True)
+            self.run.write_state(
+                ended, reason=reason, checkpoint=True, skipped_images=len(self.skipped)
+            )
             self._write_report()
         self.dist.barrier()
+
+    def _statistics_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(model input, labels) over the training images for the latent statistics, each rank
+        its share: every image in memory; of a stream at most STATISTICS_MAX, centre crops."""
+        batch_size, labels = self.config.train.batch_size, self.train_data.labels
+        if self.stream is None:
+            index = torch.arange(self.dist.rank, len(self.train_data), self.dist.world)
+            if labels is not None:
+                labels = labels[index].to(self.device)  # copied once, not per batch
+            index = index.to(self.train_images.device)
+            for start in range(0, len(index), batch_size):
+                chunk = index[start : start + batch_size]
+                y = None if labels is None else labels[start : start + batch_size]
+                yield self._batch(self.train_images, chunk), y
+            return
+        share = self.stream.train[:STATISTICS_MAX][self.dist.rank :: self.dist.world]
+        batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+        loader = batch_loader(
+            self.stream, batches, 0, None, 0, pin_memory=self.execution.pins_memory
+        )
+        for _, images, samples, _ in loader:  # failures were named while training
+            if len(images):
+                y = None if labels is None else labels[samples]
+                yield self.execution.prepare(images, self.config.data.range), y
 
     # -- files -------------------------------------------------------------------------------
 
@@ -597,6 +676,7 @@ class Trainer:
                 "best_weights": self.best_weights,
                 "preset": self.preset,
                 "data_path": self.data_path,
+                "val_data_path": self.val_data_path,
             }
         )
 
@@ -645,7 +725,8 @@ class Trainer:
 def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
     """Train a model on `data` and write the run directory (DESIGN section 4).
 
-    `options` are Trainer's keywords: preset (required), device, reporter, data_path, init.
+    `options` are Trainer's keywords: preset (required), device, reporter, data_path,
+    val_data_path, init.
     """
     return Trainer(config, data, run_dir, **options).fit()
 
@@ -653,7 +734,13 @@ def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainRes
 def resume(plan: ResumePlan, data: ImageData, run_dir: Path, **options) -> TrainResult:
     """Continue a planned run (options: device, reporter)."""
     trainer = Trainer(
-        plan.config, data, run_dir, preset=plan.preset, data_path=plan.data_path, **options
+        plan.config,
+        data,
+        run_dir,
+        preset=plan.preset,
+        data_path=plan.data_path,
+        val_data_path=plan.val_data_path,
+        **options,
     )
     trainer.restore(plan.checkpoint)
     return trainer.fit()
