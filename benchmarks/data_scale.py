@@ -10,13 +10,16 @@ as WebDataset shards of 1,000, and measures for each N:
   set fits;
 - `loader`: images/s of aecli's streamed loader alone (decode, resize, random crop, batches)
   over the first LOADER_IMAGES images, against a bare Pillow loop doing the same work with the
-  same number of processes;
-- `train`: images/s of training streamed against in memory, on the same images, for a model
-  whose step costs more than decoding (cifar-res at 64x64): the median of --repeats epochs.
+  same number of processes, and on the shards against the webdataset package's pipeline doing
+  the same work (where it is installed);
+- `train`: images/s of training streamed (random 48x48 crops of photos resized to 52-64) against
+  in memory (centre crops), on the same images, for a model whose step costs more than decoding
+  (TRAIN_PRESET, fully convolutional): the median of --repeats epochs.
 
     python benchmarks/data_scale.py                     # N = 2,000 and 20,000
     python benchmarks/data_scale.py --images 2000 --repeats 3
     python benchmarks/data_scale.py --images 200000 --dir /big/disk
+    python benchmarks/data_scale.py --demo              # 26.5 GB of pixels through one epoch
 
 Targets (2-core machine): peak memory at 20,000 within 10% of 2,000; first step under 10 s at
 20,000; loader at least 80% of the bare loop; streamed training at least 90% of in memory.
@@ -41,13 +44,13 @@ import numpy as np
 from PIL import Image
 
 LOADER_IMAGES = 2000
-CROP = 64
+CROP = 32
 PRESET_ARGS = [
     "cifar-res",
     "--set",
     f"data.image_size={CROP}",
     "--set",
-    "data.resize=[72,96]",
+    "data.resize=[36,48]",
     "--set",
     "data.crop=random",
     "--batch-size",
@@ -101,8 +104,90 @@ def write_data(root: Path, n: int) -> tuple[Path, Path]:
     return folder, shards
 
 
-def timed_train(data: Path, out: Path, extra: list[str]) -> dict:
+# For streamed against in-memory training: a fully convolutional residual model whose step
+# (tens of ms an image on the 2-core machine) outweighs decoding (about 1 ms an image).
+TRAIN_PRESET = """\
+data: {image_size: 48, channels: 3, range: symmetric}
+model:
+  encoder:
+    - {type: conv, out: 32, kernel: 3, padding: 1}
+    - {type: resblock, out: 32, groups: 8}
+    - {type: conv, out: 64, kernel: 3, stride: 2, padding: 1}
+    - {type: resblock, out: 64, groups: 8}
+    - {type: conv, out: 64, kernel: 3, stride: 2, padding: 1}
+    - {type: resblock, out: 64, groups: 8}
+  latent: {channels: 8}
+  decoder:
+    - {type: resblock, out: 64, groups: 8}
+    - {type: upsample, factor: 2}
+    - {type: conv, out: 64, kernel: 3, padding: 1}
+    - {type: resblock, out: 64, groups: 8}
+    - {type: upsample, factor: 2}
+    - {type: conv, out: 32, kernel: 3, padding: 1}
+    - {type: resblock, out: 32, groups: 8}
+    - {type: conv, out: 3, kernel: 3, padding: 1}
+  output: none
+loss: {reconstruction: mse}
+train: {batch_size: 32}
+"""
+
+
+# --demo: a run over more decoded pixels than the 2-core machine's 23 GiB: 15,000 photos cropped
+# to 768x768 (26.5 GB), through a patch autoencoder cheap enough per pixel to finish an epoch.
+DEMO_PRESET = """\
+data: {image_size: 768, channels: 3, resize: 768, val_max: 100}
+model:
+  encoder:
+    - {type: conv, out: 16, kernel: 8, stride: 8, padding: 0, act: relu}
+  latent: {channels: 8}
+  decoder:
+    - {type: conv_transpose, out: 3, kernel: 8, stride: 8, padding: 0}
+train: {epochs: 1, batch_size: 8, grid_images: 4}
+"""
+
+
+def demo(root: Path) -> None:
+    """--demo: one epoch over the first 15 shards of 1,000 at 768x768, its time and peak RSS."""
+    preset = root / "demo.yaml"
+    preset.write_text(DEMO_PRESET)
+    out = root / "run-demo"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    started = time.perf_counter()
+    ran = subprocess.run(
+        [
+            "/usr/bin/time",
+            "-v",
+            sys.executable,
+            "-m",
+            "aecli",
+            "train",
+            str(preset),
+            "--data",
+            str(root / "20000" / "shards" / "{00000..00014}.tar"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if ran.returncode:
+        raise SystemExit(f"aecli train failed:\n{ran.stderr[-2000:]}")
+    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", ran.stderr).group(1))
+    summary = json.loads(ran.stdout)
+    pixels = 15_000 * 3 * 768 * 768
+    print(
+        f"demo: 15,000 images at 768x768 ({pixels / 1e9:.1f} GB of pixels): "
+        f"{summary['steps']} steps in {time.perf_counter() - started:.0f} s, peak RSS "
+        f"{peak / 1024**2:.2f} GB, val_psnr {summary['final']['val_psnr']:.1f} dB"
+    )
+
+
+def timed_train(data: Path, out: Path, extra: list[str], preset=None) -> dict:
     """One epoch of `aecli train` under /usr/bin/time -v: first-step time, peak RSS, img/s."""
+    preset = PRESET_ARGS if preset is None else preset
     command = [
         "/usr/bin/time",
         "-v",
@@ -110,7 +195,7 @@ def timed_train(data: Path, out: Path, extra: list[str]) -> dict:
         "-m",
         "aecli",
         "train",
-        *PRESET_ARGS,
+        *preset,
         "--data",
         str(data),
         "--out",
@@ -160,13 +245,64 @@ def loader_speed(folder: Path, workers: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def shard_loader_speed(shards: Path, workers: int) -> float:
+    """aecli's streamed loader over the shards' first LOADER_IMAGES images: images/s."""
+    from aecli.config import load_config
+    from aecli.data.stream import batch_loader, open_stream, shard_paths
+
+    config = load_config(PRESET_ARGS[0], PRESET_ARGS[2:8:2]).config.data
+    config = config.model_copy(update={"workers": workers})
+    data = open_stream(shards, config, shard_paths(shards))
+    order = data.epoch_order(0, 1)
+    order = order[np.isin(order, np.arange(LOADER_IMAGES))]
+    batches = [order[i : i + 32] for i in range(0, len(order), 32)]
+    started = time.perf_counter()
+    loader = batch_loader(data, batches, 0, 0, 1, pin_memory=False)
+    count = sum(len(images) for _, images, _, _ in loader)
+    return count / (time.perf_counter() - started)
+
+
+def _webdataset_crop(sample):
+    image = sample["jpg"]
+    rng = np.random.default_rng()
+    side = int(rng.integers(36, 49))
+    scale = side / min(image.size)
+    size = (max(CROP, round(image.width * scale)), max(CROP, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left = int(rng.integers(0, image.width - CROP + 1))
+    top = int(rng.integers(0, image.height - CROP + 1))
+    return np.asarray(image.crop((left, top, left + CROP, top + CROP)))
+
+
+def webdataset_speed(shards: Path, workers: int) -> float | None:
+    """The webdataset package's pipeline over the same shards (shuffled within a buffer,
+    decoded with PIL, the same resize and random crop, batches of 32): images/s, or None
+    where webdataset is not installed."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        return None
+    files = [str(p) for p in sorted(shards.glob("*.tar"))[: -(-LOADER_IMAGES // 1000)]]
+    pipeline = (
+        wds.WebDataset(files, shardshuffle=False, empty_check=False)
+        .shuffle(1000)
+        .decode("pil")
+        .map(_webdataset_crop)
+        .batched(32)
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
+    started = time.perf_counter()
+    count = sum(len(batch) for batch in loader)
+    return count / (time.perf_counter() - started)
+
+
 def _bare(paths: list[Path]) -> int:
     rng = np.random.default_rng(0)
     for path in paths:
         with Image.open(path) as image:
-            image.draft("RGB", (72, 72))
+            image.draft("RGB", (36, 36))
             image = image.convert("RGB")
-            side = int(rng.integers(72, 97))
+            side = int(rng.integers(36, 49))
             scale = side / min(image.size)
             image = image.resize(
                 (max(CROP, round(image.width * scale)), max(CROP, round(image.height * scale))),
@@ -193,13 +329,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/aecli-data-scale"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--demo", action="store_true", help="only the run over 26.5 GB of pixels (needs N=20,000)"
+    )
     args = parser.parse_args()
+    if args.demo:
+        write_data(args.dir / "20000", 20000)
+        demo(args.dir)
+        return
     from aecli.data.stream import default_workers
 
     workers = default_workers()
     print(
         f"{os.cpu_count()} cores, {workers} decoding worker(s); cifar-res at {CROP}x{CROP} "
-        f"crops of photos resized to 72-96 pixels; one epoch per run"
+        f"crops of photos resized to 36-48 pixels; one epoch per run"
     )
     rows = []
     for n in args.images:
@@ -222,32 +365,34 @@ def main() -> None:
         f"loader alone over {LOADER_IMAGES} images: aecli {loader:.0f} img/s, bare Pillow "
         f"loop {bare:.0f} img/s: {loader / bare:.2f}x"
     )
+    shards = args.dir / str(n) / "shards"
+    ours = statistics.median(shard_loader_speed(shards, workers) for _ in range(args.repeats))
+    theirs = [webdataset_speed(shards, workers) for _ in range(args.repeats)]
+    if theirs[0] is not None:
+        theirs = statistics.median(theirs)
+        print(
+            f"shards, loader alone: aecli {ours:.0f} img/s, webdataset {theirs:.0f} img/s "
+            f"(pip install webdataset): {ours / theirs:.2f}x"
+        )
     # training: streamed against in memory on the same images (fixed centre crops in memory)
+    preset = args.dir / "train-preset.yaml"
+    preset.write_text(TRAIN_PRESET)
+    random_crops = ["data.stream=true", "data.resize=[52,64]", "data.crop=random"]
     streamed, memory = [], []
     for repeat in range(args.repeats):
         for label, extra, into in (
-            ("stream", ["--set", "data.stream=true"], streamed),
-            (
-                "memory",
-                [
-                    "--set",
-                    "data.stream=false",
-                    "--set",
-                    "data.resize=null",
-                    "--set",
-                    "data.crop=center",
-                ],
-                memory,
-            ),
+            ("stream", random_crops, streamed),
+            ("memory", ["data.stream=false"], memory),
         ):
             out = args.dir / f"run-train-{label}-{repeat}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            into.append(timed_train(folder, out, extra))
+            sets = [word for value in extra for word in ("--set", value)]
+            into.append(timed_train(folder, out, sets, [str(preset), "--batch-size", "32"]))
     s = statistics.median(r["speed"] for r in streamed)
     m = statistics.median(r["speed"] for r in memory)
     peak_memory = statistics.median(r["peak_mb"] for r in memory)
     print(
-        f"training on N={n:,}: streamed {s:.0f} img/s, in memory {m:.0f} img/s: "
+        f"training {preset.name} on N={n:,}: streamed {s:.0f} img/s, in memory {m:.0f} img/s: "
         f"{s / m:.2f}x (in-memory peak RSS {peak_memory:,.0f} MB); medians of {args.repeats}"
     )
 

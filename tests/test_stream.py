@@ -22,6 +22,7 @@ from aecli.data.stream import (
     expand_braces,
     fit_sample,
     key_hash,
+    sample_random,
 )
 from aecli.engine import Trainer, plan_resume, resume, train
 from aecli.errors import DataError, Interrupted
@@ -107,6 +108,8 @@ def test_brace_patterns_expand_as_the_shell_does():
     assert expand_braces("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
     assert expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
     assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(DataError, match="more than 1,000,000 shards"):
+        expand_braces("{0..999999}/{0..9}.tar")  # refused before a name is made
 
 
 def test_folders_and_shards_stream_and_train(photo_folder, shard_folder, tmp_path):
@@ -161,12 +164,15 @@ def test_random_crops_repeat_by_seed_epoch_and_sample():
     config = load_config(
         "cat-kl-f8", ["data.image_size=32", "data.resize=[40,64]", "data.crop=random"]
     ).config.data
-    image = np.asarray(photo(3))
-    draw = lambda *seed: fit_sample(image, config, np.random.default_rng(seed))  # noqa: E731
+    image = photo(3)
+
+    def draw(*seed) -> np.ndarray:
+        return np.asarray(fit_sample(image, config, sample_random(*seed)))
+
     assert draw(1, 1, 3).shape == (32, 32, 3)
     assert np.array_equal(draw(1, 1, 3), draw(1, 1, 3))
     assert not np.array_equal(draw(1, 1, 3), draw(1, 2, 3))  # another epoch, another crop
-    centre = fit_sample(image, config, None)  # validation: the low end, the centre
+    centre = np.asarray(fit_sample(image, config, None))  # validation: the low end, the centre
     assert centre.shape == (32, 32, 3)
 
 
@@ -220,6 +226,7 @@ def test_bad_members_and_cut_shards_are_named_and_skipped(tmp_path, cli):
     write_shards(root, 2, 20)
     with tarfile.open(root / "00002.tar", "w") as tar:  # a member that is not a picture
         add_member(tar, "broken.jpg", b"not a jpeg at all")
+        add_member(tar, "evil\x1b[2J.jpg", b"a terminal escape in its name")
         for j in range(10):
             add_member(tar, f"good{j}.jpg", jpeg(photo(100 + j)))
     whole = (root / "00001.tar").read_bytes()
@@ -242,10 +249,11 @@ def test_bad_members_and_cut_shards_are_named_and_skipped(tmp_path, cli):
     )
     assert ran.exit_code == 0, ran.output
     assert ran.stderr.count("broken.jpg") == 1  # named once, not once an epoch
+    assert "evil\\x1b[2J.jpg" in ran.stderr and "\x1b" not in ran.stderr  # shown, not obeyed
     assert "00001.tar" in ran.stderr and "the rest is lost" in ran.stderr
     summary = json.loads(ran.stdout)
-    assert summary["skipped_images"] == 2  # the cut shard and the broken member
-    assert json.loads((run / "state.json").read_text())["skipped_images"] == 1
+    assert summary["skipped_images"] == 3  # the cut shard and the two broken members
+    assert json.loads((run / "state.json").read_text())["skipped_images"] == 2
 
 
 @pytest.mark.parametrize(
@@ -315,6 +323,16 @@ def test_ctrl_c_with_workers_running_saves_and_resumes(shard_folder, tmp_path, c
     epoch = load_checkpoint(run / "checkpoint.safetensors")["train_state"]["epoch"]
     resumed = cli("train", "--resume", run, "--epochs", epoch, "--device", "cpu")
     assert resumed.exit_code == 0, resumed.output
+
+
+def test_a_non_finite_loss_stops_a_streamed_run_with_workers_running(shard_folder, tmp_path, cli):
+    preset = tmp_path / "streamed.yaml"
+    preset.write_text(STREAMED)
+    ran = cli("train", preset, "--data", shard_folder, "--out", tmp_path / "run", "--device",
+              "cpu", "--lr", "1e12", "--set", "data.workers=2", "--epochs", "50")  # fmt: skip
+    assert ran.exit_code == 1, ran.output
+    assert "became non-finite" in ran.stderr and "Traceback" not in ran.stderr
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["state"] == "failed"
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,29 +44,41 @@ class Failure:
     reason: str
 
 
-def read_image(path: str | Path, channels: int = 3, *, at_least: int | None = None) -> np.ndarray:
+def read_image(
+    path: str | Path,
+    channels: int = 3,
+    *,
+    at_least: int | None = None,
+    fit: Callable[[Image.Image], Image.Image] | None = None,
+) -> np.ndarray:
     """Decode one image file to uint8 (H, W, channels), safely; raises ImageReadError.
 
     `at_least` lets a JPEG decode at a reduced scale (1/2, 1/4, 1/8) as long as both sides
-    stay at least that many pixels: much faster when the image is resized down anyway.
+    stay at least that many pixels: much faster when the image is resized down anyway. `fit`
+    resizes or crops the decoded picture (in the reader's channels) before it becomes an array.
     What the decoders say on the way (Pillow's warnings, libtiff's messages) is kept off the
     terminal; when the file cannot be read it joins the file's one-line reason.
     """
     said: list[str] = []
     try:
-        return _decode(path, channels, at_least, said)
+        return _decode(path, channels, at_least, fit, said)
     except ImageReadError as exc:
         raise ImageReadError(path, _with_notes(exc.reason, said)) from None
 
 
 def read_image_bytes(
-    data: bytes, name: str, channels: int = 3, *, at_least: int | None = None
+    data: bytes,
+    name: str,
+    channels: int = 3,
+    *,
+    at_least: int | None = None,
+    fit: Callable[[Image.Image], Image.Image] | None = None,
 ) -> np.ndarray:
     """`read_image` for an image held in memory (a member of a tar shard), `name` saying where
     it came from in messages."""
     said: list[str] = []
     try:
-        return _decode(name, channels, at_least, said, io.BytesIO(data))
+        return _decode(name, channels, at_least, fit, said, io.BytesIO(data))
     except ImageReadError as exc:
         raise ImageReadError(name, _with_notes(exc.reason, said)) from None
 
@@ -75,6 +87,7 @@ def _decode(
     path: str | Path,
     channels: int,
     at_least: int | None,
+    fit: Callable[[Image.Image], Image.Image] | None,
     said: list[str],
     data: io.BytesIO | None = None,
 ) -> np.ndarray:
@@ -91,8 +104,10 @@ def _decode(
                 image.draft(image.mode, (at_least, at_least))
             with _native_messages_to(said) if image.format == "TIFF" else nullcontext():
                 image.load()  # opening is lazy: decoding errors surface here
-            image = ImageOps.exif_transpose(image)
-            return _to_array(image, channels)
+            ImageOps.exif_transpose(image, in_place=True)  # the decoded copy is ours
+            image = _converted(image, channels)
+            array = np.asarray(image if fit is None else fit(image), dtype=np.uint8)
+            return array[:, :, None] if array.ndim == 2 else array
     except ImageReadError:
         raise
     except Image.DecompressionBombError:
@@ -193,7 +208,9 @@ def _native_messages_to(sink: list[str]) -> Iterator[None]:
             sink.extend(line for line in text.splitlines() if line.strip())
 
 
-def _to_array(image: Image.Image, channels: int) -> np.ndarray:
+def _converted(image: Image.Image, channels: int) -> Image.Image:
+    """A decoded picture in `channels` (L or RGB): 16-bit and float samples scaled, palettes
+    expanded, alpha composited on BACKGROUND."""
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit samples: scale to 8 bits (65535 -> 255), never clamp.
@@ -211,18 +228,24 @@ def _to_array(image: Image.Image, channels: int) -> np.ndarray:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("L" if channels == 1 else "RGB")
-    array = np.asarray(image, dtype=np.uint8)
-    return array[:, :, None] if array.ndim == 2 else array
+    return image.convert("L" if channels == 1 else "RGB")
 
 
 def fit_image(array: np.ndarray, size: tuple[int, int], fit: str = "crop") -> np.ndarray:
     """Resize one decoded uint8 (H, W, C) image to `size`: shorter side then a centre crop
     (`crop`), or both sides independently (`stretch`)."""
-    h, w = size
-    if array.shape[:2] == (h, w):
+    if array.shape[:2] == tuple(size):
         return array
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    out = np.asarray(fit_picture(image, size, fit), dtype=np.uint8)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def fit_picture(image: Image.Image, size: tuple[int, int], fit: str = "crop") -> Image.Image:
+    """fit_image on a Pillow picture."""
+    h, w = size
+    if (image.height, image.width) == (h, w):
+        return image
     if fit == "crop":
         scale = max(h / image.height, w / image.width)
         resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
@@ -231,8 +254,7 @@ def fit_image(array: np.ndarray, size: tuple[int, int], fit: str = "crop") -> np
         image = image.crop((left, top, left + w, top + h))
     else:
         image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    out = np.asarray(image, dtype=np.uint8)
-    return out[:, :, None] if out.ndim == 2 else out
+    return image
 
 
 def _is_link_loop(path: Path) -> bool:

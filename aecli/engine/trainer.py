@@ -54,7 +54,7 @@ from aecli.models import Autoencoder, build_model
 from aecli.stats import latent_statistics
 
 # A stream's latent statistics (for `aecli sample`) come from at most this many training images.
-STATISTICS_MAX = 20_000
+STATISTICS_MAX = 5_000
 
 
 class Reporter(Protocol):
