@@ -386,6 +386,16 @@ def test_free_gpu_memory_counts_what_the_cache_holds_unused(monkeypatch):
 # -- 8. bf16 only where the GPU has bf16 tensor cores -------------------------------------------
 
 
+@pytest.fixture
+def tf32_off():
+    """TF32 for CUDA's matrix products off during the test, as it was after it (an attribute
+    that monkeypatch cannot restore: torch computes it)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize(
     "capability, dtype, described",
     [
@@ -395,9 +405,10 @@ def test_free_gpu_memory_counts_what_the_cache_holds_unused(monkeypatch):
         ((9, 0), torch.bfloat16, "bf16 autocast, channels-last"),  # H100
     ],
 )
-def test_auto_precision_needs_bf16_tensor_cores(monkeypatch, capability, dtype, described):
+def test_auto_precision_needs_bf16_tensor_cores(
+    monkeypatch, tf32_off, capability, dtype, described
+):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     execution = Execution(CUDA0, "auto", "auto", BIG)
     assert execution.autocast_dtype == dtype and execution.describe() == described
     assert torch.backends.cuda.matmul.allow_tf32 is (capability >= (8, 0))
@@ -407,7 +418,7 @@ def test_auto_precision_needs_bf16_tensor_cores(monkeypatch, capability, dtype, 
     assert execution.optimizer_options() == {"fused": True} and execution.pins_memory
 
 
-def test_cuda_choices_without_a_gpu(monkeypatch, tiny_weights, tiny_preset, tmp_path):
+def test_cuda_choices_without_a_gpu(monkeypatch, tf32_off, tiny_weights, tiny_preset, tmp_path):
     """The other decisions taken only on CUDA: the execution policy from a config (its cost
     counted), the device's description and peak, the default inference batch from free
     memory, the data set placed on the GPU when it fits, cuDNN autotuning while training."""
@@ -418,7 +429,6 @@ def test_cuda_choices_without_a_gpu(monkeypatch, tiny_weights, tiny_preset, tmp_
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     execution = Execution.for_config(CUDA0, load_config("cat-kl-f8").config)
     assert execution.cost is not None and execution.describe() == "bf16 autocast, contiguous"
     assert describe(CUDA0) == "cuda:0 (NVIDIA H100 80GB HBM3)"
