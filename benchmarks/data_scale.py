@@ -153,40 +153,19 @@ def demo(root: Path) -> None:
     out = root / "run-demo"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     started = time.perf_counter()
-    ran = subprocess.run(
-        [
-            "/usr/bin/time",
-            "-v",
-            sys.executable,
-            "-m",
-            "aecli",
-            "train",
-            str(preset),
-            "--data",
-            str(root / "20000" / "shards" / "{00000..00014}.tar"),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if ran.returncode:
-        raise SystemExit(f"aecli train failed:\n{ran.stderr[-2000:]}")
-    peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", ran.stderr).group(1))
-    summary = json.loads(ran.stdout)
+    shards = root / "20000" / "shards" / "{00000..00014}.tar"
+    result = timed_train(shards, out, [], [str(preset)])
     pixels = 15_000 * 3 * 768 * 768
     print(
         f"demo: 15,000 images at 768x768 ({pixels / 1e9:.1f} GB of pixels): "
-        f"{summary['steps']} steps in {time.perf_counter() - started:.0f} s, peak RSS "
-        f"{peak / 1024**2:.2f} GB, val_psnr {summary['final']['val_psnr']:.1f} dB"
+        f"{result['epoch']['step']} steps in {time.perf_counter() - started:.0f} s, peak RSS "
+        f"{result['peak_mb'] / 1024:.2f} GB, val_psnr {result['epoch']['val_psnr']:.1f} dB"
     )
 
 
 def timed_train(data: Path, out: Path, extra: list[str], preset=None) -> dict:
-    """One epoch of `aecli train` under /usr/bin/time -v: first-step time, peak RSS, img/s."""
+    """One epoch of `aecli train` under /usr/bin/time -v: first-step time, peak RSS, img/s and
+    the epoch's record."""
     preset = PRESET_ARGS if preset is None else preset
     command = [
         "/usr/bin/time",
@@ -224,8 +203,8 @@ def timed_train(data: Path, out: Path, extra: list[str], preset=None) -> dict:
         raise SystemExit(f"aecli train failed:\n{stderr[-2000:]}")
     peak = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr).group(1))
     epochs = [json.loads(line) for line in metrics.read_text().splitlines()]
-    speed = next(r["images_per_s"] for r in epochs if r["kind"] == "epoch")
-    return {"first": first, "peak_mb": peak / 1024, "speed": speed}
+    epoch = next(r for r in epochs if r["kind"] == "epoch")
+    return {"first": first, "peak_mb": peak / 1024, "speed": epoch["images_per_s"], "epoch": epoch}
 
 
 def loader_speed(folder: Path, workers: int) -> float:
