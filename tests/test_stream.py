@@ -261,10 +261,17 @@ def test_bad_members_and_cut_shards_are_named_and_skipped(tmp_path, cli):
     [
         ("{00000..00009}.tar", "shard not found"),
         ("empty", "no images found"),
+        ("zipped.tar", "compressed shards cannot be read by offset"),
     ],
 )
 def test_missing_shards_are_one_line_before_training(data, message, tmp_path, cli):
+    import gzip
+
     (tmp_path / "empty").mkdir()
+    write_shards(tmp_path / "plain", 1, 3)
+    (tmp_path / "zipped.tar").write_bytes(
+        gzip.compress((tmp_path / "plain/00000.tar").read_bytes())
+    )
     preset = tmp_path / "streamed.yaml"
     preset.write_text(STREAMED)
     ran = cli(

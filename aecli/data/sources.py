@@ -3,8 +3,6 @@ streamed from disk (aecli.data.stream) where a folder is too large, and for WebD
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from aecli.data.images import (
     BACKGROUND,
     Failure,
     ImageReadError,
-    fit_image,
+    decode_all,
+    fit_picture,
     list_images,
     read_image,
 )
@@ -30,7 +29,8 @@ from aecli.errors import DataError
 LAYOUTS = (
     "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
     "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
-    "folder (python or binary version), or a .npy / .npz array file"
+    "folder (python or binary version), a .npy / .npz array file, or WebDataset .tar shards (one, "
+    "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar')"
 )
 
 
@@ -103,10 +103,10 @@ def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData |
         if layout or idx_files:
             _in_memory_only(config, path)
             return _load_cifar(path, layout, config) if layout else _load_idx(*idx_files, config)
-        listing = list_images([path])
-        if _streams(config, len(listing[0])):
+        listing = list_folder(path)
+        if _streams(config, len(listing.files)):
             return open_stream(path, config, None, listing)
-        return _load_folder(path, config, listing)
+        return _load_folder(listing, config)
     _in_memory_only(config, path)
     if is_idx(path):
         return _load_idx(path, None, config)
@@ -144,26 +144,44 @@ def _streams(config: DataConfig, count: int) -> bool:
     return available is not None and count * config.channels * h * w > STREAM_SHARE * available
 
 
-def _load_folder(
-    root: Path, config: DataConfig, listing: tuple[list, list[Failure]] | None = None
-) -> ImageData:
-    files, failures = listing if listing is not None else list_images([root])
+@dataclass
+class FolderListing:
+    """A folder's image files (sorted), their labels from class subfolders, and what could not
+    be listed."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int] | None
+    class_names: list[str] | None
+    failures: list[Failure]
+
+
+def list_folder(root: Path) -> FolderListing:
+    """The image files under `root` (recursively) and their labels; none is an error."""
+    found, failures = list_images([root])
+    files = [file for _, file in found]
     if not files:
         raise DataError(
             f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
         )
-    paths = [file for _, file in files]
-    all_labels, class_names = folder_labels([file.relative_to(root) for file in paths])
+    labels, class_names = folder_labels([file.relative_to(root) for file in files])
+    return FolderListing(root, files, labels, class_names, failures)
+
+
+def _load_folder(listing: FolderListing, config: DataConfig) -> ImageData:
+    root, paths, all_labels = listing.root, listing.files, listing.labels
+    failures, class_names = list(listing.failures), listing.class_names
+
+    def fit(image):
+        return fit_picture(image, config.size, config.fit)
 
     def read(file: Path) -> np.ndarray | Failure:
         try:
-            return fit_image(read_image(file, config.channels), config.size, config.fit)
+            return read_image(file, config.channels, fit=fit)
         except ImageReadError as exc:
             return Failure(exc.path, exc.reason)
 
-    workers = min(16, (os.cpu_count() or 1) + 2)  # Pillow releases the GIL while decoding
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(read, paths))
+    results = decode_all(read, paths)
     keep = [i for i, r in enumerate(results) if not isinstance(r, Failure)]
     failures += [r for r in results if isinstance(r, Failure)]
     if not keep:

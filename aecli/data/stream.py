@@ -25,7 +25,6 @@ import random
 import re
 import signal
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,8 @@ from aecli.data.images import (
     IMAGE_SUFFIXES,
     Failure,
     ImageReadError,
+    decode_all,
     fit_picture,
-    list_images,
     read_image,
     read_image_bytes,
 )
@@ -120,6 +119,10 @@ def index_shard(path: Path, number: int) -> tuple[dict[str, ShardMember], Failur
     the first dot of its file name, as WebDataset groups them), from the tar's headers alone;
     and the failure of a shard cut short (its members before the cut are kept)."""
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+            raise DataError("compressed shards cannot be read by offset; use plain .tar", path=path)
         found = _scan_ustar(path, number)
     except OSError as exc:
         raise DataError(f"not a readable tar shard: {exc.strerror or exc}", path=path) from None
@@ -387,9 +390,9 @@ def open_stream(
     path: str | Path,
     config: DataConfig,
     shards: list[Path] | None,
-    listing: tuple[list[tuple[Path, Path]], list[Failure]] | None = None,
+    listing=None,
 ) -> StreamedData:
-    """A folder (its `listing` where list_images gave it already) or shards as a
+    """A folder (its `listing` where sources.list_folder gave it already) or shards as a
     StreamedData, listed (shards: their headers read), without its validation set (see
     choose_validation)."""
     skipped: list[Failure] = []
@@ -424,29 +427,22 @@ def open_stream(
             skipped=skipped,
         )
         return data
-    from aecli.data.sources import LAYOUTS, folder_labels
+    from aecli.data.sources import list_folder
 
-    root = Path(path)
-    found, skipped = listing if listing is not None else list_images([root])
-    files = [file for _, file in found]
-    if not files:
-        raise DataError(
-            f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
-        )
-    relative = [file.relative_to(root) for file in files]
-    labels, class_names = folder_labels(relative)
+    listing = listing if listing is not None else list_folder(Path(path))
+    root, files, labels = listing.root, listing.files, listing.labels
     source = {"kind": "folder", "path": str(root), "count": len(files), "streamed": True}
     return StreamedData(
-        [r.as_posix() for r in relative],
+        [file.relative_to(root).as_posix() for file in files],
         files,
         None,
         None,
         None if labels is None else torch.tensor(labels, dtype=torch.int64),
-        class_names,
+        listing.class_names,
         source,
         config,
         np.arange(len(files)),
-        skipped=skipped,
+        skipped=list(listing.failures),
     )
 
 
@@ -469,9 +465,7 @@ def choose_validation(data: StreamedData, fraction: float, validation=None) -> S
             f"need at least 2 images for a train / validation split, got {len(data.keys)}",
             path=data.source["path"],
         )
-    workers = min(16, (os.cpu_count() or 1) + 2)  # Pillow releases the GIL while decoding
-    with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(lambda i: data.sample(int(i), None), sorted(chosen)))
+    decoded = decode_all(lambda i: data.sample(int(i), None), sorted(chosen))
     kept = [i for i, d in zip(sorted(chosen), decoded, strict=True) if not isinstance(d, Failure)]
     data.skipped += [d for d in decoded if isinstance(d, Failure)]
     if not kept:

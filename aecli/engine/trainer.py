@@ -141,8 +141,9 @@ class Trainer:
         self.run = RunDirectory(run_dir)
         self.run_dir = self.run.path
         self.device = resolved(device)
-        obstacle = deterministic_obstacle(config) if self.device.type == "cuda" else None
-        if config.train.deterministic and obstacle:
+        cuda_deterministic = config.train.deterministic and self.device.type == "cuda"
+        obstacle = deterministic_obstacle(config) if cuda_deterministic else None
+        if obstacle:
             raise UsageError(
                 f"train.deterministic: {obstacle} has no deterministic CUDA kernel in PyTorch; "
                 "set train.deterministic=false, or train on the CPU (--device cpu)"
@@ -361,7 +362,8 @@ class Trainer:
             state.batch = i + 1
             images_this_run += len(images) * self.dist.world
             last = i + 1 == self.steps_per_epoch
-            if (i + 1) % train.log_every == 0 or last:
+            synced = (i + 1) % train.log_every == 0 or last
+            if synced:
                 self._sync()
                 window = self._window
                 means = {k: v / window.images for k, v in window.sums.items()}
@@ -380,7 +382,7 @@ class Trainer:
                 state.totals = dict(self._totals)
                 if self.dist.main:
                     self._save_checkpoint()
-            if self._stopping(synced=(i + 1) % train.log_every == 0 or last):
+            if self._stopping(synced=synced):
                 self._sync()
                 state.totals = dict(self._totals)
                 state.seconds += time.perf_counter() - started
@@ -390,9 +392,10 @@ class Trainer:
         state.seconds += seconds
         state.images += images_this_run
         names = list(self._totals)
-        totals = dict(zip(names, self.dist.sum([self._totals[k] for k in names]), strict=True))
-        # the images trained on: less the streamed ones that failed, on every rank
-        n = self.shard_size * self.dist.world - int(self.dist.sum([float(state.skipped)])[0])
+        # one sum over the ranks: the loss terms, and the streamed images that failed
+        *sums, skipped = self.dist.sum([*(self._totals[k] for k in names), float(state.skipped)])
+        totals = dict(zip(names, sums, strict=True))
+        n = self.shard_size * self.dist.world - int(skipped)  # the images trained on
         record = {"kind": "epoch", "epoch": epoch, "step": state.step}
         record.update({k: v / n for k, v in totals.items()})
         record["lr"] = self.train_step.lr
