@@ -24,10 +24,8 @@ from aecli.devices import available_memory
 from aecli.errors import UsageError
 from aecli.inference import Predictor, decoded_images, image_tensor
 from aecli.io.images import compose_sheet
+from aecli.io.latent_folder import LatentFolder, is_latent_folder
 from aecli.io.latents import STDIO, LatentFile, read_latents
-
-LATENT_SUFFIXES = {".safetensors", ".npy"}
-
 
 # -- sampling --------------------------------------------------------------------------------
 
@@ -271,9 +269,24 @@ def slerp_center(predictor: Predictor) -> torch.Tensor | None:
 
 def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple[torch.Tensor, str]:
     """One end of an interpolation: an image (encoded at the model's input size; the posterior
-    mean for a VAE) or a latent file holding one latent. -> (latent (1, ...), what it was)."""
-    if source == STDIO or Path(source).suffix.lower() in LATENT_SUFFIXES:
+    mean for a VAE), a latent file holding one latent, or one latent of a latent folder
+    (`DIR#NAME` or `DIR#NUMBER`; `DIR` when it holds one). -> (latent (1, ...), what it was);
+    recorded scaling undone."""
+    reference = folder_reference(source)
+    if reference is not None:
+        folder = LatentFolder.open(reference[0])
+        if reference[1] is None and folder.count != 1:
+            raise UsageError(
+                f"holds {folder.count} latents; pick one as {source}#NAME or {source}#NUMBER",
+                path=folder.name,
+            )
+        number = 0 if reference[1] is None else folder.locate(reference[1], source)
+        latents = folder.select([number])
+    elif source == STDIO or Path(source).suffix.lower() in (".safetensors", ".npy"):
         latents = read_latents(source)
+    else:
+        latents = None
+    if latents is not None:
         z = predictor.fit(latents, force=force)
         if len(z) != 1:
             raise UsageError(
@@ -281,7 +294,7 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
                 "image, or sample with -n 1)",
                 path=latents.name,
             )
-        return z, "latent"
+        return (z if latents.scaling is None else latents.scaling.undo(z)), "latent"
     try:
         array = read_image(Path(source), predictor.channels)
     except ImageReadError as exc:
@@ -291,6 +304,19 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
         ) from None
     image = image_tensor(fit_image(array, predictor.size, "stretch"))
     return predictor.encode(image[None]).cpu(), "image"
+
+
+def folder_reference(source: str) -> tuple[Path, str | None] | None:
+    """(folder, selector or None) where `source` names a latent folder or `FOLDER#SELECTOR`
+    (a path that exists as a file is that file, whatever its name)."""
+    if source == STDIO or Path(source).is_file():
+        return None
+    if is_latent_folder(source):
+        return Path(source), None
+    folder, mark, selector = source.rpartition("#")
+    if mark and folder and is_latent_folder(folder):
+        return Path(folder), selector
+    return None
 
 
 # -- the run's preview -----------------------------------------------------------------------

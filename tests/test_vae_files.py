@@ -343,7 +343,7 @@ def test_encode_native_refuses_mixed_sizes(tmp_path, cli):
     photos(tmp_path / "photos" / "big", size=(64, 64))
     result = encode_native(cli, tmp_path, "-o", tmp_path / "z.npy")
     assert result.exit_code == 2
-    assert "one latent file holds latents of one size" in result.output
+    assert "one latent file holds latents of one shape; write a latent folder" in result.output
 
 
 def test_init_fine_tunes_a_vae_decoder(tmp_path, cli):

@@ -30,6 +30,7 @@ SAMPLE_EXAMPLES = """
   aecli sample model.safetensors -n 16 -o samples.png
   aecli sample model.safetensors -n 8 --class circle --temperature 0.7 --seed 1 -o circles.png
   aecli sample model.safetensors -n 100 -o samples/ --latents-out z.safetensors
+  aecli sample vae/ -n 100000 --latents-out sampled/
   aecli sample m.safetensors -n 8 --latents-out - | aecli decode m.safetensors - -o out/
   aecli sample kl-f8.safetensors -n 4 --size 512x384 -o big.png
 """
@@ -40,6 +41,7 @@ INTERPOLATE_EXAMPLES = """
   aecli interpolate model.safetensors a.png b.png -o path.png
   aecli interpolate vae.safetensors a.png b.png --mode slerp --steps 24 -o path.png --gif a-b.gif
   aecli interpolate model.safetensors a.safetensors b.png --steps 5 -o frames/
+  aecli interpolate vae/ latents/#cats/001.jpg latents/#17 -o path.png
 """
 
 
@@ -66,8 +68,9 @@ def sample(
         str | None,
         typer.Option(
             "--latents-out",
-            help="Write the sampled latents as a latent file (.safetensors or .npy), or - for "
-            "stdout; instead of -o, or as well.",
+            help="Write the sampled latents as a latent file (.safetensors or .npy), a latent "
+            "folder (any other name; shards and index.json, as `aecli encode -o DIR/`), or - "
+            "for stdout; instead of -o, or as well.",
             show_default=False,
         ),
     ] = None,
@@ -132,7 +135,8 @@ def sample(
         is_grid,
         write_images,
     )
-    from aecli.io.latents import STDIO, output_format, write_latents
+    from aecli.io.latent_folder import write_latent_folder
+    from aecli.io.latents import STDIO, names_folder, output_format, write_latents
     from aecli.io.outputs import OutputGuard
 
     if out is None and latents_out is None:
@@ -140,7 +144,10 @@ def sample(
     if as_json and latents_out == STDIO:
         raise UsageError("--json: stdout carries the latent file with --latents-out -; drop one")
     image_size = parse_size(size) if size is not None else None
-    fmt = output_format(latents_out, fmt) if latents_out is not None else None
+    to_folder = latents_out is not None and names_folder(latents_out)
+    if to_folder and fmt not in (None, "safetensors"):
+        raise UsageError(f"--format {fmt}: a latent folder holds safetensors shards")
+    fmt = output_format(latents_out, fmt) if latents_out is not None and not to_folder else None
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
     class_index = None
@@ -161,9 +168,17 @@ def sample(
     guard = OutputGuard([weights])
     if out is not None:
         guard.check("-o", outputs, overwrite=overwrite, out_dir=None if is_grid(out) else out)
-    if latents_out not in (None, STDIO):
+    if to_folder:
+        guard.check("--latents-out", [], overwrite=overwrite, out_dir=Path(latents_out))
+        settings = {"sampled_from": distribution.description, "seed": seed}
+        settings["temperature"] = temperature
+        write_latent_folder(
+            Path(latents_out), latents, weights=str(weights), settings=settings,
+            overwrite=overwrite,
+        )  # fmt: skip
+    elif latents_out not in (None, STDIO):
         guard.check("--latents-out", [Path(latents_out)], overwrite=overwrite)
-    if latents_out is not None:
+    if latents_out is not None and not to_folder:
         write_latents(latents_out, latents, fmt)
     if out is not None:
         with progress_bar(count, "decoding") as advance:
@@ -202,8 +217,9 @@ def interpolate(
     a: Annotated[
         str,
         typer.Argument(
-            help="Where the path starts: an image, or a latent file with one latent "
-            "(.safetensors or .npy; - for stdin).",
+            help="Where the path starts: an image, a latent file with one latent "
+            "(.safetensors or .npy; - for stdin), or one latent of a latent folder: DIR#NAME "
+            "(its source name) or DIR#NUMBER.",
             show_default=False,
         ),
     ],

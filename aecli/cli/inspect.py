@@ -55,7 +55,8 @@ def presets(
 def info(
     target: str = typer.Argument(
         ...,
-        help="A weights file (model.safetensors), a bundled preset name or a YAML preset.",
+        help="A weights file (model.safetensors), a bundled preset name, a YAML preset, or a "
+        "latent folder (`aecli encode -o DIR/`).",
         show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
@@ -68,11 +69,15 @@ def info(
 
     from aecli.config import load_config
     from aecli.devices import ModelCost, describe_plan, execution_plan
+    from aecli.io.latent_folder import is_latent_folder
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
     from aecli.report import describe_source
 
     path = Path(target)
+    if is_latent_folder(path):
+        _folder_info(path, as_json)
+        return
     weights = (
         path.suffix == ".safetensors"
         or path.is_dir()
@@ -152,6 +157,54 @@ def info(
             f"{layer['gflops'] * 1e3:,.1f}",
         )
     results.print(table)
+
+
+def _folder_info(path: Path, as_json: bool) -> None:
+    """`aecli info DIR/` for a latent folder: count, shapes, scaling, model, size on disk."""
+    from aecli.io.latent_folder import folder_facts
+
+    facts = {"source": str(path), **folder_facts(path)}
+    if as_json:
+        print_json(facts)
+        return
+    settings = facts.get("settings") or {}
+    size = facts["bytes"]
+    disk = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+    scaling = settings.get("scaling")
+    scaled = "none" if not scaling else f"(z - {scaling['shift']:g}) * {scaling['scale']:g}"
+    made = "encoded (a VAE's posterior mean)"
+    if "sampled_from" in settings:
+        made = f"sampled from {settings['sampled_from']} (seed {settings.get('seed')})"
+    elif settings.get("sample"):
+        made = f"sampled from the posterior (seed {settings.get('seed')})"
+    rows = [("model", f"{facts['fingerprint']} ({facts['weights']})")]
+    if facts["finished"]:
+        shapes = ", ".join(
+            f"{s['count']:,} of {'x'.join(map(str, s['shape']))}" for s in facts["shapes"]
+        )
+        rows += [
+            ("latents", f"{facts['count']:,} in {facts['shards']:,} shards"),
+            ("shapes", shapes),
+        ]
+    else:
+        rows.append(
+            (
+                "unfinished",
+                f"{facts['units_done']} of {facts['units']} units of work on disk; finish it "
+                "with the same `aecli encode` and --resume",
+            )
+        )
+    rows += [
+        ("latents are", made),
+        ("scaling", scaled),
+        ("size on disk", disk),
+    ]
+    if facts["finished"]:
+        rows += [
+            ("classes", ", ".join(facts["class_names"] or []) or "none"),
+            ("failed inputs", f"{facts['failures']:,}"),
+        ]
+    results.print(key_value_table(str(path), [(k, escape(str(v))) for k, v in rows]))
 
 
 def _layers(model, config) -> list[dict]:

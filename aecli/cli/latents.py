@@ -61,7 +61,9 @@ def encode(
         typer.Option(
             "--out",
             "-o",
-            help="The latent file to write (.safetensors or .npy), or - for stdout.",
+            help="A folder (latent shards written as they are encoded, and index.json; for data "
+            "sets of any size), a latent file (.safetensors or .npy, held in memory until "
+            "written), or - for stdout.",
             show_default=False,
         ),
     ],
@@ -70,21 +72,63 @@ def encode(
         typer.Option("--sample", help="Draw z from a VAE's posterior instead of taking its mean."),
     ] = False,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for --sample.")
+        int,
+        typer.Option(
+            "--seed",
+            min=0,
+            max=2**64 - 1,
+            help="Seed for --sample (each image draws from its own generator: the same latents "
+            "whatever the batch size, shards or processes).",
+        ),
     ] = 0,
     size: Annotated[
         str,
         typer.Option(
             "--size",
             help="The size images are resized to: model (the model's input size), native "
-            "(each image as it is; fully convolutional models, all images one size) or HxW.",
+            "(each image as it is; fully convolutional models; a folder groups the shapes into "
+            "shards, a latent file takes one) or HxW.",
         ),
     ] = "model",
+    buckets: Annotated[
+        str | None,
+        typer.Option(
+            "--buckets",
+            help="Aspect buckets, HxW,HxW,... or N for the preset of about NxN pixels (sides "
+            "multiples of N/8, aspect ratios up to 5:2): each image is resized to cover the "
+            "bucket nearest its aspect ratio, then centre-cropped to it.",
+            show_default=False,
+        ),
+    ] = None,
+    shard_size: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-size",
+            min=1,
+            help="Latents per shard of a folder (and input files per unit of work, the most a "
+            "kill can lose). Default: about 256 MiB of latents at the encode's size.",
+            show_default=False,
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted encode into the folder -o: only what no complete "
+            "shard holds is encoded.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="With --resume: continue a folder that other weights started."
+        ),
+    ] = False,
     scaled: Annotated[
         bool,
         typer.Option(
             "--scaled",
-            help="Write (z - shift) * scale, as diffusion models consume latents, with the "
+            help="Write (z - shift) * scale, as diffusion models consume them, with the "
             "model's factors; the file records them and `aecli decode` undoes them.",
         ),
     ] = False,
@@ -99,47 +143,113 @@ def encode(
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
-    """Encode images into a latent file, or stream it to stdout with -o -.
+    """Encode images into latents: a folder of shards for a data set, a latent file, or stdout.
 
-    Each image is resized to the model's input size unless --size says otherwise. Subfolder
-    names become labels, as for training. Unreadable files are named with the reason and
-    skipped (exit status 1).
+    Each image is resized to the model's input size unless --size or --buckets say otherwise.
+    Subfolder names become labels, as for training. Unreadable files are named with the reason
+    and skipped (exit status 1). Into a folder, latents reach the disk shard by shard, memory
+    stays the same whatever the number of images, a killed encode continues with --resume, and
+    `torchrun --nproc_per_node=N -m aecli encode ...` encodes on N GPUs.
     """
+    from aecli.devices import resolve_device
     from aecli.errors import UsageError
-    from aecli.inference import Predictor, collect_inputs, encode_files
-    from aecli.io.latents import STDIO, output_format, write_latents
+    from aecli.inference import Predictor, collect_inputs
+    from aecli.inference.latents import EncodeSettings
+    from aecli.io.latents import STDIO, names_folder, output_format
     from aecli.io.outputs import OutputGuard
 
     to_stdout = out == STDIO
+    folder = names_folder(out)
     if to_stdout and as_json:
         raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
-    predictor = Predictor(weights, device)
-    batch_size = predictor.batch_size(batch_size)
-    predictor.set_tiling(tile, tile_overlap, batch_size)
-    if sample and not predictor.variational:
-        raise UsageError(
-            "--sample draws from a VAE's posterior; this model is a plain autoencoder",
-            path=weights,
+    if not folder:
+        for option, given in (
+            ("--resume", resume),
+            ("--force", force),
+            ("--shard-size", shard_size),
+        ):
+            if given:
+                raise UsageError(f"{option}: for a latent folder (-o DIR/); -o {out} is one file")
+        if _world() > 1:
+            raise UsageError(
+                f"-o {out}: under torchrun each process writes its own shards into a latent "
+                "folder; give -o DIR/"
+            )
+    elif fmt not in (None, "safetensors"):
+        raise UsageError(f"--format {fmt}: a latent folder holds safetensors shards")
+    if force and not resume:
+        raise UsageError("--force: continues a folder that other weights started; add --resume")
+    resolved = resolve_device(device)
+    dist = None
+    if folder:
+        from datetime import timedelta
+
+        from aecli.engine.distributed import setup_distributed
+
+        # a rank that finishes first waits at the end for the others' last shards
+        dist = setup_distributed(resolved, timeout=timedelta(days=7))
+    try:
+        predictor = Predictor(weights, resolved)
+        batch_size = predictor.batch_size(batch_size)
+        predictor.set_tiling(tile, tile_overlap, batch_size)
+        if sample and not predictor.variational:
+            raise UsageError(
+                "--sample draws from a VAE's posterior; this model is a plain autoencoder",
+                path=weights,
+            )
+        settings = EncodeSettings(
+            _encode_size(size, predictor, buckets is not None),
+            _buckets(buckets, predictor),
+            sample,
+            seed,
+            _scaling(predictor, scaled, scaling_factor, shift_factor),
         )
-    target_size = _encode_size(size, predictor)
-    scaling = _scaling(predictor, scaled, scaling_factor, shift_factor)
-    fmt = output_format(out, fmt)
-    files, failures = collect_inputs(inputs)
-    if not to_stdout:
+        files, failures = collect_inputs(inputs)
         guard = OutputGuard([weights, *inputs], [f.path for f in files])
-        guard.check("-o", [Path(out)], overwrite=overwrite)
+        if folder:
+            guard.check("-o", [], overwrite=overwrite, out_dir=Path(out))
+            _encode_folder(
+                predictor, files, failures, Path(out), settings, dist,
+                shard_size=shard_size, resume=resume, overwrite=overwrite, force=force,
+                batch_size=batch_size, workers=workers, as_json=as_json,
+            )  # fmt: skip
+        else:
+            if not to_stdout:
+                guard.check("-o", [Path(out)], overwrite=overwrite)
+            _encode_file(
+                predictor, files, failures, out, output_format(out, fmt), settings,
+                batch_size=batch_size, workers=workers, as_json=as_json,
+            )  # fmt: skip
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _world() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def _kind(predictor, settings) -> str:
+    if settings.sample:
+        return "sampled"
+    return "posterior mean" if predictor.variational else "codes"
+
+
+def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, workers, as_json):
+    """Encode into one latent file (or stdout), held in memory until it is written."""
+    from aecli.errors import UsageError
+    from aecli.inference import encode_files
+    from aecli.io.latents import STDIO, write_latents
+
     start = time.perf_counter()
     with progress_bar(len(files), "encoding") as advance:
         latents, read_failures = encode_files(
-            predictor,
-            files,
-            size=target_size,
-            sample=sample,
-            seed=seed,
-            scaling=scaling,
-            batch_size=batch_size,
-            workers=workers,
-            progress=advance,
+            predictor, files, settings, batch_size=batch_size, workers=workers, progress=advance
         )
     failures += read_failures
     print_failures(failures)
@@ -148,10 +258,11 @@ def encode(
     write_latents(out, latents, fmt)
     seconds = time.perf_counter() - start
     shape = tuple(latents.latents.shape)
+    scaling = settings.scaling
     console.print(
         f"encoded {len(latents)} image{'s' * (len(latents) != 1)} -> "
-        f"{'stdout' if to_stdout else out} ({fmt}, latents {shape}, "
-        f"{'sampled' if sample else 'posterior mean' if predictor.variational else 'codes'}"
+        f"{'stdout' if out == STDIO else out} ({fmt}, latents {shape}, "
+        f"{_kind(predictor, settings)}"
         + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
         + ") "
         f"in {seconds:.1f} s" + (f"; [red]{len(failures)} failed[/red]" if failures else "")
@@ -159,7 +270,7 @@ def encode(
     if as_json:
         print_json(
             {
-                "weights": str(weights),
+                "weights": str(predictor.name),
                 "out": out,
                 "format": fmt,
                 "images": len(latents),
@@ -176,6 +287,65 @@ def encode(
         raise typer.Exit(1)
 
 
+def _encode_folder(
+    predictor, files, failures, out, settings, dist, *, shard_size, resume, overwrite, force,
+    batch_size, workers, as_json,
+):  # fmt: skip
+    """Encode into a latent folder: shards as they are done, the index at the end."""
+    from aecli.data.images import Failure
+    from aecli.inference.latents import FolderEncode, default_shard_size
+
+    shard_size = shard_size or default_shard_size(predictor, settings)
+    start = time.perf_counter()
+    job = FolderEncode(
+        predictor, files, out, settings, shard_size=shard_size, resume=resume,
+        overwrite=overwrite, force=force, dist=dist,
+    )  # fmt: skip
+    label = "encoding" if dist.world == 1 else f"encoding (rank 0 of {dist.world})"
+    if dist.main:
+        with progress_bar(job.to_encode, label) as advance:
+            job.run(batch_size=batch_size, workers=workers, progress=advance)
+    else:
+        job.run(batch_size=batch_size, workers=workers)
+    index = job.finish(failures)
+    if index is None:
+        return
+    seconds = time.perf_counter() - start
+    failed = [Failure(f["path"], f["reason"]) for f in index["failures"]]
+    print_failures(failed)
+    shapes = ", ".join(f"{s['count']} of {'x'.join(map(str, s['shape']))}" for s in index["shapes"])
+    scaling = settings.scaling
+    resumed = f"; {job.images_done} were already encoded" if job.images_done else ""
+    count = index["count"]
+    console.print(
+        f"encoded {count} image{'s' * (count != 1)} -> {out}/ ({len(index['shards'])} shard"
+        f"{'s' * (len(index['shards']) != 1)} of up to {shard_size}: {shapes or 'none'}; "
+        f"{_kind(predictor, settings)}"
+        + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
+        + f") in {seconds:.1f} s{resumed}"
+        + (f"; [red]{len(failed)} failed[/red]" if failed else "")
+    )
+    if as_json:
+        print_json(
+            {
+                "weights": str(predictor.name),
+                "out": str(out),
+                "format": "folder",
+                "images": count,
+                "shards": len(index["shards"]),
+                "shard_size": shard_size,
+                "shapes": index["shapes"],
+                "fingerprint": predictor.fingerprint,
+                "labels": index["class_names"] is not None,
+                "scaling": index["settings"]["scaling"],
+                "already_encoded": job.images_done,
+                "failed": failure_rows(failed),
+            }
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
 def _scaling(predictor, scaled: bool, scale: float | None, shift: float | None):
     """The latent scaling --scaled / --scaling-factor / --shift-factor ask for, or None."""
     if scaled or scale is not None or shift is not None:
@@ -183,11 +353,13 @@ def _scaling(predictor, scaled: bool, scale: float | None, shift: float | None):
     return None
 
 
-def _encode_size(size: str, predictor) -> tuple[int, int] | None:
+def _encode_size(size: str, predictor, bucketed: bool = False) -> tuple[int, int] | None:
     """--size as (height, width), or None for native."""
     from aecli.errors import UsageError
 
     text = size.strip().lower()
+    if bucketed and text != "model":
+        raise UsageError(f"--size {size} and --buckets: give one of them")
     if text == "model":
         return predictor.size
     if text == "native":
@@ -208,6 +380,40 @@ def _encode_size(size: str, predictor) -> tuple[int, int] | None:
     return hw
 
 
+def _buckets(text: str | None, predictor):
+    """--buckets as Buckets: a list of HxW, or one number N for the preset around NxN."""
+    from aecli.errors import UsageError
+    from aecli.inference.inputs import Buckets, bucket_preset
+
+    if text is None:
+        return None
+    if not predictor.fully_convolutional:
+        raise UsageError(
+            f"--buckets: this model takes images of {predictor.accepts} only (it is not fully "
+            "convolutional)"
+        )
+    f = predictor.factor
+    given = text.strip()
+    if given.isdigit():
+        side = int(given)
+        if not 2 * f <= side <= 65536:
+            raise UsageError(f"--buckets {text}: a preset side from {2 * f} to 65536 pixels")
+        return Buckets(bucket_preset(side, f))
+    sizes = []
+    for part in given.split(","):
+        hw = parse_size(part.strip(), "--buckets")
+        if max(hw) > 65536 or hw[0] % f or hw[1] % f:
+            raise UsageError(
+                f"--buckets {part.strip()}: sides must be multiples of the model's downsampling "
+                f"factor {f}, at most 65536"
+            )
+        if hw not in sizes:
+            sizes.append(hw)
+    if len(sizes) > 1024:
+        raise UsageError(f"--buckets: {len(sizes)} buckets; give at most 1024")
+    return Buckets(sizes)
+
+
 @app.command(epilog=DECODE_EXAMPLES)
 @guarded
 def decode(
@@ -216,7 +422,7 @@ def decode(
         str,
         typer.Argument(
             help="A latent file (.safetensors from `aecli encode` / `aecli sample`, or .npy), "
-            "or - to read it from stdin.",
+            "a latent folder (`aecli encode -o DIR/`, read shard by shard), or - for stdin.",
             show_default=False,
         ),
     ],
@@ -230,6 +436,15 @@ def decode(
             show_default=False,
         ),
     ],
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select",
+            help="From a latent folder, decode only this latent: its source name as the index "
+            "lists it, or its number from 0 (-1: the last). Repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
     columns: Columns = 8,
     scaled: Annotated[
         bool,
@@ -254,7 +469,11 @@ def decode(
     device: Device = "auto",
     as_json: Json = False,
 ) -> None:
-    """Decode a latent file (or stdin) back into images: a folder of PNGs or one grid."""
+    """Decode a latent file, a latent folder or stdin back into images: a folder of PNGs or
+    one grid. A latent folder is decoded shard by shard, in bounded memory."""
+    import torch
+
+    from aecli.errors import UsageError
     from aecli.inference import (
         Predictor,
         decoded_images,
@@ -263,41 +482,73 @@ def decode(
         is_grid,
         write_images,
     )
-    from aecli.io.latents import read_latents
+    from aecli.io.latent_folder import LatentFolder
+    from aecli.io.latents import STDIO, LatentFile, read_latents
     from aecli.io.outputs import OutputGuard
 
-    latents = read_latents(latent_file)
+    grid = is_grid(out)
+    if latent_file != STDIO and Path(latent_file).is_dir():
+        folder = LatentFolder.open(latent_file)
+        if select:
+            chunks = [folder.select([folder.locate(s) for s in select])]
+        else:
+            chunks = folder
+            _check_grid(grid, folder)
+        sources = chunks[0].sources if select else folder.sources
+        fingerprint, shapes = folder.fingerprint, list(folder.shapes) if not select else None
+    else:
+        if select:
+            raise UsageError("--select: picks latents from a latent folder (-o DIR/ of encode)")
+        chunks = [read_latents(latent_file)]
+        sources, fingerprint, shapes = chunks[0].sources, chunks[0].fingerprint, None
+    name = str(latent_file) if latent_file != STDIO else "stdin"
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size)
-    z = predictor.fit(latents, force=force)
-    scaling = _scaling(predictor, scaled, scaling_factor, shift_factor) or latents.scaling
-    if scaling is not None:
-        z = scaling.undo(z)
-    grid = is_grid(out)
-    names = decoded_names(latents.sources, len(z))
+    override = _scaling(predictor, scaled, scaling_factor, shift_factor)
+    recorded = folder.scaling if shapes is not None else chunks[0].scaling
+    if shapes is not None:  # a whole folder: every shape and the model checked before any work
+        for shape in shapes:
+            predictor.fit(
+                LatentFile(torch.zeros(1, *shape), None, fingerprint, name=name), force=force
+            )
+    else:
+        chunks = [_fitted(predictor, chunks[0], override, force)]
+    count = len(sources) if sources is not None else len(chunks[0].latents)
+    names = decoded_names(sources, count)
     outputs = image_outputs(out, names)
-    reads = [weights] + ([] if latent_file == "-" else [Path(latent_file)])
+    reads = [weights] + ([] if latent_file == STDIO else [Path(latent_file)])
     OutputGuard(reads).check("-o", outputs, overwrite=overwrite, out_dir=None if grid else out)
     start = time.perf_counter()
-    with progress_bar(len(z), "decoding") as advance:
-        images = decoded_images(predictor, z, batch_size=batch_size, progress=advance)
-        write_images(images, out, names, columns=columns)
+    shape = None
+    with progress_bar(count, "decoding") as advance:
+
+        def images():
+            nonlocal shape
+            for chunk in chunks:
+                chunk = chunk if shapes is None else _fitted(predictor, chunk, override, force)
+                shape = tuple(chunk.latents.shape[1:])
+                yield from decoded_images(
+                    predictor, chunk.latents, batch_size=batch_size, progress=advance
+                )
+
+        write_images(images(), out, names, columns=columns)
     seconds = time.perf_counter() - start
-    forced = latents.fingerprint not in (None, predictor.fingerprint)
-    plural = "s" * (len(z) != 1)
-    target = str(out) if grid else f"{out}/ ({len(z)} PNG{plural})"
+    forced = fingerprint not in (None, predictor.fingerprint)
+    plural = "s" * (count != 1)
+    target = str(out) if grid else f"{out}/ ({count} PNG{plural})"
     console.print(
-        f"decoded {len(z)} latent{plural} from {latents.name} -> {target} in {seconds:.1f} s"
+        f"decoded {count} latent{plural} from {name} -> {target} in {seconds:.1f} s"
         + (" [yellow](--force: latents from another model)[/yellow]" if forced else "")
     )
     if as_json:
+        scaling = override or recorded
         print_json(
             {
                 "weights": str(weights),
-                "latents": latents.name,
-                "count": len(z),
-                "latent_shape": list(z.shape[1:]),
+                "latents": name,
+                "count": count,
+                "latent_shape": list(shape) if shape else None,
                 "outputs": [str(o) for o in outputs],
                 "forced": forced,
                 "unscaled": None
@@ -305,3 +556,35 @@ def decode(
                 else {"scale": scaling.scale, "shift": scaling.shift},
             }
         )
+
+
+GRID_MOST = 1024  # latents one grid (-o FILE.png) shows from a latent folder
+
+
+def _check_grid(grid: bool, folder) -> None:
+    from aecli.errors import UsageError
+
+    if not grid:
+        return
+    if folder.count > GRID_MOST:
+        raise UsageError(
+            f"-o FILE.png: {folder.name} holds {folder.count} latents, more than one grid "
+            f"shows ({GRID_MOST}); decode into a folder, or pick some with --select"
+        )
+    if len(folder.shapes) > 1:
+        raise UsageError(
+            f"-o FILE.png: {folder.name} holds latents of {len(folder.shapes)} shapes; one grid "
+            "needs one, decode into a folder or pick some with --select"
+        )
+
+
+def _fitted(predictor, latents, override, force):
+    """A latent file's latents fitted to the model, scaling undone: the given factors, else
+    the ones the file records."""
+    from dataclasses import replace
+
+    z = predictor.fit(latents, force=force)
+    scaling = override or latents.scaling
+    if scaling is not None:
+        z = scaling.undo(z)
+    return replace(latents, latents=z)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,17 +60,19 @@ class Distributed:
             dist.destroy_process_group()
 
 
-def setup_distributed(device: torch.device) -> Distributed:
+def setup_distributed(device: torch.device, timeout: timedelta | None = None) -> Distributed:
     """Join the torchrun process group when WORLD_SIZE > 1: NCCL on GPUs (`device` is already
     this process's `cuda:LOCAL_RANK` and its current device, see resolve_device; NCCL is told
-    so, which also lets it connect at once), gloo on CPUs."""
+    so, which also lets it connect at once), gloo on CPUs. `timeout`: how long a collective
+    may wait for the other ranks (PyTorch's default, 10 to 30 minutes, where None)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed(device=device)
     if not dist.is_initialized():
+        waits = {} if timeout is None else {"timeout": timeout}
         if device.type == "cuda":
             bound = "device_id" in inspect.signature(dist.init_process_group).parameters
-            dist.init_process_group("nccl", **({"device_id": device} if bound else {}))
+            dist.init_process_group("nccl", **({"device_id": device} if bound else {}), **waits)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **waits)
     return Distributed(int(os.environ["RANK"]), world, device)

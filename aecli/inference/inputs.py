@@ -3,6 +3,7 @@ image reader) into batches of one size each; a file that cannot be read becomes 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from aecli.data.images import (
@@ -17,6 +19,7 @@ from aecli.data.images import (
     Failure,
     ImageReadError,
     fit_image,
+    fit_picture,
     list_images,
     read_image,
 )
@@ -91,8 +94,44 @@ def image_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
 
 
+class Buckets:
+    """Aspect buckets (`encode --buckets`): each picture is resized to cover the bucket nearest
+    to its aspect ratio, then centre-cropped to it, as diffusion trainers bucket their data."""
+
+    def __init__(self, sizes: list[tuple[int, int]]):
+        self.sizes = sizes
+        self._aspects = [math.log(w / h) for h, w in sizes]
+
+    def nearest(self, height: int, width: int) -> tuple[int, int]:
+        """The bucket whose aspect ratio is nearest (in log ratio; the first on a tie)."""
+        aspect = math.log(width / height)
+        distances = [abs(aspect - a) for a in self._aspects]
+        return self.sizes[distances.index(min(distances))]
+
+    def __call__(self, picture: Image.Image) -> Image.Image:
+        return fit_picture(picture, self.nearest(picture.height, picture.width), "crop")
+
+    @property
+    def largest_side(self) -> int:
+        return max(max(size) for size in self.sizes)
+
+
+def bucket_preset(area_side: int, factor: int) -> list[tuple[int, int]]:
+    """`--buckets N`: sizes HxW of about N x N pixels, sides multiples of an eighth of N (and
+    of the model's downsampling `factor`), aspect ratios up to 5:2 either way."""
+    step = max(factor, area_side // 8 // factor * factor)
+    wide = []
+    for height in range(step, area_side + 1, step):
+        width = area_side * area_side // height // step * step
+        if width >= height and 2 * width <= 5 * height:
+            wide.append((height, width))
+    tall = [(w, h) for h, w in reversed(wide) if h != w]
+    return wide + tall
+
+
 class _ImageFiles(Dataset):
-    """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set."""
+    """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set, or
+    to the nearest of the `buckets`."""
 
     def __init__(
         self,
@@ -100,21 +139,25 @@ class _ImageFiles(Dataset):
         channels: int,
         size: tuple[int, int] | None,
         reduced_decode: bool = True,
+        buckets: Buckets | None = None,
     ):
-        self.files, self.channels, self.size = files, channels, size
+        self.files, self.channels, self.size, self.buckets = files, channels, size, buckets
         # JPEGs that will be resized down anyway can decode at 1/2, 1/4 or 1/8 scale
-        self.at_least = max(size) if size is not None and reduced_decode else None
+        target = buckets.largest_side if buckets else max(size) if size is not None else None
+        self.at_least = target if reduced_decode else None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         try:
-            array = read_image(self.files[index].path, self.channels, at_least=self.at_least)
+            array = read_image(
+                self.files[index].path, self.channels, at_least=self.at_least, fit=self.buckets
+            )
         except ImageReadError as exc:
             return index, Failure(exc.path, exc.reason), None
         original = array.shape[:2]
-        if self.size is not None:
+        if self.size is not None and self.buckets is None:
             array = fit_image(array, self.size, "stretch")
         return index, image_tensor(array), original
 
@@ -163,28 +206,37 @@ def load_batches(
     progress: Progress = no_progress,
     original_sizes: bool = False,
     pin_memory: bool = False,
+    groups: list[range] | None = None,
+    buckets: Buckets | None = None,
 ) -> Iterator[ImageBatch]:
-    """Decoded images in batches of one size each (`size` None keeps native sizes), in pinned
-    memory with `pin_memory` (pinned by the DataLoader's thread, beside the main one, for
-    copies to a GPU that do not block the host).
+    """Decoded images in batches of one size each (`size` None keeps native sizes; `buckets`
+    fits each image to its aspect bucket), in pinned memory with `pin_memory` (pinned by the
+    DataLoader's thread, beside the main one, for copies to a GPU that do not block the host).
 
-    Files that cannot be read go into `failures` by index (and count as done for `progress`).
+    `groups` (ranges of file numbers; default: every file) say which files to read, in order; a
+    batch never mixes two groups, so a group's batches are the same wherever it is read.
+    Files that cannot be read go into `failures` by number (and count as done for `progress`).
     `original_sizes` makes each batch's `original_sizes` exact (no reduced-scale JPEG decoding).
     """
-    workers = default_workers(len(files), batch_size) if workers is None else workers
+    groups = [range(len(files))] if groups is None else groups
+    count = sum(len(g) for g in groups)
+    workers = default_workers(count, batch_size) if workers is None else workers
+    chunk = min(batch_size, LOADER_CHUNK) if workers else batch_size
+    chunks = [list(g[i : i + chunk]) for g in groups for i in range(0, len(g), chunk)]
+    ends = {g[-1] for g in groups if len(g)}
     loader = DataLoader(
-        _ImageFiles(files, channels, size, reduced_decode=not original_sizes),
-        batch_size=min(batch_size, LOADER_CHUNK) if workers else batch_size,
+        _ImageFiles(files, channels, size, reduced_decode=not original_sizes, buckets=buckets),
+        batch_sampler=chunks,
         num_workers=workers,
         collate_fn=_group_by_shape,
         prefetch_factor=4 if workers else None,
         pin_memory=pin_memory,
     )
     pending: dict[tuple, ImageBatch] = {}  # per image size, fewer than batch_size images
-    for groups, failed in loader:
+    for (found, failed), numbers in zip(loader, chunks, strict=True):
         failures.update(failed)
         progress(len(failed))
-        for group in groups:
+        for group in found:
             key = tuple(group.images.shape[1:])
             if key in pending:
                 group = pending.pop(key) + group
@@ -193,4 +245,6 @@ def load_batches(
                 yield head
             if len(group):
                 pending[key] = group
-    yield from pending.values()
+        if numbers[-1] in ends:
+            yield from pending.values()
+            pending.clear()

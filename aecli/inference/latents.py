@@ -2,83 +2,298 @@
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from aecli.data.images import Failure
 from aecli.data.sources import folder_labels
-from aecli.errors import UsageError
-from aecli.inference.inputs import InputFile, Progress, load_batches, no_progress
+from aecli.errors import UsageError, WriteError
+from aecli.inference.inputs import Buckets, InputFile, Progress, load_batches, no_progress
 from aecli.inference.outputs import hwc
 from aecli.inference.predictor import Predictor
+from aecli.io.latent_folder import SHARD_BYTES, FolderWriter, Plan
 from aecli.io.latents import LatentFile, LatentScaling
 
+if TYPE_CHECKING:  # the engine package loads the trainer
+    from aecli.engine.distributed import Distributed
 
-def encode_files(
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What decides an encode's latents (recorded in a latent folder, and checked by --resume)."""
+
+    size: tuple[int, int] | None  # None: each image's own size
+    buckets: Buckets | None = None  # aspect buckets instead of one size
+    sample: bool = False  # a draw from a VAE's posterior instead of its mean
+    seed: int = 0
+    scaling: LatentScaling | None = None
+
+    def record(self, shard_size: int) -> dict:
+        return {
+            "size": "native" if self.size is None else list(self.size),
+            "buckets": None if self.buckets is None else [list(b) for b in self.buckets.sizes],
+            "sample": self.sample,
+            "seed": self.seed if self.sample else None,
+            "scaling": None
+            if self.scaling is None
+            else {"scale": self.scaling.scale, "shift": self.scaling.shift},
+            "shard_size": shard_size,
+        }
+
+
+@dataclass
+class EncodedUnit:
+    """One unit of work: a run of consecutive input files, encoded."""
+
+    number: int
+    parts: list[LatentFile]  # one per latent shape, in the order of each shape's first file
+    failures: list[Failure]
+
+
+def encode_units(
     predictor: Predictor,
     files: list[InputFile],
+    units: list[tuple[int, range]],
+    settings: EncodeSettings,
     *,
-    size: tuple[int, int] | None | str = "model",
-    sample: bool = False,
-    seed: int = 0,
-    scaling: LatentScaling | None = None,
+    labels: list[int] | None = None,
+    class_names: list[str] | None = None,
     batch_size: int = 32,
     workers: int | None = None,
     progress: Progress = no_progress,
-) -> tuple[LatentFile, list[Failure]]:
-    """Encode files into one latent file, each resized to `size` ("model": the model's input
-    size; None: each image's own size, for fully convolutional models, all images alike).
+    one_shape: bool = False,
+) -> Iterator[EncodedUnit]:
+    """Encode each unit (its number, and the range of `files` it covers) in turn, yielding it
+    as soon as its last file is done: memory holds one unit's latents at a time.
 
-    Labels come from subfolder names when every file sits in a subfolder of an input folder
-    (as for training), numbered by the weights' class names when they cover them all.
-    `scaling` writes the latents as diffusion models consume them, and records it.
+    A unit's batches and an image's --sample noise (its own generator, from the seed and the
+    file's number) do not depend on which units are encoded, in which process, or after which
+    interruption: a unit's latents are the same wherever and whenever it is encoded.
+    `one_shape` refuses (before encoding further) a second latent shape, naming both files.
     """
-    size = predictor.size if size == "model" else size
-    generator = predictor.generator(seed) if sample else None
-    latents: dict[int, torch.Tensor] = {}
     failures: dict[int, Failure] = {}
-    first: tuple[int, tuple] | None = None  # the first batch's file and image size
+    starts = [r.start for _, r in units]
+    found: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # the open unit's, per shape
+    open_unit = 0
+
+    def close(position: int) -> EncodedUnit:
+        number, covered = units[position]
+        parts = []
+        for rows in sorted(found.values(), key=lambda rows: min(i for i, _ in rows)):
+            rows.sort(key=lambda row: row[0])
+            numbers = [i for i, _ in rows]
+            parts.append(
+                LatentFile(
+                    torch.stack([z for _, z in rows]),
+                    None if labels is None else torch.tensor([labels[i] for i in numbers]),
+                    predictor.fingerprint,
+                    [files[i].name for i in numbers],
+                    class_names,
+                    scaling=settings.scaling,
+                )
+            )
+        found.clear()
+        failed = [failures.pop(i) for i in covered if i in failures]
+        return EncodedUnit(number, parts, failed)
+
     for batch in load_batches(
         files,
         predictor.channels,
-        size,
+        settings.size,
         predictor.images_per_batch(batch_size),
         workers,
         failures=failures,
         progress=progress,
         pin_memory=predictor.execution.pins_memory,
+        groups=[r for _, r in units],
+        buckets=settings.buckets,
     ):
-        shape = tuple(batch.images.shape[-2:])
-        if first is None:
-            first = (batch.indices[0], shape)
-        elif shape != first[1]:
-            a, b = files[first[0]].path, files[batch.indices[0]].path
+        position = bisect.bisect_right(starts, batch.indices[0]) - 1
+        while open_unit < position:
+            yield close(open_unit)
+            open_unit += 1
+        generators = None
+        if settings.sample:
+            generators = predictor.image_generators(settings.seed, batch.indices)
+        z = predictor.encode(batch.images, generators)
+        z = (settings.scaling.apply(z) if settings.scaling is not None else z).cpu()
+        shape = tuple(z.shape[1:])
+        if one_shape and found and shape not in found:
+            had, rows = next(iter(found.items()))
+            a, b = files[rows[0][0]].path, files[batch.indices[0]].path
             raise UsageError(
-                f"{a} is {'x'.join(map(str, first[1]))} but {b} is "
-                f"{'x'.join(map(str, shape))}: one latent "
-                "file holds latents of one size; encode them separately or pass --size"
+                f"{a} gives latents of shape {'x'.join(map(str, had))} but {b} of "
+                f"{'x'.join(map(str, shape))}: one latent file holds latents of one shape; write "
+                "a latent folder (-o DIR/), which groups shapes into shards, or pass --size or "
+                "--buckets"
             )
-        z = predictor.encode(batch.images, generator)
-        z = (scaling.apply(z) if scaling is not None else z).cpu()
-        latents.update(zip(batch.indices, z, strict=True))
+        found.setdefault(shape, []).extend(zip(batch.indices, z, strict=True))
         progress(len(batch))
-    order = sorted(latents)
-    if not order:
-        return LatentFile(torch.empty(0)), [failures[i] for i in sorted(failures)]
-    kept = [files[i] for i in order]
-    labels, class_names = folder_labels([Path(f.name) for f in kept], predictor.info.class_names)
-    result = LatentFile(
-        torch.stack([latents[i] for i in order]),
-        None if labels is None else torch.tensor(labels, dtype=torch.int64),
-        predictor.fingerprint,
-        [f.name for f in kept],
-        class_names,
-        scaling=scaling,
+    while open_unit < len(units):
+        yield close(open_unit)
+        open_unit += 1
+
+
+def file_labels(
+    files: list[InputFile], known: list[str] | None
+) -> tuple[list[int] | None, list[str] | None]:
+    """Labels from subfolder names when every file sits in a subfolder of an input folder (as
+    for training), numbered by the weights' class names when they cover them all."""
+    return folder_labels([Path(f.name) for f in files], known)
+
+
+def encode_files(
+    predictor: Predictor,
+    files: list[InputFile],
+    settings: EncodeSettings,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: Progress = no_progress,
+) -> tuple[LatentFile, list[Failure]]:
+    """Encode files into one latent file (small jobs: it is held in memory), all of one latent
+    shape. `settings.scaling` writes the latents as diffusion models consume them."""
+    labels, class_names = file_labels(files, predictor.info.class_names)
+    (unit,) = encode_units(
+        predictor,
+        files,
+        [(0, range(len(files)))],
+        settings,
+        labels=labels,
+        class_names=class_names,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        one_shape=True,
     )
-    return result, [failures[i] for i in sorted(failures)]
+    if not unit.parts:
+        return LatentFile(torch.empty(0)), unit.failures
+    return unit.parts[0], unit.failures
+
+
+def default_shard_size(predictor: Predictor, settings: EncodeSettings) -> int:
+    """Latents per shard so that a shard holds about SHARD_BYTES (256 MiB) of float32 latents
+    at the encode's size (the largest bucket; the model's input size for --size native)."""
+    if settings.buckets is not None:
+        size = max(settings.buckets.sizes, key=lambda s: s[0] * s[1])
+    else:
+        size = settings.size or predictor.size
+    shape = predictor.latent_shape
+    if predictor.spatial:
+        f = predictor.factor
+        shape = (shape[0], -(-size[0] // f), -(-size[1] // f))
+    return max(1, min(1 << 20, SHARD_BYTES // (4 * math.prod(shape))))
+
+
+def inputs_digest(files: list[InputFile]) -> str:
+    """A fingerprint of the input list (names and order), to know a resumed run's inputs."""
+    digest = hashlib.blake2b(digest_size=16)
+    for file in files:
+        digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()
+
+
+class FolderEncode:
+    """An encode into a latent folder, in one process or in each of torchrun's: the inputs in
+    units of `shard_size` consecutive files, each written as shards (one per latent shape) as
+    soon as it is encoded, the units shared out over the processes (unit k to process k mod N
+    of those still to do), the index written last by the main process.
+
+    Checking and preparing the folder happens at construction (every process checks, the main
+    one changes it); `run` encodes this process's units; `finish` writes the index."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        files: list[InputFile],
+        out: Path,
+        settings: EncodeSettings,
+        *,
+        shard_size: int,
+        resume: bool = False,
+        overwrite: bool = False,
+        force: bool = False,
+        dist: Distributed | None = None,
+    ):
+        self.predictor, self.files, self.settings = predictor, files, settings
+        if dist is None:
+            from aecli.engine.distributed import Distributed
+
+            dist = Distributed(device=predictor.device)
+        self.dist = dist
+        self.labels, class_names = file_labels(files, predictor.info.class_names)
+        count = len(files)
+        units = [
+            (k, range(start, min(start + shard_size, count)))
+            for k, start in enumerate(range(0, count, shard_size))
+        ]
+        plan = Plan(
+            predictor.fingerprint,
+            predictor.name,
+            settings.record(shard_size),
+            count,
+            inputs_digest(files),
+            len(units),
+            class_names,
+        )
+        self.plan = plan
+        self.writer = FolderWriter(out, plan, main=self.dist.main)
+        action = self.writer.check(resume=resume, overwrite=overwrite, force=force)
+        self.dist.barrier()
+        self.writer.make_ready(action)
+        self.dist.barrier()
+        done = self.writer.finished_units()
+        pending = [unit for unit in units if unit[0] not in done]
+        self.units_done = len(units) - len(pending)
+        self.mine = pending[self.dist.rank :: self.dist.world]
+        self.images_done = sum(len(r) for k, r in units if k in done)
+
+    @property
+    def to_encode(self) -> int:
+        """Input files this process encodes."""
+        return sum(len(r) for _, r in self.mine)
+
+    def run(
+        self, *, batch_size: int = 32, workers: int | None = None, progress: Progress = no_progress
+    ) -> None:
+        """Encode this process's units, each on disk (shards, then its record) before the
+        next; a full disk stops with one line, keeping every complete unit for --resume."""
+        try:
+            for unit in encode_units(
+                self.predictor,
+                self.files,
+                self.mine,
+                self.settings,
+                labels=self.labels,
+                class_names=self.plan.class_names,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+            ):
+                failed = [{"path": str(f.path), "reason": f.reason} for f in unit.failures]
+                self.writer.write_unit(unit.number, unit.parts, failed)
+        except WriteError as exc:
+            raise WriteError(
+                f"{exc}; every complete shard is kept: free space, then run the same command "
+                "with --resume"
+            ) from exc
+
+    def finish(self, listing_failures: list[Failure] = ()) -> dict | None:
+        """Once every process is done: the index (the main process writes it and returns it;
+        the others return None)."""
+        self.dist.barrier()
+        if not self.dist.main:
+            return None
+        listed = [{"path": str(f.path), "reason": f.reason} for f in listing_failures]
+        return self.writer.finish(listed)
 
 
 def decoded_images(

@@ -3,6 +3,7 @@ to know about it (input size, padding factor, device settings, latent scaling, t
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -209,10 +210,12 @@ class Predictor:
 
     @torch.inference_mode()
     def encode(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 latents (B, *latent_shape): the posterior mean, or a
-        draw from the posterior when a generator is given (VAE)."""
+        draw from the posterior when a generator (or one per image) is given (VAE)."""
         x = self._padded(self.execution.prepare(images, self.value_range))
         with self.execution.autocast():
             if self.tiling is not None:
@@ -252,3 +255,14 @@ class Predictor:
         """A seeded CPU generator: noise is drawn on the CPU and copied to the device, so a seed
         gives the same draws on every device."""
         return torch.Generator().manual_seed(seed)
+
+    def image_generators(self, seed: int, numbers: list[int]) -> list[torch.Generator]:
+        """One generator per image, from `seed` and the image's number in its input list: an
+        image's draw is the same whatever the batch, the shard or the process it falls in."""
+        return [self.generator(image_seed(seed, n)) for n in numbers]
+
+
+def image_seed(seed: int, number: int) -> int:
+    """A 63-bit seed for image `number` of a run seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{number}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

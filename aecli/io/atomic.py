@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from aecli.errors import WriteError, os_reason
@@ -42,13 +43,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
     batch outputs (thousands of PNGs) skip that cost. An OS error (a full disk, no permission)
     is a WriteError naming `path`.
     """
+    atomic_write_parts(path, [data], durable=durable)
+
+
+def atomic_write_parts(
+    path: str | Path, parts: Iterable[bytes | memoryview], *, durable: bool = True
+) -> None:
+    """`atomic_write_bytes` of the parts one after another, never joined in memory (a latent
+    shard's header, then its tensors' own memory)."""
     path = Path(path)
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create(path)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for part in parts:
+                handle.write(part)
             if durable:
                 handle.flush()
                 os.fsync(handle.fileno())

@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 import aecli
 from aecli.errors import UsageError, first_line
 from aecli.io.atomic import atomic_write_bytes
-from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
+from aecli.io.tensorfile import safetensors_header, tensor_file_parts
 
 FORMAT = "aecli-latents"
 FORMAT_VERSION = "1"
@@ -63,14 +63,22 @@ class LatentFile:
 
 def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
     """Serialise to the safetensors latent format, or to a plain .npy array (latents only)."""
-    values = latents.latents.detach().to("cpu", torch.float32).contiguous()
     if fmt == "npy":
         buffer = io.BytesIO()
-        np.save(buffer, values.numpy(), allow_pickle=False)
+        np.save(buffer, _latent_array(latents), allow_pickle=False)
         return buffer.getvalue()
-    tensors = {"latents": values}
+    return b"".join(latent_parts(latents)[0])
+
+
+def latent_parts(latents: LatentFile) -> tuple[list[bytes | memoryview], int]:
+    """The safetensors latent file as parts to write one after another (no copy of the
+    latents), and the byte offset in the file where the float32 latents start: `labels`
+    (int64) first, then `latents`, each 8-byte aligned."""
+    values = _latent_array(latents)
+    arrays = {}
     if latents.labels is not None:
-        tensors["labels"] = latents.labels.detach().to("cpu", torch.int64).contiguous()
+        arrays["labels"] = latents.labels.detach().to("cpu", torch.int64).numpy().astype("<i8")
+    arrays["latents"] = values
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -83,7 +91,23 @@ def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
     if latents.scaling is not None:
         scaling = latents.scaling
         metadata["scaling"] = json.dumps({"scale": scaling.scale, "shift": scaling.shift})
-    return tensor_file_bytes(tensors, metadata)
+    parts, offsets = tensor_file_parts(arrays, metadata)
+    return parts, offsets["latents"]
+
+
+def _latent_array(latents: LatentFile) -> np.ndarray:
+    """The latents as a C-ordered little-endian float32 array (no copy where they are one)."""
+    values = latents.latents.detach().to("cpu", torch.float32).contiguous().numpy()
+    return values.astype("<f4", copy=False)
+
+
+def names_folder(target: str) -> bool:
+    """Whether an output name means a latent folder: not `-`, and ends in `/`, names an existing
+    folder, or has no suffix (`-o latents`, as `-o images` means a folder of PNGs)."""
+    if target == STDIO:
+        return False
+    path = Path(target)
+    return target.endswith("/") or path.is_dir() or not path.suffix
 
 
 def output_format(target: str, fmt: str | None) -> str:

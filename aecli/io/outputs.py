@@ -76,6 +76,7 @@ class OutputGuard:
         and existing files unless `overwrite`; then create the folders they go into."""
         if out_dir is not None:
             self._refuse_inside_input(option, out_dir)
+            self._claim(option, out_dir)
         for output in outputs:
             key = real(output)
             if key in self.sources:
@@ -83,16 +84,11 @@ class OutputGuard:
                     f"{option}: {output} is one of this command's inputs; inputs are never "
                     "modified (not even with --overwrite), choose another path"
                 )
-            if key in self.claimed:
-                raise UsageError(
-                    f"{option}: {output} is also the output of {self.claimed[key]}; give the "
-                    "two outputs different paths"
-                )
             if output.is_dir():
                 raise UsageError(f"{option} {output}: is a folder, expected a file path")
             if out_dir is None:
                 self._refuse_inside_input(option, output)
-            self.claimed[key] = option
+            self._claim(option, output)
         existing = [o for o in outputs if o.exists()]
         if existing and not overwrite:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
@@ -101,6 +97,16 @@ class OutputGuard:
             )
         for folder in sorted({o.parent for o in outputs} | ({out_dir} if out_dir else set())):
             make_folder(folder, option)
+
+    def _claim(self, option: str, output: Path) -> None:
+        """Refuse an output (a file, or a folder an option fills) that another option claimed."""
+        key = real(output)
+        if key in self.claimed:
+            raise UsageError(
+                f"{option}: {output} is also the output of {self.claimed[key]}; give the two "
+                "outputs different paths"
+            )
+        self.claimed[key] = option
 
     def _refuse_inside_input(self, option: str, path: Path) -> None:
         for folder in self.folders:

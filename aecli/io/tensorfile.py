@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
@@ -36,3 +37,30 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensor data stays 8-byte aligned
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
+
+
+def tensor_file_parts(
+    arrays: dict[str, np.ndarray], metadata: dict[str, str]
+) -> tuple[list[bytes | memoryview], dict[str, int]]:
+    """A safetensors file of little-endian float32 / int64 arrays, as parts to write one after
+    another: the header, then each array's own memory in the given order (no copy of the data).
+    Also returns where each array's data starts in the file, for readers that map it
+    (`numpy.memmap(path, "<f4", "r", offset, shape)`)."""
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    ends, offset = {}, 0
+    for name, array in arrays.items():
+        header[name] = {
+            "dtype": _DTYPES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        ends[name] = offset
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned
+    start = 8 + len(text)
+    views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
+    return [struct.pack("<Q", len(text)) + text, *views], {k: start + v for k, v in ends.items()}

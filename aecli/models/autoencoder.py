@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# one generator for the batch, or one per item
+Generators = torch.Generator | list[torch.Generator] | None
+
 
 class DiagonalGaussian:
     """q(z | x) of a VAE: a diagonal Gaussian from mean and log-variance, held in fp32 whatever
@@ -22,21 +25,19 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: Generators = None) -> torch.Tensor:
         """A draw from q(z | x): from the global RNG on the mean's device, or from `generator`
         on its own device, one item after another, so that an item's noise depends on the seed
         and its place in the sequence, not on the batch size (the CPU sampler draws a batch in
         blocks of 16 values and redraws the last block for sizes that are not multiples of
-        16), nor on the device the model runs on."""
+        16), nor on the device the model runs on. A list holds one generator per item."""
         if generator is None:
             noise = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
         else:
             shape = self.mean.shape[1:]
+            each = generator if isinstance(generator, list) else [generator] * len(self.mean)
             noise = torch.stack(
-                [
-                    torch.randn(shape, generator=generator, device=generator.device)
-                    for _ in range(len(self.mean))
-                ]
+                [torch.randn(shape, generator=g, device=g.device) for g in each]
             ).to(self.mean.device)
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
@@ -55,7 +56,7 @@ class Deterministic:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: Generators = None) -> torch.Tensor:
         return self.mean
 
     def kl(self) -> torch.Tensor:

@@ -1,0 +1,659 @@
+"""Latent folders (DESIGN section 5a): a data set's latents as safetensors shards, each an
+ordinary aecli latent file of one latent shape, with `index.json` written last.
+
+While an encode runs the folder also holds `encode.json` (what is being encoded, for --resume)
+and one `unit-NNNNNN.json` per finished unit of work (a run of consecutive input files whose
+shards are all on disk). A kill leaves complete units and at most one partial unit per process;
+--resume removes the partial ones and encodes what no complete unit holds. The last step writes
+`index.json` from the unit records, then removes them and `encode.json`.
+
+    DIR/index.json                      what the folder holds (below)
+    DIR/latents-000000.safetensors      unit 0's latents (one shape)
+    DIR/latents-000001-0.safetensors    unit 1's latents of its first shape
+    DIR/latents-000001-1.safetensors    ... of its second shape
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import aecli
+from aecli.errors import UsageError, first_and_more, first_line
+from aecli.io.atomic import TEMP_SUFFIX, atomic_write_parts, atomic_write_text
+from aecli.io.latents import (
+    LatentFile,
+    LatentFileError,
+    LatentScaling,
+    latent_parts,
+    read_latents,
+)
+
+FOLDER_FORMAT = "aecli-latent-folder"
+FOLDER_VERSION = "1"
+INDEX = "index.json"
+PLAN = "encode.json"
+LOCK = ".aecli-encode.lock"
+SHARD = re.compile(r"^latents-(\d{6,})(?:-(\d+))?\.safetensors$")
+UNIT = re.compile(r"^unit-(\d{6,})\.json$")
+INDEX_LIMIT = 4 << 30  # bytes of index.json read at most (ImageNet's is about 100 MB)
+SHARD_BYTES = 256 << 20  # the default shard holds about this many bytes of latents
+
+
+def shard_name(unit: int, part: int | None) -> str:
+    return (
+        f"latents-{unit:06d}.safetensors"
+        if part is None
+        else f"latents-{unit:06d}-{part}.safetensors"
+    )
+
+
+def unit_name(unit: int) -> str:
+    return f"unit-{unit:06d}.json"
+
+
+def is_latent_folder(path: str | Path) -> bool:
+    """A folder that an encode wrote or is writing (its index or its plan is there)."""
+    path = Path(path)
+    return path.is_dir() and ((path / INDEX).is_file() or (path / PLAN).is_file())
+
+
+def _ours(name: str) -> bool:
+    """A name aecli writes into a latent folder (temporary files of those included)."""
+    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+        name = name[1:].rsplit(".", 2)[0]
+    return name in (INDEX, PLAN, LOCK) or bool(SHARD.match(name) or UNIT.match(name))
+
+
+def _temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX) and _ours(name)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard as the index (or a unit record) lists it."""
+
+    file: str
+    count: int
+    shape: tuple[int, ...]
+    offset: int  # where the float32 latents start in the file
+    bytes: int
+    sources: list[str]
+    labels: list[int] | None
+    fingerprint: str
+
+    def record(self) -> dict:
+        return {
+            "file": self.file,
+            "count": self.count,
+            "shape": list(self.shape),
+            "offset": self.offset,
+            "bytes": self.bytes,
+            "fingerprint": self.fingerprint,
+            "sources": self.sources,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def parse(cls, raw: dict, where: str) -> ShardEntry:
+        """An entry from JSON that anyone may have edited: every field checked."""
+        try:
+            file, count, shape = raw["file"], raw["count"], tuple(raw["shape"])
+            sources, labels = raw["sources"], raw["labels"]
+            entry = cls(
+                file, count, shape, raw["offset"], raw["bytes"], sources, labels,
+                raw["fingerprint"],
+            )  # fmt: skip
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: a shard entry lacks {first_line(exc)}") from None
+        ints = [count, entry.offset, entry.bytes, *shape, *(labels or [])]
+        if not isinstance(file, str) or not SHARD.match(file):
+            raise ValueError(f"{where}: {file!r} is not a shard name (latents-NNNNNN.safetensors)")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise ValueError(f"{where}: {file}: counts, shape and labels must be whole numbers")
+        if count < 1 or not 1 <= len(shape) <= 3 or 0 in shape:
+            raise ValueError(f"{where}: {file}: {count} latents of shape {shape}")
+        if not isinstance(sources, list) or len(sources) != count:
+            raise ValueError(f"{where}: {file}: {count} latents but not as many source names")
+        if not all(isinstance(s, str) for s in sources):
+            raise ValueError(f"{where}: {file}: source names must be text")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != count):
+            raise ValueError(f"{where}: {file}: {count} latents but not as many labels")
+        if not isinstance(entry.fingerprint, str):
+            raise ValueError(f"{where}: {file}: the fingerprint must be text")
+        return entry
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What an encode into a folder is, as `encode.json` records it: a resumed run must be the
+    same encode (settings and inputs), or it would mix two data sets in one folder."""
+
+    fingerprint: str
+    weights: str
+    settings: dict  # what decides the latents: size, buckets, sample, seed, scaling, shard size
+    inputs: int
+    inputs_digest: str
+    units: int
+    class_names: list[str] | None
+
+    def record(self) -> dict:
+        return {
+            "format": FOLDER_FORMAT,
+            "format_version": FOLDER_VERSION,
+            "fingerprint": self.fingerprint,
+            "weights": self.weights,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "inputs_digest": self.inputs_digest,
+            "units": self.units,
+            "class_names": self.class_names,
+        }
+
+
+# how each setting is named on the command line, for messages
+SETTING_OPTIONS = {
+    "size": "--size",
+    "buckets": "--buckets",
+    "sample": "--sample",
+    "seed": "--seed",
+    "scaling": "--scaled / --scaling-factor / --shift-factor",
+    "shard_size": "--shard-size",
+}
+
+
+def _describe(value) -> str:
+    return "not set" if value in (None, False) else json.dumps(value)
+
+
+class FolderWriter:
+    """Writes an encode's units into a latent folder, and its index at the end.
+
+    Every process of a torchrun encode makes one; only the `main` one changes the folder
+    outside its own units (cleaning, the plan, the index)."""
+
+    def __init__(self, folder: Path, plan: Plan, *, main: bool = True):
+        self.folder, self.plan, self.main = folder, plan, main
+        self._lock: int | None = None
+
+    # -- before: the folder's state, checked by every process, changed by the main one
+
+    def check(self, *, resume: bool, overwrite: bool, force: bool) -> str:
+        """What to do with the folder: `new`, `overwrite` or `resume`; refused (one line) where
+        it would lose or mix a user's files. Every process checks (reading only), before the
+        main one changes anything (`make_ready`)."""
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"-o {folder}: exists and is not a folder")
+        names = sorted(os.listdir(folder)) if folder.is_dir() else []
+        foreign = [n for n in names if not _ours(n)]
+        if foreign:
+            raise UsageError(
+                f"-o {folder}: holds files aecli did not write ({first_and_more(foreign)}); a "
+                "latent folder must be new or empty, choose another"
+            )
+        started = PLAN in names or INDEX in names or any(SHARD.match(n) for n in names)
+        if not started:
+            return "new"
+        if overwrite:
+            return "overwrite"
+        if not resume:
+            what = "holds a finished encode" if INDEX in names else "holds an unfinished encode"
+            raise UsageError(
+                f"-o {folder}: {what}; pass --resume to continue it or --overwrite to encode "
+                "again from the start"
+            )
+        self._check_resumable(names, force)
+        return "resume"
+
+    def make_ready(self, action: str) -> None:
+        """Lock the folder for this run, and (the main process) start it over, or clean what a
+        killed run left, and write the plan."""
+        if not self.main:
+            return
+        self._take_lock()
+        if action == "overwrite":
+            self._remove([n for n in os.listdir(self.folder) if n != LOCK])
+        names = os.listdir(self.folder)
+        if PLAN not in names and INDEX not in names:
+            atomic_write_text(self.folder / PLAN, json.dumps(self.plan.record(), indent=1))
+        self._clean()
+
+    def _check_resumable(self, names: list[str], force: bool) -> None:
+        source = INDEX if INDEX in names else PLAN if PLAN in names else None
+        if source is None:
+            raise UsageError(
+                f"--resume: {self.folder} holds latent shards but neither {PLAN} nor {INDEX}; "
+                "pass --overwrite to encode again"
+            )
+        raw = _read_json(self.folder / source, f"--resume: {self.folder / source}")
+        if not isinstance(raw, dict) or raw.get("format") != FOLDER_FORMAT:
+            raise UsageError(f"--resume: {self.folder / source}: not an aecli latent folder record")
+        fingerprint = raw.get("fingerprint")
+        if fingerprint != self.plan.fingerprint and not force:
+            raise UsageError(
+                f"--resume: {self.folder} was written by model {fingerprint}, not by "
+                f"{self.plan.weights} (model {self.plan.fingerprint}); pass --force to continue "
+                "with these weights, or --overwrite to start over"
+            )
+        settings = raw.get("settings")
+        if not isinstance(settings, dict):
+            raise UsageError(f"--resume: {self.folder / source}: no settings recorded")
+        for key, option in SETTING_OPTIONS.items():
+            then, now = settings.get(key), self.plan.settings.get(key)
+            if then != now:
+                raise UsageError(
+                    f"--resume: {self.folder} was encoded with {option} {_describe(then)}, this "
+                    f"command gives {_describe(now)}; give the same, or --overwrite to start over"
+                )
+        inputs, digest = raw.get("inputs"), raw.get("inputs_digest")
+        if digest != self.plan.inputs_digest:
+            raise UsageError(
+                f"--resume: the inputs differ from those {self.folder} was started with "
+                f"({inputs} files then, {self.plan.inputs} now); give the same inputs, or "
+                "--overwrite to start over"
+            )
+
+    def _take_lock(self) -> None:
+        """An advisory lock on the folder for the run's life (the main process; the kernel lets
+        go of it when the process dies, so a killed run never blocks its folder)."""
+        if not self.main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise UsageError(
+                f"-o {self.folder}: another aecli encode is writing this folder"
+                + (f" (process {holder})" if holder.isdigit() else "")
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock = fd
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove(self, names: list[str]) -> None:
+        for name in names:
+            (self.folder / name).unlink(missing_ok=True)
+
+    def _clean(self) -> None:
+        """Remove what a killed run left: temporary files, shards of units without a record,
+        records whose shards are not all there."""
+        names = os.listdir(self.folder)
+        self._remove([n for n in names if _temporary(n)])
+        if INDEX in names:  # finished: only what the last step had left to remove
+            self._remove([n for n in names if UNIT.match(n) or n == PLAN])
+            return
+        done = self.finished_units()
+        parts = [n for n in names if SHARD.match(n)]
+        kept = {entry.file for record in done.values() for entry in record.shards}
+        self._remove([n for n in parts if n not in kept])
+        self._remove([n for n in names if UNIT.match(n) and int(UNIT.match(n)[1]) not in done])
+
+    # -- during: units, each complete on disk before its record
+
+    def finished_units(self) -> dict[int, UnitRecord]:
+        """The units whose record and every shard are on disk (an index means all)."""
+        index = self.folder / INDEX
+        if index.is_file():
+            return {u: UnitRecord(u, [], []) for u in range(self.plan.units)}
+        done: dict[int, UnitRecord] = {}
+        for name in os.listdir(self.folder):
+            match = UNIT.match(name)
+            if not match or int(match[1]) >= self.plan.units:
+                continue
+            try:
+                record = UnitRecord.read(self.folder / name)
+            except (OSError, ValueError):
+                continue  # damaged: the unit is encoded again
+            if record.unit == int(match[1]) and all(
+                _size(self.folder / e.file) == e.bytes for e in record.shards
+            ):
+                done[record.unit] = record
+        return done
+
+    def write_unit(self, unit: int, parts: list[LatentFile], failures: list[dict]) -> None:
+        """A unit's shards (one per latent shape), then its record; each file atomically."""
+        entries = []
+        for part, latents in enumerate(parts):
+            name = shard_name(unit, part if len(parts) > 1 else None)
+            chunks, offset = latent_parts(latents)
+            atomic_write_parts(self.folder / name, chunks)
+            entries.append(
+                ShardEntry(
+                    name,
+                    len(latents),
+                    tuple(latents.latents.shape[1:]),
+                    offset,
+                    sum(len(c) for c in chunks),
+                    list(latents.sources),
+                    None if latents.labels is None else latents.labels.tolist(),
+                    latents.fingerprint or "",
+                )
+            )
+        record = UnitRecord(unit, entries, failures)
+        atomic_write_text(self.folder / unit_name(unit), json.dumps(record.record()))
+
+    # -- after: the index, from the unit records in order
+
+    def finish(self, listing_failures: list[dict]) -> dict:
+        """Write index.json from every unit's record (the main process, once all are done),
+        then remove the records and the plan. Returns the index."""
+        index_path = self.folder / INDEX
+        if index_path.is_file():  # a run killed after its index: only the cleaning was left
+            index = _read_json(index_path, str(index_path))
+        else:
+            done = self.finished_units()
+            missing = [u for u in range(self.plan.units) if u not in done]
+            if missing:
+                raise UsageError(
+                    f"{self.folder}: {len(missing)} unit(s) of work are not on disk (first: "
+                    f"{missing[0]}); rerun with --resume"
+                )
+            records = [done[u] for u in range(self.plan.units)]
+            shards = [e for r in records for e in r.shards]
+            shapes: dict[tuple, int] = {}
+            for entry in shards:
+                shapes[entry.shape] = shapes.get(entry.shape, 0) + entry.count
+            index = {
+                "format": FOLDER_FORMAT,
+                "format_version": FOLDER_VERSION,
+                "aecli_version": aecli.__version__,
+                "fingerprint": self.plan.fingerprint,
+                "weights": self.plan.weights,
+                "settings": self.plan.settings,
+                "inputs": self.plan.inputs,
+                "inputs_digest": self.plan.inputs_digest,
+                "count": sum(e.count for e in shards),
+                "shapes": [{"shape": list(s), "count": n} for s, n in shapes.items()],
+                "class_names": self.plan.class_names,
+                "failures": listing_failures + [f for r in records for f in r.failures],
+                "shards": [e.record() for e in shards],
+            }
+            atomic_write_text(index_path, json.dumps(index, indent=1))
+        names = os.listdir(self.folder)
+        self._remove([n for n in names if UNIT.match(n) or n == PLAN or _temporary(n)])
+        self.release()
+        (self.folder / LOCK).unlink(missing_ok=True)
+        return index
+
+
+@dataclass
+class UnitRecord:
+    unit: int
+    shards: list[ShardEntry]
+    failures: list[dict]  # {"path": ..., "reason": ...}
+
+    def record(self) -> dict:
+        return {
+            "unit": self.unit,
+            "shards": [e.record() for e in self.shards],
+            "failures": self.failures,
+        }
+
+    @classmethod
+    def read(cls, path: Path) -> UnitRecord:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        where = path.name
+        shards = [ShardEntry.parse(e, where) for e in raw["shards"]]
+        failures = raw["failures"]
+        if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
+            raise ValueError(f"{where}: failures must be a list of records")
+        return cls(int(raw["unit"]), shards, failures)
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _read_json(path: Path, name: str):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(INDEX_LIMIT + 1)
+    except OSError as exc:
+        raise LatentFileError(f"cannot read: {first_line(exc)}", path=name) from None
+    if len(data) > INDEX_LIMIT:
+        raise LatentFileError(f"larger than {INDEX_LIMIT >> 30} GiB; not an index", path=name)
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise LatentFileError(f"damaged ({first_line(exc)})", path=name) from None
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+class LatentFolder:
+    """A finished latent folder, read shard by shard."""
+
+    def __init__(self, path: Path, index: dict, shards: list[ShardEntry]):
+        self.path, self.index, self.shards = path, index, shards
+        self.name = str(path)
+        self.count = sum(e.count for e in shards)
+        self.fingerprint: str | None = index.get("fingerprint") or None
+        names = index.get("class_names")
+        self.class_names = names if isinstance(names, list) else None
+        self.scaling = _scaling(index.get("settings", {}).get("scaling"), self.name)
+        self.starts = [0]
+        for entry in shards:
+            self.starts.append(self.starts[-1] + entry.count)
+
+    @classmethod
+    def open(cls, path: str | Path) -> LatentFolder:
+        """The folder's index, checked; one line for a folder that is not (yet) one."""
+        path = Path(path)
+        if not (path / INDEX).is_file():
+            if (path / PLAN).is_file():
+                raise LatentFileError(
+                    f"an unfinished encode (no {INDEX} yet): finish it by running the same "
+                    "`aecli encode` with --resume",
+                    path=path,
+                )
+            raise LatentFileError(
+                f"a folder without {INDEX}: not a latent folder from `aecli encode -o DIR/`",
+                path=path,
+            )
+        where = str(path / INDEX)
+        index = _read_json(path / INDEX, where)
+        if not isinstance(index, dict) or index.get("format") != FOLDER_FORMAT:
+            raise LatentFileError("not an aecli latent folder index", path=where)
+        try:
+            shards = [ShardEntry.parse(e, where) for e in index["shards"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LatentFileError(f"damaged index ({first_line(exc)})", path=where) from None
+        if not shards:
+            raise LatentFileError("holds no latents (every input failed)", path=where)
+        return cls(path, index, shards)
+
+    @property
+    def shapes(self) -> dict[tuple[int, ...], int]:
+        found: dict[tuple[int, ...], int] = {}
+        for entry in self.shards:
+            found[entry.shape] = found.get(entry.shape, 0) + entry.count
+        return found
+
+    @property
+    def sources(self) -> list[str]:
+        return [s for entry in self.shards for s in entry.sources]
+
+    def disk_bytes(self) -> int:
+        return sum(e.bytes for e in self.shards) + (_size(self.path / INDEX) or 0)
+
+    def read(self, entry: ShardEntry) -> LatentFile:
+        """One shard as a latent file, checked against what the index says of it."""
+        path = self.path / entry.file
+        latents = read_latents(path)
+        if len(latents) != entry.count or tuple(latents.latents.shape[1:]) != entry.shape:
+            raise LatentFileError(
+                f"holds {len(latents)} latents of shape {tuple(latents.latents.shape[1:])}, the "
+                f"index says {entry.count} of shape {entry.shape}",
+                path=path,
+            )
+        if latents.sources != entry.sources:
+            raise LatentFileError("its source names differ from the index's", path=path)
+        latents.name = str(path)
+        return latents
+
+    def __iter__(self) -> Iterator[LatentFile]:
+        for entry in self.shards:
+            yield self.read(entry)
+
+    def locate(self, selector: str, option: str = "--select") -> int:
+        """A latent's number in the folder from its source name or its number (0-based)."""
+        text = selector.strip()
+        if re.fullmatch(r"-?\d+", text):
+            number = int(text)
+            number = number + self.count if number < 0 else number
+            if not 0 <= number < self.count:
+                raise UsageError(
+                    f"{option} {selector}: {self.name} holds latents 0 to {self.count - 1}"
+                )
+            return number
+        for shard, entry in enumerate(self.shards):
+            if selector in entry.sources:
+                return self.starts[shard] + entry.sources.index(selector)
+        raise UsageError(
+            f"{option} {selector}: no latent of that source in {self.name} (give a source name "
+            "as the index lists it, or a number from 0)"
+        )
+
+    def select(self, numbers: list[int]) -> LatentFile:
+        """The latents with these numbers, in this order, as one latent file (one shape)."""
+        import bisect
+
+        wanted: dict[int, list[int]] = {}
+        for number in numbers:
+            wanted.setdefault(bisect.bisect_right(self.starts, number) - 1, []).append(number)
+        rows: dict[int, tuple] = {}
+        for shard, found in wanted.items():
+            latents = self.read(self.shards[shard])
+            for number in found:
+                row = number - self.starts[shard]
+                label = None if latents.labels is None else latents.labels[row]
+                rows[number] = (latents.latents[row], latents.sources[row], label)
+        shapes = {tuple(rows[n][0].shape) for n in numbers}
+        if len(shapes) > 1:
+            raise UsageError(
+                f"--select: the chosen latents have {len(shapes)} shapes "
+                f"({', '.join('x'.join(map(str, s)) for s in sorted(shapes))}); choose latents "
+                "of one shape"
+            )
+        labels = [rows[n][2] for n in numbers]
+        return LatentFile(
+            torch.stack([rows[n][0] for n in numbers]),
+            None if any(label is None for label in labels) else torch.stack(labels),
+            self.fingerprint,
+            [rows[n][1] for n in numbers],
+            self.class_names,
+            name=self.name,
+            scaling=self.scaling,
+        )
+
+
+def _scaling(raw, name: str) -> LatentScaling | None:
+    if raw is None:
+        return None
+    try:
+        scale, shift = float(raw["scale"]), float(raw["shift"])
+    except (KeyError, TypeError, ValueError):
+        raise LatentFileError("damaged index (its scaling)", path=name) from None
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale > 0):
+        raise LatentFileError("damaged index (its scaling is not finite and positive)", path=name)
+    return LatentScaling(scale, shift)
+
+
+def write_latent_folder(
+    folder: Path,
+    latents: LatentFile,
+    *,
+    weights: str,
+    settings: dict,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Latents already in memory (`aecli sample --latents-out DIR/`) as a latent folder, in
+    shards of `shard_size` (default about SHARD_BYTES each). Returns the index."""
+    count = len(latents)
+    per_latent = 4 * math.prod(latents.latents.shape[1:])
+    shard_size = shard_size or max(1, min(1 << 20, SHARD_BYTES // per_latent))
+    starts = range(0, count, shard_size)
+    plan = Plan(
+        latents.fingerprint or "",
+        weights,
+        {**settings, "shard_size": shard_size},
+        count,
+        "",
+        len(starts),
+        latents.class_names,
+    )
+    writer = FolderWriter(folder, plan)
+    writer.make_ready(writer.check(resume=False, overwrite=overwrite, force=False))
+    for unit, start in enumerate(starts):
+        part = slice(start, start + shard_size)
+        labels = None if latents.labels is None else latents.labels[part]
+        sources = latents.sources[part] if latents.sources else None
+        chunk = LatentFile(
+            latents.latents[part], labels, latents.fingerprint, sources, latents.class_names,
+            scaling=latents.scaling,
+        )  # fmt: skip
+        writer.write_unit(unit, [chunk], [])
+    return writer.finish([])
+
+
+def folder_facts(path: Path) -> dict:
+    """What `aecli info DIR/` says of a latent folder, finished or not."""
+    if not (path / INDEX).is_file():
+        plan = _read_json(path / PLAN, str(path / PLAN))
+        if not isinstance(plan, dict) or plan.get("format") != FOLDER_FORMAT:
+            raise LatentFileError("not an aecli latent folder record", path=path / PLAN)
+        units = sum(1 for n in os.listdir(path) if UNIT.match(n))
+        return {
+            "kind": "latent folder",
+            "finished": False,
+            "fingerprint": plan.get("fingerprint"),
+            "weights": plan.get("weights"),
+            "settings": plan.get("settings"),
+            "inputs": plan.get("inputs"),
+            "units_done": units,
+            "units": plan.get("units"),
+            "bytes": sum(_size(path / n) or 0 for n in os.listdir(path) if SHARD.match(n)),
+        }
+    folder = LatentFolder.open(path)
+    index = folder.index
+    return {
+        "kind": "latent folder",
+        "finished": True,
+        "count": folder.count,
+        "shapes": [{"shape": list(s), "count": n} for s, n in folder.shapes.items()],
+        "shards": len(folder.shards),
+        "fingerprint": folder.fingerprint,
+        "weights": index.get("weights"),
+        "settings": index.get("settings"),
+        "class_names": folder.class_names,
+        "labels": all(e.labels is not None for e in folder.shards),
+        "failures": len(index.get("failures") or []),
+        "bytes": folder.disk_bytes(),
+        "aecli_version": index.get("aecli_version"),
+    }
