@@ -302,12 +302,15 @@ def _encode_folder(
         overwrite=overwrite, force=force, dist=dist,
     )  # fmt: skip
     label = "encoding" if dist.world == 1 else f"encoding (rank 0 of {dist.world})"
-    if dist.main:
-        with progress_bar(job.to_encode, label) as advance:
-            job.run(batch_size=batch_size, workers=workers, progress=advance)
-    else:
-        job.run(batch_size=batch_size, workers=workers)
-    index = job.finish(failures)
+    try:
+        if dist.main:
+            with progress_bar(job.to_encode, label) as advance:
+                job.run(batch_size=batch_size, workers=workers, progress=advance)
+        else:
+            job.run(batch_size=batch_size, workers=workers)
+        index = job.finish(failures)
+    finally:
+        job.close()
     if index is None:
         return
     seconds = time.perf_counter() - start
@@ -315,7 +318,7 @@ def _encode_folder(
     print_failures(failed)
     shapes = ", ".join(f"{s['count']} of {'x'.join(map(str, s['shape']))}" for s in index["shapes"])
     scaling = settings.scaling
-    resumed = f"; {job.images_done} were already encoded" if job.images_done else ""
+    resumed = f"; {job.images_done} inputs were done already" if job.images_done else ""
     count = index["count"]
     console.print(
         f"encoded {count} image{'s' * (count != 1)} -> {out}/ ({len(index['shards'])} shard"

@@ -286,6 +286,10 @@ class FolderEncode:
                 "with --resume"
             ) from exc
 
+    def close(self) -> None:
+        """Let go of the folder (its lock), whatever happened."""
+        self.writer.release()
+
     def finish(self, listing_failures: list[Failure] = ()) -> dict | None:
         """Once every process is done: the index (the main process writes it and returns it;
         the others return None)."""
