@@ -4,7 +4,6 @@ buckets, resume after a kill, torchrun, a full disk, and every command that read
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import signal
@@ -286,17 +285,25 @@ def test_what_a_folder_refuses(conv_weights, tiny_weights, images, tmp_path, cli
 def test_a_second_encode_into_a_folder_in_use_is_refused(conv_weights, images, tmp_path, cli):
     out = tmp_path / "busy"
     out.mkdir()
-    lock = os.open(out / ".aecli-encode.lock", os.O_RDWR | os.O_CREAT)
-    os.write(lock, str(os.getpid()).encode())
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    holder = subprocess.Popen(  # another process holding the folder's lock, as an encode does
+        [sys.executable, "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(out / ".aecli-encode.lock")!r}, os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
+        assert holder.stdout.readline().strip() == "locked"
         result = cli("encode", conv_weights, images, "-o", out)
         assert result.exit_code == 2
-        assert f"another aecli encode is writing this folder (process {os.getpid()})" in one_line(
-            result
-        )
+        expected = f"another aecli encode is writing this folder (process {holder.pid})"
+        assert expected in one_line(result)
     finally:
-        os.close(lock)
+        holder.kill()
+        holder.wait()
     assert cli("encode", conv_weights, images, "-o", out).exit_code == 1  # free again
     assert not (out / ".aecli-encode.lock").exists()
 

@@ -273,9 +273,10 @@ class FolderWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        try:  # a POSIX lock: the loader's forked workers do not inherit it, so it goes with
+            # the main process (an flock would live on in workers that outlive a SIGKILL)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             raise UsageError(
