@@ -324,7 +324,7 @@ class FolderWriter:
                 continue
             try:
                 record = UnitRecord.read(self.folder / name)
-            except (OSError, ValueError):
+            except (LatentFileError, KeyError, TypeError, ValueError):
                 continue  # damaged: the unit is encoded again
             if record.unit == int(match[1]) and all(
                 _size(self.folder / e.file) == e.bytes for e in record.shards
@@ -413,7 +413,7 @@ class UnitRecord:
 
     @classmethod
     def read(cls, path: Path) -> UnitRecord:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = _read_json(path, path.name)
         where = path.name
         shards = [ShardEntry.parse(e, where) for e in raw["shards"]]
         failures = raw["failures"]
@@ -456,7 +456,9 @@ class LatentFolder:
         self.fingerprint: str | None = index.get("fingerprint") or None
         names = index.get("class_names")
         self.class_names = names if isinstance(names, list) else None
-        self.scaling = _scaling(index.get("settings", {}).get("scaling"), self.name)
+        settings = index.get("settings")
+        self.settings = settings if isinstance(settings, dict) else {}
+        self.scaling = _scaling(self.settings.get("scaling"), self.name)
         self.starts = [0]
         for entry in shards:
             self.starts.append(self.starts[-1] + entry.count)
@@ -522,19 +524,19 @@ class LatentFolder:
             yield self.read(entry)
 
     def locate(self, selector: str, option: str = "--select") -> int:
-        """A latent's number in the folder from its source name or its number (0-based)."""
-        text = selector.strip()
-        if re.fullmatch(r"-?\d+", text):
-            number = int(text)
+        """A latent's number in the folder from its source name, else its number (0-based;
+        negative counts from the end)."""
+        for shard, entry in enumerate(self.shards):
+            if selector in entry.sources:
+                return self.starts[shard] + entry.sources.index(selector)
+        if re.fullmatch(r"\s*-?\d+\s*", selector):
+            number = int(selector)
             number = number + self.count if number < 0 else number
             if not 0 <= number < self.count:
                 raise UsageError(
                     f"{option} {selector}: {self.name} holds latents 0 to {self.count - 1}"
                 )
             return number
-        for shard, entry in enumerate(self.shards):
-            if selector in entry.sources:
-                return self.starts[shard] + entry.sources.index(selector)
         raise UsageError(
             f"{option} {selector}: no latent of that source in {self.name} (give a source name "
             "as the index lists it, or a number from 0)"
