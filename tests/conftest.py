@@ -149,6 +149,14 @@ def shell(command: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
 
 
+def one_line(result) -> str:
+    """A CLI result's stderr, checked to be one line and no internal error."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "internal error" not in lines[0] and "Traceback" not in result.output
+    return lines[0]
+
+
 def pixels(path: Path) -> np.ndarray:
     """An image file's pixels as written."""
     return np.asarray(Image.open(path))

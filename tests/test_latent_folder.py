@@ -14,20 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import pixels, read_pngs, write_image
+from conftest import one_line, pixels, read_pngs, write_image
 
 from aecli.errors import WriteError
 from aecli.inference.inputs import Buckets, bucket_preset
 from aecli.io.latents import read_latents
 
 SIZES = [(16, 16), (16, 24), (24, 16), (20, 20)]
-
-
-def one_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "internal error" not in lines[0] and "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture

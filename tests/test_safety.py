@@ -11,20 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import AECLI, shell, write_image
+from conftest import AECLI, one_line, shell, write_image
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aecli.io.tensorfile import safetensors_header
-
-
-def one_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "internal error" not in lines[0] and "Traceback" not in result.output
-    return lines[0]
-
 
 # -- outputs never land on inputs ---------------------------------------------------------------
 

@@ -245,6 +245,14 @@ class FolderEncode:
             class_names,
         )
         self.plan = plan
+        if self.dist.world > 1:  # every process must cut the same inputs into the same units
+            mine = int(plan.inputs_digest[:15], 16)
+            most, least = self.dist.max([mine, -mine])
+            if most != mine or -least != mine:
+                raise UsageError(
+                    "the processes found different input files (is a folder still being "
+                    "written, or not shared alike?); each process must see the same inputs"
+                )
         self.writer = FolderWriter(out, plan, main=self.dist.main)
         action = self.writer.check(resume=resume, overwrite=overwrite, force=force)
         self.dist.barrier()
