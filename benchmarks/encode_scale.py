@@ -16,6 +16,8 @@ downsampling, 4 latent channels), and reports for each N:
 
     python benchmarks/encode_scale.py                 # N = 2,000 and 20,000
     python benchmarks/encode_scale.py --images 2000 --repeats 1
+    python benchmarks/encode_scale.py --device cuda --preset cat-kl-f8 --size 256x256 \
+        --buckets 256 --images 10000 --repeats 1 --dir /dev/shm     # the GPU figure
 
 Targets: peak memory at 20,000 within 10% of 2,000; the folder path at least 95% of the
 single-file path's images/s; a kill loses at most one shard's work. Needs the test extra
@@ -38,9 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_scale import write_data  # noqa: E402
 
-SIZE = "64x64"  # the single-file comparison's one size
-BUCKETS = "64"  # the preset of aspect buckets around 64x64
 SHARD = 1000  # latents per shard
+DEVICE, SIZE = "cpu", "64x64"  # set from the command line
 
 
 def make_model(folder: Path) -> Path:
@@ -62,10 +63,19 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
+def preset_weights(preset: str, folder: Path) -> Path:
+    """A preset's architecture at its initial weights, as a weights file."""
+    from reconstruct_speed import write_weights
+
+    path = folder / f"{preset}.safetensors"
+    write_weights(preset, path)
+    return path
+
+
 def encode(model: Path, images: Path, out: Path, *extra: str) -> dict:
     """One `aecli encode` under /usr/bin/time -v: wall seconds, peak RSS, images."""
     command = ["/usr/bin/time", "-v", sys.executable, "-m", "aecli", "encode", str(model),
-               str(images), "-o", str(out), "--device", "cpu", "--overwrite", *extra]  # fmt: skip
+               str(images), "-o", str(out), "--device", DEVICE, "--overwrite", *extra]  # fmt: skip
     started = time.perf_counter()
     ran = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -78,7 +88,7 @@ def encode(model: Path, images: Path, out: Path, *extra: str) -> dict:
 def killed_and_resumed(model: Path, images: Path, out: Path, after: float) -> float:
     """Seconds of an encode into a folder SIGKILLed after `after` seconds, plus its --resume."""
     command = [sys.executable, "-m", "aecli", "encode", str(model), str(images), "-o", str(out),
-               "--device", "cpu", "--overwrite", "--size", SIZE,
+               "--device", DEVICE, "--overwrite", "--size", SIZE,
                "--shard-size", str(SHARD)]  # fmt: skip
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,17 +106,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--dir", type=Path, default=Path(tempfile.gettempdir()) / "aecli-data-scale"
-    )
+    default = Path(tempfile.gettempdir()) / "aecli-data-scale"
+    parser.add_argument("--dir", type=Path, default=default)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--preset", help="a preset's architecture instead of the small SD VAE")
+    parser.add_argument("--size", default="64x64", help="the single-file comparison's size")
+    parser.add_argument("--buckets", default="64", help="--buckets of the mixed-size run")
     args = parser.parse_args()
+    global DEVICE, SIZE
+    DEVICE, SIZE, buckets = args.device, args.size, args.buckets
     work = args.dir / "encode"
     work.mkdir(parents=True, exist_ok=True)
-    model = make_model(work / "vae")
+    model = preset_weights(args.preset, work) if args.preset else make_model(work / "vae")
+    print(f"model {args.preset or 'small SD-layout VAE'} on {DEVICE}, --size {SIZE}, "
+          f"--buckets {buckets}, --shard-size {SHARD}", flush=True)  # fmt: skip
     rows = []
     for n in args.images:
         folder, _ = write_data(args.dir / str(n), n)
-        mixed = encode(model, folder, work / f"mixed-{n}", "--buckets", BUCKETS,
+        mixed = encode(model, folder, work / f"mixed-{n}", "--buckets", buckets,
                        "--shard-size", str(SHARD))  # fmt: skip
         index = json.loads((work / f"mixed-{n}" / "index.json").read_text())
         speeds: dict[str, list[float]] = {"folder": [], "file": []}

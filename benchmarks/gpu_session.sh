@@ -15,9 +15,10 @@
 #   kl           kl_speed.py: cat-kl-f8 against diffusers, MFU, then aecli with train.cuda_graph
 #   profile      kl_speed.py --profile: where cat-kl-f8's step spends its GPU time, aecli and diffusers
 #   quality      quality.py --pairs kl (cat-kl-f8's held-out row)
+#   encode       encode_scale.py: 10,000 images at 256x256 through cat-kl-f8 into a latent folder
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile or quality" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality or encode" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 log="$out/$(IFS=-; echo "$*").log"
@@ -71,12 +72,16 @@ for stage in "${stages[@]}"; do
     profile)
       run 150 python3 benchmarks/kl_speed.py --device cuda --batch 16 --repeats 0 --profile 15
       ;;
+    encode)
+      run 540 python3 benchmarks/encode_scale.py --device cuda --preset cat-kl-f8 --size 256x256 \
+        --buckets 256 --images 10000 --repeats 1 --dir /dev/shm
+      ;;
     quality)
       # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
       run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
       ;;
     *)
-      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile or quality" | tee -a "$log" >&2
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality or encode" | tee -a "$log" >&2
       exit 2
       ;;
   esac
