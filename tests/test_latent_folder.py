@@ -368,3 +368,7 @@ def test_a_damaged_or_hostile_index_is_one_line(conv_weights, images, tmp_path, 
     shard.write_bytes(shard.read_bytes()[:-8])
     result = cli("decode", conv_weights, folder, "-o", tmp_path / "out2")
     assert result.exit_code == 2 and index["shards"][1]["file"] in one_line(result)
+    shard.unlink()
+    os.mkfifo(shard)  # would block a reader forever
+    result = cli("decode", conv_weights, folder, "-o", tmp_path / "out3")
+    assert result.exit_code == 2 and "not a regular file" in one_line(result)

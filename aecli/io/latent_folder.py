@@ -320,7 +320,7 @@ class FolderWriter:
         done: dict[int, UnitRecord] = {}
         for name in os.listdir(self.folder):
             match = UNIT.match(name)
-            if not match or int(match[1]) >= self.plan.units:
+            if not match or int(match[1]) >= self.plan.units or not (self.folder / name).is_file():
                 continue
             try:
                 record = UnitRecord.read(self.folder / name)
@@ -430,6 +430,8 @@ def _size(path: Path) -> int | None:
 
 
 def _read_json(path: Path, name: str):
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise LatentFileError("not a regular file", path=name)
     try:
         with open(path, "rb") as handle:
             data = handle.read(INDEX_LIMIT + 1)

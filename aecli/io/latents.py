@@ -143,6 +143,8 @@ def read_latents(source: str | Path) -> LatentFile:
             raise LatentFileError("file not found", path=name)
         if path.is_dir():
             raise LatentFileError("is a directory, not a latent file", path=name)
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise LatentFileError("not a regular file", path=name)
         data = path.read_bytes()
     if not data:
         raise LatentFileError("empty (no latent file)", path=name)
