@@ -40,6 +40,9 @@ ENCODE_EXAMPLES = """
   aecli encode m.safetensors a.png -o - | python edit.py | aecli decode m.safetensors - -o b/
   aecli encode vae.safetensors faces/ --sample --seed 3 -o z.npy
   aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o latents.safetensors
+  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 --scaled -o in1k/   (a latent folder)
+  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 --scaled -o in1k/ --resume
+  torchrun --nproc_per_node=8 -m aecli encode sd-vae-ft-mse/ imagenet/ -o in1k/
 """
 
 DECODE_EXAMPLES = """
@@ -47,6 +50,8 @@ DECODE_EXAMPLES = """
 
   aecli decode model.safetensors latents.safetensors -o images/
   aecli decode model.safetensors z.npy -o grid.png
+  aecli decode vae/ in1k/ -o images/                 (a latent folder, shard by shard)
+  aecli decode vae/ in1k/ -o some.png --select n01440764/x.JPEG --select 12
   aecli encode model.safetensors a.png -o - | aecli decode model.safetensors - -o out/
 """
 
