@@ -143,7 +143,7 @@ import aecli.io.latent_folder as lf
 real_parts, real_text = lf.atomic_write_parts, lf.atomic_write_text
 def parts(path, chunks, **kw):
     if {mid} and path.name.startswith("latents-{at:06d}"):  # half a shard on disk, then killed
-        with open(path.with_name("." + path.name + ".0badcafe.tmp"), "wb") as f:
+        with open(path.with_name("." + path.name + ".aecli-0badcafe.tmp"), "wb") as f:
             f.write(bytes(chunks[0])[:50])
         os.kill(os.getpid(), signal.SIGKILL)
     return real_parts(path, chunks, **kw)

@@ -336,13 +336,17 @@ def test_a_complex_npy_is_one_line(tiny_weights, tmp_path):
 def test_stale_temporary_files_are_removed_on_resume(tiny_preset, tmp_path, cli):
     run = tmp_path / "run"
     assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
-    stale = [run / ".checkpoint.safetensors.1a2b3c4d.tmp", run / "grids" / ".epoch-0002.png.x.tmp"]
+    stale = [
+        run / ".checkpoint.safetensors.aecli-1a2b3c4d.tmp",
+        run / "grids" / ".epoch-0002.png.aecli-0badf00d.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"half a file")
-    keep = run / ".notes.tmp.txt"
-    keep.write_text("the user's")
+    keep = [run / ".notes.tmp.txt", run / ".user.notes.tmp", run / ".draft.deadbeef.tmp"]
+    for path in keep:  # the user's, whatever they look like
+        path.write_text("the user's")
     assert cli("train", "--resume", run, "--epochs", 2).exit_code == 0
-    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
 def test_listings_go_to_stdout_unwrapped(tmp_path):

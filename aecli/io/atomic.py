@@ -17,7 +17,19 @@ from aecli.errors import WriteError, os_reason
 TEMP_SUFFIX = ".tmp"
 
 
-_TEMP = re.compile(r"^\..+\.[0-9a-z_]+\.tmp$")
+# `.NAME.aecli-<8 hex digits>.tmp`: a name no one else writes, so that cleaning a folder never
+# removes a user's file (`.notes.tmp`, `.draft.deadbeef.tmp`)
+_TEMP = re.compile(r"^\..+\.aecli-[0-9a-f]{8}\.tmp$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of aecli's temporary files."""
+    return bool(_TEMP.match(name))
+
+
+def temp_target(name: str) -> str:
+    """The name a temporary file was to become (`.a.png.aecli-0123abcd.tmp` -> `a.png`)."""
+    return name[1:].rsplit(".", 2)[0]
 
 
 def stale_temp_files(folder: Path) -> list[Path]:
@@ -26,9 +38,9 @@ def stale_temp_files(folder: Path) -> list[Path]:
 
 
 def _create(path: Path) -> tuple[int, Path]:
-    """A new file `.NAME.<random>.tmp` next to `path`, opened for writing."""
+    """A new file `.NAME.aecli-<random>.tmp` next to `path`, opened for writing."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.aecli-{secrets.token_hex(4)}{TEMP_SUFFIX}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:

@@ -28,7 +28,7 @@ import torch
 
 import aecli
 from aecli.errors import UsageError, first_and_more, first_line
-from aecli.io.atomic import TEMP_SUFFIX, atomic_write_parts, atomic_write_text
+from aecli.io.atomic import atomic_write_parts, atomic_write_text, is_temp_name, temp_target
 from aecli.io.latents import (
     LatentFile,
     LatentFileError,
@@ -68,13 +68,13 @@ def is_latent_folder(path: str | Path) -> bool:
 
 def _ours(name: str) -> bool:
     """A name aecli writes into a latent folder (temporary files of those included)."""
-    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-        name = name[1:].rsplit(".", 2)[0]
+    if is_temp_name(name):
+        name = temp_target(name)
     return name in (INDEX, PLAN, LOCK) or bool(SHARD.match(name) or UNIT.match(name))
 
 
 def _temporary(name: str) -> bool:
-    return name.startswith(".") and name.endswith(TEMP_SUFFIX) and _ours(name)
+    return is_temp_name(name) and _ours(name)
 
 
 @dataclass(frozen=True)
