@@ -375,3 +375,35 @@ def test_train_names_every_unreadable_file_and_link_loops(tmp_path, cli):
 def test_help_texts_cite_nothing_users_do_not_have(cli):
     for command in ("train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff"):
         assert "DESIGN" not in cli(command, "--help").stdout
+
+
+def test_overwrite_writes_into_devices_and_fifos_never_replacing_them(
+    tiny_weights, picture, tmp_path, cli
+):
+    """`-o` naming a character device or a FIFO writes into it, as a shell's `>` does; the node
+    stays what it was (before, --overwrite renamed a regular file over it)."""
+    import stat as st
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    result = cli("encode", tiny_weights, picture, "-o", fifo, "--overwrite")
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert st.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert received and safetensors_header(received[0]) is not None  # the latent file, whole
+    null = tmp_path / "mynull"
+    try:
+        os.mknod(null, st.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root")
+    for command in (
+        ["encode", tiny_weights, picture, "-o", null, "--overwrite"],
+        ["encode", tiny_weights, picture, "-o", null],  # into it: no --overwrite needed
+        ["sample", tiny_weights, "-n", 2, "--latents-out", null],
+    ):
+        assert cli(*command).exit_code == 0
+        assert st.S_ISCHR(os.lstat(null).st_mode) and os.stat(null).st_rdev == os.makedev(1, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,6 +65,8 @@ def atomic_write_parts(
     """`atomic_write_bytes` of the parts one after another, never joined in memory (a latent
     shard's header, then its tensors' own memory)."""
     path = Path(path)
+    if _into_stream(path, parts):
+        return
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +96,36 @@ def atomic_write_parts(
         pass
     finally:
         os.close(dir_fd)
+
+
+def is_stream(path: str | Path) -> bool:
+    """Whether `path` is a character device or a FIFO (links followed): an output written
+    into, as a shell's `>` does, never replaced (`-o /dev/null`)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def _into_stream(path: Path, parts: Iterable[bytes | memoryview]) -> bool:
+    """Write into a character device or FIFO at `path` (True), refuse another kind of special
+    file, or leave a regular file (or none) to the atomic write (False)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return False
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return False
+    if not (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        raise WriteError("is a block device or a socket; aecli never replaces one", path=path)
+    try:
+        with open(path, "wb", buffering=0) as handle:  # no truncation, no rename: into it
+            for part in parts:
+                handle.write(part)
+    except OSError as exc:
+        raise WriteError(f"cannot write: {os_reason(exc)}", path=path) from exc
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -102,12 +102,14 @@ def _latent_array(latents: LatentFile) -> np.ndarray:
 
 
 def names_folder(target: str) -> bool:
-    """Whether an output name means a latent folder: not `-`, and ends in `/`, names an existing
-    folder, or has no suffix (`-o latents`, as `-o images` means a folder of PNGs)."""
+    """Whether an output name means a latent folder: not `-`; an existing folder, or a new name
+    that ends in `/` or has no suffix (`-o latents`, as `-o images` means a folder of PNGs)."""
     if target == STDIO:
         return False
     path = Path(target)
-    return target.endswith("/") or path.is_dir() or not path.suffix
+    if path.exists():  # a folder, or a file (a device such as /dev/null included)
+        return path.is_dir()
+    return target.endswith("/") or not path.suffix
 
 
 def output_format(target: str, fmt: str | None) -> str:

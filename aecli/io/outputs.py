@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aecli.errors import UsageError, os_reason
+from aecli.io.atomic import is_stream
 
 
 def real(path: str | Path) -> str:
@@ -89,7 +90,7 @@ class OutputGuard:
             if out_dir is None:
                 self._refuse_inside_input(option, output)
             self._claim(option, output)
-        existing = [o for o in outputs if o.exists()]
+        existing = [o for o in outputs if o.exists() and not is_stream(o)]  # /dev/null: into
         if existing and not overwrite:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             raise UsageError(
