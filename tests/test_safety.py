@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -407,3 +408,31 @@ def test_overwrite_writes_into_devices_and_fifos_never_replacing_them(
     ):
         assert cli(*command).exit_code == 0
         assert st.S_ISCHR(os.lstat(null).st_mode) and os.stat(null).st_rdev == os.makedev(1, 3)
+
+
+def test_a_live_run_folder_is_locked_against_a_second_train(tiny_preset, tmp_path, cli):
+    """Two `aecli train` on one --out: the second (and --resume of the live run) is refused in
+    one line naming the live process; once that process is gone, the folder is free."""
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "aecli", "train", str(tiny_preset), "--out", str(run),
+         "--epochs", "200", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        lock = run / ".aecli-run.lock"
+        for _ in range(600):
+            if lock.exists() and lock.read_text() == str(first.pid):
+                break
+            time.sleep(0.05)
+        for args in (["train", tiny_preset, "--out", run], ["train", "--resume", run]):
+            result = cli(*args)
+            assert result.exit_code == 2
+            option = "--out" if "--out" in args else "--resume"
+            expected = f"{option} {run}: another aecli train is running in this folder"
+            assert f"{expected} (process {first.pid})" in one_line(result)
+    finally:
+        first.kill()
+        first.wait()
+    result = cli("train", tiny_preset, "--out", run, "--epochs", 1)
+    assert "another aecli train" not in result.output

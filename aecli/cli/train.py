@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime
@@ -180,136 +181,146 @@ def train(
     from aecli.io.outputs import make_folder, remove_if_empty
     from aecli.io.weights import init_weights, read_weights
 
-    start = None  # the --init tensors that fit
-    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
-    console.quiet = console.quiet or not main_rank
-    resolved_device = resolve_device(device)  # checked before the data loads
-    if resume is not None:
-        given = (
-            ("PRESET", preset),
-            ("--init", init),
-            ("--out", out),
-            ("--set", overrides),
-            ("--batch-size", batch_size),
-            ("--lr", lr),
-            ("--seed", seed),
-        )
-        extra = [flag for flag, value in given if value]
-        if extra:
-            raise UsageError(
-                f"--resume continues a run with its own config; drop {extra[0]} "
-                "(only --epochs, --data and --device may change)"
+    with contextlib.ExitStack() as held:  # the run folder's lock, for the run's life
+        start = None  # the --init tensors that fit
+        lock = None  # the run folder's, where this command made the folder
+        main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
+        console.quiet = console.quiet or not main_rank
+        resolved_device = resolve_device(device)  # checked before the data loads
+        if resume is not None:
+            given = (
+                ("PRESET", preset),
+                ("--init", init),
+                ("--out", out),
+                ("--set", overrides),
+                ("--batch-size", batch_size),
+                ("--lr", lr),
+                ("--seed", seed),
             )
-        plan = plan_resume(resume, epochs)
-        if log_to:
-            plan.config = _with_log_to(plan.config, log_to)
-        config, name, run_dir = plan.config, plan.preset, resume
-        data = data if data is not None else plan.data_path
-        val_data = val_data if val_data is not None else plan.val_data_path
-        _check_outside_data(run_dir, data, "--resume")
-        created = None
-    else:
-        shortcuts = {
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "optim.lr": lr,
-            "train.seed": seed,
-            "train.log_to": json.dumps([t.value for t in log_to]) if log_to else None,
-        }
-        overrides = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-        stored, init_tensors = read_weights(init) if init is not None else (None, None)
-        if stored is not None and preset is None:  # the weights' own architecture and settings
-            raw = stored.config.model_dump(mode="json")
-            loaded = override_config(raw, _init_name(init, stored), str(init), overrides)
+            extra = [flag for flag, value in given if value]
+            if extra:
+                raise UsageError(
+                    f"--resume continues a run with its own config; drop {extra[0]} "
+                    "(only --epochs, --data and --device may change)"
+                )
+            if main_rank:
+                held.enter_context(run_lock(resume, "--resume"))
+            plan = plan_resume(resume, epochs)
+            if log_to:
+                plan.config = _with_log_to(plan.config, log_to)
+            config, name, run_dir = plan.config, plan.preset, resume
+            data = data if data is not None else plan.data_path
+            val_data = val_data if val_data is not None else plan.val_data_path
+            _check_outside_data(run_dir, data, "--resume")
+            created = None
         else:
-            loaded = load_config(preset, overrides)
-        config, name = loaded.config, loaded.name
-        if config.loss.perceptual_weight:  # the LPIPS weights, before any data is read
-            from aecli.perceptual import check_available
+            shortcuts = {
+                "train.epochs": epochs,
+                "train.batch_size": batch_size,
+                "optim.lr": lr,
+                "train.seed": seed,
+                "train.log_to": json.dumps([t.value for t in log_to]) if log_to else None,
+            }
+            overrides = list(overrides) + [
+                f"{k}={v}" for k, v in shortcuts.items() if v is not None
+            ]
+            stored, init_tensors = read_weights(init) if init is not None else (None, None)
+            if stored is not None and preset is None:  # the weights' own architecture and settings
+                raw = stored.config.model_dump(mode="json")
+                loaded = override_config(raw, _init_name(init, stored), str(init), overrides)
+            else:
+                loaded = load_config(preset, overrides)
+            config, name = loaded.config, loaded.name
+            if config.loss.perceptual_weight:  # the LPIPS weights, before any data is read
+                from aecli.perceptual import check_available
 
-            check_available()
-        if init_tensors is not None:
-            start = init_weights(init, init_tensors, config)
-            del init_tensors
-        if "tensorboard" in config.train.log_to:  # before any data is read
-            from aecli.engine.tensorboard import check_available as check_tensorboard
+                check_available()
+            if init_tensors is not None:
+                start = init_weights(init, init_tensors, config)
+                del init_tensors
+            if "tensorboard" in config.train.log_to:  # before any data is read
+                from aecli.engine.tensorboard import check_available as check_tensorboard
 
-            check_tensorboard()
-        run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
-        _check_run_dir(run_dir)
-        _check_outside_data(run_dir, data, "--out")
-        # a path that cannot be a folder fails now, not after the data has loaded
-        created = make_folder(run_dir, "--out")
+                check_tensorboard()
+            run_dir = out or Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+            _check_outside_data(run_dir, data, "--out")
+            # a path that cannot be a folder fails now, not after the data has loaded
+            created = make_folder(run_dir, "--out")
+            if main_rank:  # a live run is named as such, before what its files say
+                lock = held.enter_context(run_lock(run_dir, "--out"))
+            _check_run_dir(run_dir)
 
-    try:
-        with console.status("loading data"):
-            dataset = load_data(data, config.data, config.train.seed, validation=val_data)
-    except BaseException:
-        if created is not None:
-            remove_if_empty(run_dir, created)
-        raise
-    for failure in dataset.skipped:
-        print_warning(f"skipped {failure.path}: {failure.reason}")
-    source = dataset.source.get("path", "built-in shapes")
-    console.print(
-        f"{'Resuming' if resume is not None else 'Training'} [bold]{name}[/bold] on {source} "
-        f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
-        f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
-    )
-    console.print(_data_path_line(dataset))
-    if start is not None:
-        console.print(f"Initialised from {init}: {start.describe()}")
-    if config.train.freeze != "none":
-        console.print(f"The {config.train.freeze} is frozen (train.freeze).")
-    if resume is not None:
-        result = resume_training(
-            plan, dataset, run_dir, device=resolved_device, reporter=RichReporter()
+        try:
+            with console.status("loading data"):
+                dataset = load_data(data, config.data, config.train.seed, validation=val_data)
+        except BaseException:
+            if created is not None:  # a folder this command made goes, its lock file with it
+                if lock is not None:
+                    lock.release(remove=True)
+                remove_if_empty(run_dir, created)
+            raise
+        for failure in dataset.skipped:
+            print_warning(f"skipped {failure.path}: {failure.reason}")
+        source = dataset.source.get("path", "built-in shapes")
+        console.print(
+            f"{'Resuming' if resume is not None else 'Training'} [bold]{name}[/bold] on {source} "
+            f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
+            f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
         )
-    else:
-        data_path = None if data is None else str(Path(data).resolve())
-        val_data_path = None if val_data is None else str(Path(val_data).resolve())
-        result = run_training(
-            config,
-            dataset,
-            run_dir,
-            preset=name,
-            device=resolved_device,
-            reporter=RichReporter(),
-            data_path=data_path,
-            val_data_path=val_data_path,
-            init=start.tensors if start is not None else None,
-        )
+        console.print(_data_path_line(dataset))
+        if start is not None:
+            console.print(f"Initialised from {init}: {start.describe()}")
+        if config.train.freeze != "none":
+            console.print(f"The {config.train.freeze} is frozen (train.freeze).")
+        if resume is not None:
+            result = resume_training(
+                plan, dataset, run_dir, device=resolved_device, reporter=RichReporter()
+            )
+        else:
+            data_path = None if data is None else str(Path(data).resolve())
+            val_data_path = None if val_data is None else str(Path(val_data).resolve())
+            result = run_training(
+                config,
+                dataset,
+                run_dir,
+                preset=name,
+                device=resolved_device,
+                reporter=RichReporter(),
+                data_path=data_path,
+                val_data_path=val_data_path,
+                init=start.tensors if start is not None else None,
+            )
 
-    final = result.final
-    summary = {
-        "run_dir": str(result.run_dir),
-        "weights": str(result.weights),
-        "preset": name,
-        "device": str(resolved_device),
-        "epochs": result.epochs,
-        "steps": result.steps,
-        "seconds": round(result.seconds, 2),
-        "images_per_s": round(result.images_per_s, 1),
-        "fingerprint": result.fingerprint,
-        "stopped_early": result.stopped_early,
-        "best_epoch": result.best_epoch,
-        "skipped_images": len(dataset.skipped) + len(result.skipped),
-        "final": final,
-    }
-    early = f" (stopped early; best epoch {result.best_epoch})" if result.stopped_early else ""
-    rows = [
-        ("run", result.run_dir),
-        ("weights", result.weights),
-        ("report", result.run_dir / "report.html"),
-        ("epochs / steps", f"{result.epochs} / {result.steps}{early}"),
-        ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
-    ]
-    if summary["skipped_images"]:
-        rows.append(("skipped images", summary["skipped_images"]))
-    rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]
-    console.print(key_value_table("Training finished", rows))
-    if as_json and main_rank:
-        print_json(summary)
+        final = result.final
+        summary = {
+            "run_dir": str(result.run_dir),
+            "weights": str(result.weights),
+            "preset": name,
+            "device": str(resolved_device),
+            "epochs": result.epochs,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 2),
+            "images_per_s": round(result.images_per_s, 1),
+            "fingerprint": result.fingerprint,
+            "stopped_early": result.stopped_early,
+            "best_epoch": result.best_epoch,
+            "skipped_images": len(dataset.skipped) + len(result.skipped),
+            "final": final,
+        }
+        early = f" (stopped early; best epoch {result.best_epoch})" if result.stopped_early else ""
+        rows = [
+            ("run", result.run_dir),
+            ("weights", result.weights),
+            ("report", result.run_dir / "report.html"),
+            ("epochs / steps", f"{result.epochs} / {result.steps}{early}"),
+            ("time", f"{result.seconds:.1f} s ({result.images_per_s:.0f} img/s)"),
+        ]
+        if summary["skipped_images"]:
+            rows.append(("skipped images", summary["skipped_images"]))
+        rows += [(k, fmt_metric(k, v)) for k, v in epoch_metrics(final).items()]
+        console.print(key_value_table("Training finished", rows))
+        if as_json and main_rank:
+            print_json(summary)
 
 
 def _data_path_line(dataset) -> str:
@@ -367,6 +378,15 @@ def _check_outside_data(run_dir: Path, data: str | Path | None, option: str) -> 
             f"{option}: the run directory {run_dir} is inside the data folder {data}; its grids "
             "would become training data, choose a run directory outside it"
         )
+
+
+def run_lock(run_dir: Path, option: str):
+    """The run folder's lock, or the one-line refusal naming the process that holds it."""
+    from aecli.engine.rundir import RUN_LOCK
+    from aecli.io.locks import FolderLock
+
+    refusal = f"{option} {run_dir}: another aecli train is running in this folder"
+    return FolderLock(Path(run_dir), RUN_LOCK, refusal)
 
 
 def _check_run_dir(run_dir: Path) -> None:

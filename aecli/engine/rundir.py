@@ -34,6 +34,7 @@ CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
+RUN_LOCK = ".aecli-run.lock"  # held by the process that trains in the folder (aecli.io.locks)
 REPORT = "report.html"
 SAMPLES = "samples.png"
 INTERPOLATION = "interpolation.png"

@@ -15,7 +15,6 @@ shards are all on disk). A kill leaves complete units and at most one partial un
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from aecli.io.latents import (
     latent_parts,
     read_latents,
 )
+from aecli.io.locks import FolderLock
 
 FOLDER_FORMAT = "aecli-latent-folder"
 FOLDER_VERSION = "1"
@@ -185,7 +185,7 @@ class FolderWriter:
 
     def __init__(self, folder: Path, plan: Plan, *, main: bool = True):
         self.folder, self.plan, self.main = folder, plan, main
-        self._lock: int | None = None
+        self._lock: FolderLock | None = None
 
     # -- before: the folder's state, checked by every process, changed by the main one
 
@@ -266,30 +266,14 @@ class FolderWriter:
             )
 
     def _take_lock(self) -> None:
-        """An advisory lock on the folder for the run's life (the main process; the kernel lets
-        go of it when the process dies, so a killed run never blocks its folder)."""
-        if not self.main:
-            return
+        """The folder's lock for the run's life (the main process)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:  # a POSIX lock: the loader's forked workers do not inherit it, so it goes with
-            # the main process (an flock would live on in workers that outlive a SIGKILL)
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            raise UsageError(
-                f"-o {self.folder}: another aecli encode is writing this folder"
-                + (f" (process {holder})" if holder.isdigit() else "")
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock = fd
+        refusal = f"-o {self.folder}: another aecli encode is writing this folder"
+        self._lock = FolderLock(self.folder, LOCK, refusal)
 
-    def release(self) -> None:
+    def release(self, *, remove: bool = False) -> None:
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.release(remove=remove)
             self._lock = None
 
     def _remove(self, names: list[str]) -> None:
@@ -393,8 +377,7 @@ class FolderWriter:
             atomic_write_text(index_path, json.dumps(index, indent=1))
         names = os.listdir(self.folder)
         self._remove([n for n in names if UNIT.match(n) or n == PLAN or _temporary(n)])
-        self.release()
-        (self.folder / LOCK).unlink(missing_ok=True)
+        self.release(remove=True)
         return index
 
 
