@@ -11,6 +11,7 @@ import html
 import json
 import math
 import os
+import re
 import shlex
 import socket
 from dataclasses import asdict, dataclass
@@ -456,14 +457,32 @@ def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+GRID_NAME = re.compile(r"^epoch-(\d{4,9})\.png$")  # as RunDirectory.write_grid names them
+
+
+def epoch_grids(run: RunDirectory) -> list[tuple[int, Path]]:
+    """The run's grids as (epoch, file), in epoch order; files aecli did not write (another
+    name, a folder, a FIFO) are left out."""
+    if not run.grids.is_dir():
+        return []
+    found = []
+    for path in run.grids.iterdir():
+        match = GRID_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
 def _grids(run: RunDirectory) -> str:
-    grids = sorted(run.grids.glob("epoch-*.png")) if run.grids.is_dir() else []
-    if not grids:
+    found = epoch_grids(run)
+    if not found:
         return ""
+    grids = [path for _, path in found]
+    epochs = dict((path, epoch) for epoch, path in found)
     shown = _within_budget(grids, [p.stat().st_size for p in grids])
     images = "".join(
-        f'<img class="grid-image" data-epoch="{int(p.stem.split("-")[1])}" '
-        f'alt="validation grid, epoch {int(p.stem.split("-")[1])}" src="{_data_uri(p)}"'
+        f'<img class="grid-image" data-epoch="{epochs[p]}" '
+        f'alt="validation grid, epoch {epochs[p]}" src="{_data_uri(p)}"'
         f"{'' if i == len(shown) - 1 else ' hidden'}>"
         for i, p in enumerate(shown)
     )

@@ -253,3 +253,22 @@ def test_a_run_of_an_older_aecli_lists_and_reports(tiny_preset, tmp_path, cli):
     assert cli("report", run).exit_code == 0
     page = (run / "report.html").read_text()
     assert page.count('class="grid-image"') == 2 and 'data-chart="val_psnr"' in page
+
+
+def test_files_aecli_did_not_write_in_grids_are_ignored(tiny_preset, tmp_path, cli):
+    """A stray copy in grids/ (epoch-final.png), a folder and a FIFO named like grids: the report
+    and a resumed run go on without them."""
+    import os
+
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+    grid = run / "grids" / "epoch-0001.png"
+    (run / "grids" / "epoch-final.png").write_bytes(grid.read_bytes())
+    (run / "grids" / "epoch-0007.png").mkdir()
+    os.mkfifo(run / "grids" / "epoch-0008.png")
+    result = cli("train", "--resume", run, "--epochs", 2)
+    assert result.exit_code == 0, result.output
+    assert cli("report", run).exit_code == 0
+    html = (run / "report.html").read_text()
+    assert 'data-epoch="1"' in html and 'data-epoch="2"' in html
+    assert html.count('class="grid-image"') == 2  # epochs 1 and 2, nothing else
