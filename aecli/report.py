@@ -87,7 +87,7 @@ def _alive(pid: int, host: str) -> bool:
 def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
     """Where the run in `path` stands; `history`: its epoch records, where already read."""
     run = RunDirectory(path)
-    recorded = run.read_state()
+    recorded = _typed_state(run.read_state())
     history = run.history() if history is None else history
     has_checkpoint = run.checkpoint.exists()
     state, reason = recorded.get("state"), recorded.get("reason", "")
@@ -103,6 +103,9 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         else:
             state = "interrupted" if has_checkpoint else "failed"
             reason = "the process ended without a word (killed?)" if vanished else reason
+    if run.damaged_lines:
+        damaged = f"{run.damaged_lines} damaged line{'s' * (run.damaged_lines != 1)} in "
+        reason = "; ".join(filter(None, [reason, damaged + "metrics.jsonl skipped"]))
     psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
     losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
     resumable = state in ("interrupted", "failed") and has_checkpoint
@@ -121,6 +124,34 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         started=recorded.get("started") or _mtime(run),
         resume=f"aecli train --resume {shlex.quote(str(path))}" if resumable else None,
     )
+
+
+_STATE_TYPES = {
+    "state": str,
+    "reason": str,
+    "epochs": int,
+    "pid": int,
+    "host": str,
+    "started": float,
+    "updated": float,
+    "preset": str,
+    "data": dict,
+}
+
+
+def _typed_state(recorded: dict) -> dict:
+    """state.json's facts that have the type aecli writes; any other value (a damaged or
+    edited file) is as if absent."""
+    kept = {}
+    for key, value in recorded.items():
+        kind = _STATE_TYPES.get(key)
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = kind is None or (isinstance(value, kind) and not isinstance(value, bool))
+        if ok:
+            kept[key] = value
+    return kept
 
 
 def _ended(saved: dict, planned: int | None) -> str | None:

@@ -272,3 +272,29 @@ def test_files_aecli_did_not_write_in_grids_are_ignored(tiny_preset, tmp_path, c
     html = (run / "report.html").read_text()
     assert 'data-epoch="1"' in html and 'data-epoch="2"' in html
     assert html.count('class="grid-image"') == 2  # epochs 1 and 2, nothing else
+
+
+def test_damaged_metrics_and_state_leave_every_run_listed(tiny_preset, tmp_path, cli):
+    """Bad bytes, JSON that is not a record, and state.json values of the wrong type: the run is
+    listed with what can be read (the damaged lines counted), the others too, and its report and
+    --resume work."""
+    import json
+
+    runs = tmp_path / "runs"
+    for name in ("good", "bad"):
+        assert cli("train", tiny_preset, "--out", runs / name, "--epochs", 2).exit_code == 0
+    metrics = runs / "bad" / "metrics.jsonl"
+    lines = metrics.read_bytes().splitlines()
+    damaged = [b"\xff\xfe not utf-8", b"[1, 2]", b"null", b'{"kind": "epoch", "epoch": "x"}']
+    metrics.write_bytes(b"\n".join(lines[:2] + damaged + lines[2:]) + b"\n")
+    state = json.loads((runs / "bad" / "state.json").read_text())
+    state.update(epochs="many", started="yesterday", data=[1], reason=7)
+    (runs / "bad" / "state.json").write_text(json.dumps(state))
+    result = cli("runs", runs, "--json")
+    assert result.exit_code == 0, result.output
+    listed = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(result.stdout)}
+    assert set(listed) == {"good", "bad"}
+    assert "4 damaged lines in metrics.jsonl skipped" in listed["bad"]["reason"]
+    assert listed["bad"]["epochs_done"] == 2
+    assert cli("report", runs / "bad").exit_code == 0
+    assert cli("train", "--resume", runs / "bad", "--epochs", 3).exit_code == 0

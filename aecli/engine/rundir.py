@@ -44,6 +44,25 @@ def is_epoch(record: dict) -> bool:
     return record.get("kind", "epoch") == "epoch"
 
 
+def _record(line: bytes) -> dict | None:
+    """One metrics.jsonl line as the record aecli wrote, or None: a JSON object whose `kind`
+    is epoch or window, whose epoch and step are whole numbers, and whose other values are
+    numbers (or null)."""
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or record.get("kind", "epoch") not in ("epoch", "window"):
+        return None
+    for key, value in record.items():
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if key in ("epoch", "step") and not (whole and value >= 0):
+            return None
+        if key != "kind" and not (value is None or isinstance(value, int | float)):
+            return None
+    return record if "epoch" in record and "step" in record else None
+
+
 class RunDirectory:
     """The files of one training run."""
 
@@ -57,6 +76,7 @@ class RunDirectory:
         self.report = self.path / REPORT
         self.samples = self.path / SAMPLES
         self.interpolation = self.path / INTERPOLATION
+        self.damaged_lines = 0  # in metrics.jsonl, at the last records()
 
     def prepare(self, config: Config, *, fresh: bool) -> None:
         """Create the folders, remove what a killed run left half-written, write config.yaml,
@@ -75,16 +95,21 @@ class RunDirectory:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        """Every record in metrics.jsonl, epochs and windows, in order. A last line cut short
-        by a killed process is left out."""
-        if not self.metrics.exists():
+        """Every record in metrics.jsonl, epochs and windows, in order. A line that is not a
+        record aecli writes (cut short by a killed process, bad bytes, JSON that is not an
+        object of numbers) is left out and counted in `damaged_lines`."""
+        self.damaged_lines = 0
+        try:
+            data = self.metrics.read_bytes() if self.metrics.is_file() else b""
+        except OSError:
             return []
         found = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        for line in data.splitlines():
+            record = _record(line)
+            if record is None:
+                self.damaged_lines += line.strip() != b""
+            else:
+                found.append(record)
         return found
 
     def history(self) -> list[dict]:
