@@ -22,6 +22,16 @@ class AecliError(Exception):
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
 
+    def lines(self) -> list[str]:
+        """What the error says, one line each (one, but for a preset's several problems)."""
+        return [str(self)]
+
+
+def printable(text: str) -> str:
+    """Text as a message shows it: control characters (a newline, ESC) escaped, so that one
+    message is one line and nothing reaches the terminal as a command."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
 
 class UsageError(AecliError):
     """The command was called with something unusable (bad option, file, preset); exit 2."""
@@ -37,8 +47,11 @@ class ConfigError(UsageError):
         self.problems = problems
 
     def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
         prefix = f"{self.path}: " if self.path else ""
-        return "\n".join(prefix + p for p in self.problems)
+        return [prefix + p for p in self.problems]
 
 
 class DataError(UsageError):

@@ -436,3 +436,25 @@ def test_a_live_run_folder_is_locked_against_a_second_train(tiny_preset, tmp_pat
         first.wait()
     result = cli("train", tiny_preset, "--out", run, "--epochs", 1)
     assert "another aecli train" not in result.output
+
+
+def test_markup_and_control_characters_in_names_are_shown_as_they_are(
+    tiny_weights, tiny_preset, picture, tmp_path, cli
+):
+    """Rich markup in a path is printed, not interpreted (nor an error after the outputs were
+    written); a control character in a failing file's name cannot forge a second line."""
+    out = tmp_path / "q2" / "[/b]"
+    result = cli("reconstruct", tiny_weights, picture, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"-> {out}" in result.stderr and (out / "a.png").exists()
+    run = tmp_path / "out [v2] [red]"
+    result = cli("train", tiny_preset, "--out", run, "--epochs", 1)
+    assert result.exit_code == 0 and f"-> {run}" in result.stderr
+    forged = tmp_path / "in" / "fake\nerror: forged\x1b[2J.png"
+    forged.write_bytes(b"not an image")
+    result = cli("reconstruct", tiny_weights, tmp_path / "in", "-o", tmp_path / "r")
+    assert result.exit_code == 1
+    failed = [line for line in result.stderr.splitlines() if "fake" in line]
+    assert len(failed) == 1 and failed[0].startswith("failed:")
+    assert "fake\\nerror: forged\\x1b[2J.png" in failed[0] and "\x1b" not in result.stderr
+    assert not any(line.startswith("error: forged") for line in result.stderr.splitlines())

@@ -65,7 +65,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
             if _state["debug"]:
                 raise
-            print_error(str(exc), exc.label)
+            print_error(exc.lines(), exc.label)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:

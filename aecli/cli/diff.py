@@ -17,6 +17,7 @@ from aecli.cli.render import (
     print_failures,
     print_json,
     progress_bar,
+    shown,
 )
 
 EXAMPLES = """
@@ -103,10 +104,10 @@ def diff(
     overall = dict(result.overall)
     if result.vs_overall:
         overall.update({f"vs_{k}": v for k, v in result.vs_overall.items()})
-    shown = result.rows[:top]
-    title = f"Worst {len(shown)} of {len(result.rows)} images (by MSE of {weights})"
+    worst = result.rows[:top]
+    title = f"Worst {len(worst)} of {len(result.rows)} images (by MSE of {shown(weights)})"
     if result.rows:
-        console.print(metrics_table(title, shown, columns, overall))
+        console.print(metrics_table(title, worst, columns, overall))
     summary = {
         "weights": str(weights),
         "vs": None if vs is None else str(vs),
@@ -122,13 +123,13 @@ def diff(
         difference = {k: result.vs_overall[k] - result.overall[k] for k in ("mse", "psnr", "ssim")}
         summary.update(vs_overall=result.vs_overall, wins=wins, mean_difference=difference)
         console.print(
-            f"{vs} is better on {wins['vs']} of {len(result.rows)} images, {weights} on "
-            f"{wins['weights']}"
+            f"{shown(vs)} is better on {wins['vs']} of {len(result.rows)} images, "
+            f"{shown(weights)} on {wins['weights']}"
             + (f" ({wins['tie']} ties)" if wins["tie"] else "")
             + f"; mean PSNR difference (vs - weights) {difference['psnr']:+.2f} dB, "
             f"SSIM {difference['ssim']:+.4f}"
         )
-    where = f"; sheet -> {out}" if summary["out"] else ""
+    where = f"; sheet -> {shown(out)}" if summary["out"] else ""
     console.print(
         f"measured {len(result.rows)} images in {seconds:.1f} s{where}"
         + (f"; [red]{len(failures)} failed[/red]" if failures else "")

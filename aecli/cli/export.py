@@ -11,7 +11,7 @@ import typer
 
 from aecli.cli.app import app, guarded
 from aecli.cli.options import Json, Overwrite, Weights
-from aecli.cli.render import console, print_json
+from aecli.cli.render import console, print_json, shown
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -93,7 +93,7 @@ def export(
             )
         else:
             atomic_write_bytes(path, data)
-    console.print(f"exported {weights} -> {out} ({fmt.value})")
+    console.print(f"exported {shown(weights)} -> {shown(out)} ({fmt.value})")
     if as_json:
         print_json(
             {

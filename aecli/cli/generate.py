@@ -21,7 +21,7 @@ from aecli.cli.options import (
     Weights,
     parse_size,
 )
-from aecli.cli.render import console, print_json, progress_bar
+from aecli.cli.render import console, print_json, progress_bar, shown
 from aecli.errors import UsageError
 
 SAMPLE_EXAMPLES = """
@@ -192,7 +192,7 @@ def sample(
         targets.append("stdout" if latents_out == STDIO else latents_out)
     console.print(
         f"sampled {count} from {distribution.description} (temperature {temperature:g}, "
-        f"seed {seed}) -> {' and '.join(targets)} in {seconds:.1f} s"
+        f"seed {seed}) -> {' and '.join(map(shown, targets))} in {seconds:.1f} s"
     )
     if as_json:
         print_json(
@@ -310,9 +310,9 @@ def interpolate(
     seconds = time.perf_counter() - start
     distance = float((zb - za).norm())
     console.print(
-        f"interpolated {a} ({kind_a}) -> {b} ({kind_b}): {steps} steps, {mode.value}, latent "
-        f"distance {distance:.3g} -> {out}"
-        + (f" and {gif}" if gif is not None else "")
+        f"interpolated {shown(a)} ({kind_a}) -> {shown(b)} ({kind_b}): {steps} steps, "
+        f"{mode.value}, latent distance {distance:.3g} -> {shown(out)}"
+        + (f" and {shown(gif)}" if gif is not None else "")
         + f" in {seconds:.1f} s"
     )
     if as_json:

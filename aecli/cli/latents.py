@@ -25,13 +25,7 @@ from aecli.cli.options import (
     Workers,
     parse_size,
 )
-from aecli.cli.render import (
-    console,
-    failure_rows,
-    print_failures,
-    print_json,
-    progress_bar,
-)
+from aecli.cli.render import console, failure_rows, print_failures, print_json, progress_bar, shown
 
 ENCODE_EXAMPLES = """
 [bold]Examples[/bold]
@@ -266,7 +260,7 @@ def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, 
     scaling = settings.scaling
     console.print(
         f"encoded {len(latents)} image{'s' * (len(latents) != 1)} -> "
-        f"{'stdout' if out == STDIO else out} ({fmt}, latents {shape}, "
+        f"{'stdout' if out == STDIO else shown(out)} ({fmt}, latents {shape}, "
         f"{_kind(predictor, settings)}"
         + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
         + ") "
@@ -326,7 +320,7 @@ def _encode_folder(
     resumed = f"; {job.images_done} inputs were done already" if job.images_done else ""
     count = index["count"]
     console.print(
-        f"encoded {count} image{'s' * (count != 1)} -> {out}/ ({len(index['shards'])} shard"
+        f"encoded {count} image{'s' * (count != 1)} -> {shown(out)}/ ({len(index['shards'])} shard"
         f"{'s' * (len(index['shards']) != 1)} of up to {shard_size}: {shapes or 'none'}; "
         f"{_kind(predictor, settings)}"
         + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
@@ -546,7 +540,7 @@ def decode(
     plural = "s" * (count != 1)
     target = str(out) if grid else f"{out}/ ({count} PNG{plural})"
     console.print(
-        f"decoded {count} latent{plural} from {name} -> {target} in {seconds:.1f} s"
+        f"decoded {count} latent{plural} from {shown(name)} -> {shown(target)} in {seconds:.1f} s"
         + (" [yellow](--force: latents from another model)[/yellow]" if forced else "")
     )
     if as_json:

@@ -27,6 +27,7 @@ from aecli.cli.render import (
     print_failures,
     print_json,
     progress_bar,
+    shown,
 )
 
 EXAMPLES = """
@@ -140,20 +141,20 @@ def reconstruct(
 
     print_failures(failures)
     if metrics and result.rows:
-        shown = result.rows[:TABLE_ROWS]
+        first = result.rows[:TABLE_ROWS]
         title = "Reconstruction quality" + (
             f" (first {TABLE_ROWS} of {len(result.rows)}; all with --json)"
             if len(result.rows) > TABLE_ROWS
             else ""
         )
-        console.print(metrics_table(title, shown, METRICS, result.overall))
+        console.print(metrics_table(title, first, METRICS, result.overall))
     done = len(result.rows)
-    where = f" -> {out}" if out is not None else ""
+    where = f" -> {shown(out)}" if out is not None else ""
     console.print(
         f"reconstructed {done} image{'s' * (done != 1)}{where} in {seconds:.1f} s "
         f"({_rate(done / max(seconds, 1e-9))} img/s) on {predictor.device}"
         + (f"; [red]{len(failures)} failed[/red]" if failures else "")
-        + (f"; grid -> {grid}" if grid is not None and result.grid is not None else "")
+        + (f"; grid -> {shown(grid)}" if grid is not None and result.grid is not None else "")
     )
     if as_json:
         print_json(

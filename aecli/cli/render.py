@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from aecli.errors import printable
+
 # Wide enough that no line of a log or a pipe is wrapped; a terminal's own width otherwise.
 UNWRAPPED = 100_000
 
@@ -27,14 +29,21 @@ console = _console(sys.stderr, stderr=True)  # progress, summaries, warnings and
 results = _console(sys.stdout)  # what a listing command was asked for
 
 
-def print_error(message: str, label: str = "error") -> None:
+def shown(value: Any) -> str:
+    """A user's string (a path, a name) inside a rich message: control characters and rich
+    markup (`[red]`, `[/b]`) shown as they are."""
+    return escape(printable(str(value)))
+
+
+def print_error(message: str | list[str], label: str = "error") -> None:
+    """One line per message (a list: several, as a preset's problems), each printable."""
     colour = "yellow" if label == "interrupted" else "red"
-    for line in message.splitlines() or [""]:
-        console.print(f"[bold {colour}]{label}:[/bold {colour}] {escape(line)}", soft_wrap=True)
+    for line in [message] if isinstance(message, str) else message or [""]:
+        console.print(f"[bold {colour}]{label}:[/bold {colour}] {shown(line)}", soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {shown(message)}", soft_wrap=True)
 
 
 def print_json(payload: Any) -> None:
@@ -43,11 +52,13 @@ def print_json(payload: Any) -> None:
 
 
 def key_value_table(title: str, rows: list[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    table = Table(
+        title=shown(title), show_header=False, title_justify="left", box=None, pad_edge=False
+    )
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column()
     for key, value in rows:
-        table.add_row(key, escape(str(value)))
+        table.add_row(key, shown(value))
     return table
 
 
@@ -92,7 +103,7 @@ def print_failures(failures: list, verb: str = "failed") -> None:
     """Every failed input on its own line: `failed: PATH: reason`."""
     for failure in failures:
         console.print(
-            f"[bold red]{verb}:[/bold red] {escape(str(failure.path))}: {escape(failure.reason)}",
+            f"[bold red]{verb}:[/bold red] {shown(failure.path)}: {shown(failure.reason)}",
             soft_wrap=True,
         )
 
@@ -115,7 +126,7 @@ def metrics_table(title: str, rows: list[dict], columns: list[str], overall: dic
         return str(value)
 
     for row in rows:
-        table.add_row(escape(row["file"]), *(cell(c, row[c]) for c in columns))
+        table.add_row(shown(row["file"]), *(cell(c, row[c]) for c in columns))
     if overall:
         table.add_section()
         table.add_row(

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from aecli.cli.app import app, guarded
 from aecli.cli.options import Json, Overwrite
-from aecli.cli.render import console, print_json, results
+from aecli.cli.render import console, print_json, results, shown
 
 RUNS_EXAMPLES = """
 [bold]Examples[/bold]
@@ -65,9 +64,9 @@ def runs(
         print_json([r.as_dict() for r in found])
         return
     if not found:
-        console.print(f"no training runs in {folder}")
+        console.print(f"no training runs in {shown(folder)}")
         return
-    table = Table(title=f"Training runs in {folder}", title_justify="left")
+    table = Table(title=f"Training runs in {shown(folder)}", title_justify="left")
     for column in ("run", "preset", "data", "epochs", "best val_psnr", "best val_loss", "state"):
         justify = "right" if column.startswith(("epochs", "best")) else "left"
         table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
@@ -75,11 +74,11 @@ def runs(
         planned = f"/{r.epochs_planned}" if r.epochs_planned else ""
         state = f"[{STATE_STYLE[r.state]}]{r.state}[/]"
         if r.reason:
-            state += f"\n[dim]{escape(r.reason[:80])}[/]"
+            state += f"\n[dim]{shown(r.reason[:80])}[/]"
         table.add_row(
-            escape(_relative(r.path, folder)),
-            escape(r.preset),
-            escape(r.data),
+            shown(_relative(r.path, folder)),
+            shown(r.preset),
+            shown(r.data),
             f"{r.epochs_done}{planned}",
             "-" if r.best_val_psnr is None else f"{r.best_val_psnr:.2f} dB",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4g}",
@@ -88,7 +87,7 @@ def runs(
     results.print(table)
     resumable = [r for r in found if r.resume]
     for r in resumable[:3]:
-        console.print(f"continue {escape(_relative(r.path, folder))}: {escape(r.resume)}")
+        console.print(f"continue {shown(_relative(r.path, folder))}: {shown(r.resume)}")
 
 
 def _relative(path: str, folder: Path) -> str:
@@ -135,7 +134,7 @@ def report(
     written = write_report(RunDirectory(run), out)
     size = written.stat().st_size
     console.print(
-        f"report of {run} -> {written} ({size / 2**20:.1f} MB) "
+        f"report of {shown(run)} -> {shown(written)} ({size / 2**20:.1f} MB) "
         f"in {time.perf_counter() - start:.1f} s"
     )
     if as_json:

@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from aecli.cli.app import app, guarded
-from aecli.cli.render import console, fmt_metric, key_value_table, print_json, print_warning
+from aecli.cli.render import console, fmt_metric, key_value_table, print_json, print_warning, shown
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -263,13 +263,14 @@ def train(
             print_warning(f"skipped {failure.path}: {failure.reason}")
         source = dataset.source.get("path", "built-in shapes")
         console.print(
-            f"{'Resuming' if resume is not None else 'Training'} [bold]{name}[/bold] on {source} "
+            f"{'Resuming' if resume is not None else 'Training'} [bold]{shown(name)}[/bold] on "
+            f"{shown(source)} "
             f"({len(dataset)} images, {config.data.channels}x{config.data.size[0]}x"
-            f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {run_dir}"
+            f"{config.data.size[1]}) on [bold]{resolved_device}[/bold] -> {shown(run_dir)}"
         )
         console.print(_data_path_line(dataset))
         if start is not None:
-            console.print(f"Initialised from {init}: {start.describe()}")
+            console.print(f"Initialised from {shown(init)}: {shown(start.describe())}")
         if config.train.freeze != "none":
             console.print(f"The {config.train.freeze} is frozen (train.freeze).")
         if resume is not None:
@@ -363,9 +364,9 @@ def _init_name(init: Path, stored) -> str:
 def epoch_metrics(record: dict) -> dict:
     """The figures worth a glance: losses (each term when there are several), PSNR."""
     terms = [k for k in record if k.startswith("val_") and k not in ("val_loss", "val_psnr")]
-    shown = ["loss"] + ([t[4:] for t in terms] if len(terms) > 1 else []) + ["val_loss"]
-    shown += [t for t in terms if len(terms) > 1] + ["val_psnr"]
-    return {k: record[k] for k in shown if k in record}
+    picked = ["loss"] + ([t[4:] for t in terms] if len(terms) > 1 else []) + ["val_loss"]
+    picked += [t for t in terms if len(terms) > 1] + ["val_psnr"]
+    return {k: record[k] for k in picked if k in record}
 
 
 def _check_outside_data(run_dir: Path, data: str | Path | None, option: str) -> None:

@@ -43,7 +43,7 @@ from aecli.data.images import (
     read_image,
     read_image_bytes,
 )
-from aecli.errors import DataError
+from aecli.errors import DataError, printable
 
 SHARD_SUFFIX = ".tar"
 OPEN_SHARDS = 64  # shard files a process keeps open at most
@@ -242,11 +242,6 @@ def _scan_tarfile(path: Path, number: int) -> tuple[dict[str, ShardMember], Fail
         ) from None
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"not a readable tar shard: {exc}", path=path) from None
-
-
-def printable(name: str) -> str:
-    """A name taken from inside a file, as messages show it: control characters escaped."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
 
 
 def key_hash(key: str) -> float:
