@@ -407,3 +407,57 @@ def test_slerp_turns_around_the_shift_of_a_flux_style_vae(tmp_path):
     center = slerp_center(predictor)
     assert center.shape == (16, 1, 1) and torch.allclose(center, torch.tensor(0.1159))
     assert torch.allclose(prior(predictor).mean, torch.tensor(0.1159, dtype=torch.float64))
+
+
+HOSTILE_CONFIGS = {
+    "huge layers": ({"layers_per_block": 1_000_000_000}, "layers_per_block: 1000000000 is not"),
+    "many levels": ({"block_out_channels": [32] * 20_000}, "a list of 1 to 8 widths"),
+    "deep layers": ({"layers_per_block": 2000}, "layers_per_block: 2000 is not from 1 to 16"),
+    "fraction": ({"latent_channels": 4.5}, "latent_channels: 4.5 is not a whole number"),
+    "string": ({"layers_per_block": "2"}, "layers_per_block: '2' is not a whole number"),
+    "wide": (
+        {
+            "block_out_channels": [8192] * 8,
+            "down_block_types": ["DownEncoderBlock2D"] * 8,
+            "up_block_types": ["UpDecoderBlock2D"] * 8,
+            "norm_num_groups": 32,
+        },
+        "parameters; aecli builds at most",
+    ),
+    "nan": ({"scaling_factor": float("nan")}, "scaling_factor"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_CONFIGS), ids=list(HOSTILE_CONFIGS))
+def test_a_hostile_config_json_is_refused_before_anything_is_built(tmp_path, case):
+    """Sizes a config.json asks for are bounded before any structure of their size exists; run
+    under a 6 GiB address-space limit, so that a regression fails here instead of taking the
+    machine (layers_per_block 1e9 once grew a process to 19 GB)."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "vae"
+    make_vae().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    changes, expected = HOSTILE_CONFIGS[case]
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))"
+    ran = subprocess.run(
+        [sys.executable, "-c", f"{limit}\nfrom aecli.cli import main; main()", "info", str(folder)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1 and expected in ran.stderr
+    assert "internal error" not in ran.stderr
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, cli):
+    folder = tmp_path / "vae"
+    make_vae().save_pretrained(folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = cli("info", folder)
+    assert result.exit_code == 2 and "unreadable JSON" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

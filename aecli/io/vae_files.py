@@ -9,6 +9,7 @@ single table. Files are safetensors only; nothing here runs code from a file.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from aecli.config import Config, config_from_dict
-from aecli.errors import ConfigError, WeightsError, first_and_more
+from aecli.errors import ConfigError, WeightsError, first_and_more, first_line
 from aecli.io.tensorfile import tensor_file_bytes
 
 # Scaling and shift factors per latent width when a file does not say (a single file never
@@ -253,40 +254,77 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
             path=path,
         )
     try:
-        widths = tuple(int(w) for w in raw["block_out_channels"])
+        given = raw["block_out_channels"]
+        if not isinstance(given, list) or not 1 <= len(given) <= MAX_LEVELS:
+            raise ValueError(f"block_out_channels: a list of 1 to {MAX_LEVELS} widths")
+        widths = tuple(_whole(w, "block_out_channels", 1, MAX_WIDTH) for w in given)
         for key, allowed in (
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
         ):
             kinds = raw.get(key, [allowed] * len(widths))
-            if len(kinds) != len(widths) or any(k != allowed for k in kinds):
-                raise WeightsError(f"{key} {kinds}: aecli builds {allowed} only", path=path)
+            if not isinstance(kinds, list) or len(kinds) != len(widths):
+                raise ValueError(f"{key}: one per level of block_out_channels")
+            if any(k != allowed for k in kinds):
+                raise WeightsError(f"{key}: aecli builds {allowed} only", path=path)
         if raw.get("act_fn", "silu") != "silu":
-            raise WeightsError(f"act_fn {raw['act_fn']!r}: aecli builds silu only", path=path)
-        latent = int(raw.get("latent_channels", 4))
+            raise WeightsError("act_fn: aecli builds silu only", path=path)
+        latent = _whole(raw.get("latent_channels", 4), "latent_channels", 1, 1024)
+        layers = _whole(raw.get("layers_per_block", 1), "layers_per_block", 1, MAX_LAYERS)
+        groups = _whole(raw.get("norm_num_groups", 32), "norm_num_groups", 1, min(widths))
         scale = KNOWN_FACTORS.get(latent, (1.0, 0.0))[0]  # diffusers writes one; older may not
-        return KLLayout(
-            in_channels=int(raw.get("in_channels", 3)),
-            out_channels=int(raw.get("out_channels", 3)),
+        layout = KLLayout(
+            in_channels=_whole(raw.get("in_channels", 3), "in_channels", 1, 4),
+            out_channels=_whole(raw.get("out_channels", 3), "out_channels", 1, 4),
             block_out_channels=widths,
-            layers_per_block=int(raw.get("layers_per_block", 1)),
+            layers_per_block=layers,
             latent_channels=latent,
-            norm_groups=int(raw.get("norm_num_groups", 32)),
+            norm_groups=groups,
             quant_conv=bool(raw.get("use_quant_conv", True)),
             post_quant_conv=bool(raw.get("use_post_quant_conv", True)),
             mid_attention=bool(raw.get("mid_block_add_attention", True)),
             sample_size=_sample_size(raw.get("sample_size", 256)),
-            scaling_factor=float(raw.get("scaling_factor") or scale),
-            shift_factor=float(raw.get("shift_factor") or 0.0),
+            scaling_factor=_finite(raw.get("scaling_factor") or scale, "scaling_factor"),
+            shift_factor=_finite(raw.get("shift_factor") or 0.0, "shift_factor"),
         )
     except (KeyError, TypeError, ValueError) as exc:
+        reason = f"lacks {exc}" if isinstance(exc, KeyError) else first_line(exc)[:200]
+        raise WeightsError(f"unusable AutoencoderKL config ({reason})", path=path) from None
+    # about the parameters (3x3 convolutions dominate), before anything is allocated
+    weights = sum(9 * w * w * (4 * layers + 3) for w in widths)
+    if weights > MAX_PARAMETERS:
         raise WeightsError(
-            f"{DIFFUSERS_CONFIG}: unusable AutoencoderKL config ({exc})", path=path
-        ) from None
+            f"an AutoencoderKL of about {weights:.2e} parameters; aecli "
+            f"builds at most {MAX_PARAMETERS:.1e}",
+            path=path,
+        )
+    return layout
+
+
+# What a config.json may ask for: beyond any released VAE (SD, SDXL, SD3, FLUX: 4 levels of at
+# most 512 channels, 2 layers each) by far, and checked before anything is built.
+MAX_LEVELS, MAX_WIDTH, MAX_LAYERS, MAX_PARAMETERS = 8, 8192, 16, 2**32
+
+
+def _whole(value, key: str, low: int, high: int) -> int:
+    """A config value that must be a whole number from `low` to `high` (4.5 is not 4)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key}: {str(value)[:40]!r} is not a whole number")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{key}: {value} is not a whole number")
+    if not low <= value <= high:
+        raise ValueError(f"{key}: {value:.0f} is not from {low} to {high}")
+    return int(value)
+
+
+def _finite(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key}: {str(value)[:40]!r} is not a finite number")
+    return float(value)
 
 
 def _sample_size(value) -> int:
-    return int(value[0] if isinstance(value, list | tuple) else value)
+    return _whole(value[0] if isinstance(value, list) and value else value, "sample_size", 8, 65536)
 
 
 def layout_from_shapes(shapes: dict[str, tuple[int, ...]], naming: str, path: Path) -> KLLayout:
@@ -493,11 +531,20 @@ def _spec_text(spec) -> str:
     return " ".join([spec.type] + [f"{k}={v}" for k, v in fields.items()])
 
 
+JSON_LIMIT = 1 << 20  # a diffusers config.json is about 1 kB
+
+
 def read_json(path: Path) -> dict:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"unreadable JSON ({exc})", path=path) from None
+        if not path.is_file():
+            raise OSError("not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(JSON_LIMIT + 1)
+        if len(data) > JSON_LIMIT:
+            raise ValueError(f"larger than {JSON_LIMIT >> 20} MiB")
+        raw = json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WeightsError(f"unreadable JSON ({first_line(exc)[:200]})", path=path) from None
     if not isinstance(raw, dict):
         raise WeightsError("not a JSON object", path=path)
     return raw
