@@ -458,3 +458,53 @@ def test_markup_and_control_characters_in_names_are_shown_as_they_are(
     assert len(failed) == 1 and failed[0].startswith("failed:")
     assert "fake\\nerror: forged\\x1b[2J.png" in failed[0] and "\x1b" not in result.stderr
     assert not any(line.startswith("error: forged") for line in result.stderr.splitlines())
+
+
+def rewrite_header(source: Path, target: Path, change) -> Path:
+    """A copy of a safetensors file whose JSON header `change(header)` edited (data kept)."""
+    data = source.read_bytes()
+    header, length = safetensors_header(data)
+    change(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    return target
+
+
+def test_doctored_headers_are_one_line_not_internal_errors(tiny_weights, tmp_path, cli):
+    """Deep nesting, strings where numbers go, metrics that are not numbers, other dtypes, a
+    symbolic-link loop: each is the one-line refusal with exit 2."""
+    first = next(k for k in safetensors_header(tiny_weights.read_bytes())[0] if k[0] != "_")
+
+    def offsets(header):
+        header[first]["data_offsets"] = ["0", "8"]
+
+    def dtype(kind):
+        def change(header):
+            header[first]["dtype"] = kind
+
+        return change
+
+    cases = {
+        "nested config": (doctor(tiny_weights, tmp_path / "n.safetensors",
+                                 metadata={"config": "[" * 100_000 + "]" * 100_000}),
+                          "damaged aecli metadata"),
+        "string metric": (doctor(tiny_weights, tmp_path / "m.safetensors",
+                                 metadata={"metrics": json.dumps({"val_loss": "low"})}),
+                          "metrics are not named numbers"),
+        "string offsets": (rewrite_header(tiny_weights, tmp_path / "o.safetensors", offsets),
+                           f"damaged safetensors header entry for {first}"),
+        "F8": (rewrite_header(tiny_weights, tmp_path / "f8.safetensors", dtype("F8_E4M3")),
+               f"tensor {first} is F8_E4M3; aecli reads weights stored as"),
+        "metadata list": (rewrite_header(tiny_weights, tmp_path / "l.safetensors",
+                                         lambda h: h.update(__metadata__=[1])),
+                          "its metadata is not text"),
+    }  # fmt: skip
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    cases["symlink loop"] = (loop, "a symbolic link that leads nowhere")
+    for name, (path, expected) in cases.items():
+        for command in (["info", path], ["reconstruct", path, tmp_path, "-o", tmp_path / "r"]):
+            result = cli(*command)
+            assert result.exit_code == 2, (name, result.output)
+            assert expected in one_line(result), name

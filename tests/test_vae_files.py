@@ -461,3 +461,11 @@ def test_deeply_nested_json_is_one_line(tmp_path, cli):
     result = cli("info", folder)
     assert result.exit_code == 2 and "unreadable JSON" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_vae_in_float64_is_named_plainly(tmp_path, cli):
+    make_vae().double().save_pretrained(tmp_path / "vae")
+    result = cli("info", tmp_path / "vae")
+    assert result.exit_code == 2
+    assert "is F64; aecli reads VAE weights stored as F32, F16 or BF16" in result.stderr
+    assert "floating point" not in result.stderr

@@ -81,6 +81,7 @@ def info(
     weights = (
         path.suffix == ".safetensors"
         or path.is_dir()
+        or path.is_symlink()
         or (path.is_file() and path.suffix not in (".yaml", ".yml"))
     )
     facts: dict = {"source": target, "kind": "weights" if weights else "preset"}

@@ -24,7 +24,7 @@ def safetensors_header(data: bytes) -> tuple[dict, int] | None:
         return None
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return (header, length) if isinstance(header, dict) else None
 

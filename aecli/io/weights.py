@@ -171,6 +171,10 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     before it can make aecli allocate anything."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise WeightsError(
+                "a symbolic link that leads nowhere (a loop, or its target is gone)", path=path
+            )
         raise WeightsError("file not found", path=path)
     if path.is_dir():
         return _open_diffusers_folder(path)
@@ -182,6 +186,8 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         )
     header, data_bytes = _read_header(path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError("damaged safetensors header (its metadata is not text)", path=path)
     if metadata.get("format") != FORMAT:
         return _open_single_file(path, header, data_bytes)
     version = metadata.get("format_version", FORMAT_VERSION)
@@ -303,9 +309,11 @@ def _import_vae(
     _parameters_within_limit(path, meta_model)
     expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     for name, entry in header.items():
-        if entry.get("dtype") not in ("F32", "F16", "BF16"):
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in ("F32", "F16", "BF16"):
             raise WeightsError(
-                f"tensor {name} is {entry.get('dtype')}; a VAE's tensors are floating point",
+                f"tensor {name} is {str(dtype)[:20]}; aecli reads VAE weights stored as F32, F16 "
+                "or BF16",
                 path=path,
             )
     wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
@@ -329,10 +337,19 @@ def _entry_shape(path: Path, name: str, entry, available: int) -> tuple[int, ...
     """A header entry's shape, after checking that its bytes lie within the file's data."""
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(n) for n in shape)
-        itemsize = _DTYPE_BYTES[dtype]
+        shape = tuple(shape)
+        whole = [n for n in (*shape, begin, end) if isinstance(n, int) and not isinstance(n, bool)]
+        if len(whole) != len(shape) + 2 or min(whole) < 0:
+            raise ValueError("shape and offsets must be whole numbers")
     except (KeyError, TypeError, ValueError):
         raise WeightsError(f"damaged safetensors header entry for {name}", path=path) from None
+    if dtype not in _DTYPE_BYTES:
+        raise WeightsError(
+            f"tensor {name} is {str(dtype)[:20]}; aecli reads weights stored as "
+            f"{', '.join(_DTYPE_BYTES)}",
+            path=path,
+        )
+    itemsize = _DTYPE_BYTES[dtype]
     if not (0 <= begin <= end <= available) or end - begin != itemsize * math.prod(shape):
         raise WeightsError(
             f"damaged safetensors file: the data of tensor {name} lies outside the file "
@@ -413,17 +430,26 @@ def _info(path: Path, metadata: dict) -> WeightsInfo:
             isinstance(class_names, list) and all(isinstance(n, str) for n in class_names)
         ):
             raise ValueError("class_names is not a list of names")
+        data = json.loads(metadata.get("data", "{}"))
+        metrics = json.loads(metadata.get("metrics", "{}"))
+        if not isinstance(data, dict):
+            raise ValueError("data is not a record")
+        numbers = isinstance(metrics, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+        )
+        if not numbers:
+            raise ValueError("metrics are not named numbers")
         return WeightsInfo(
             config=config_from_dict(raw_config, str(path)),
             preset=metadata.get("preset", "?"),
             aecli_version=metadata.get("aecli_version", "?"),
             fingerprint=metadata.get("fingerprint", ""),
-            data=json.loads(metadata.get("data", "{}")),
+            data=data,
             class_names=class_names,
-            metrics=json.loads(metadata.get("metrics", "{}")),
+            metrics=metrics,
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise WeightsError(f"damaged aecli metadata ({exc})", path=path) from None
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise WeightsError(f"damaged aecli metadata ({first_line(exc)[:200]})", path=path) from None
     except ConfigError as exc:
         raise WeightsError(
             f"its stored configuration is invalid: {exc.problems[0]}", path=path
