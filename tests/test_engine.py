@@ -537,3 +537,18 @@ def test_torchrun_two_cpu_processes_with_gloo(tiny_preset, tmp_path):
     for a, b in zip(ddp, one, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
         assert a["val_psnr"] == pytest.approx(b["val_psnr"], rel=1e-3)
+
+
+def test_resume_with_config_edited_to_another_architecture_names_the_tensor(
+    tiny_preset, tmp_path, cli
+):
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("out: 8", "out: 16", 1))
+    result = cli("train", "--resume", run, "--epochs", 2)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0]
+    assert "config.yaml describes another model than the checkpoint holds" in lines[0]
+    assert "model.encoder.0" in lines[0] or "encoder.0" in lines[0]

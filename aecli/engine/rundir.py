@@ -27,7 +27,7 @@ from aecli.errors import TrainingError, UsageError
 from aecli.io.atomic import atomic_write_text, stale_temp_files
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
 from aecli.io.images import save_png
-from aecli.io.weights import save_weights
+from aecli.io.weights import architecture_mismatch, save_weights
 from aecli.models import Autoencoder
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -187,6 +187,13 @@ def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
     if epochs is not None:
         raw["train"]["epochs"] = epochs
     config = config_from_dict(raw, str(config_path))
+    problem = architecture_mismatch(config, checkpoint["model"])
+    if problem is not None:  # config.yaml edited to another architecture
+        raise UsageError(
+            f"--resume: config.yaml describes another model than the checkpoint holds ({problem}"
+            "); restore the run's config.yaml, or train anew with --init",
+            path=config_path,
+        )
     state = checkpoint["train_state"]
     done = state["epoch"] - 1
     # all epochs trained (or stopped early) and the final weights written; a checkpoint from an

@@ -131,28 +131,30 @@ def read_weights(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]
     return _open(path)
 
 
+def architecture_mismatch(config: Config, tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first way `tensors` do not fit the model `config` builds (a name, a shape), in words
+    (`this model has X, the weights do not`), or None where every tensor fits."""
+    expected = {k: tuple(v.shape) for k, v in build_model(config, meta=True).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in tensors:
+            return f"this model has {name}, the weights do not"
+        if tuple(tensors[name].shape) != shape:
+            return f"{name} is {list(tensors[name].shape)} in the weights, {list(shape)} here"
+    extra = next((k for k in tensors if k not in expected), None)
+    if extra is not None:
+        return f"the weights have {extra}, this model does not"
+    return None
+
+
 def init_weights(path: str | Path, tensors: dict[str, torch.Tensor], config: Config) -> InitWeights:
     """The tensors (from `read_weights(path)`) to start the model `config` builds from: the
     architecture must match, every tensor by name and shape; one line names the first that
     does not."""
-    expected = {k: tuple(v.shape) for k, v in build_model(config, meta=True).state_dict().items()}
     tensors = {k: v for k, v in tensors.items() if not k.startswith(STATS_PREFIX)}
-    for name, shape in expected.items():
-        if name not in tensors:
-            problem = f"this model has {name}, the weights do not"
-        elif tuple(tensors[name].shape) != shape:
-            problem = f"{name} is {list(tensors[name].shape)} in the weights, {list(shape)} here"
-        else:
-            continue
+    problem = architecture_mismatch(config, tensors)
+    if problem is not None:
         raise WeightsError(
             f"--init: another architecture than this preset's ({problem})", path=path
-        )
-    extra = next((k for k in tensors if k not in expected), None)
-    if extra is not None:
-        raise WeightsError(
-            f"--init: another architecture than this preset's (the weights have {extra}, this "
-            "model does not)",
-            path=path,
         )
     return InitWeights(tensors)
 
