@@ -508,3 +508,22 @@ def test_doctored_headers_are_one_line_not_internal_errors(tiny_weights, tmp_pat
             result = cli(*command)
             assert result.exit_code == 2, (name, result.output)
             assert expected in one_line(result), name
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ("reconstruct W in --tile 0 -o x", "Invalid value for '--tile'"),
+        ("encode W in -o z --tile 8 --tile-overlap -5", "Invalid value for '--tile-overlap'"),
+        ("reconstruct", "Missing argument 'weights'"),
+        ("bogus", "No such command 'bogus'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(args, expected, tiny_weights, tmp_path):
+    """What Click refuses before aecli runs is one line too, not a boxed usage message."""
+    command = args.replace("W", str(tiny_weights)).replace(" in ", f" {tmp_path} ")
+    ran = shell(f"{AECLI} {command}")
+    assert ran.returncode == 2
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert "--help" in lines[0] and "╭" not in ran.stderr
