@@ -115,7 +115,8 @@ def failure_rows(failures: list) -> list[dict]:
 
 def metrics_table(title: str, rows: list[dict], columns: list[str], overall: dict | None = None):
     """Per-image metric rows (file first) and an optional `mean` row."""
-    table = Table(title=title, title_justify="left")
+    # at least as wide as its title, which rich would otherwise wrap to the table's width
+    table = Table(title=shown(title), title_justify="left", min_width=len(title))
     table.add_column("file", min_width=16, overflow="fold")
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)

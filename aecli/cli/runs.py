@@ -66,7 +66,8 @@ def runs(
     if not found:
         console.print(f"no training runs in {shown(folder)}")
         return
-    table = Table(title=f"Training runs in {shown(folder)}", title_justify="left")
+    title = f"Training runs in {folder}"
+    table = Table(title=shown(title), title_justify="left", min_width=len(title))
     for column in ("run", "preset", "data", "epochs", "best val_psnr", "best val_loss", "state"):
         justify = "right" if column.startswith(("epochs", "best")) else "left"
         table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
