@@ -140,7 +140,7 @@ def test_diff_orders_worst_first_and_draws_the_top_k(photos, tmp_path, tiny_weig
     assert [r["mse"] for r in rows] == sorted((r["mse"] for r in rows), reverse=True)
 
     title = f"Worst 3 of 6 images (by MSE of {tiny_weights})"
-    assert title in result.stderr.splitlines()  # whole on its line: not wrapped off a terminal
+    assert title in [line.strip() for line in result.stderr.splitlines()]  # whole: not wrapped
 
     # 3 rows of original | reconstruction | signed error | |error|, tiles of 16 px x 8 = 128
     image = pixels(sheet)
