@@ -127,6 +127,28 @@ _BF16_PEAKS = (
 )
 
 
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    Batches of many shapes (native sizes, aspect buckets, a unit's last batches) leave glibc's
+    heap fragmented: freed blocks of one size do not serve the next shape's, and the heap grows
+    with the number of shapes seen (measured: 575 MB to 1.2 GB over 192 shapes, without end).
+    Called once per unit of work, it keeps a long encode's memory flat for a few ms a call."""
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None  # glibc's malloc_trim once looked up; False where there is none
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on a device: on a GPU its free memory plus what PyTorch's
     caching allocator holds but does not use (reserved, not allocated: it serves new tensors

@@ -15,6 +15,7 @@ import torch
 
 from aecli.data.images import Failure
 from aecli.data.sources import folder_labels
+from aecli.devices import release_free_memory
 from aecli.errors import UsageError, WriteError
 from aecli.inference.inputs import Buckets, InputFile, Progress, load_batches, no_progress
 from aecli.inference.outputs import hwc
@@ -288,6 +289,8 @@ class FolderEncode:
             ):
                 failed = [{"path": str(f.path), "reason": f.reason} for f in unit.failures]
                 self.writer.write_unit(unit.number, unit.parts, failed)
+                del unit
+                release_free_memory()  # memory flat over any number of units (see there)
         except WriteError as exc:
             raise WriteError(
                 f"{exc}; every complete shard is kept: free space, then run the same command "
