@@ -527,3 +527,21 @@ def test_click_usage_errors_are_one_line(args, expected, tiny_weights, tmp_path)
     lines = ran.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
     assert "--help" in lines[0] and "╭" not in ran.stderr
+
+
+def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    """The OS says "Read-only file system" for a folder on a read-only mount; so does aecli
+    (not "permission denied"), as it does for folder outputs."""
+    import aecli.io.outputs as outputs
+    from aecli.errors import UsageError
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: ReadOnly())
+    with pytest.raises(UsageError, match="cannot write in this folder: read-only file system"):
+        outputs.make_folder(tmp_path, "-o")
+    monkeypatch.setattr(outputs.os, "statvfs", lambda path: type("RW", (), {"f_flag": 0})())
+    with pytest.raises(UsageError, match="cannot write in this folder: permission denied"):
+        outputs.make_folder(tmp_path, "-o")

@@ -36,8 +36,17 @@ def make_folder(folder: Path, option: str) -> Path | None:
         reason = f"{blocker} is a file, not a folder" if blocker else os_reason(exc)
         raise UsageError(f"{option} {folder}: cannot create this folder: {reason}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {folder}: cannot write in this folder: permission denied")
+        reason = "read-only file system" if _read_only(folder) else "permission denied"
+        raise UsageError(f"{option} {folder}: cannot write in this folder: {reason}")
     return created
+
+
+def _read_only(folder: Path) -> bool:
+    """Whether `folder` lies on a file system mounted read-only (what the OS would say)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
 
 
 def remove_if_empty(folder: Path, up_to: Path) -> None:
