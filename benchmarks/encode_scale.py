@@ -85,8 +85,9 @@ def encode(model: Path, images: Path, out: Path, *extra: str) -> dict:
     return {"seconds": seconds, "peak_mb": peak / 1024}
 
 
-def killed_and_resumed(model: Path, images: Path, out: Path, after: float) -> float:
-    """Seconds of an encode into a folder SIGKILLed after `after` seconds, plus its --resume."""
+def killed_and_resumed(model: Path, images: Path, out: Path, after: float) -> tuple[float, float]:
+    """Seconds of an encode into a folder SIGKILLed after `after` seconds, plus its --resume;
+    and the seconds a --resume takes to start (on the finished folder: nothing to encode)."""
     command = [sys.executable, "-m", "aecli", "encode", str(model), str(images), "-o", str(out),
                "--device", DEVICE, "--overwrite", "--size", SIZE,
                "--shard-size", str(SHARD)]  # fmt: skip
@@ -99,7 +100,10 @@ def killed_and_resumed(model: Path, images: Path, out: Path, after: float) -> fl
     ran = subprocess.run(command, capture_output=True, text=True)
     if ran.returncode:
         raise SystemExit(f"aecli encode --resume failed:\n{ran.stderr[-2000:]}")
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    restart = time.perf_counter()  # the same --resume on the finished folder: start-up alone
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    return seconds, time.perf_counter() - restart
 
 
 def main() -> None:
@@ -138,23 +142,26 @@ def main() -> None:
                 )
         folder_speed, file_speed = (statistics.median(speeds[k]) for k in ("folder", "file"))
         whole = n / folder_speed
-        lost = killed_and_resumed(model, folder, work / f"killed-{n}", 0.6 * whole) - whole
+        both, restart = killed_and_resumed(model, folder, work / f"killed-{n}", 0.6 * whole)
+        lost = both - whole  # a second start-up, and the work of the unit the kill cut
         shard_time = whole * SHARD / n
         rows.append((n, mixed["peak_mb"], len(index["shards"]), len(index["shapes"]),
-                     folder_speed, file_speed, lost, shard_time))  # fmt: skip
+                     folder_speed, file_speed, lost, restart, shard_time))  # fmt: skip
         print(
             f"N={n:>6,}: peak RSS {mixed['peak_mb']:.0f} MB ({len(index['shards'])} shards, "
             f"{len(index['shapes'])} shapes); folder {folder_speed:.0f} img/s, file "
-            f"{file_speed:.0f} img/s ({folder_speed / file_speed:.2f}x); kill lost {lost:.1f} s, "
-            f"one shard's work {shard_time:.1f} s",
+            f"{file_speed:.0f} img/s ({folder_speed / file_speed:.2f}x); kill lost {lost:.1f} s "
+            f"(start-up {restart:.1f} s, work {lost - restart:.1f} s), one shard's work "
+            f"{shard_time:.1f} s",
             flush=True,
         )
     print("\n| images | peak RSS | shards (shapes) | folder img/s | file img/s | ratio | kill lost "
-          "| one shard |")  # fmt: skip
+          "(start-up + work) | one shard's work |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n, peak, shards, shapes, fs, ss, lost, shard_time in rows:
+    for n, peak, shards, shapes, fs, ss, lost, restart, shard_time in rows:
         print(f"| {n:,} | {peak:.0f} MB | {shards} ({shapes}) | {fs:.0f} | {ss:.0f} | "
-              f"{fs / ss:.2f}x | {lost:.1f} s | {shard_time:.1f} s |")  # fmt: skip
+              f"{fs / ss:.2f}x | {lost:.1f} s ({restart:.1f} + {lost - restart:.1f}) | "
+              f"{shard_time:.1f} s |")  # fmt: skip
     if len(rows) > 1:
         print(f"\npeak RSS at {rows[-1][0]:,} / at {rows[0][0]:,}: {rows[-1][1] / rows[0][1]:.3f}")
 

@@ -211,7 +211,10 @@ def _safetensors_metadata(data: bytes, name: str) -> dict:
     found = safetensors_header(data)
     if found is None:
         raise LatentFileError("not a latent file (neither safetensors nor .npy)", path=name)
-    return found[0].get("__metadata__") or {}
+    metadata = found[0].get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LatentFileError("damaged latent file (its metadata is not text)", path=name)
+    return metadata
 
 
 def _checked(latents, labels, fingerprint, sources, class_names, name) -> LatentFile:
@@ -219,11 +222,20 @@ def _checked(latents, labels, fingerprint, sources, class_names, name) -> Latent
         raise LatentFileError(f"holds no latents (shape {tuple(latents.shape)})", path=name)
     if not torch.isfinite(latents).all():
         raise LatentFileError("latents hold non-finite values (NaN or Inf)", path=name)
-    if labels is not None and labels.shape[:1] != latents.shape[:1]:
-        raise LatentFileError(f"{labels.shape[0]} labels for {latents.shape[0]} latents", path=name)
-    if sources is not None and len(sources) != latents.shape[0]:
+    if labels is not None and (labels.ndim != 1 or labels.shape[:1] != latents.shape[:1]):
+        raise LatentFileError(
+            f"labels of shape {tuple(labels.shape)} for {latents.shape[0]} latents", path=name
+        )
+    if not _names(sources) or len(sources) != latents.shape[0]:
         sources = None
+    if not _names(class_names):
+        class_names = None
     return LatentFile(latents, labels, fingerprint, sources, class_names, name)
+
+
+def _names(value) -> bool:
+    """Whether metadata holds a list of names (anything else is as if absent)."""
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
 
 
 def fit_to_model(

@@ -345,7 +345,7 @@ def _entry_shape(path: Path, name: str, entry, available: int) -> tuple[int, ...
             raise ValueError("shape and offsets must be whole numbers")
     except (KeyError, TypeError, ValueError):
         raise WeightsError(f"damaged safetensors header entry for {name}", path=path) from None
-    if dtype not in _DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise WeightsError(
             f"tensor {name} is {str(dtype)[:20]}; aecli reads weights stored as "
             f"{', '.join(_DTYPE_BYTES)}",
