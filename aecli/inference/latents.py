@@ -105,11 +105,12 @@ def encode_units(
         failed = [failures.pop(i) for i in covered if i in failures]
         return EncodedUnit(number, parts, failed)
 
+    per_batch = predictor.images_per_batch(batch_size)
     for batch in load_batches(
         files,
         predictor.channels,
         settings.size,
-        predictor.images_per_batch(batch_size),
+        per_batch,
         workers,
         failures=failures,
         progress=progress,
@@ -121,10 +122,12 @@ def encode_units(
         while open_unit < position:
             yield close(open_unit)
             open_unit += 1
+        images, count = _padded_batch(batch.images, per_batch)
         generators = None
         if settings.sample:
-            generators = predictor.image_generators(settings.seed, batch.indices)
-        z = predictor.encode(batch.images, generators)
+            numbers = batch.indices + [batch.indices[-1]] * (len(images) - count)
+            generators = predictor.image_generators(settings.seed, numbers)
+        z = predictor.encode(images, generators)[:count]
         z = (settings.scaling.apply(z) if settings.scaling is not None else z).cpu()
         shape = tuple(z.shape[1:])
         if one_shape and found and shape not in found:
@@ -141,6 +144,19 @@ def encode_units(
     while open_unit < len(units):
         yield close(open_unit)
         open_unit += 1
+
+
+def _padded_batch(images: torch.Tensor, full: int) -> tuple[torch.Tensor, int]:
+    """A short batch (a unit's last of a shape) padded with copies of its last image to a power
+    of two, and how many images are real. Every new batch shape leaves the C heap and oneDNN's
+    caches holding more memory; padding keeps the shapes few (measured over 400 batches of 6
+    image sizes: 650 MB at one batch size, 786 MB at powers of two, 1.18 GB and growing at
+    every size from 1 to 32), for a few percent more work on the last batches of a unit."""
+    count = len(images)
+    size = min(1 << (count - 1).bit_length(), full)  # never past a full batch
+    if size <= count:
+        return images, count
+    return torch.cat([images, images[-1:].expand(size - count, *images.shape[1:])]), count
 
 
 def file_labels(
