@@ -42,21 +42,10 @@ from aecli.cli import app
 from aecli.errors import AecliError
 from aecli.io.tensorfile import safetensors_header
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import TINY  # noqa: E402  (the tests' tiny preset: trains in seconds)
+
 BOUND_MB = 512  # a case may take at most this much memory above the baseline
-TINY = """\
-data: {image_size: 16, channels: 3, builtin_count: 64}
-model:
-  encoder:
-    - {type: conv, out: 8, stride: 2, act: relu}
-    - {type: conv, out: 8, stride: 2, act: relu}
-  latent: {dim: 8}
-  decoder:
-    - {type: linear, out: 128, act: relu}
-    - {type: reshape, shape: [8, 4, 4]}
-    - {type: conv_transpose, out: 8, stride: 2, act: relu}
-    - {type: conv_transpose, out: 8, stride: 2, act: relu}
-    - {type: conv, out: 3}
-"""
 
 
 def rss_peak_reset() -> None:
