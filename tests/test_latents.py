@@ -181,3 +181,13 @@ def test_shell_pipe_through_a_numpy_transform(photos, tmp_path, tiny_weights, cl
     images = read_pngs(out)
     assert sorted(images) == ["000000.png", "000001.png", "000002.png"]
     assert np.array_equal(images["000000.png"], images["000002.png"])  # three copies of the mean
+
+
+def test_source_names_that_cannot_name_a_file_fall_back_to_numbers():
+    """Names from a latent file's metadata (anyone may have written them) become file names
+    only where every one can: none empty, no NUL, no part longer than a file system takes."""
+    from aecli.inference.outputs import decoded_names
+
+    assert decoded_names(["cats/a.jpg", "b.jpg"], 2) == ["cats/a.png", "b.png"]
+    for hostile in (["", "b.jpg"], ["[" * 5000, "b.jpg"], ["a\0.jpg", "b.jpg"], [".", "b"]):
+        assert decoded_names(hostile, 2) == ["000000.png", "000001.png"]

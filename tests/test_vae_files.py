@@ -425,6 +425,7 @@ HOSTILE_CONFIGS = {
         "parameters; aecli builds at most",
     ),
     "nan": ({"scaling_factor": float("nan")}, "scaling_factor"),
+    "overflow": ({"scaling_factor": 10**400}, "scaling_factor"),
 }
 
 

@@ -94,10 +94,22 @@ def write_images(
             writer.save(path, image)
 
 
+def _usable(source: str) -> bool:
+    """Whether a source name can name a file: a last part to put .png on, no NUL, and parts
+    a file system takes (at most 250 bytes each, with the suffix)."""
+    path = Path(source)
+    parts = path.parts
+    return (
+        bool(path.name)
+        and "\0" not in source
+        and all(len(part.encode("utf-8", "surrogateescape")) <= 250 for part in parts)
+    )
+
+
 def decoded_names(sources: list[str] | None, count: int) -> list[str]:
     """File names for decoded latents: each source name as .png (relative folders kept) when
     they are distinct and stay inside the output folder; else 000000.png, 000001.png, ..."""
-    if sources:
+    if sources and all(_usable(s) for s in sources):
         names = [Path(s).with_suffix(".png") for s in sources]
         safe = all(not n.is_absolute() and ".." not in n.parts for n in names)
         if safe and len({n.as_posix() for n in names}) == count:

@@ -318,9 +318,13 @@ def _whole(value, key: str, low: int, high: int) -> int:
 
 
 def _finite(value, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    try:  # an int past float's range overflows here
+        number = float(value) if isinstance(value, int | float) else math.nan
+    except OverflowError:
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
         raise ValueError(f"{key}: {str(value)[:40]!r} is not a finite number")
-    return float(value)
+    return number
 
 
 def _sample_size(value) -> int:
