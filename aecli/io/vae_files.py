@@ -309,11 +309,12 @@ MAX_LEVELS, MAX_WIDTH, MAX_LAYERS, MAX_PARAMETERS = 8, 8192, 16, 2**32
 def _whole(value, key: str, low: int, high: int) -> int:
     """A config value that must be a whole number from `low` to `high` (4.5 is not 4)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key}: {str(value)[:40]!r} is not a whole number")
+        raise ValueError(f"{key}: {repr(value)[:40]} is not a whole number")
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{key}: {value} is not a whole number")
     if not low <= value <= high:
-        raise ValueError(f"{key}: {value:.0f} is not from {low} to {high}")
+        shown = f"{value:.0f}" if abs(value) < 1e30 else "a number of over 30 digits"
+        raise ValueError(f"{key}: {shown} is not from {low} to {high}")
     return int(value)
 
 
