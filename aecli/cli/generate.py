@@ -191,7 +191,7 @@ def sample(
     if latents_out is not None:
         targets.append("stdout" if latents_out == STDIO else latents_out)
     console.print(
-        f"sampled {count} from {distribution.description} (temperature {temperature:g}, "
+        f"sampled {count} from {shown(distribution.description)} (temperature {temperature:g}, "
         f"seed {seed}) -> {' and '.join(map(shown, targets))} in {seconds:.1f} s"
     )
     if as_json:

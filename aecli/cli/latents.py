@@ -150,7 +150,7 @@ def encode(
     stays the same whatever the number of images, a killed encode continues with --resume, and
     `torchrun --nproc_per_node=N -m aecli encode ...` encodes on N GPUs.
     """
-    from aecli.devices import resolve_device
+    from aecli.devices import resolve_device, torchrun_processes
     from aecli.errors import UsageError
     from aecli.inference import Predictor, collect_inputs
     from aecli.inference.latents import EncodeSettings
@@ -169,7 +169,7 @@ def encode(
         ):
             if given:
                 raise UsageError(f"{option}: for a latent folder (-o DIR/); -o {out} is one file")
-        if _world() > 1:
+        if torchrun_processes() is not None:
             raise UsageError(
                 f"-o {out}: under torchrun each process writes its own shards into a latent "
                 "folder; give -o DIR/"
@@ -222,15 +222,6 @@ def encode(
     finally:
         if dist is not None:
             dist.close()
-
-
-def _world() -> int:
-    import os
-
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def _kind(predictor, settings) -> str:

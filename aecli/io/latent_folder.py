@@ -15,6 +15,7 @@ shards are all on disk). A kill leaves complete units and at most one partial un
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 import aecli
 from aecli.errors import UsageError, first_and_more, first_line
 from aecli.io.atomic import atomic_write_parts, atomic_write_text, is_temp_name, temp_target
+from aecli.io.jsonfile import read_json_file
 from aecli.io.latents import (
     LatentFile,
     LatentFileError,
@@ -413,19 +415,10 @@ def _size(path: Path) -> int | None:
 
 
 def _read_json(path: Path, name: str):
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise LatentFileError("not a regular file", path=name)
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(INDEX_LIMIT + 1)
-    except OSError as exc:
-        raise LatentFileError(f"cannot read: {first_line(exc)}", path=name) from None
-    if len(data) > INDEX_LIMIT:
-        raise LatentFileError(f"larger than {INDEX_LIMIT >> 30} GiB; not an index", path=name)
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise LatentFileError(f"damaged ({first_line(exc)})", path=name) from None
+        return read_json_file(path, INDEX_LIMIT)
+    except ValueError as exc:
+        raise LatentFileError(str(exc), path=name) from None
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -529,8 +522,6 @@ class LatentFolder:
 
     def select(self, numbers: list[int]) -> LatentFile:
         """The latents with these numbers, in this order, as one latent file (one shape)."""
-        import bisect
-
         wanted: dict[int, list[int]] = {}
         for number in numbers:
             wanted.setdefault(bisect.bisect_right(self.starts, number) - 1, []).append(number)

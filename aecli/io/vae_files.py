@@ -18,6 +18,7 @@ import torch
 
 from aecli.config import Config, config_from_dict
 from aecli.errors import ConfigError, WeightsError, first_and_more, first_line
+from aecli.io.jsonfile import read_json_file
 from aecli.io.tensorfile import tensor_file_bytes
 
 # Scaling and shift factors per latent width when a file does not say (a single file never
@@ -541,15 +542,9 @@ JSON_LIMIT = 1 << 20  # a diffusers config.json is about 1 kB
 
 def read_json(path: Path) -> dict:
     try:
-        if not path.is_file():
-            raise OSError("not a regular file")
-        with open(path, "rb") as handle:
-            data = handle.read(JSON_LIMIT + 1)
-        if len(data) > JSON_LIMIT:
-            raise ValueError(f"larger than {JSON_LIMIT >> 20} MiB")
-        raw = json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise WeightsError(f"unreadable JSON ({first_line(exc)[:200]})", path=path) from None
+        raw = read_json_file(path, JSON_LIMIT)
+    except ValueError as exc:
+        raise WeightsError(f"unreadable JSON ({exc})", path=path) from None
     if not isinstance(raw, dict):
         raise WeightsError("not a JSON object", path=path)
     return raw
