@@ -17,9 +17,10 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aecli.engine.rundir import RunDirectory, is_epoch
+from aecli.engine.rundir import CHECKPOINT, RUN_LOCK, WEIGHTS, RunDirectory, is_epoch
 from aecli.io.atomic import atomic_write_text
 from aecli.io.checkpoint import read_train_state
+from aecli.io.locks import lock_holder
 
 # PNG bytes of grids embedded in one report at most (16 MiB once base64-encoded), so that a run
 # of 1,000 epochs of large grids still gives a page under 20 MB; past this, the grids of evenly
@@ -54,27 +55,61 @@ class RunSummary:
         return asdict(self)
 
 
+# what aecli train writes at the top of a run directory; a folder holding two of them is a run
+# (one that lost a file or two to damage is still listed, and says what is missing)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "state.json", CHECKPOINT, WEIGHTS, "report.html")
+
+
 def is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (
-        (path / "metrics.jsonl").exists() or (path / "state.json").exists()
-    )
+    try:
+        return _is_run_names(set(os.listdir(path)))
+    except OSError:  # not a folder, or unreadable
+        return False
+
+
+def _is_run_names(names: set[str]) -> bool:
+    return len(names.intersection(RUN_FILES)) >= 2
 
 
 def find_runs(root: Path) -> list[RunSummary]:
-    """The runs in `root` (itself a run, or a folder of runs at any depth), newest first."""
-    root = Path(root)
-    if is_run(root):
-        found = [root]
-    else:
-        found = sorted({p.parent for p in root.rglob("config.yaml") if is_run(p.parent)})
+    """The runs in `root` (itself a run, or a folder of runs at any depth, not following
+    links), newest first."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        if _is_run_names(set(dirs) | set(files)):
+            found.append(Path(folder))
+            dirs.clear()  # a run's own folders (grids) hold no runs
+        else:
+            dirs.sort()
     return sorted((summarize_run(p) for p in found), key=lambda r: r.started, reverse=True)
 
 
-def _alive(pid: int, host: str) -> bool:
-    """Whether the process that wrote `running` still exists (only knowable on its host, and
-    not asked on Windows, where signal 0 is CTRL_C_EVENT)."""
+def training_process(run: RunDirectory, recorded: dict | None = None) -> int | None:
+    """The id of the process training in `run` now, or None: the holder of its run lock, or,
+    where the lock file is not there (a run of an aecli before it, or one removed), the
+    process state.json names as running, if it is alive."""
+    holder = lock_holder(run.path / RUN_LOCK)
+    if holder is not None:
+        return holder
+    recorded = _typed_state(run.read_state()) if recorded is None else recorded
+    pid = recorded.get("pid")
+    if recorded.get("state") == "running" and isinstance(pid, int) and _alive(run, recorded):
+        return pid
+    return None
+
+
+def _alive(run: RunDirectory, recorded: dict) -> bool:
+    """Whether the process that wrote `running` (and holds no lock on the folder) still
+    exists: this process, or, for a run of an aecli before the run lock, a process of that id
+    (only knowable on its host, and not asked on Windows, where signal 0 is CTRL_C_EVENT)."""
+    pid, host = recorded.get("pid", -1), recorded.get("host", "")
     if host != socket.gethostname() or os.name == "nt" or not isinstance(pid, int) or pid <= 0:
         return True
+    if pid == os.getpid():  # the report written during training
+        return True
+    lock = run.path / RUN_LOCK
+    if lock.is_file() and not lock.is_symlink() and os.uname().sysname == "Linux":
+        return False  # the lock file is there and nobody holds it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,8 +127,13 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
     has_checkpoint = run.checkpoint.exists()
     state, reason = recorded.get("state"), recorded.get("reason", "")
     config = _read_config(run)
-    planned = recorded.get("epochs") or (config or {}).get("train", {}).get("epochs")
-    vanished = state == "running" and not _alive(recorded.get("pid", -1), recorded.get("host", ""))
+    train = (config or {}).get("train")
+    planned = recorded.get("epochs") or (train.get("epochs") if isinstance(train, dict) else None)
+    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
+    holder = training_process(run, recorded)
+    if holder is not None:  # a process trains in the folder now, whatever state.json says
+        state, reason = "running", ""
+    vanished = state == "running" and holder is None
     if vanished or state not in STATES:  # killed, or a run of an aecli before state.json
         # the checkpoint says whether everything was written before the process ended
         saved = read_train_state(run.checkpoint) if has_checkpoint else None
@@ -103,6 +143,11 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         else:
             state = "interrupted" if has_checkpoint else "failed"
             reason = "the process ended without a word (killed?)" if vanished else reason
+    for name in ("config.yaml", "metrics.jsonl"):
+        if not (run.path / name).is_file():
+            reason = "; ".join(filter(None, [reason, f"{name} missing"]))
+    if config is None and (run.path / "config.yaml").is_file():
+        reason = "; ".join(filter(None, [reason, "config.yaml damaged"]))
     if run.damaged_lines:
         damaged = f"{run.damaged_lines} damaged line{'s' * (run.damaged_lines != 1)} in "
         reason = "; ".join(filter(None, [reason, damaged + "metrics.jsonl skipped"]))
@@ -189,15 +234,29 @@ def _mtime(run: RunDirectory) -> float:
 
 
 def _read_config(run: RunDirectory) -> dict | None:
-    from aecli.config import parse_yaml, read_yaml_text
+    from aecli.config import parse_yaml
+    from aecli.errors import AecliError
+
+    path = run.path / "config.yaml"
+    text = _config_text(run)
+    try:
+        loaded = None if text is None else parse_yaml(text, str(path))
+    except AecliError:  # damaged: the listing goes on without it
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _config_text(run: RunDirectory) -> str | None:
+    """The run's config.yaml, or None where it is missing, not a regular file (a FIFO would
+    block), unreadable, or not UTF-8."""
+    from aecli.config import read_yaml_text
     from aecli.errors import AecliError
 
     path = run.path / "config.yaml"
     try:
-        loaded = parse_yaml(read_yaml_text(path), str(path))
-    except AecliError:  # unreadable or damaged: the listing goes on without it
+        return read_yaml_text(path) if path.is_file() else None
+    except AecliError:
         return None
-    return loaded if isinstance(loaded, dict) else None
 
 
 def _weights_facts(run: RunDirectory) -> dict:
@@ -280,10 +339,8 @@ def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: l
 
 
 def _model_rows(run: RunDirectory) -> list[tuple[str, str]]:
-    try:
-        return _model_facts((run.path / "config.yaml").read_text(encoding="utf-8"))
-    except OSError:
-        return []
+    text = _config_text(run)
+    return [] if text is None else _model_facts(text)
 
 
 @functools.lru_cache(maxsize=8)  # a training run asks every epoch
@@ -545,6 +602,9 @@ def _within_budget(paths: list[Path], sizes: list[int]) -> list[Path]:
     return [paths[0], paths[-1]]
 
 
+PREVIEW_LIMIT = 64 << 20  # bytes: samples.png and interpolation.png are a few hundred kB
+
+
 def _previews(run: RunDirectory) -> str:
     parts = []
     for path, caption in (
@@ -555,7 +615,11 @@ def _previews(run: RunDirectory) -> str:
             "(as <code>aecli interpolate</code>)",
         ),
     ):
-        if path.exists():
+        try:
+            usable = path.is_file() and path.stat().st_size <= PREVIEW_LIMIT
+        except OSError:
+            usable = False
+        if usable:
             parts.append(
                 f'<figure><img class="preview" alt="{path.stem}" src="{_data_uri(path)}">'
                 f"<figcaption>{caption}</figcaption></figure>"
@@ -566,9 +630,8 @@ def _previews(run: RunDirectory) -> str:
 
 
 def _config_section(run: RunDirectory) -> str:
-    try:
-        text = (run.path / "config.yaml").read_text(encoding="utf-8")
-    except OSError:
+    text = _config_text(run)
+    if text is None:
         return ""
     recorded = run.read_state()
     facts = {k: recorded[k] for k in ("started", "updated", "pid", "host") if k in recorded}

@@ -8,8 +8,10 @@ object, null, a boolean where a number goes), a number made huge, negative, frac
 a key removed or an unknown one added, or a value nested thousands of levels deep.
 
 Every mutant goes through the commands that read it, in this process (so that 10,000 cases take
-minutes, not hours): `info` and `reconstruct` for weights and config.json, `decode` for latent
-files. Reported: internal errors and Python exceptions (each one a defect), refusals that are not
+minutes, not hours) under an address-space limit (`--limit-gb`, 6 by default: a header that makes
+aecli allocate without bound ends as a MemoryError, counted as a defect, instead of taking the
+machine): `info` and `reconstruct` for weights and config.json, `decode` for latent files.
+Reported: internal errors and Python exceptions (each one a defect), refusals that are not
 one line with exit 2, and the peak resident memory of a case above the baseline (Linux's VmHWM,
 reset before each case), against the stated bound.
 
@@ -26,6 +28,7 @@ import contextlib
 import copy
 import json
 import random
+import resource
 import struct
 import sys
 import tempfile
@@ -170,8 +173,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--limit-gb", type=float, default=6.0, help="address-space limit")
     parser.add_argument("--debug", action="store_true", help="print each defect's traceback")
     args = parser.parse_args()
+    limit = int(args.limit_gb * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     rng = random.Random(args.seed)
     runner = CliRunner()
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,6 +272,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         print(f"\n{args.cases:,} mutants, {sum(outcomes.values()):,} command runs in "
               f"{seconds:.0f} s (seed {args.seed}): {dict(outcomes)}")  # fmt: skip
+        print(f"address-space limit: {args.limit_gb:g} GiB")
         print(f"peak memory above the baseline ({baseline:.0f} MB): {worst:.0f} MB "
               f"(bound {BOUND_MB} MB)")  # fmt: skip
         print(f"defects: {len(defects)}")

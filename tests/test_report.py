@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -298,3 +299,134 @@ def test_damaged_metrics_and_state_leave_every_run_listed(tiny_preset, tmp_path,
     assert listed["bad"]["epochs_done"] == 2
     assert cli("report", runs / "bad").exit_code == 0
     assert cli("train", "--resume", runs / "bad", "--epochs", 3).exit_code == 0
+
+
+LOCK_HOLDER = """\
+import sys
+import time
+from pathlib import Path
+from aecli.cli.train import run_lock
+lock = run_lock(Path(sys.argv[1]), "--out")
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_run_another_process_trains_is_running_and_left_alone(tiny_preset, tmp_path, cli):
+    """A process holding a finished run's lock (a resume in progress, whatever state.json says):
+    `runs` lists it as running with that process, `report` leaves its report.html alone (a copy
+    with -o is fine), and a second train or resume is refused; not one of its files changes."""
+    from conftest import one_line
+
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(run)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        (listed,) = json.loads(cli("runs", tmp_path, "--json").stdout)
+        assert listed["state"] == "running"
+        result = cli("report", run)
+        assert result.exit_code == 2
+        assert f"aecli train (process {holder.pid}) is training in this folder" in one_line(result)
+        assert cli("report", run, "-o", tmp_path / "copy.html").exit_code == 0
+        for args in (
+            ["train", "--resume", run, "--epochs", 2],
+            ["train", tiny_preset, "--out", run],
+        ):
+            result = cli(*args)
+            assert result.exit_code == 2 and f"(process {holder.pid})" in one_line(result)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        holder.communicate("")
+    (listed,) = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert listed["state"] == "finished"
+
+
+def test_the_report_written_while_training_keeps_the_run_lock(tiny_preset, tmp_path, cli):
+    """Asking who holds a lock must not let go of this process's own (closing any descriptor of
+    a POSIX-locked file does): after an epoch's report, the folder is still locked."""
+    from aecli.engine.rundir import RUN_LOCK
+    from aecli.io.locks import lock_holder
+
+    run = tmp_path / "run"
+    training = subprocess.Popen(
+        [sys.executable, "-m", "aecli", "train", str(tiny_preset), "--out", str(run),
+         "--epochs", "100000", "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(1200):  # two reports written, each after a look at the run's state
+            if epochs_of(run)[1:]:
+                break
+            time.sleep(0.05)
+        assert lock_holder(run / RUN_LOCK) == training.pid
+        result = cli("train", "--resume", run)
+        assert result.exit_code == 2 and "another aecli train is running" in result.stderr
+    finally:
+        training.kill()
+        training.wait()
+
+
+def test_a_run_lock_that_is_a_link_is_refused_and_its_target_kept(tiny_preset, tmp_path, cli):
+    """A symbolic link (or a folder) where the lock file goes: train refuses it in one line and
+    the file the link points at is not truncated."""
+    from conftest import one_line
+
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 1).exit_code == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a user's notes\n")
+    lock = run / ".aecli-run.lock"
+    lock.unlink()
+    lock.symlink_to(notes)
+    for args in (["train", "--resume", run, "--epochs", 2], ["train", tiny_preset, "--out", run]):
+        result = cli(*args)
+        assert result.exit_code == 2 and "not a lock file aecli wrote" in one_line(result)
+    assert notes.read_text() == "a user's notes\n"
+    (listed,) = json.loads(cli("runs", tmp_path, "--json").stdout)
+    assert listed["state"] == "finished"
+
+
+def test_damaged_run_files_are_listed_and_reported(tiny_preset, tmp_path, cli):
+    """state.json nested 100,000 deep, config.yaml with bad bytes or missing, samples.png a
+    folder: `runs` lists every run (saying what is missing or damaged), `report` works."""
+    runs = tmp_path / "runs"
+    for name in ("deep", "bytes", "no-config"):
+        assert cli("train", tiny_preset, "--out", runs / name, "--epochs", 1).exit_code == 0
+    (runs / "deep" / "state.json").write_text("[" * 100_000)
+    config = runs / "bytes" / "config.yaml"
+    config.write_bytes(config.read_bytes()[:40] + b"\x80\xff" + config.read_bytes()[42:])
+    (runs / "no-config" / "config.yaml").unlink()
+    (runs / "bytes" / "samples.png").unlink()
+    (runs / "bytes" / "samples.png").mkdir()
+    result = cli("runs", runs, "--json")
+    assert result.exit_code == 0, result.output
+    listed = {r["path"].rsplit("/", 1)[-1]: r for r in json.loads(result.stdout)}
+    assert set(listed) == {"deep", "bytes", "no-config"}
+    assert "config.yaml missing" in listed["no-config"]["reason"]
+    assert "config.yaml damaged" in listed["bytes"]["reason"]
+    assert cli("runs", runs).exit_code == 0
+    for name in listed:
+        result = cli("report", runs / name)
+        assert result.exit_code == 0, result.output
+        assert "validation grid, epoch 1" in (runs / name / "report.html").read_text()
+
+
+def test_train_out_keeps_the_metrics_of_a_run_without_checkpoint(tiny_preset, tmp_path, cli):
+    """A run folder whose checkpoint and weights are gone still holds its record of training:
+    a new train --out there is refused instead of starting metrics.jsonl afresh."""
+    from conftest import one_line
+
+    run = tmp_path / "run"
+    assert cli("train", tiny_preset, "--out", run, "--epochs", 2).exit_code == 0
+    for name in ("checkpoint.safetensors", "model.safetensors"):
+        (run / name).unlink()
+    metrics = (run / "metrics.jsonl").read_bytes()
+    result = cli("train", tiny_preset, "--out", run, "--epochs", 1)
+    assert result.exit_code == 2
+    assert "metrics.jsonl (2 epochs, no checkpoint to resume from)" in one_line(result)
+    assert (run / "metrics.jsonl").read_bytes() == metrics

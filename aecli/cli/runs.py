@@ -125,12 +125,23 @@ def report(
     from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
     from aecli.io.outputs import OutputGuard
-    from aecli.report import is_run, write_report
+    from aecli.report import RUN_FILES, is_run, training_process, write_report
 
     if not is_run(run):
-        raise UsageError("not a run directory (no config.yaml and metrics.jsonl)", path=run)
+        raise UsageError(
+            f"not a run directory (it holds fewer than two of {', '.join(RUN_FILES)})",
+            path=run,
+        )
     if out is not None:
         OutputGuard([run]).check("-o", [out], overwrite=overwrite)
+    else:
+        holder = training_process(RunDirectory(run))
+        if holder is not None:  # report.html is the training process's to write
+            raise UsageError(
+                f"aecli train (process {holder}) is training in this folder and rewrites "
+                "report.html after every epoch; open that, or write a copy with -o FILE",
+                path=run,
+            )
     start = time.perf_counter()
     written = write_report(RunDirectory(run), out)
     size = written.stat().st_size

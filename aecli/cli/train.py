@@ -394,6 +394,7 @@ def _check_run_dir(run_dir: Path) -> None:
     """Refuse a folder that holds a run's weights or checkpoint; one left by a run that died
     before it saved anything is reused."""
     from aecli.engine import CHECKPOINT, WEIGHTS
+    from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
 
     if (run_dir / CHECKPOINT).exists():
@@ -405,4 +406,11 @@ def _check_run_dir(run_dir: Path) -> None:
     if (run_dir / WEIGHTS).exists():
         raise UsageError(
             "--out: already holds a trained model; choose a new directory", path=run_dir
+        )
+    trained = len(RunDirectory(run_dir).history())
+    if trained:  # its checkpoint is gone, but its record of training is worth keeping
+        raise UsageError(
+            f"--out: already holds a training run's metrics.jsonl ({trained} epochs, no "
+            "checkpoint to resume from); choose a new directory",
+            path=run_dir,
         )

@@ -27,6 +27,7 @@ from aecli.errors import TrainingError, UsageError
 from aecli.io.atomic import atomic_write_text, stale_temp_files
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
 from aecli.io.images import save_png
+from aecli.io.jsonfile import read_json_file
 from aecli.io.weights import architecture_mismatch, save_weights
 from aecli.models import Autoencoder
 
@@ -34,6 +35,7 @@ CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
+STATE_LIMIT = 1 << 20  # bytes: state.json is a few hundred
 RUN_LOCK = ".aecli-run.lock"  # held by the process that trains in the folder (aecli.io.locks)
 REPORT = "report.html"
 SAMPLES = "samples.png"
@@ -134,8 +136,8 @@ class RunDirectory:
     def read_state(self) -> dict:
         """state.json, or {} where there is none (or it is damaged)."""
         try:
-            state = json.loads(self.state.read_text())
-        except (OSError, ValueError):
+            state = read_json_file(self.state, STATE_LIMIT)
+        except ValueError:
             return {}
         return state if isinstance(state, dict) else {}
 
