@@ -35,6 +35,7 @@ once, in order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -150,9 +151,11 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
             if data:
                 data[rng.randrange(len(data))] = rng.choice([0x00, 0xFF, 0x80, rng.randrange(256)])
         target.write_bytes(bytes(data))
-    elif kind == "lines":
+    elif kind == "lines" and (run / "metrics.jsonl").is_file():
         with (run / "metrics.jsonl").open("ab") as handle:
             handle.write(rng.choice(NOT_RECORDS) + b"\n")
+    elif kind == "lines":
+        kind = "none (metrics.jsonl is not a file)"
     elif kind == "state":
         (run / "state.json").write_bytes(rng.choice(BAD_STATES))
     elif kind == "stray":
@@ -191,14 +194,14 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
             os.mkfifo(lock)
         kind = f"lock {choice}"
     elif kind == "missing":
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        else:
+        elif target.parent.is_dir():
             target.unlink(missing_ok=True)
     else:  # config.yaml edited to another valid architecture
         config = run / "config.yaml"
         if config.is_file():
-            config.write_text(config.read_text().replace("out: 8,", "out: 16,", 1))
+            config.write_bytes(config.read_bytes().replace(b"out: 8,", b"out: 16,", 1))
     return f"{kind} {target.name}" if kind in ("cut", "bytes", "missing") else kind
 
 
@@ -226,7 +229,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     runner = CliRunner()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as children:
         tmp = Path(tmp)
         preset = tmp / "tiny.yaml"
         preset.write_text(TINY)
@@ -243,8 +246,10 @@ def main() -> None:
         def train_process(out: Path) -> subprocess.Popen:
             command = [sys.executable, "-m", "aecli", "train", str(preset), "--out", str(out),
                        "--epochs", "100000", *common]  # fmt: skip
-            return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            process = subprocess.Popen(command, env=env, start_new_session=True, **quiet)
+            children.callback(process.kill)  # also when the fuzz itself fails
+            return process
 
         def epochs(run: Path) -> int:
             data = (run / "metrics.jsonl").read_bytes() if (run / "metrics.jsonl").exists() else b""
@@ -260,6 +265,7 @@ def main() -> None:
             time.sleep(0.05)
         helper = subprocess.Popen([sys.executable, "-c", HELPER], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        children.callback(helper.kill)
 
         def ask_helper(command: str, path: Path) -> None:
             helper.stdin.write(f"{command} {path}\n")

@@ -545,3 +545,34 @@ def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.os, "statvfs", lambda path: type("RW", (), {"f_flag": 0})())
     with pytest.raises(UsageError, match="cannot write in this folder: permission denied"):
         outputs.make_folder(tmp_path, "-o")
+
+
+def test_an_unreadable_input_on_the_command_line_is_one_line(tiny_weights, tiny_preset, tmp_path):
+    """A file without read permission given directly: one line with exit 2, for every command
+    that takes one. As root (who reads anything), the permission check is restored by running
+    without the capabilities that override it."""
+    import shutil
+
+    image = tmp_path / "locked.png"
+    write_image(image)
+    image.chmod(0)
+    prefix = []
+    if os.geteuid() == 0:
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        if shutil.which("setpriv") is None or subprocess.run([*drop, "true"]).returncode != 0:
+            pytest.skip("as root, needs setpriv to drop the capabilities that read anything")
+        prefix = drop
+    for command in (
+        ["reconstruct", tiny_weights, image, "-o", tmp_path / "out/"],
+        ["encode", tiny_weights, image, "-o", tmp_path / "z.safetensors"],
+        ["info", image],
+        ["train", tiny_preset, "--data", image, "--out", tmp_path / "run"],
+    ):
+        ran = subprocess.run(
+            [*prefix, sys.executable, "-m", "aecli", *map(str, command)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = ran.stderr.strip().splitlines()
+        assert ran.returncode == 2 and len(lines) == 1, ran.stderr
+        assert "locked.png" in lines[0] and "internal error" not in lines[0]
+        assert "readable" in lines[0] or "Permission denied" in lines[0]
