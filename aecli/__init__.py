@@ -1,6 +1,6 @@
 """aecli: train convolutional image autoencoders and VAEs, and put them to work."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # cuBLAS's workspace setting for reproducible matrix products (train.deterministic). cuBLAS reads
 # it at the process's first matrix product, so the command line sets it at start-up

@@ -8,6 +8,7 @@ and all problems are reported at once.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 import typing
@@ -41,93 +42,111 @@ class ConvSpec(Strict):
     """Conv2d, then optional norm and activation. `padding: same` follows TensorFlow (Keras)."""
 
     type: Literal["conv"]
-    out: int = Field(gt=0)
-    kernel: int = Field(3, gt=0)
-    stride: int = Field(1, gt=0)
-    padding: int | Literal["same", "valid"] = "same"
-    bias: bool = True
-    norm: NormKind = "none"
+    out: int = Field(gt=0, description="output channels")
+    kernel: int = Field(3, gt=0, description="kernel size")
+    stride: int = Field(1, gt=0, description="stride")
+    padding: int | Literal["same", "valid"] = Field(
+        "same", description="pixels on each side, or same (TensorFlow's) or valid (none)"
+    )
+    bias: bool = Field(True, description="learn a bias")
+    norm: NormKind = Field("none", description="normalisation after the convolution")
     groups: int = Field(32, gt=0, description="GroupNorm groups when norm is group")
-    act: Activation = "none"
-    repeat: int = Field(1, gt=0, le=256)
+    act: Activation = Field("none", description="activation after the norm")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
 
 
 class ConvTransposeSpec(Strict):
     """ConvTranspose2d, then optional norm and activation. `padding: same` gives in*stride."""
 
     type: Literal["conv_transpose"]
-    out: int = Field(gt=0)
-    kernel: int = Field(3, gt=0)
-    stride: int = Field(1, gt=0)
-    padding: int | Literal["same"] = "same"
-    output_padding: int = Field(0, ge=0)
-    bias: bool = True
-    norm: NormKind = "none"
-    groups: int = Field(32, gt=0)
-    act: Activation = "none"
-    repeat: int = Field(1, gt=0, le=256)
+    out: int = Field(gt=0, description="output channels")
+    kernel: int = Field(3, gt=0, description="kernel size")
+    stride: int = Field(1, gt=0, description="stride")
+    padding: int | Literal["same"] = Field(
+        "same", description="pixels on each side, or same (output = input x stride)"
+    )
+    output_padding: int = Field(0, ge=0, description="extra rows and columns on one side")
+    bias: bool = Field(True, description="learn a bias")
+    norm: NormKind = Field("none", description="normalisation after the convolution")
+    groups: int = Field(32, gt=0, description="GroupNorm groups when norm is group")
+    act: Activation = Field("none", description="activation after the norm")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
 
 
 class ResBlockSpec(Strict):
     """Pre-activation residual block of latent diffusion: (norm, act, conv3x3) x 2 + shortcut."""
 
     type: Literal["resblock"]
-    out: int | None = Field(None, gt=0)
-    groups: int = Field(32, gt=0)
-    act: Activation = "silu"
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    repeat: int = Field(1, gt=0, le=256)
+    out: int | None = Field(
+        None,
+        gt=0,
+        description="output channels (default: the input's); a 1x1 shortcut when they differ",
+    )
+    groups: int = Field(32, gt=0, description="GroupNorm groups")
+    act: Activation = Field("silu", description="activation after each norm")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the second convolution")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
 
 
 class AttentionSpec(Strict):
     """Single-head spatial self-attention with GroupNorm and a residual connection."""
 
     type: Literal["attention"]
-    groups: int = Field(32, gt=0)
-    repeat: int = Field(1, gt=0, le=256)
+    groups: int = Field(32, gt=0, description="GroupNorm groups")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
 
 
 class NormSpec(Strict):
+    """A normalisation layer on its own."""
+
     type: Literal["norm"]
-    kind: NormKind = "group"
-    groups: int = Field(32, gt=0)
+    kind: NormKind = Field("group", description="the normalisation")
+    groups: int = Field(32, gt=0, description="GroupNorm groups when kind is group")
 
 
 class ActSpec(Strict):
+    """An activation on its own."""
+
     type: Literal["act"]
-    fn: Activation
+    fn: Activation = Field(description="the activation")
 
 
 class UpsampleSpec(Strict):
+    """Upsample by a whole factor."""
+
     type: Literal["upsample"]
-    factor: int = Field(2, gt=0)
-    mode: Literal["nearest", "bilinear"] = "nearest"
+    factor: int = Field(2, gt=0, description="scale factor of both sides")
+    mode: Literal["nearest", "bilinear"] = Field("nearest", description="interpolation")
 
 
 class ResizeSpec(Strict):
     """Resize to a fixed size (the Keras reference's bilinear 30x30 -> 28x28 output resize)."""
 
     type: Literal["resize"]
-    size: Size2
-    mode: Literal["bilinear", "nearest", "bicubic"] = "bilinear"
+    size: Size2 = Field(description="output size: N or [H, W]")
+    mode: Literal["bilinear", "nearest", "bicubic"] = Field("bilinear", description="interpolation")
 
 
 class FlattenSpec(Strict):
+    """Flatten (channels, height, width) to a vector."""
+
     type: Literal["flatten"]
 
 
 class LinearSpec(Strict):
+    """A fully connected layer, then an optional activation."""
+
     type: Literal["linear"]
-    out: int = Field(gt=0)
-    bias: bool = True
-    act: Activation = "none"
+    out: int = Field(gt=0, description="output features")
+    bias: bool = Field(True, description="learn a bias")
+    act: Activation = Field("none", description="activation after the layer")
 
 
 class ReshapeSpec(Strict):
     """Reshape a vector to (channels, height, width)."""
 
     type: Literal["reshape"]
-    shape: tuple[int, int, int]
+    shape: tuple[int, int, int] = Field(description="[channels, height, width]")
 
 
 BlockSpec = Annotated[
@@ -153,24 +172,30 @@ BlockSpec = Annotated[
 
 
 class AugmentConfig(Strict):
-    hflip: bool = False
+    """Augmentation applied to each training batch on the device."""
+
+    hflip: bool = Field(False, description="flip half the training images left to right")
     crop_scale: tuple[float, float] | None = Field(
         None, description="random resized crop: area fraction range, e.g. [0.75, 1.0]"
     )
 
 
 class DataConfig(Strict):
-    image_size: Size2 = 32
-    channels: Literal[1, 3] = 3
+    """What the model sees, and how images are read."""
+
+    image_size: Size2 = Field(32, description="the size the model sees: N or [H, W]")
+    channels: Literal[1, 3] = Field(3, description="1 (grayscale) or 3 (RGB)")
     range: Literal["unit", "symmetric"] = Field(
         "unit", description="pixel range the model sees: unit [0, 1] or symmetric [-1, 1]"
     )
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="share held out for validation (seeded split)"
+    )
     fit: Literal["crop", "stretch"] = Field(
         "crop", description="how images of another size are fitted: centre crop or stretch"
     )
     builtin_count: int = Field(2048, gt=1, description="images in the built-in shapes data")
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = Field(AugmentConfig(), description="per-batch augmentation")
     stream: Literal["auto"] | bool = Field(
         "auto",
         description="read images from disk in worker processes every epoch instead of holding "
@@ -218,10 +243,14 @@ class DataConfig(Strict):
 
 
 class LatentConfig(Strict):
+    """The latent: a vector (dim) or a spatial map (channels), plain or variational."""
+
     dim: int | None = Field(None, gt=0, description="vector latent size")
     channels: int | None = Field(None, gt=0, description="spatial latent channels")
-    variational: bool = False
-    act: Activation = "none"
+    variational: bool = Field(
+        False, description="a VAE: the encoder gives a mean and a log-variance"
+    )
+    act: Activation = Field("none", description="activation on a plain latent")
     head: bool = Field(
         True,
         description="a 1x1 convolution (spatial) or linear layer (vector) from the encoder's "
@@ -233,7 +262,9 @@ class LatentConfig(Strict):
         allow_inf_nan=False,
         description="encode --scaled writes (z - shift_factor) * scaling_factor",
     )
-    shift_factor: float = Field(0.0, allow_inf_nan=False)
+    shift_factor: float = Field(
+        0.0, allow_inf_nan=False, description="subtracted before scaling_factor (FLUX, SD3)"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> LatentConfig:
@@ -251,26 +282,36 @@ class LatentConfig(Strict):
 
 
 class InitConfig(Strict):
-    weight: Literal["default", "xavier_uniform", "xavier_normal", "kaiming_normal"] = "default"
-    bias: float | None = None
+    """Weight initialisation."""
+
+    weight: Literal["default", "xavier_uniform", "xavier_normal", "kaiming_normal"] = Field(
+        "default", description="initialisation of convolution and linear weights"
+    )
+    bias: float | None = Field(None, description="fill biases with this (default: PyTorch's)")
 
 
 class ModelConfig(Strict):
-    encoder: list[BlockSpec] = Field(min_length=1)
-    latent: LatentConfig
-    decoder: list[BlockSpec] = Field(min_length=1)
+    """The architecture: encoder blocks, the latent, decoder blocks."""
+
+    encoder: list[BlockSpec] = Field(min_length=1, description="the encoder's blocks, in order")
+    latent: LatentConfig = Field(description="the latent between encoder and decoder")
+    decoder: list[BlockSpec] = Field(min_length=1, description="the decoder's blocks, in order")
     output: Literal["sigmoid", "tanh", "none"] = Field(
         "sigmoid", description="maps the decoder's raw output into the data range"
     )
-    init: InitConfig = InitConfig()
+    init: InitConfig = Field(InitConfig(), description="weight initialisation")
 
 
 class LossConfig(Strict):
-    reconstruction: Literal["mse", "l1", "bce"] = "mse"
+    """The objective: a reconstruction term plus optional KL, SSIM, LPIPS and GAN terms."""
+
+    reconstruction: Literal["mse", "l1", "bce"] = Field(
+        "mse", description="the reconstruction term"
+    )
     reduction: Literal["mean", "sum"] = Field(
         "mean", description="mean over all pixels, or sum over each image's pixels"
     )
-    kl_weight: float = Field(1.0, ge=0.0)
+    kl_weight: float = Field(1.0, ge=0.0, description="weight of a VAE's KL term")
     kl_warmup_steps: int = Field(0, ge=0, description="KL weight ramps linearly from 0")
     ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - SSIM term")
     ms_ssim_weight: float = Field(0.0, ge=0.0, description="weight of the 1 - MS-SSIM term")
@@ -293,35 +334,43 @@ class LossConfig(Strict):
 class ScheduleConfig(Strict):
     """Learning-rate schedule, a pure function of the step (nothing to restore on resume)."""
 
-    kind: Literal["constant", "cosine", "step"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    kind: Literal["constant", "cosine", "step"] = Field(
+        "constant", description="the schedule after the warm-up"
+    )
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0")
     min_lr: float = Field(0.0, ge=0.0, description="cosine: the final learning rate")
     step_epochs: int = Field(30, gt=0, description="step: epochs between decays")
     gamma: float = Field(0.1, gt=0.0, description="step: factor at each decay")
 
 
 class OptimConfig(Strict):
-    name: Literal["adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    """The optimiser and its learning-rate schedule."""
+
+    name: Literal["adam", "adamw"] = Field("adam", description="the optimiser")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam's betas")
+    eps: float = Field(1e-8, gt=0.0, description="Adam's epsilon")
+    weight_decay: float = Field(0.0, ge=0.0, description="weight decay (decoupled with adamw)")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
-    schedule: ScheduleConfig = ScheduleConfig()
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="learning-rate schedule")
 
 
 class EarlyStoppingConfig(Strict):
     """Keras-style early stopping on a validation metric."""
 
-    monitor: Literal["val_loss", "val_psnr"] = "val_loss"
-    patience: int = Field(10, gt=0)
-    min_delta: float = Field(0.0, ge=0.0)
+    monitor: Literal["val_loss", "val_psnr"] = Field(
+        "val_loss", description="the validation metric watched"
+    )
+    patience: int = Field(10, gt=0, description="epochs without improvement before the stop")
+    min_delta: float = Field(0.0, ge=0.0, description="the least change that counts as improvement")
     start_epoch: int = Field(1, gt=0, description="epochs before this one never stop the run")
-    restore_best: bool = True
+    restore_best: bool = Field(True, description="end with the best epoch's weights")
 
 
 class EmaConfig(Strict):
-    decay: float = Field(0.999, gt=0.0, lt=1.0)
+    """An exponential moving average of the weights."""
+
+    decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step")
 
 
 # Seeds are unsigned 64-bit numbers, what torch's generators take.
@@ -329,9 +378,13 @@ MAX_SEED = 2**64 - 1
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(10, gt=0)
-    batch_size: int = Field(64, gt=0)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    """The training loop."""
+
+    epochs: int = Field(10, gt=0, description="passes over the training data")
+    batch_size: int = Field(64, gt=0, description="images per step (over all processes)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of the split, order, augmentation and noise"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="auto: on CUDA bf16 autocast for models of at least 0.25 GFLOPs per image, "
@@ -341,7 +394,7 @@ class TrainConfig(Strict):
         "auto",
         description="auto: channels-last (on CUDA contiguous for models with GroupNorm)",
     )
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the model")
     cuda_graph: bool = Field(
         False,
         description="replay the training step as one CUDA graph (CUDA, one process; not with "
@@ -356,7 +409,7 @@ class TrainConfig(Strict):
         False,
         description="deterministic algorithms (bit-exact resume on CUDA), at some cost in speed",
     )
-    grid_images: int = Field(8, ge=0)
+    grid_images: int = Field(8, ge=0, description="validation images in each epoch's grid")
     log_every: int = Field(
         10, gt=0, description="steps between progress refreshes and metrics.jsonl window records"
     )
@@ -366,16 +419,18 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(
         0, ge=0, description="steps between checkpoints (0: at the end of each epoch only)"
     )
-    early_stopping: EarlyStoppingConfig | None = None
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="stop when validation stops improving"
+    )
     ema: EmaConfig | None = Field(None, description="validate and export an EMA of the weights")
 
 
 class Config(Strict):
-    data: DataConfig = DataConfig()
-    model: ModelConfig
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
+    data: DataConfig = Field(DataConfig(), description="what the model sees")
+    model: ModelConfig = Field(description="the architecture")
+    loss: LossConfig = Field(LossConfig(), description="the training objective")
+    optim: OptimConfig = Field(OptimConfig(), description="the optimiser")
+    train: TrainConfig = Field(TrainConfig(), description="the training loop")
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -468,6 +523,15 @@ def list_presets() -> list[PresetInfo]:
 
 # What `aecli train` trains without a PRESET: aecli's own residual 32x32 colour autoencoder,
 # the one that beats cifar-cae by the held-out figures. `default` names it too.
+# What `--data` takes, in words (here, not in aecli.data, so that a missing path is answered
+# before torch loads)
+DATA_LAYOUTS = (
+    "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
+    "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
+    "folder (python or binary version), a .npy / .npz array file, or WebDataset .tar shards (one, "
+    "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar')"
+)
+
 DEFAULT_PRESET = "cifar-res"
 DEFAULT_ALIAS = "default"
 
@@ -485,11 +549,14 @@ def resolve_preset(preset: str | None) -> tuple[str, Path]:
     bundled = presets_dir() / f"{preset}.yaml"
     if preset in names:
         return preset, bundled
+    if "/" in preset or os.sep in preset or candidate.suffix:  # meant as a path
+        what = "folder" if preset.endswith(("/", os.sep)) else "file"
+        raise UsageError(f"{what} not found", path=preset)
     hint = difflib.get_close_matches(preset, names, n=1)
     suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
     raise UsageError(
-        f"unknown preset '{preset}'{suggestion} (bundled: {', '.join(names)}; "
-        "or give a path to a .yaml file)"
+        f"unknown preset '{preset}', and no file or folder of that name here{suggestion} "
+        f"(bundled: {', '.join(names)}; or give a path to a .yaml file)"
     )
 
 

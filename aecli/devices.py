@@ -334,7 +334,7 @@ class Execution:
         """Adam's keyword for this device: fused on CUDA (one kernel for every parameter). Not
         on the CPU: there it was 4-6% faster for the cifar presets, but of 18 seeds of
         cifar-cae on photo crops 7 ended below 25.5 dB held-out PSNR with it against 1 with
-        the default implementation (README, Speed), for reasons not understood."""
+        the default implementation (docs/benchmarks.md), for reasons not understood."""
         return {"fused": True} if self.device.type == "cuda" else {}
 
     def autocast(self, *, cache: bool = True) -> contextlib.AbstractContextManager:

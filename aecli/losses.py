@@ -18,7 +18,7 @@ _MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 # Each reconstruction loss as one fused operation with its own backward: written out as
 # (x - y).pow(2).mean(), MSE ran 24 operations in forward and backward where F.mse_loss runs 18,
-# and took 3 to 4 times as long on the CPU (README, speed section).
+# and took 3 to 4 times as long on the CPU (see CHANGELOG.md).
 _RECONSTRUCTION = {
     "bce": F.binary_cross_entropy_with_logits,  # on logits: stable, and exact for a sigmoid output
     "mse": F.mse_loss,

@@ -9,7 +9,7 @@ GroupNorm is what makes naive tiling show: each tile would normalise with its ow
 and come out in its own tone. Here every GroupNorm uses one set of statistics for the whole
 input, measured on the input shrunk to the area of one tile (the "fast" estimate of
 multidiffusion-upscaler's Tiled VAE). Self-attention sees one tile at a time, as in diffusers'
-tiled VAE. Measured figures: the README's "Large images" section.
+tiled VAE. Measured figures: docs/benchmarks.md, Tiles.
 """
 
 from __future__ import annotations

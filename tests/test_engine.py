@@ -480,7 +480,7 @@ def test_sigkill_never_leaves_a_broken_weights_file(tiny_preset, tmp_path):
         load_checkpoint(run / "checkpoint.safetensors")
         for leftover in run.glob(".*.tmp"):
             leftover.unlink()
-        for name in ("model.safetensors", "checkpoint.safetensors", "config.yaml"):
+        for name in ("model.safetensors", "checkpoint.safetensors", "config.yaml", "metrics.jsonl"):
             (run / name).unlink()
 
 

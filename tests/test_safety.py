@@ -125,14 +125,15 @@ def test_outputs_get_the_umask_s_mode(umask, tiny_preset, picture, tmp_path, cli
 def test_unusable_output_paths_are_one_line_before_any_work(tiny_weights, picture, tmp_path, cli):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    # --data does not exist either: --out is checked first, before any data loads
-    result = cli("train", "--out", blocker / "run", "--data", tmp_path / "nope")
+    # --data holds no images: --out is checked first, before any data loads
+    (tmp_path / "empty").mkdir()
+    result = cli("train", "--out", blocker / "run", "--data", tmp_path / "empty")
     assert result.exit_code == 2
     assert f"{blocker} is a file, not a folder" in one_line(result)
     result = cli("encode", tiny_weights, picture, "-o", blocker / "z.safetensors")
     assert result.exit_code == 2 and "a-file: exists and is not a folder" in one_line(result)
     if Path("/proc/self").is_dir():
-        result = cli("train", "--out", "/proc/aecli-run", "--data", tmp_path / "nope")
+        result = cli("train", "--out", "/proc/aecli-run", "--data", tmp_path / "empty")
         assert result.exit_code == 2 and "--out /proc/aecli-run: cannot create" in one_line(result)
 
 
@@ -257,10 +258,19 @@ def test_doctored_headers_are_named_precisely(tiny_weights, tmp_path, cli):
     assert "lies outside the file" in line and "pickle" not in line
 
 
-def test_info_on_a_run_folder_points_at_its_weights(tiny_weights, cli):
+def test_a_run_folder_given_as_weights_is_read_as_its_weights(tiny_weights, tmp_path, cli):
+    """`aecli info runs/x` and every command taking WEIGHTS read the run's model.safetensors;
+    a folder that is neither a run nor a diffusers VAE is one line saying so."""
+    import json
+
     run = tiny_weights.parent
-    result = cli("info", run)
-    assert result.exit_code == 2 and f"the run's weights are {tiny_weights}" in one_line(result)
+    from_run = json.loads(cli("info", run, "--json").stdout)
+    from_file = json.loads(cli("info", tiny_weights, "--json").stdout)
+    assert from_run["fingerprint"] == from_file["fingerprint"]
+    assert cli("sample", run, "-n", 2, "--seed", 1, "-o", tmp_path / "s.png").exit_code == 0
+    (tmp_path / "empty").mkdir()
+    result = cli("info", tmp_path / "empty")
+    assert result.exit_code == 2 and "neither a run directory" in one_line(result)
 
 
 # -- decoders stay quiet ------------------------------------------------------------------------
@@ -515,7 +525,7 @@ def test_doctored_headers_are_one_line_not_internal_errors(tiny_weights, tmp_pat
     [
         ("reconstruct W in --tile 0 -o x", "Invalid value for '--tile'"),
         ("encode W in -o z --tile 8 --tile-overlap -5", "Invalid value for '--tile-overlap'"),
-        ("reconstruct", "Missing argument 'weights'"),
+        ("reconstruct", "Missing argument 'WEIGHTS'"),
         ("bogus", "No such command 'bogus'"),
     ],
 )

@@ -1,6 +1,7 @@
 """The `aecli` command line: one module per command over the shared core."""
 
 import os
+import signal
 import sys
 
 import click
@@ -20,6 +21,13 @@ from aecli.cli import (  # noqa: F401  (importing a module registers its command
 from aecli.cli.app import app
 from aecli.cli.render import print_error
 
+# --help lists the commands in the order a user meets them, `train` first
+ORDER = ["train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff", "export",
+         "presets", "info", "runs", "report"]  # fmt: skip
+app.registered_commands.sort(
+    key=lambda c: ORDER.index(c.name or c.callback.__name__.replace("_", "-"))
+)
+
 
 def main() -> None:
     # before anything can run a matrix product on a GPU (a user's own setting stays)
@@ -35,6 +43,8 @@ def main() -> None:
     except ABORTS:
         print_error("interrupted")
         sys.exit(130)
+    if code == 130:  # interrupted, the run saved: a further Ctrl-C must not break the exit
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -50,4 +60,13 @@ def usage_line(exc) -> str:
     context = getattr(exc, "ctx", None)
     command = context.command_path if context is not None else "aecli"
     command = "aecli" + command.split("aecli", 1)[1] if "aecli" in command else command
+    param = getattr(exc, "param", None)
+    given = context.params.get("weights") if context is not None else None
+    missing = type(exc).__name__ == "MissingParameter" and getattr(param, "name", "") == "inputs"
+    if missing and given:
+        # `aecli reconstruct photos/ -o out/`: the one path went to WEIGHTS
+        return (
+            f"no INPUT given: {given} was taken as the WEIGHTS, which come first "
+            f"(`{command} WEIGHTS INPUT... -o OUT`; see `{command} --help`)"
+        )
     return f"{exc.format_message()} (see `{command} --help`)"

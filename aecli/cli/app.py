@@ -5,11 +5,14 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import typer
+import typer.core
 
 import aecli
 from aecli.cli.render import console, print_error
@@ -17,13 +20,77 @@ from aecli.cli.render import console, print_error
 app = typer.Typer(
     name="aecli",
     help="Train convolutional image autoencoders and VAEs, and put them to work.\n\n"
-    "Start with [bold]aecli train[/bold]: it trains a small model on built-in data in under a "
-    "minute, no download needed.",
+    "Start with `aecli train`: it trains a small model on built-in data in under a minute, no "
+    "download needed. Documentation: docs/ in the repository (also as a site: mkdocs serve).",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _metavar(param) -> str:
+    """What --help shows for a value: an argument's name, N for whole numbers, X for numbers,
+    the choices, or the option's name (Typer 0.29 would show <str>, <int range>, <path>)."""
+    if param.param_type_name == "argument":
+        return param.name.upper()
+    descriptor = getattr(param, "type_descriptor", None)  # Typer 0.29 and later
+    if descriptor is not None:
+        kind = str(getattr(descriptor, "annotation", ""))
+        choices = getattr(descriptor, "choices", None) if descriptor.is_choice else None
+    else:
+        kind = type(param.type).__name__.lower()
+        choices = getattr(param.type, "choices", None)
+    if choices:
+        return "|".join(str(getattr(c, "value", c)) for c in choices)
+    if "Path" in kind:
+        return "PATH"
+    if "int" in kind:
+        return "N"
+    if "float" in kind:
+        return "X"
+    return param.name.upper().replace("_", "-")
+
+
+class Command(typer.core.TyperCommand):
+    """Every aecli command: values in --help shown as N, X, PATH, a choice or a name."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
+            if param.metavar is None and not flag:
+                param.metavar = _metavar(param)
+            if param.param_type_name == "argument" and hasattr(param, "_usage_display_name"):
+                # Typer 0.29 writes arguments as `{WEIGHTS} <path>`; plain WEIGHTS, as Click
+                param.display_type_rich = lambda ctx=None: None
+                dots = "..." if param.nargs != 1 else ""
+                name = param.metavar + dots
+                param._usage_display_name = (
+                    (lambda name=name: name) if param.required else (lambda name=name: f"[{name}]")
+                )
+        return params
+
+
+_register = app.command
+
+
+def _command(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+    kwargs.setdefault("cls", Command)
+    if kwargs.get("epilog"):
+        kwargs["epilog"] = plain_epilog(kwargs["epilog"])
+    return _register(*args, **kwargs)
+
+
+def plain_epilog(text: str) -> str:
+    """A command's examples as --help prints them: a heading, then one command per line, never
+    rewrapped (Click's \\b marker), so that each can be copied as it is."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    heading = lines[0].replace("[bold]", "").replace("[/bold]", "").rstrip(":") + ":"
+    return heading + "\n\n\b\n" + "\n".join(lines[1:])
+
+
+app.command = _command  # type: ignore[method-assign]
 
 _state = {"debug": os.environ.get("AECLI_DEBUG", "") not in ("", "0")}
 
@@ -40,7 +107,12 @@ def main_options(
         False, "--debug", help="Show full tracebacks instead of one-line errors."
     ),
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """Global options."""
@@ -54,7 +126,10 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from aecli.errors import AecliError, Interrupted
 
+        main_thread = threading.current_thread() is threading.main_thread()
+        sigint = signal.getsignal(signal.SIGINT) if main_thread else None
         try:
+            precheck(kwargs)
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -96,11 +171,45 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 "(run with --debug for the traceback, and please report it)"
             )
             raise typer.Exit(1) from None
+        finally:  # a command that ignored Ctrl-C while it saved leaves it as it found it
+            if main_thread and sigint is not None:
+                signal.signal(signal.SIGINT, sigint)
 
     if command.__doc__:  # paragraphs reflow to the terminal's width in --help
         paragraphs = inspect.cleandoc(command.__doc__).split("\n\n")
         wrapper.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
     return wrapper
+
+
+# Paths the commands read, by parameter name: checked before a command imports torch
+READ_PATHS = {"weights": None, "data": "--data", "val_data": "--val-data", "resume": "--resume",
+              "init": "--init", "vs": "--vs"}  # fmt: skip
+DEVICE_NAME = re.compile(r"[a-z_]+(:\d+)?")
+
+
+def precheck(kwargs: dict[str, Any]) -> None:
+    """What can be checked without torch, before a command imports it (seconds on a small
+    machine): the files and folders it reads exist, and --device is spelt like a device.
+    Whether the device exists, and everything else, the command itself checks."""
+    from aecli.errors import UsageError, WeightsError
+
+    for name, option in READ_PATHS.items():
+        value = kwargs.get(name)
+        if not isinstance(value, str | os.PathLike):  # a flag of the same name (encode --resume)
+            continue
+        text = os.fspath(value)
+        if not text or text == "-" or "{" in text or os.path.lexists(text):
+            continue
+        if option is None:
+            raise WeightsError("file not found", path=text)
+        if option in ("--data", "--val-data"):  # as load_data says it, with what it takes
+            from aecli.config import DATA_LAYOUTS
+
+            raise UsageError(f"does not exist; {option} takes {DATA_LAYOUTS}", path=text)
+        raise UsageError(f"{option} {text}: not found")
+    device = kwargs.get("device")
+    if isinstance(device, str) and not DEVICE_NAME.fullmatch(device.strip()):
+        raise UsageError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)")
 
 
 def _out_of_memory(exc: BaseException) -> bool:

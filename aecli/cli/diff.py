@@ -25,7 +25,7 @@ EXAMPLES = """
 
   aecli diff model.safetensors photos/ -o worst.png --top 12
   aecli diff model.safetensors photos/ --json | jq '.rows[:5]'
-  aecli diff runs/a/model.safetensors photos/ --vs runs/b/model.safetensors -o a-vs-b.png
+  aecli diff runs/a/model.safetensors photos/ --vs runs/b -o a-vs-b.png
 """
 
 

@@ -20,6 +20,7 @@ from aecli.cli.options import (
     Overwrite,
     Weights,
     parse_size,
+    seed_value,
 )
 from aecli.cli.render import console, print_json, progress_bar, shown
 from aecli.errors import UsageError
@@ -28,10 +29,10 @@ SAMPLE_EXAMPLES = """
 [bold]Examples[/bold]
 
   aecli sample model.safetensors -n 16 -o samples.png
-  aecli sample model.safetensors -n 8 --class circle --temperature 0.7 --seed 1 -o circles.png
-  aecli sample model.safetensors -n 100 -o samples/ --latents-out z.safetensors
+  aecli sample model.safetensors -n 8 --class circle --seed 1 -o circles.png
+  aecli sample model.safetensors -n 100 -o samples/ --latents-out z.npy
   aecli sample vae/ -n 100000 --latents-out sampled/
-  aecli sample m.safetensors -n 8 --latents-out - | aecli decode m.safetensors - -o out/
+  aecli sample runs/x -n 8 --latents-out - | aecli decode runs/x - -o out/
   aecli sample kl-f8.safetensors -n 4 --size 512x384 -o big.png
 """
 
@@ -39,7 +40,7 @@ INTERPOLATE_EXAMPLES = """
 [bold]Examples[/bold]
 
   aecli interpolate model.safetensors a.png b.png -o path.png
-  aecli interpolate vae.safetensors a.png b.png --mode slerp --steps 24 -o path.png --gif a-b.gif
+  aecli interpolate vae/ a.png b.png --mode slerp --gif a-b.gif -o a-b.png
   aecli interpolate model.safetensors a.safetensors b.png --steps 5 -o frames/
   aecli interpolate vae/ latents/#cats/001.jpg latents/#17 -o path.png
 """
@@ -96,8 +97,7 @@ def sample(
         int | None,
         typer.Option(
             "--seed",
-            min=0,
-            max=2**64 - 1,
+            callback=seed_value,
             help="Seed for the draw; the same seed gives byte-identical output. "
             "Default: a random one, printed so that the run can be repeated.",
             show_default=False,

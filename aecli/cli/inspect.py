@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aecli.cli.app import app, guarded
+from aecli.cli.options import complete_preset
 from aecli.cli.render import fmt_metric, key_value_table, print_json, results
 
 
@@ -55,6 +57,7 @@ def presets(
 def info(
     target: str = typer.Argument(
         ...,
+        autocompletion=complete_preset,
         help="A weights file (model.safetensors), a bundled preset name, a YAML preset, or a "
         "latent folder (`aecli encode -o DIR/`).",
         show_default=False,
@@ -67,7 +70,10 @@ def info(
     """
     from dataclasses import asdict
 
-    from aecli.config import load_config
+    from aecli.config import load_config, resolve_preset
+
+    if not os.path.lexists(target):  # a preset name, or a path that is not there: said at once
+        resolve_preset(target)
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
     from aecli.io.weights import read_weights_info

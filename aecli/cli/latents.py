@@ -24,6 +24,7 @@ from aecli.cli.options import (
     Weights,
     Workers,
     parse_size,
+    seed_value,
 )
 from aecli.cli.render import console, failure_rows, print_failures, print_json, progress_bar, shown
 
@@ -31,12 +32,12 @@ ENCODE_EXAMPLES = """
 [bold]Examples[/bold]
 
   aecli encode model.safetensors photos/ -o latents.safetensors
-  aecli encode m.safetensors a.png -o - | python edit.py | aecli decode m.safetensors - -o b/
+  aecli encode runs/x a.png -o - | aecli decode runs/x - -o b.png
   aecli encode vae.safetensors faces/ --sample --seed 3 -o z.npy
-  aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o latents.safetensors
-  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 --scaled -o in1k/   (a latent folder)
-  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 --scaled -o in1k/ --resume
-  torchrun --nproc_per_node=8 -m aecli encode sd-vae-ft-mse/ imagenet/ -o in1k/
+  aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o z.safetensors
+  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/
+  aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/ --resume
+  torchrun --nproc_per_node=8 -m aecli encode vae/ imagenet/ -o in1k/
 """
 
 DECODE_EXAMPLES = """
@@ -44,9 +45,9 @@ DECODE_EXAMPLES = """
 
   aecli decode model.safetensors latents.safetensors -o images/
   aecli decode model.safetensors z.npy -o grid.png
-  aecli decode vae/ in1k/ -o images/                 (a latent folder, shard by shard)
+  aecli decode vae/ in1k/ -o images/
   aecli decode vae/ in1k/ -o some.png --select n01440764/x.JPEG --select 12
-  aecli encode model.safetensors a.png -o - | aecli decode model.safetensors - -o out/
+  aecli encode runs/x a.png -o - | aecli decode runs/x - -o out/
 """
 
 
@@ -74,8 +75,7 @@ def encode(
         int,
         typer.Option(
             "--seed",
-            min=0,
-            max=2**64 - 1,
+            callback=seed_value,
             help="Seed for --sample (each image draws from its own generator: the same latents "
             "whatever the batch size, shards or processes).",
         ),

@@ -10,6 +10,32 @@ import typer
 
 from aecli.errors import UsageError
 
+
+def seed_value(value: int | None) -> int | None:
+    """A seed: any whole number a random generator takes, 0 to 2^64 - 1 (not printed as a
+    range in --help: 20 digits help nobody)."""
+    if value is not None and not 0 <= value < 2**64:
+        raise typer.BadParameter(f"{value}: a seed is a whole number from 0 to 2^64 - 1")
+    return value
+
+
+def complete_preset(incomplete: str) -> list[str]:
+    """Shell completion for a PRESET: the bundled names, then YAML files and folders."""
+    from aecli.config import DEFAULT_ALIAS, list_presets
+
+    names = [p.name for p in list_presets()] + [DEFAULT_ALIAS]
+    found = sorted(n for n in names if n.startswith(incomplete))
+    try:
+        paths = sorted(Path(incomplete).parent.glob(Path(incomplete).name + "*"))
+    except (OSError, ValueError):
+        paths = []
+    return found + [
+        f"{p}/" if p.is_dir() else str(p)
+        for p in paths
+        if p.is_dir() or p.suffix in (".yaml", ".yml")
+    ]
+
+
 Weights = Annotated[
     Path,
     typer.Argument(

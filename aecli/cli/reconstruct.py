@@ -53,8 +53,9 @@ def reconstruct(
         typer.Option(
             "--out",
             "-o",
-            help="Folder for the reconstructions: one PNG per input, relative paths kept. "
-            "It must not be inside an input folder.",
+            help="Folder for the reconstructions: one PNG per input, relative paths kept; it "
+            "must not be inside an input folder. A name ending in .png writes the one input's "
+            "reconstruction to that file.",
             show_default=False,
         ),
     ] = None,
@@ -107,6 +108,7 @@ def reconstruct(
         plan_outputs,
         reconstruct_files,
     )
+    from aecli.inference.outputs import is_grid
     from aecli.io.images import save_png
     from aecli.io.outputs import OutputGuard
 
@@ -116,9 +118,18 @@ def reconstruct(
     batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size)
     files, failures = collect_inputs(inputs)
-    outputs = plan_outputs(files, out) if out is not None else None
+    one_file = out is not None and is_grid(out)  # -o x.png: one image file, as everywhere
+    if one_file and len(files) + len(failures) != 1:
+        count = len(files) + len(failures)
+        raise UsageError(
+            f"-o {out} names one image file, but the inputs hold {count} images: give a "
+            f"folder (-o {out.with_suffix('')}/) for one PNG each, or --grid {out} for a sheet"
+        )
+    outputs = None
+    if out is not None:
+        outputs = [out] * len(files) if one_file else plan_outputs(files, out)
     guard = OutputGuard([weights, *inputs], [f.path for f in files])
-    guard.check("-o", outputs or [], overwrite=overwrite, out_dir=out)
+    guard.check("-o", outputs or [], overwrite=overwrite, out_dir=None if one_file else out)
     if grid is not None:
         guard.check("--grid", [grid], overwrite=overwrite)
     start = time.perf_counter()

@@ -23,7 +23,7 @@ RUNS_EXAMPLES = """
 REPORT_EXAMPLES = """
 [bold]Examples[/bold]
 
-  aecli report runs/cifar-res-20261123-101500
+  aecli report runs/photos
   aecli report runs/demo -o demo-report.html
 """
 

@@ -13,18 +13,19 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from aecli.cli.app import app, guarded
+from aecli.cli.options import complete_preset, seed_value
 from aecli.cli.render import console, fmt_metric, key_value_table, print_json, print_warning, shown
 
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  aecli train                                   [dim]# cifar-res on built-in shapes[/dim]
+  aecli train
   aecli train mnist-cae --data digits.npz --epochs 5
-  aecli train cifar-cae --data images/ --set model.latent.dim=64 --out runs/cifar64
+  aecli train cifar-cae --data images/ --set model.latent.dim=64
   aecli train my-preset.yaml --data photos/ --device cuda --json
   aecli train --init sd-vae-ft-mse/ --data photos/ --set train.freeze=encoder
   aecli train cifar-res --data images/ --log-to tensorboard
-  aecli train cat-kl-f8 --data 'shards/{00000..00199}.tar' --set data.crop=random
+  aecli train cat-kl-f8 --data 'shards/{00000..00199}.tar' --out runs/kl
 """
 
 
@@ -87,6 +88,7 @@ class RichReporter:
 def train(
     preset: str = typer.Argument(
         None,
+        autocompletion=complete_preset,
         help="A bundled preset name (see `aecli presets`) or a path to a YAML preset. "
         "Without one, `cifar-res` (alias `default`) trains on built-in data.",
         show_default=False,
@@ -119,6 +121,7 @@ def train(
     overrides: list[str] = typer.Option(
         [],
         "--set",
+        metavar="KEY=VALUE",
         help="Override any preset key, e.g. --set model.latent.dim=32 "
         "(the value is parsed as YAML). Repeatable.",
         show_default=False,
@@ -129,7 +132,7 @@ def train(
     ),
     lr: float = typer.Option(None, "--lr", help="Shortcut for --set optim.lr=X."),
     seed: int = typer.Option(
-        None, "--seed", min=0, max=2**64 - 1, help="Shortcut for --set train.seed=N."
+        None, "--seed", callback=seed_value, help="Shortcut for --set train.seed=N."
     ),
     device: str = typer.Option(
         "auto",
@@ -172,6 +175,9 @@ def train(
     every epoch). Ctrl-C stops after the current step, saves, and prints the resume command.
     """
     from aecli.config import load_config, override_config
+
+    if resume is None and init is None:  # the preset and --set, checked before torch loads
+        load_config(preset, list(overrides))
     from aecli.data import load_data
     from aecli.devices import resolve_device
     from aecli.engine import plan_resume

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from aecli.config import DATA_LAYOUTS as LAYOUTS  # noqa: E402  (checked before torch loads)
 from aecli.config import DataConfig
 from aecli.data.cifar import detect_cifar, read_cifar
 from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
@@ -25,13 +26,6 @@ from aecli.data.images import (
 from aecli.data.shapes import CLASS_NAMES, make_shapes
 from aecli.data.stream import StreamedData, choose_validation, open_stream, shard_paths
 from aecli.errors import DataError
-
-LAYOUTS = (
-    "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
-    "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
-    "folder (python or binary version), a .npy / .npz array file, or WebDataset .tar shards (one, "
-    "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar')"
-)
 
 
 @dataclass

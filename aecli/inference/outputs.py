@@ -82,10 +82,14 @@ def image_outputs(out: Path, names: list[str]) -> list[Path]:
 def write_images(
     images: Iterable[np.ndarray], out: Path, names: list[str], *, columns: int = 8
 ) -> None:
-    """Images into one sheet (`columns` per row) for `-o name.png`, else into the folder `out`
-    as one PNG per image, named by `names` (written on threads as the images arrive)."""
+    """Images into one sheet (`columns` per row) for `-o name.png` (one image: that image, as
+    it is), else into the folder `out` as one PNG per image, named by `names` (written on
+    threads as the images arrive)."""
     if is_grid(out):
         images = list(images)
+        if len(images) == 1:  # a sheet of one is the image itself, without a border
+            save_png(out, images[0])
+            return
         rows = [images[i : i + columns] for i in range(0, len(images), columns)]
         save_png(out, compose_sheet(rows))
         return

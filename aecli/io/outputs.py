@@ -103,7 +103,12 @@ class OutputGuard:
         if existing and not overwrite:
             more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
             raise UsageError(
-                f"{option}: {existing[0]}{more} already exist; pass --overwrite to replace them"
+                f"{option}: {existing[0]}{more} already "
+                + (
+                    "exist; pass --overwrite to replace them"
+                    if more
+                    else "exists; pass --overwrite to replace it"
+                )  # fmt: skip
             )
         for folder in sorted({o.parent for o in outputs} | ({out_dir} if out_dir else set())):
             make_folder(folder, option)

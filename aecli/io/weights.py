@@ -179,7 +179,12 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
             )
         raise WeightsError("file not found", path=path)
     if path.is_dir():
-        return _open_diffusers_folder(path)
+        diffusers = any(
+            (folder / vae_files.DIFFUSERS_CONFIG).is_file() for folder in (path, path / "vae")
+        )
+        if diffusers or not (path / "model.safetensors").is_file():
+            return _open_diffusers_folder(path)
+        path = path / "model.safetensors"  # a run directory: its weights
     if path.suffix.lower() in vae_files.PICKLE_SUFFIXES:
         raise WeightsError(
             f"a {path.suffix} file is a Python pickle, which can run code when loaded; aecli "
@@ -243,13 +248,11 @@ def _open_diffusers_folder(folder: Path) -> tuple[WeightsInfo, dict[str, torch.T
     vae = folder if (folder / vae_files.DIFFUSERS_CONFIG).is_file() else folder / "vae"
     config_path = vae / vae_files.DIFFUSERS_CONFIG
     if not config_path.is_file():
-        inside = folder / "model.safetensors"
-        hint = (
-            f"; the run's weights are {inside}"
-            if inside.is_file()
-            else " and not a diffusers VAE folder (no config.json, no vae/config.json)"
+        raise WeightsError(
+            "is a folder, but neither a run directory (no model.safetensors) nor a diffusers "
+            "VAE folder (no config.json, no vae/config.json)",
+            path=folder,
         )
-        raise WeightsError(f"is a folder, not a weights file{hint}", path=folder)
     layout = vae_files.layout_from_diffusers_config(vae_files.read_json(config_path), config_path)
     weights = next((vae / n for n in vae_files.DIFFUSERS_WEIGHTS if (vae / n).is_file()), None)
     if weights is None:
