@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, on a machine without a package registry: install from
-# the wheels carried in .wheels/ (gpu_wheels.sh fetches them; see README, Development), then run
+# the wheels carried in .wheels/ (gpu_wheels.sh fetches them; see docs/development.md), then run
 # the named stages in order, each under its own time limit so that what finished still reports
 # (the device tool's call is 10 minutes), the log also written under $OUT (default: ./gpu-out).
 #

@@ -20,7 +20,7 @@ from aecli.cli.render import console, print_error
 app = typer.Typer(
     name="aecli",
     help="Train convolutional image autoencoders and VAEs, and put them to work.\n\n"
-    "Start with `aecli train`: it trains a small model on built-in data in under a minute, no "
+    "Start with `aecli train`: it trains a small model on built-in data in a minute or two, no "
     "download needed. Documentation: docs/ in the repository (also as a site: mkdocs serve).",
     no_args_is_help=True,
     rich_markup_mode=None,
