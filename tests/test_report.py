@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import epochs_of
 from PIL import Image
-from test_engine import StopAt
+from test_engine import StopAt, start_long_run
 
 from aecli.config import load_config
 from aecli.data import load_data
@@ -353,11 +353,7 @@ def test_the_report_written_while_training_keeps_the_run_lock(tiny_preset, tmp_p
     from aecli.io.locks import lock_holder
 
     run = tmp_path / "run"
-    training = subprocess.Popen(
-        [sys.executable, "-m", "aecli", "train", str(tiny_preset), "--out", str(run),
-         "--epochs", "100000", "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    training = start_long_run(tiny_preset, run)
     try:
         for _ in range(1200):  # two reports written, each after a look at the run's state
             if epochs_of(run)[1:]:
