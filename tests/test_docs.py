@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +102,10 @@ def test_getting_started_runs_and_makes_every_picture_it_shows(tmp_path):
     assert records[-1]["val_psnr"] > 22
 
 
-@pytest.mark.skipif(shutil.which("mkdocs") is None, reason="needs the docs extra (mkdocs)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
+    reason="needs the docs extra (mkdocs, mkdocs-material) in this Python",
+)
 def test_the_site_builds_strictly(tmp_path):
     ran = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
