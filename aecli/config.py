@@ -523,15 +523,6 @@ def list_presets() -> list[PresetInfo]:
 
 # What `aecli train` trains without a PRESET: aecli's own residual 32x32 colour autoencoder,
 # the one that beats cifar-cae by the held-out figures. `default` names it too.
-# What `--data` takes, in words (here, not in aecli.data, so that a missing path is answered
-# before torch loads)
-DATA_LAYOUTS = (
-    "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
-    "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
-    "folder (python or binary version), a .npy / .npz array file, or WebDataset .tar shards (one, "
-    "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar')"
-)
-
 DEFAULT_PRESET = "cifar-res"
 DEFAULT_ALIAS = "default"
 

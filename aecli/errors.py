@@ -58,6 +58,21 @@ class DataError(UsageError):
     """A data source cannot be read or does not fit the preset."""
 
 
+# What `--data` takes, in words (here, with no torch behind it, so that the command line can
+# name a missing --data path before torch loads)
+DATA_LAYOUTS = (
+    "a folder of images (PNG, JPEG, WebP, GIF, BMP, TIFF; subfolders become class labels), "
+    "a folder or file of MNIST-format IDX data (*-images-idx3-ubyte[.gz]), a CIFAR-10/100 batch "
+    "folder (python or binary version), a .npy / .npz array file, or WebDataset .tar shards (one, "
+    "a folder of them, or a brace pattern such as 'shards/{00000..00099}.tar')"
+)
+
+
+def missing_data(path, option: str = "--data") -> DataError:
+    """The refusal of a data path that is not there, with what the option takes."""
+    return DataError(f"does not exist; {option} takes {DATA_LAYOUTS}", path=path)
+
+
 class WeightsError(UsageError):
     """A weights file is missing, not aecli's, or damaged."""
 

@@ -191,7 +191,7 @@ def precheck(kwargs: dict[str, Any]) -> None:
     """What can be checked without torch, before a command imports it (seconds on a small
     machine): the files and folders it reads exist, and --device is spelt like a device.
     Whether the device exists, and everything else, the command itself checks."""
-    from aecli.errors import UsageError, WeightsError
+    from aecli.errors import UsageError, WeightsError, missing_data
 
     for name, option in READ_PATHS.items():
         value = kwargs.get(name)
@@ -203,9 +203,7 @@ def precheck(kwargs: dict[str, Any]) -> None:
         if option is None:
             raise WeightsError("file not found", path=text)
         if option in ("--data", "--val-data"):  # as load_data says it, with what it takes
-            from aecli.config import DATA_LAYOUTS
-
-            raise UsageError(f"does not exist; {option} takes {DATA_LAYOUTS}", path=text)
+            raise missing_data(text, option)
         raise UsageError(f"{option} {text}: not found")
     device = kwargs.get("device")
     if isinstance(device, str) and not DEVICE_NAME.fullmatch(device.strip()):

@@ -70,10 +70,10 @@ def info(
     """
     from dataclasses import asdict
 
-    from aecli.config import load_config, resolve_preset
+    from aecli.config import load_config
 
-    if not os.path.lexists(target):  # a preset name, or a path that is not there: said at once
-        resolve_preset(target)
+    # a preset name (or a path that is not there) is read, or refused, before torch loads
+    loaded = None if os.path.lexists(target) else load_config(target)
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
     from aecli.io.weights import read_weights_info
@@ -103,7 +103,7 @@ def info(
             metrics=stored.metrics,
         )
     else:
-        loaded = load_config(target)
+        loaded = loaded or load_config(target)
         config = loaded.config
         facts.update(preset=loaded.name)
     model = build_model(config, meta=True)

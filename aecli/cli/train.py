@@ -176,8 +176,18 @@ def train(
     """
     from aecli.config import load_config, override_config
 
-    if resume is None and init is None:  # the preset and --set, checked before torch loads
-        load_config(preset, list(overrides))
+    shortcuts = {
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "optim.lr": lr,
+        "train.seed": seed,
+        "train.log_to": json.dumps([t.value for t in log_to]) if log_to else None,
+    }
+    settings = list(overrides) + [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    # the preset and every --set, read (and refused in one line) before torch loads; only a
+    # run from --init weights without a PRESET takes its settings from those weights
+    from_preset = resume is None and (init is None or preset is not None)
+    loaded = load_config(preset, settings) if from_preset else None
     from aecli.data import load_data
     from aecli.devices import resolve_device
     from aecli.engine import plan_resume
@@ -220,22 +230,10 @@ def train(
             _check_outside_data(run_dir, data, "--resume")
             created = None
         else:
-            shortcuts = {
-                "train.epochs": epochs,
-                "train.batch_size": batch_size,
-                "optim.lr": lr,
-                "train.seed": seed,
-                "train.log_to": json.dumps([t.value for t in log_to]) if log_to else None,
-            }
-            overrides = list(overrides) + [
-                f"{k}={v}" for k, v in shortcuts.items() if v is not None
-            ]
             stored, init_tensors = read_weights(init) if init is not None else (None, None)
-            if stored is not None and preset is None:  # the weights' own architecture and settings
+            if not from_preset:  # the weights' own architecture and settings
                 raw = stored.config.model_dump(mode="json")
-                loaded = override_config(raw, _init_name(init, stored), str(init), overrides)
-            else:
-                loaded = load_config(preset, overrides)
+                loaded = override_config(raw, _init_name(init, stored), str(init), settings)
             config, name = loaded.config, loaded.name
             if config.loss.perceptual_weight:  # the LPIPS weights, before any data is read
                 from aecli.perceptual import check_available

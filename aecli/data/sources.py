@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aecli.config import DATA_LAYOUTS as LAYOUTS  # noqa: E402  (checked before torch loads)
 from aecli.config import DataConfig
 from aecli.data.cifar import detect_cifar, read_cifar
 from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
@@ -25,7 +24,8 @@ from aecli.data.images import (
 )
 from aecli.data.shapes import CLASS_NAMES, make_shapes
 from aecli.data.stream import StreamedData, choose_validation, open_stream, shard_paths
-from aecli.errors import DataError
+from aecli.errors import DATA_LAYOUTS as LAYOUTS
+from aecli.errors import DataError, missing_data
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData |
         return open_stream(path, config, shards)
     path = Path(path)
     if not path.exists():
-        raise DataError(f"does not exist; --data takes {LAYOUTS}", path=path)
+        raise missing_data(path)
     if path.is_dir():
         try:
             layout = detect_cifar(path)
