@@ -16,10 +16,12 @@ from aecli.cli.options import (
     Format,
     Inputs,
     Json,
+    NoTile,
     Overwrite,
     ScalingFactor,
     ShiftFactor,
     Tile,
+    TileFast,
     TileOverlap,
     Weights,
     Workers,
@@ -134,6 +136,8 @@ def encode(
     scaling_factor: ScalingFactor = None,
     shift_factor: ShiftFactor = None,
     tile: Tile = None,
+    no_tile: NoTile = False,
+    tile_fast: TileFast = False,
     tile_overlap: TileOverlap = None,
     fmt: Format = None,
     overwrite: Overwrite = False,
@@ -190,7 +194,7 @@ def encode(
     try:
         predictor = Predictor(weights, resolved)
         batch_size = predictor.batch_size(batch_size)
-        predictor.set_tiling(tile, tile_overlap, batch_size)
+        predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
         if sample and not predictor.variational:
             raise UsageError(
                 "--sample draws from a VAE's posterior; this model is a plain autoencoder",
@@ -450,6 +454,8 @@ def decode(
     scaling_factor: ScalingFactor = None,
     shift_factor: ShiftFactor = None,
     tile: Tile = None,
+    no_tile: NoTile = False,
+    tile_fast: TileFast = False,
     tile_overlap: TileOverlap = None,
     force: Annotated[
         bool,
@@ -497,7 +503,7 @@ def decode(
     name = str(latent_file) if latent_file != STDIO else "stdin"
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
-    predictor.set_tiling(tile, tile_overlap, batch_size)
+    predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
     override = _scaling(predictor, scaled, scaling_factor, shift_factor)
     recorded = folder.scaling if shapes is not None else chunks[0].scaling
     if shapes is not None:  # a whole folder: every shape and the model checked before any work

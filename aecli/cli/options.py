@@ -117,11 +117,28 @@ Tile = Annotated[
     int | None,
     typer.Option(
         "--tile",
-        min=1,
-        help="Fully convolutional models: work in tiles of SIZE x SIZE pixels, blended where "
-        "they overlap, so that memory follows the tile, not the image (e.g. 512). "
-        "--batch-size then counts tiles.",
+        min=0,
+        help="Fully convolutional models: work in tiles of SIZE x SIZE pixels (e.g. 512), so "
+        "that device memory follows the tile, not the image; the result is the untiled one. "
+        "--batch-size then counts tiles. Default: tiles only for an image that would not fit "
+        "in the device's free memory; 0: never.",
         show_default=False,
+    ),
+]
+NoTile = Annotated[
+    bool,
+    typer.Option(
+        "--no-tile",
+        help="Never tile: refuse an image that would not fit in the device's free memory "
+        "(as --tile 0).",
+    ),
+]
+TileFast = Annotated[
+    bool,
+    typer.Option(
+        "--tile-fast",
+        help="Approximate tiles, faster: GroupNorm statistics estimated on a shrunk copy of "
+        "the image, attention within each tile, neighbours blended over --tile-overlap.",
     ),
 ]
 TileOverlap = Annotated[
@@ -129,7 +146,7 @@ TileOverlap = Annotated[
     typer.Option(
         "--tile-overlap",
         min=0,
-        help="Pixels neighbouring tiles share (default: a quarter of --tile).",
+        help="With --tile-fast: pixels neighbouring tiles share (default: a quarter of --tile).",
         show_default=False,
     ),
 ]

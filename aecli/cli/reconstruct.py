@@ -14,8 +14,10 @@ from aecli.cli.options import (
     Device,
     Inputs,
     Json,
+    NoTile,
     Overwrite,
     Tile,
+    TileFast,
     TileOverlap,
     Weights,
     Workers,
@@ -87,6 +89,8 @@ def reconstruct(
         ),
     ] = False,
     tile: Tile = None,
+    no_tile: NoTile = False,
+    tile_fast: TileFast = False,
     tile_overlap: TileOverlap = None,
     overwrite: Overwrite = False,
     batch_size: BatchSize = None,
@@ -116,7 +120,7 @@ def reconstruct(
         raise UsageError("nothing to do: give -o DIR, --grid FILE or --metrics")
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
-    predictor.set_tiling(tile, tile_overlap, batch_size)
+    predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
     files, failures = collect_inputs(inputs)
     one_file = out is not None and is_grid(out)  # -o x.png: one image file, as everywhere
     if one_file and len(files) + len(failures) != 1:

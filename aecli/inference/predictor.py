@@ -4,6 +4,9 @@ to know about it (input size, padding factor, device settings, latent scaling, t
 from __future__ import annotations
 
 import hashlib
+import sys
+from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,12 @@ import torch.nn.functional as F
 
 from aecli.data.transforms import to_uint8
 from aecli.devices import Execution, available_memory, resolved
-from aecli.errors import UsageError
+from aecli.errors import UsageError, printable
 from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.weights import WeightsInfo, load_weights
 from aecli.models import Autoencoder
 from aecli.models.registry import fixed_size
-from aecli.tiling import Tiling, tiled
+from aecli.tiling import NotTileable, Plan, Runner, Tiling, plan, tiled
 
 MAX_AUTO_BATCH = 512
 
@@ -25,10 +28,20 @@ MAX_AUTO_BATCH = 512
 class Predictor:
     """A model loaded from a weights file, with what batch inference needs to know about it."""
 
-    def __init__(self, weights: str | Path, device: torch.device | str | None = None):
-        """`device`: a device resolve_device gave (used as it is), or a `--device` name."""
-        self.tiling: Tiling | None = None
-        self.tile_batch = 1  # tiles at a time, set with the tiling
+    def __init__(
+        self,
+        weights: str | Path,
+        device: torch.device | str | None = None,
+        notify: Callable[[str], None] | None = None,
+    ):
+        """`device`: a device resolve_device gave (used as it is), or a `--device` name.
+        `notify`: where a line for the user goes (automatic tiling); default stderr."""
+        self.tiling: Tiling | None = None  # --tile: always; None: where an image does not fit
+        self.auto_tile, self.tile_fast = True, False  # see set_tiling
+        self.tile_batch, self.tile_request = 1, 1  # tiles at a time; --batch-size
+        self._plans: dict[str, Plan] = {}  # exact tiled runs of the encoder and the decoder
+        self._said: set = set()  # the automatic tilings announced
+        self.notify = notify or _to_stderr
         self._activations: dict[tuple, int] = {}
         self.device = resolved(device)
         model, info = load_weights(weights, self.device)
@@ -81,12 +94,33 @@ class Predictor:
         ph, pw = -h % self.factor, -w % self.factor
         return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
-    def set_tiling(self, size: int | None, overlap: int | None, batch_size: int) -> None:
-        """Encode and decode in tiles of `size` pixels (--tile) sharing `overlap` pixels
-        (--tile-overlap; default a quarter of the tile), `batch_size` tiles at a time."""
-        if size is None:
-            if overlap is not None:
-                raise UsageError("--tile-overlap needs --tile SIZE")
+    def set_tiling(
+        self,
+        size: int | None,
+        overlap: int | None,
+        batch_size: int,
+        *,
+        fast: bool = False,
+        never: bool = False,
+    ) -> None:
+        """How images are tiled. `size` None: automatically, in exact tiles, where an image's
+        activations would not fit in the device's free memory; 0 or `never` (--no-tile):
+        never, and such an image is refused; a size (--tile): always, in tiles of `size`
+        pixels. Exact tiles give the untiled result. `fast` (--tile-fast): tiles that estimate
+        GroupNorm's statistics and attend within each tile (approximate), sharing `overlap`
+        pixels (--tile-overlap; default a quarter of the tile). `batch_size` tiles at a time."""
+        never = never or size == 0
+        if never and size:
+            raise UsageError(f"--no-tile and --tile {size} contradict each other: give one")
+        if never and fast:
+            raise UsageError("--tile-fast needs tiles: leave out --no-tile (or --tile 0)")
+        if overlap is not None and not fast:
+            raise UsageError(
+                "--tile-overlap is for --tile-fast: exact tiles take the context the model needs"
+            )
+        self.auto_tile, self.tile_fast, self.tile_request = not never, fast, batch_size
+        if never or size is None:
+            self.tiling = None
             return
         if not self.fully_convolutional:
             raise UsageError(
@@ -106,15 +140,14 @@ class Predictor:
                 f"({size // 2})"
             )
         self.tiling = Tiling(size, overlap)
-        self.tile_batch = min(batch_size, self._tiles_that_fit(size))
+        self.tile_batch = self._tiles_at_a_time("reconstruct", size, available_memory(self.device))
 
-    def _tiles_that_fit(self, size: int) -> int:
-        """How many tiles at a time keep their activations within half the free memory."""
-        free = available_memory(self.device)
+    def _tiles_at_a_time(self, part: str, size: int, free: int | None) -> int:
+        """--batch-size tiles, fewer where their activations would not fit in half the free
+        memory (at least one)."""
         if free is None:
-            return 1 << 30
-        per_tile = self._activation_bytes("reconstruct", (self.channels, size, size))
-        return max(1, free // 2 // per_tile)
+            return self.tile_request
+        return max(1, min(self.tile_request, free // 2 // self._tile_bytes(part, size)))
 
     def batch_size(self, requested: int | None) -> int:
         """`--batch-size`, or its default: 32; on CUDA, for a model of a fixed input size, as
@@ -149,44 +182,108 @@ class Predictor:
             self._activations[key] = activation_bytes(found)
         return self._activations[key]
 
-    def _check_fits(self, part: str, shape: torch.Size) -> None:
-        """Refuse (one line suggesting --tile) a batch whose activations would not fit in the
-        device's free memory."""
+    def _run(self, part: str, x: torch.Tensor, whole, tiles) -> torch.Tensor:
+        """`whole(batch)` where the batch's activations fit in the device's free memory (in
+        smaller batches where only those fit); else `tiles(item, tiling)` item by item."""
+        if self.tiling is not None:
+            return torch.cat([tiles(one, self.tiling) for one in x.split(1)])
         if not self.fully_convolutional:
-            return
-        need = self._activation_bytes(part, tuple(shape[1:])) * shape[0]
+            return whole(x)
+        per_item = self._activation_bytes(part, tuple(x.shape[1:]))
         free = available_memory(self.device)
-        if free is not None and need > free:
-            h, w = shape[-2:]
-            if part == "decode":
-                h, w = h * self.factor, w * self.factor
-            many = f"{shape[0]} images of {h}x{w}" if shape[0] > 1 else f"an image of {h}x{w}"
+        if free is None or per_item * len(x) <= free:
+            return whole(x)
+        if per_item <= free:
+            return torch.cat([whole(chunk) for chunk in x.split(free // per_item)])
+        tiling = self._automatic(part, x.shape, per_item, free)
+        return torch.cat([tiles(one, tiling) for one in x.split(1)])
+
+    def _automatic(self, part: str, shape: torch.Size, need: int, free: int) -> Tiling:
+        """The tiling for an item too large for the free memory: the largest tile (the
+        downsampling factor times a power of two) whose activations fit in half of it; or
+        the refusal, under --no-tile or where not even the smallest tile fits."""
+        h, w = shape[-2:]
+        if part == "decode":
+            h, w = h * self.factor, w * self.factor
+        what = f"an image of {h}x{w} would need about {need / 1e9:.1f} GB of activations on "
+        what += f"{self.device}, which has {free / 1e9:.1f} GB free"
+        if not self.auto_tile:
             raise UsageError(
-                f"{many} would need about {need / 1e9:.1f} GB of activations on "
-                f"{self.device}, which has {free / 1e9:.1f} GB free: pass --tile 512 (tiles of "
-                "512 pixels)" + (" or a smaller --batch-size" if shape[0] > 1 else "")
+                f"{what}: leave out --no-tile (or --tile 0) to work in exact tiles, which give "
+                "the same result"
             )
+        f, found = self.factor, None
+        size = 2 * self.factor
+        while size < 2 * max(h, w):
+            if self._tile_bytes(part, size) > free // 2:
+                break
+            found, size = size, size * 2
+        if found is None:
+            raise UsageError(f"{what}, too little for even a tile of {2 * f} pixels")
+        tiling = Tiling(found, found // 4 // f * f)
+        self.tile_batch = self._tiles_at_a_time(part, found, free)
+        if (part, found) not in self._said:
+            self._said.add((part, found))
+            kind = "approximate tiles (--tile-fast)" if self.tile_fast else "exact tiles"
+            self.notify(f"note: {what}: working in {kind} of {found} pixels")
+        return tiling
 
-    def _tiled_latent(self, x: torch.Tensor) -> torch.Tensor:
+    def _tile_bytes(self, part: str, size: int) -> int:
+        """About the activation memory of one tile of `size` image pixels through `part`."""
+        if part == "decode":
+            return self._activation_bytes(part, (self.latent_shape[0], *(size // self.factor,) * 2))
+        return self._activation_bytes(part, (self.channels, size, size))
+
+    def _runner(self, part: str, tiling: Tiling) -> Runner:
+        """The exact tiled run of the encoder (to the latent head's output) or the decoder."""
+        if part not in self._plans:
+            model = self.model
+            try:
+                if part == "encode":
+                    self._plans[part] = plan([model.encoder, model.latent_head])
+                else:
+                    parts = [model.decoder, model.to_image]
+                    self._plans[part] = plan(parts, Fraction(1, self.factor))
+            except NotTileable as exc:
+                raise UsageError(
+                    f"this model holds {exc}, which exact tiles do not cover: pass --tile-fast"
+                ) from None
+        free = available_memory(self.device)
+        return Runner(
+            self._plans[part],
+            tiling.size,
+            device=self.device,
+            batch=self.tile_batch,
+            memory_format=self.execution.memory_format,
+            notify=self.notify,
+            attention_fits=lambda need: free is None or need <= free // 2,
+        )
+
+    def _tiled_latent(self, x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
         """The latent head's output for one padded image (1, C, H, W), tile by tile."""
-        return tiled(
-            self.model.encode_raw,
-            self.model.encoder,
-            x,
-            self.tiling,
-            scale=1 / self.factor,
-            batch_size=self.tile_batch,
-        )
+        if self.tile_fast:
+            return tiled(
+                self.model.encode_raw,
+                self.model.encoder,
+                x,
+                tiling,
+                scale=1 / self.factor,
+                batch_size=self.tile_batch,
+            )
+        return self._runner("encode", tiling)(x)
 
-    def _tiled_image(self, z: torch.Tensor) -> torch.Tensor:
-        return tiled(
-            self.model.decode,
-            self.model.decoder,
-            z,
-            self.tiling.scaled(self.factor),
-            scale=self.factor,
-            batch_size=self.tile_batch,
-        )
+    def _tiled_image(self, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+        """The decoded image (in the data range) for one latent (1, C, h, w), tile by tile."""
+        if self.tile_fast:
+            return tiled(
+                self.model.decode,
+                self.model.decoder,
+                z,
+                tiling.scaled(self.factor),
+                scale=self.factor,
+                batch_size=self.tile_batch,
+            )
+        return self._runner("decode", tiling)(z)
 
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -195,17 +292,15 @@ class Predictor:
         x = self.execution.prepare(images, self.value_range)
         h, w = x.shape[-2:]
         x = self._padded(x)
+
+        def tiles(one: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+            mean = self.model.posterior(self._tiled_latent(one, tiling)).mode()
+            return self._tiled_image(mean, tiling)
+
         with self.execution.autocast():
-            if self.tiling is not None:
-                image = torch.cat(
-                    [
-                        self._tiled_image(self.model.posterior(self._tiled_latent(one)).mode())
-                        for one in x.split(1)
-                    ]
-                )
-            else:
-                self._check_fits("reconstruct", x.shape)
-                image = self.model(x, sample=False).image
+            image = self._run(
+                "reconstruct", x, lambda batch: self.model(batch, sample=False).image, tiles
+            )
         return to_uint8(image[..., :h, :w], self.value_range)
 
     @torch.inference_mode()
@@ -218,11 +313,7 @@ class Predictor:
         draw from the posterior when a generator (or one per image) is given (VAE)."""
         x = self._padded(self.execution.prepare(images, self.value_range))
         with self.execution.autocast():
-            if self.tiling is not None:
-                raw = torch.cat([self._tiled_latent(one) for one in x.split(1)])
-            else:
-                self._check_fits("encode", x.shape)
-                raw = self.model.encode_raw(x)
+            raw = self._run("encode", x, self.model.encode_raw, self._tiled_latent)
         posterior = self.model.posterior(raw.float())
         z = posterior.sample(generator) if generator is not None else posterior.mode()
         return z.float()
@@ -232,11 +323,7 @@ class Predictor:
         """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
         z = z.to(self.device, torch.float32)
         with self.execution.autocast():
-            if self.tiling is not None:  # only ever set for fully convolutional models
-                image = torch.cat([self._tiled_image(one) for one in z.split(1)])
-            else:
-                self._check_fits("decode", z.shape)
-                image = self.model.decode(z)
+            image = self._run("decode", z, self.model.decode, self._tiled_image)
         return to_uint8(image, self.value_range)
 
     def fit(self, latents: LatentFile, *, force: bool = False) -> torch.Tensor:
@@ -266,3 +353,8 @@ def image_seed(seed: int, number: int) -> int:
     """A 63-bit seed for image `number` of a run seeded with `seed`."""
     digest = hashlib.blake2b(f"{seed}/{number}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(printable(line) + "\n")
+    sys.stderr.flush()

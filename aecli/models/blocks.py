@@ -127,13 +127,15 @@ class Attention(nn.Module):
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
+        return x + self.attend(self.norm(x))
+
+    def attend(self, y: torch.Tensor) -> torch.Tensor:
+        """The residual branch, from the normalised input."""
+        b, c, h, w = y.shape
         # (B, C, H, W) -> (B, 1, H*W, C): one head over every position
         q, k, v = (t(y).reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        return self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Upsample(nn.Module):

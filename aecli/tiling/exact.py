@@ -1,0 +1,558 @@
+"""Exact tiled encoding and decoding: a fully convolutional model run tile by tile to the
+result of running it on the whole image.
+
+Two things make tiles differ from the whole, and both are removed here:
+
+- **GroupNorm** normalises with statistics over its whole input. The model is cut into *stages*
+  at every GroupNorm (and InstanceNorm): each stage runs tile by tile over the whole tensor,
+  writing its tiles' cores into a whole output that is parked (host memory on a GPU, so that
+  device memory follows the tile), and gathering per-channel moments from those cores (every
+  pixel counted once). The next stage begins with the GroupNorm and normalises with the whole
+  tensor's statistics.
+- **Context.** Within a stage, each tile carries the halo its outputs need: the stage's
+  operations (convolutions with their global zero padding, strides, transposed convolutions,
+  upsampling, residual shortcuts) are walked backwards from the core to the input region it
+  depends on, so the halo is the stage's receptive field, a few pixels, and the core's outputs
+  equal the untiled ones. Zero padding is applied only at the image's own borders.
+
+Self-attention runs over the whole tensor at once (it sits at the latent's resolution, 64
+times fewer positions than pixels in an f8 model) with scaled_dot_product_attention, whose
+flash and memory-efficient kernels keep memory linear in positions. Where even that would not
+fit, it runs per tile, with the whole tensor's GroupNorm statistics, and says the result is
+approximate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aecli.models import blocks
+
+
+LAST = torch.channels_last
+
+
+class NotTileable(ValueError):
+    """A module the exact tiled run does not know (a model that is not fully convolutional)."""
+
+
+# -- operations: one local step of a stage, with its geometry along each axis ----------------
+#
+# Along one axis, an operation maps an input of length n to an output of `size(n)`; `need`
+# gives the input range [lo, hi) (clamped to the input) that outputs [a, b) depend on;
+# `params` what `run` needs to compute exactly [a, b) from the input crop [lo, hi) (also the
+# key under which tiles of the same geometry run as one batch).
+
+
+class Op:
+    zoom = Fraction(1)  # output pixels per input pixel
+
+    def size(self, n: int, axis: int) -> int:
+        return n
+
+    def need(self, a: int, b: int, n: int, axis: int) -> tuple[int, int]:
+        return a, b
+
+    def params(self, lo: int, hi: int, a: int, b: int, n: int, axis: int) -> tuple:
+        return ()
+
+    def run(self, x: torch.Tensor, rows: tuple, cols: tuple, context: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Pointwise(Op):
+    """An activation, dropout (identity at inference), BatchNorm at inference, the output
+    activation: each output pixel from the same input pixel."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def run(self, x, rows, cols, context):
+        return self.fn(x)
+
+
+class Conv(Op):
+    """nn.Conv2d, its zero padding applied where the whole input ends (TensorFlow `same`
+    padding computed from the whole input's size)."""
+
+    def __init__(self, conv: nn.Conv2d, tf_same: bool = False):
+        if conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1):
+            raise NotTileable("a convolution with dilation or non-zero padding")
+        if isinstance(conv.padding, str):
+            raise NotTileable(f"a convolution with padding {conv.padding!r}")
+        self.conv, self.tf_same = conv, tf_same
+        self.kernel, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.zoom = Fraction(1, self.stride[0])
+
+    def _pads(self, n: int, axis: int) -> tuple[int, int]:
+        if self.tf_same:
+            return blocks.same_padding(n, self.kernel[axis], self.stride[axis])
+        return self.conv.padding[axis], self.conv.padding[axis]
+
+    def size(self, n, axis):
+        before, after = self._pads(n, axis)
+        return (n + before + after - self.kernel[axis]) // self.stride[axis] + 1
+
+    def _raw(self, a, b, n, axis) -> tuple[int, int]:
+        """The padded input's range for outputs [a, b), in the input's coordinates."""
+        before = self._pads(n, axis)[0]
+        s = self.stride[axis]
+        return a * s - before, (b - 1) * s - before + self.kernel[axis]
+
+    def need(self, a, b, n, axis):
+        start, end = self._raw(a, b, n, axis)
+        return max(0, start), min(n, end)
+
+    def params(self, lo, hi, a, b, n, axis):
+        start, end = self._raw(a, b, n, axis)
+        return lo - start, end - hi  # zeros to add before and after the crop
+
+    def run(self, x, rows, cols, context):
+        if any(rows) or any(cols):
+            x = F.pad(x, (cols[0], cols[1], rows[0], rows[1]))
+        conv = self.conv
+        return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+
+
+class ConvTranspose(Op):
+    """nn.ConvTranspose2d followed by the block's crop (Keras `same`)."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, crop: tuple[int, int]):
+        if tuple(conv.dilation) != (1, 1):
+            raise NotTileable("a transposed convolution with dilation")
+        self.conv, self.crop = conv, crop
+        self.kernel, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
+        self.padding, self.extra = tuple(conv.padding), tuple(conv.output_padding)
+        self.zoom = Fraction(self.stride[0])
+
+    def size(self, n, axis):
+        k, s, p = self.kernel[axis], self.stride[axis], self.padding[axis]
+        return (n - 1) * s - 2 * p + k + self.extra[axis] - sum(self.crop)
+
+    def _raw(self, a, b, axis) -> tuple[int, int]:
+        """Outputs [a, b) in the coordinates of the unpadded, uncropped transposed output."""
+        shift = self.crop[0] + self.padding[axis]
+        return a + shift, b + shift
+
+    def need(self, a, b, n, axis):
+        k, s = self.kernel[axis], self.stride[axis]
+        start, end = self._raw(a, b, axis)
+        lo = min(max(0, -(-(start - k + 1) // s)), n - 1)
+        return lo, max(lo + 1, min(n, (end - 1) // s + 1))
+
+    def params(self, lo, hi, a, b, n, axis):
+        start, end = self._raw(a, b, axis)
+        length = (hi - lo - 1) * self.stride[axis] + self.kernel[axis]
+        return lo * self.stride[axis] - start, end - lo * self.stride[axis] - length
+
+    def run(self, x, rows, cols, context):
+        conv = self.conv
+        y = F.conv_transpose2d(x, conv.weight, None, conv.stride, 0, 0, conv.groups)
+        y = F.pad(y, (cols[0], cols[1], rows[0], rows[1]))  # negative: a crop
+        return y if conv.bias is None else y + conv.bias.reshape(1, -1, 1, 1).to(y.dtype)
+
+
+class Upsample(Op):
+    """blocks.Upsample: nearest or bilinear by a whole factor."""
+
+    def __init__(self, module: blocks.Upsample):
+        self.factor, self.mode = module.factor, module.mode
+        self.zoom = Fraction(module.factor)
+        self.reach = 0 if module.mode == "nearest" else 1  # input pixels beyond the nearest
+
+    def size(self, n, axis):
+        return n * self.factor
+
+    def need(self, a, b, n, axis):
+        f = self.factor
+        return max(0, a // f - self.reach), min(n, (b - 1) // f + 1 + self.reach)
+
+    def params(self, lo, hi, a, b, n, axis):
+        return a - lo * self.factor, b - lo * self.factor
+
+    def run(self, x, rows, cols, context):
+        y = F.interpolate(x, scale_factor=self.factor, mode=self.mode)
+        return y[..., rows[0] : rows[1], cols[0] : cols[1]]
+
+
+class Norm(Op):
+    """GroupNorm or InstanceNorm with the statistics of the whole tensor `source` (the
+    stage's input), gathered while the previous stage wrote it."""
+
+    def __init__(self, module: nn.Module, source: int):
+        self.module, self.source = module, source
+        self.groups = module.num_groups if isinstance(module, nn.GroupNorm) else None
+        self.eps = module.eps
+        self.weight = getattr(module, "weight", None)
+        self.bias = getattr(module, "bias", None)
+
+    def run(self, x, rows, cols, context):
+        mean, var = context["stats"][self.source].groups(self.groups or x.shape[1])
+        return normalise(x, mean, var, self.eps, self.weight, self.bias)
+
+
+def normalise(x, mean, var, eps, weight, bias) -> torch.Tensor:
+    """x (B, C, H, W) normalised per group of channels with the given per-group mean and
+    variance, then scaled and shifted per channel: one pass, x * a + b, in float32 (as
+    GroupNorm under autocast)."""
+    c = x.shape[1]
+    scale = torch.rsqrt(var + eps).repeat_interleave(c // mean.numel())  # per channel
+    shift = -mean.repeat_interleave(c // mean.numel()) * scale
+    if weight is not None:
+        scale, shift = scale * weight.float(), shift * weight.float() + bias.float()
+    return torch.addcmul(shift.reshape(1, c, 1, 1), x.float(), scale.reshape(1, c, 1, 1))
+
+
+@dataclass
+class Add(Op):
+    """The residual sum: the current tensor plus `ops` (a shortcut: 1x1 convolution or none)
+    applied to the parked tensor `source`."""
+
+    source: int
+    ops: list[Op] = field(default_factory=list)
+
+
+# -- moments ---------------------------------------------------------------------------------
+
+
+class Moments:
+    """Per-channel count, mean and sum of squared deviations of a whole tensor, merged from
+    its tiles' cores (Chan et al.'s parallel update, in float64)."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Merge in every pixel of x (B, C, H, W)."""
+        b, c, h, w = x.shape
+        n = h * w
+        # per item and channel, over the tensor's own layout (no copy), then merged
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=LAST):
+            var, mean = torch.var_mean(x.permute(0, 2, 3, 1).reshape(b, n, c), dim=1, correction=0)
+        else:
+            var, mean = torch.var_mean(x.reshape(b, c, n), dim=2, correction=0)
+        for item_mean, item_var in zip(mean.double(), var.double(), strict=True):
+            self._merge(n, item_mean, item_var * n)
+
+    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def groups(self, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group mean and (biased) variance as float32, channels grouped as GroupNorm
+        groups them (consecutive)."""
+        mean = self.mean.reshape(groups, -1)
+        var = self.m2.reshape(groups, -1) / self.count
+        # every channel holds the same count: the group's moments are the channels' average
+        group_mean = mean.mean(dim=1)
+        group_var = (var + (mean - group_mean[:, None]).square()).mean(dim=1)
+        return group_mean.float(), group_var.float()
+
+
+# -- the plan: stages between GroupNorms -----------------------------------------------------
+
+
+@dataclass
+class Stage:
+    source: int  # the parked tensor it reads
+    out: int  # the parked tensor it writes
+    ops: list[Op] = field(default_factory=list)
+    attention: blocks.Attention | None = None  # a stage of whole-tensor attention instead
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    zooms: dict[int, Fraction]  # each tensor's pixels per image pixel
+    stats: set[int]  # the tensors whose moments a GroupNorm needs
+    result: int
+
+
+class _Builder:
+    def __init__(self, zoom: Fraction):
+        self.stages: list[Stage] = []
+        self.ops: list[Op] = []
+        self.source = 0
+        self.zooms = {0: zoom}
+        self.zoom = zoom  # of the current (unparked) tensor
+        self.stats: set[int] = set()
+
+    def park(self) -> int:
+        """The current tensor, parked: the stage so far closed."""
+        if self.ops:
+            out = len(self.zooms)
+            self.stages.append(Stage(self.source, out, self.ops))
+            self.zooms[out] = self.zoom
+            self.source, self.ops = out, []
+        return self.source
+
+    def local(self, op: Op) -> None:
+        self.ops.append(op)
+        self.zoom *= op.zoom
+
+    def norm(self, module: nn.Module) -> None:
+        source = self.park()
+        self.stats.add(source)
+        self.ops.append(Norm(module, source))
+
+    def attention(self, module: blocks.Attention) -> None:
+        source = self.park()
+        self.stats.add(source)  # for the per-tile fallback
+        out = len(self.zooms)
+        self.stages.append(Stage(source, out, attention=module))
+        self.zooms[out] = self.zoom
+        self.source = out
+
+    def module(self, module: nn.Module | Callable) -> None:
+        if isinstance(module, nn.Sequential):
+            for child in module:
+                self.module(child)
+        elif isinstance(module, blocks.ResBlock):
+            skip = self.park()
+            self.norm(module.norm1)
+            self.local(Pointwise(module.act))
+            self.local(Conv(module.conv1))
+            self.norm(module.norm2)
+            self.local(Pointwise(module.act))
+            self.local(Pointwise(module.dropout))
+            self.local(Conv(module.conv2))
+            shortcut = module.shortcut
+            self.local(Add(skip, [Conv(shortcut)] if isinstance(shortcut, nn.Conv2d) else []))
+        elif isinstance(module, blocks.ConvBlock | blocks.ConvTransposeBlock):
+            if isinstance(module, blocks.ConvBlock):
+                self.local(Conv(module.conv, module.tf_same))
+            else:
+                self.local(ConvTranspose(module.conv, module.crop))
+            self.module(module.norm)
+            self.module(module.act)
+        elif isinstance(module, blocks.Attention):
+            self.attention(module)
+        elif isinstance(module, nn.GroupNorm | nn.InstanceNorm2d):
+            if isinstance(module, nn.InstanceNorm2d) and module.track_running_stats:
+                self.local(Pointwise(module))
+            else:
+                self.norm(module)
+        elif isinstance(module, nn.Conv2d):
+            self.local(Conv(module))
+        elif isinstance(module, blocks.Upsample):
+            self.local(Upsample(module))
+        elif isinstance(module, nn.Module) and _pointwise(module):
+            self.local(Pointwise(module))
+        elif not isinstance(module, nn.Module):
+            self.local(Pointwise(module))  # a function: the output activation
+        else:
+            raise NotTileable(f"a {type(module).__name__} block")
+
+
+_POINTWISE = (nn.Identity, nn.Dropout, nn.BatchNorm2d, nn.ReLU, nn.SiLU, nn.LeakyReLU, nn.GELU,
+              nn.Tanh, nn.Sigmoid, nn.ELU)  # fmt: skip
+
+
+def _pointwise(module: nn.Module) -> bool:
+    return isinstance(module, _POINTWISE)
+
+
+def plan(parts: list, zoom: Fraction = Fraction(1)) -> Plan:
+    """The stages that run `parts` (modules, and functions of one tensor applied pixel by
+    pixel) in sequence on an input of `zoom` pixels per image pixel (a latent: 1 / factor);
+    NotTileable for a part that is not fully convolutional."""
+    builder = _Builder(zoom)
+    for part in parts:
+        builder.module(part)
+    result = builder.park()
+    return Plan(builder.stages, builder.zooms, builder.stats, result)
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Tile:
+    core: tuple[int, int, int, int]  # y0, y1, x0, x1 of the stage's output
+    crops: dict[int, tuple[int, int, int, int]]  # source tensor -> its crop
+    key: tuple  # the per-operation parameters; equal keys run as one batch
+
+
+def _axis(ops: list[Op], lengths: list[int], a: int, b: int, axis: int, side: dict, sides):
+    """Walk one axis backwards from outputs [a, b): each operation's parameters, and the
+    range of the stage's input (and of each residual source, in `side`) they depend on."""
+    found: list = [None] * len(ops)
+    for i in range(len(ops) - 1, -1, -1):
+        op, n = ops[i], lengths[i]
+        if isinstance(op, Add):
+            sub, (lo, hi) = _axis(op.ops, sides[i], a, b, axis, {}, None)
+            side[i] = (lo, hi)
+            found[i] = tuple(sub) + (hi - lo,)
+            continue
+        lo, hi = op.need(a, b, n, axis)
+        found[i] = op.params(lo, hi, a, b, n, axis) + (hi - lo,)
+        a, b = lo, hi
+    return found, (a, b)
+
+
+class Runner:
+    """Runs a plan on one input tensor (1, C, H, W) in tiles that cover `tile` x `tile` image
+    pixels at every stage (so 64 x 64 latent pixels for tiles of 512 in an f8 model)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        tile: int,
+        *,
+        device: torch.device,
+        batch: int,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        notify: Callable[[str], None] = lambda _message: None,
+        attention_fits: Callable[[int], bool] = lambda _bytes: True,
+    ):
+        self.plan, self.tile, self.device, self.batch = plan, tile, device, max(1, batch)
+        self.memory_format, self.notify, self.attention_fits = memory_format, notify, attention_fits
+        # Whole tensors wait in host memory: on a GPU, device memory then follows the tile.
+        self.park = torch.device("cpu")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tensors: dict[int, torch.Tensor] = {0: x}
+        stats: dict[int, Moments] = {}
+        if 0 in self.plan.stats:
+            stats[0] = Moments()
+            stats[0].add(x)
+        last = {}
+        for index, stage in enumerate(self.plan.stages):
+            last[stage.source] = index
+            for op in stage.ops:
+                if isinstance(op, Add):
+                    last[op.source] = index
+        for index, stage in enumerate(self.plan.stages):
+            moments = Moments() if stage.out in self.plan.stats else None
+            if moments is not None:
+                stats[stage.out] = moments
+            if stage.attention is not None:
+                out = self._attention(stage, tensors[stage.source], stats[stage.source])
+                if moments is not None:
+                    moments.add(out)
+                tensors[stage.out] = out.to(self.park)
+            else:
+                tensors[stage.out] = self._stage(stage, tensors, stats, moments)
+            for name in [n for n, i in last.items() if i == index and n != self.plan.result]:
+                tensors.pop(name, None)
+                stats.pop(name, None)
+        return tensors[self.plan.result].to(self.device)
+
+    def _stage(self, stage: Stage, tensors: dict, stats: dict, moments: Moments | None):
+        source = tensors[stage.source]
+        lengths: list[tuple[int, int]] = []
+        sides: dict[int, list] = {}
+        h, w = source.shape[-2:]
+        for i, op in enumerate(stage.ops):
+            lengths.append((h, w))
+            if isinstance(op, Add):
+                sh, sw = tensors[op.source].shape[-2:]
+                sides[i] = []
+                for side_op in op.ops:
+                    sides[i].append((sh, sw))
+                    sh, sw = side_op.size(sh, 0), side_op.size(sw, 1)
+                if (sh, sw) != (h, w):
+                    raise NotTileable(f"a residual sum of {sh}x{sw} and {h}x{w}")
+                continue
+            h, w = op.size(h, 0), op.size(w, 1)
+        core = max(1, int(self.tile * self.plan.zooms[stage.out]))
+        groups: dict[tuple, list[Tile]] = {}
+        for y0 in range(0, h, core):
+            for x0 in range(0, w, core):
+                tile = self._tile(stage, lengths, sides, (y0, min(y0 + core, h)),
+                                  (x0, min(x0 + core, w)))  # fmt: skip
+                groups.setdefault(tile.key, []).append(tile)
+        out = None
+        for group in groups.values():
+            for start in range(0, len(group), self.batch):
+                chunk = group[start : start + self.batch]
+                y = self._run_ops(stage, chunk, tensors, stats)
+                if out is None:
+                    out = torch.empty(
+                        (1, y.shape[1], h, w),
+                        dtype=y.dtype,
+                        device=self.park,
+                        memory_format=self.memory_format,
+                    )
+                for j, tile in enumerate(chunk):
+                    y0, y1, x0, x1 = tile.core
+                    out[:, :, y0:y1, x0:x1] = y[j : j + 1]
+                if moments is not None:
+                    moments.add(y)  # a batch holds whole cores: their pixels, once each
+        return out
+
+    def _tile(self, stage: Stage, lengths, sides, rows, cols) -> Tile:
+        side_rows: dict[int, tuple] = {}
+        side_cols: dict[int, tuple] = {}
+        per_rows, (ry0, ry1) = _axis(
+            stage.ops, [n[0] for n in lengths], *rows, 0, side_rows,
+            {i: [n[0] for n in s] for i, s in sides.items()},
+        )  # fmt: skip
+        per_cols, (rx0, rx1) = _axis(
+            stage.ops, [n[1] for n in lengths], *cols, 1, side_cols,
+            {i: [n[1] for n in s] for i, s in sides.items()},
+        )  # fmt: skip
+        crops = {-1: (ry0, ry1, rx0, rx1)}
+        for i in side_rows:
+            crops[i] = (*side_rows[i], *side_cols[i])
+        return Tile((*rows, *cols), crops, (tuple(per_rows), tuple(per_cols)))
+
+    def _crop(self, tensor: torch.Tensor, tiles: list[Tile], which: int) -> torch.Tensor:
+        parts = [tensor[..., a:b, c:d] for a, b, c, d in (t.crops[which] for t in tiles)]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        x = x.to(self.device)
+        if self.memory_format != torch.contiguous_format:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x  # a view where one tile's crop needs no copy: the next operation copies it
+
+    def _run_ops(self, stage: Stage, tiles: list[Tile], tensors: dict, stats: dict):
+        rows, cols = tiles[0].key
+        x = self._crop(tensors[stage.source], tiles, -1)
+        context = {"stats": stats}
+        for i, op in enumerate(stage.ops):
+            if isinstance(op, Add):
+                s = self._crop(tensors[op.source], tiles, i)
+                for j, side_op in enumerate(op.ops):
+                    s = side_op.run(s, rows[i][j][:-1], cols[i][j][:-1], context)
+                x = x + s
+            else:
+                x = op.run(x, rows[i][:-1], cols[i][:-1], context)
+        return x
+
+    def _attention(self, stage: Stage, x: torch.Tensor, moments: Moments) -> torch.Tensor:
+        """The attention block over the whole tensor; per tile, approximately, where even
+        that would not fit."""
+        module = stage.attention
+        c, h, w = x.shape[1:]
+        # the input, its normalised copy, q, k, v, the attention's output and the projection
+        need = 7 * c * h * w * 4
+        if self.attention_fits(need):
+            return module(x.to(self.device).contiguous(memory_format=self.memory_format))
+        self.notify(
+            f"attention over a {h}x{w} latent would need about {need / 1e9:.1f} GB on "
+            f"{self.device}: running it tile by tile instead, so the result is approximate"
+        )
+        mean, var = moments.groups(module.norm.num_groups)
+        core = max(1, int(self.tile * self.plan.zooms[stage.source]))
+        out = torch.empty_like(x)
+        norm = module.norm
+        for y0 in range(0, h, core):
+            for x0 in range(0, w, core):
+                part = x[..., y0 : y0 + core, x0 : x0 + core].to(self.device)
+                normalised = normalise(part, mean, var, norm.eps, norm.weight, norm.bias)
+                out[..., y0 : y0 + core, x0 : x0 + core] = part + module.attend(normalised)
+        return out
