@@ -205,8 +205,8 @@ class Predictor:
         h, w = shape[-2:]
         if part == "decode":
             h, w = h * self.factor, w * self.factor
-        what = f"an image of {h}x{w} would need about {need / 1e9:.1f} GB of activations on "
-        what += f"{self.device}, which has {free / 1e9:.1f} GB free"
+        what = f"an image of {h}x{w} would need about {_amount(need)} of activations on "
+        what += f"{self.device}, which has {_amount(free)} free"
         if not self.auto_tile:
             raise UsageError(
                 f"{what}: leave out --no-tile (or --tile 0) to work in exact tiles, which give "
@@ -358,3 +358,8 @@ def image_seed(seed: int, number: int) -> int:
 def _to_stderr(line: str) -> None:
     sys.stderr.write(printable(line) + "\n")
     sys.stderr.flush()
+
+
+def _amount(count: int) -> str:
+    """Bytes for a message: 26.8 GB, 7.9 MB."""
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.1f} MB"
