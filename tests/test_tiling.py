@@ -4,6 +4,7 @@ latents and images; --tile-fast approximates them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from aecli.io.vae_files import KLLayout
 from aecli.io.weights import save_weights
 from aecli.models import build_model
 from aecli.tiling import Runner, blend, cores, plan, starts
-from aecli.tiling.exact import Moments, normalise
+from aecli.tiling.exact import Moments, ParkingError, normalise
 
 
 def photo(size=(768, 1024)) -> torch.Tensor:
@@ -364,3 +365,32 @@ def test_tiles_per_batch_are_capped_by_free_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(aecli.inference.predictor, "available_memory", lambda _: 60_000_000)
     predictor.set_tiling(256, None, 32)
     assert 1 <= predictor.tile_batch < 32
+
+
+def test_whole_tensors_beyond_the_host_budget_wait_in_unlinked_files(tmp_path, monkeypatch):
+    """With no host memory to spare, the whole tensors between stages go to files in $TMPDIR:
+    the same result, and no file left behind."""
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    torch.manual_seed(0)
+    model = build_model(LAYOUTS["flux"].config()).eval()
+    x = photo((96, 136)).float() / 127.5 - 1
+    with torch.inference_mode():
+        whole = model.encode_raw(x)
+        encoder = plan([model.encoder, model.latent_head])
+        for budget, files in ((None, 0), (0, len(encoder.stages))):
+            run = Runner(encoder, 32, device=torch.device("cpu"), batch=2, host_budget=budget,
+                         memory_format=torch.channels_last)  # fmt: skip
+            assert (run(x) - whole).abs().max() < 1e-4
+            assert run.parking.files == files
+    assert list(tmp_path.iterdir()) == []
+
+    def full(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ParkingError, match=f"{tmp_path}: no room for .* set TMPDIR"):
+        Runner(encoder, 32, device=torch.device("cpu"), batch=2, host_budget=0)(x)
+    assert list(tmp_path.iterdir()) == []

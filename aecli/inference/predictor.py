@@ -249,6 +249,7 @@ class Predictor:
                     f"this model holds {exc}, which exact tiles do not cover: pass --tile-fast"
                 ) from None
         free = available_memory(self.device)
+        host = free if self.device.type == "cpu" else available_memory(torch.device("cpu"))
         return Runner(
             self._plans[part],
             tiling.size,
@@ -257,6 +258,9 @@ class Predictor:
             memory_format=self.execution.memory_format,
             notify=self.notify,
             attention_fits=lambda need: free is None or need <= free // 2,
+            # half the host's free memory for whole tensors between stages (the other half
+            # holds the tiles' own on the CPU); files in $TMPDIR beyond it
+            host_budget=None if host is None else host // 2,
         )
 
     def _tiled_latent(self, x: torch.Tensor, tiling: Tiling) -> torch.Tensor:

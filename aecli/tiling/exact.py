@@ -24,6 +24,9 @@ approximate.
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -32,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecli.errors import AecliError
 from aecli.models import blocks
-
 
 LAST = torch.channels_last
 
@@ -380,6 +383,65 @@ def plan(parts: list, zoom: Fraction = Fraction(1)) -> Plan:
 # -- the run ---------------------------------------------------------------------------------
 
 
+class Parking:
+    """Where whole tensors wait between stages: host memory while their bytes stay within
+    `budget`, beyond it files in the temporary folder ($TMPDIR), mapped into memory (the
+    system writes their pages out as it needs room) and unlinked as soon as they are mapped,
+    so that no file stays behind, not even after a kill."""
+
+    def __init__(self, budget: int | None):
+        self.budget, self.used, self.files = budget, 0, 0
+        self._held: dict[int, int] = {}  # id of a parked tensor -> its bytes in host memory
+
+    def empty(self, shape: tuple, dtype: torch.dtype, memory_format) -> torch.Tensor:
+        size = math.prod(shape) * dtype.itemsize
+        if self.budget is None or self.used + size <= self.budget:
+            tensor = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+            self.used += size
+            self._held[id(tensor)] = size
+            return tensor
+        self.files += 1
+        return _mapped(shape, dtype, memory_format)
+
+    def store(self, tensor: torch.Tensor, memory_format) -> torch.Tensor:
+        """A parked copy of a (device) tensor."""
+        parked = self.empty(tuple(tensor.shape), tensor.dtype, memory_format)
+        parked.copy_(tensor)
+        return parked
+
+    def release(self, tensor: torch.Tensor | None) -> None:
+        if tensor is not None:
+            self.used -= self._held.pop(id(tensor), 0)
+
+
+def _mapped(shape: tuple, dtype: torch.dtype, memory_format) -> torch.Tensor:
+    """An empty tensor whose storage is a new file in the temporary folder, mapped and
+    unlinked; one line naming the folder where it has no room."""
+    count = math.prod(shape)
+    handle, name = tempfile.mkstemp(prefix="aecli-tiles-")
+    try:
+        try:
+            os.posix_fallocate(handle, 0, max(1, count * dtype.itemsize))  # room, now or never
+        except OSError as exc:
+            raise ParkingError(
+                f"{tempfile.gettempdir()}: no room for {count * dtype.itemsize / 1e9:.1f} GB of "
+                f"activations waiting between tiles ({exc.strerror}); set TMPDIR to a folder "
+                "with room, or pass --tile-fast"
+            ) from None
+        flat = torch.from_file(name, shared=True, size=count, dtype=dtype)
+    finally:
+        os.close(handle)
+        os.unlink(name)
+    if memory_format == LAST and len(shape) == 4:
+        b, c, h, w = shape
+        return flat.view(b, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
+
+
+class ParkingError(AecliError):
+    """The temporary folder has no room for the whole tensors that wait between stages."""
+
+
 @dataclass
 class Tile:
     core: tuple[int, int, int, int]  # y0, y1, x0, x1 of the stage's output
@@ -418,11 +480,15 @@ class Runner:
         memory_format: torch.memory_format = torch.contiguous_format,
         notify: Callable[[str], None] = lambda _message: None,
         attention_fits: Callable[[int], bool] = lambda _bytes: True,
+        host_budget: int | None = None,
     ):
+        """`attention_fits(bytes)`: whether whole-tensor attention may take that much device
+        memory. `host_budget`: the bytes of host memory whole tensors may take (None: no
+        limit); beyond it they wait in files (see Parking)."""
         self.plan, self.tile, self.device, self.batch = plan, tile, device, max(1, batch)
         self.memory_format, self.notify, self.attention_fits = memory_format, notify, attention_fits
         # Whole tensors wait in host memory: on a GPU, device memory then follows the tile.
-        self.park = torch.device("cpu")
+        self.parking = Parking(host_budget)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tensors: dict[int, torch.Tensor] = {0: x}
@@ -444,11 +510,11 @@ class Runner:
                 out = self._attention(stage, tensors[stage.source], stats[stage.source])
                 if moments is not None:
                     moments.add(out)
-                tensors[stage.out] = out.to(self.park)
+                tensors[stage.out] = self.parking.store(out, self.memory_format)
             else:
                 tensors[stage.out] = self._stage(stage, tensors, stats, moments)
             for name in [n for n, i in last.items() if i == index and n != self.plan.result]:
-                tensors.pop(name, None)
+                self.parking.release(tensors.pop(name, None))
                 stats.pop(name, None)
         return tensors[self.plan.result].to(self.device)
 
@@ -482,12 +548,7 @@ class Runner:
                 chunk = group[start : start + self.batch]
                 y = self._run_ops(stage, chunk, tensors, stats)
                 if out is None:
-                    out = torch.empty(
-                        (1, y.shape[1], h, w),
-                        dtype=y.dtype,
-                        device=self.park,
-                        memory_format=self.memory_format,
-                    )
+                    out = self.parking.empty((1, y.shape[1], h, w), y.dtype, self.memory_format)
                 for j, tile in enumerate(chunk):
                     y0, y1, x0, x1 = tile.core
                     out[:, :, y0:y1, x0:x1] = y[j : j + 1]
