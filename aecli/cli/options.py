@@ -118,7 +118,7 @@ Tile = Annotated[
     typer.Option(
         "--tile",
         min=0,
-        help="Fully convolutional models: work in tiles of SIZE x SIZE pixels (e.g. 512), so "
+        help="Fully convolutional models: work in tiles of N x N pixels (e.g. 512), so "
         "that device memory follows the tile, not the image; the result is the untiled one. "
         "--batch-size then counts tiles. Default: tiles only for an image that would not fit "
         "in the device's free memory; 0: never.",
