@@ -16,9 +16,11 @@
 #   profile      kl_speed.py --profile: where cat-kl-f8's step spends its GPU time, aecli and diffusers
 #   quality      quality.py --pairs kl (cat-kl-f8's held-out row)
 #   encode       encode_scale.py: 10,000 images at 256x256 through cat-kl-f8 into a latent folder
+#   tiles        tiling.py --large: a 4096x4096 decode with the full SD VAE layout, automatic
+#                tiling against diffusers' enable_tiling(); then tiling.py's table on CUDA
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality or encode" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality, encode or tiles" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 log="$out/$(IFS=-; echo "$*").log"
@@ -76,12 +78,16 @@ for stage in "${stages[@]}"; do
       run 540 python3 benchmarks/encode_scale.py --device cuda --preset cat-kl-f8 --size 256x256 \
         --buckets 256 --images 10000 --repeats 1 --dir /dev/shm
       ;;
+    tiles)
+      run 300 python3 benchmarks/tiling.py --large --device cuda --free-gb 16
+      run 240 python3 benchmarks/tiling.py --device cuda --tile 256
+      ;;
     quality)
       # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
       run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
       ;;
     *)
-      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality or encode" | tee -a "$log" >&2
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality, encode or tiles" | tee -a "$log" >&2
       exit 2
       ;;
   esac

@@ -238,9 +238,10 @@ def large(args) -> None:
     limit = int(args.free_gb * 1e9)
     predictor_module.available_memory = lambda d: min(limit, real(d) or limit)
     predictor = Predictor(folder, device)
+    vae = diffusers_vae(folder, device, 512)
     for label, run in (
         (f"aecli, automatic tiling as with {args.free_gb:g} GB free", lambda: predictor.decode(z)),
-        ("diffusers enable_tiling(), tiles of 512", lambda: _diffusers_decode(folder, device, z)),
+        ("diffusers enable_tiling(), tiles of 512", lambda: _diffusers_decode(vae, z)),
     ):
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -260,9 +261,8 @@ def large(args) -> None:
 
 
 @torch.inference_mode()
-def _diffusers_decode(folder: Path, device: torch.device, z: torch.Tensor) -> torch.Tensor:
-    vae = diffusers_vae(folder, device, 512)
-    return vae.decode(z.to(device)).sample
+def _diffusers_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    return vae.decode(z.to(vae.device)).sample
 
 
 def main() -> None:
