@@ -523,7 +523,7 @@ def test_doctored_headers_are_one_line_not_internal_errors(tiny_weights, tmp_pat
 @pytest.mark.parametrize(
     "args, expected",
     [
-        ("reconstruct W in --tile 0 -o x", "Invalid value for '--tile'"),
+        ("reconstruct W in --tile -1 -o x", "Invalid value for '--tile'"),
         ("encode W in -o z --tile 8 --tile-overlap -5", "Invalid value for '--tile-overlap'"),
         ("reconstruct", "Missing argument 'WEIGHTS'"),
         ("bogus", "No such command 'bogus'"),
