@@ -238,7 +238,7 @@ class Moments:
         b, c, h, w = x.shape
         n = h * w
         # per item and channel, over the tensor's own layout (no copy), then merged
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=LAST):
+        if not x.is_contiguous() and x.is_contiguous(memory_format=LAST):
             var, mean = torch.var_mean(x.permute(0, 2, 3, 1).reshape(b, n, c), dim=1, correction=0)
         else:
             var, mean = torch.var_mean(x.reshape(b, c, n), dim=2, correction=0)
@@ -604,7 +604,7 @@ class Runner:
         if self.attention_fits(need):
             return module(x.to(self.device).contiguous(memory_format=self.memory_format))
         self.notify(
-            f"attention over a {h}x{w} latent would need about {need / 1e9:.1f} GB on "
+            f"warning: attention over a {h}x{w} latent would need about {need / 1e9:.1f} GB on "
             f"{self.device}: running it tile by tile instead, so the result is approximate"
         )
         mean, var = moments.groups(module.norm.num_groups)
