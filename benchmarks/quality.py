@@ -6,9 +6,17 @@ allows) on 8-bit reconstructions in [0, 1]. Data, all without a download:
 
 - digits28: scikit-learn's 1,797 handwritten digits upsampled to 28x28 (grey); a fixed fifth
   held out;
-- photos32 / photos127 / photos256: crops of scikit-learn's two sample photos; training crops
-  from the left 70% of each photo (60% for 256x256, so that a held-out crop fits), held-out
-  crops from the rest, which training never sees;
+- photos32 / photos127 / photos256: crops of photos and textures that scikit-learn and
+  scikit-image ship, in equal numbers from each training source. Two held-out sets:
+  - **other sources** (the first column): crops of photos no training crop comes from, colour
+    and grey, each with its own figure: VALIDATION_SOURCES;
+  - **same photos**: crops of the right 30% of scikit-learn's two sample photos (40% for
+    256x256, so that a crop fits), whose left part is in the training set.
+  Training sources, TRAIN_SOURCES: scikit-learn's china and flower (left part only);
+  scikit-image's coffee, hubble_deep_field, immunohistochemistry and retina (colour), camera,
+  brick, grass, gravel, moon, clock, page and cell (grey, as three equal channels).
+  Held out: scikit-image's astronaut, chelsea and rocket (colour), coins and text (grey).
+  Sources smaller than a crop are left out at that size (text and page at 256x256);
 - shapes32 / shapes28: aecli's built-in shapes, held-out images drawn with another seed.
 
 `--pairs kl` trains cat-kl-f8 (no counterpart: the issue asks for its figures with the full
@@ -17,10 +25,11 @@ weights are in the torch hub cache; without them it trains with loss.perceptual_
 says so. It needs a GPU: about 2.7 TFLOP per training image. A budget under one epoch
 (`--budget 0.01`: 200 images seen) trains one epoch over fewer crops; the held-out crops stay.
 
-Runs are short on a CPU, so each is repeated with seeds 0, 1 and 2 and the median reported
-(`--repeats`). Run: python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl]
-[--device cpu] [--budget 1.0] (a multiplier on every pair's images seen; state it when it is
-not 1). The default is mnist,cifar: minutes on a CPU.
+Runs are short on a CPU, so each is repeated with seeds 0, 1 and 2 (`--repeats`) and the
+median reported, with the spread (largest minus smallest) of the first column. Run:
+python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl] [--device cpu]
+[--budget 1.0] (a multiplier on every pair's images seen; state it when it is not 1)
+[--per-source]. The default is mnist,cifar: minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -74,22 +83,77 @@ def digits(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
     return images[order[held:]], images[order[:held]]
 
 
-def photo_crops(size: int, train_count: int, test_count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_sample_images
+# scikit-learn's sample photos and scikit-image's data; grey images become three equal channels
+TRAIN_SOURCES = [
+    *("china", "flower", "coffee", "hubble_deep_field", "immunohistochemistry", "retina"),
+    *("camera", "brick", "grass", "gravel", "moon", "clock", "page", "cell"),
+]
+VALIDATION_SOURCES = ["astronaut", "chelsea", "rocket", "coins", "text"]
+SAME_PHOTOS = ["china", "flower"]  # their left part trains, their right part is held out
+assert not set(TRAIN_SOURCES) & set(VALIDATION_SOURCES)
 
+
+def source_image(name: str) -> np.ndarray:
+    """One source as uint8 (H, W, 3), from scikit-learn or scikit-image (no download)."""
+    if name in SAME_PHOTOS:
+        from sklearn.datasets import load_sample_images
+
+        return load_sample_images().images[SAME_PHOTOS.index(name)]
+    import skimage.data
+
+    image = np.asarray(getattr(skimage.data, name)())
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3]).astype(np.uint8)
+
+
+@dataclass
+class PhotoSplit:
+    train: torch.Tensor  # (N, 3, S, S) uint8
+    other: torch.Tensor  # crops of VALIDATION_SOURCES
+    other_sources: list[str]  # the source of each
+    same: torch.Tensor  # crops of the right part of SAME_PHOTOS
+    train_sources: list[str]  # the source of each training crop
+
+
+def _crop(rng, image: np.ndarray, size: int, x0: int, x1: int) -> torch.Tensor:
+    h = image.shape[0]
+    y, x = rng.integers(0, h - size + 1), rng.integers(x0, x1 + 1)
+    return torch.from_numpy(image[y : y + size, x : x + size].copy()).permute(2, 0, 1)
+
+
+def photo_crops(size: int, train_count: int, test_count: int) -> PhotoSplit:
+    """Training crops in equal numbers from every training source (SAME_PHOTOS from their
+    left part only), held-out crops from every validation source and from SAME_PHOTOS'
+    right part."""
     rng = np.random.default_rng(0)
-    train, test = [], []
-    photos = load_sample_images().images
-    for i in range(train_count + test_count):
-        photo = photos[i % 2]
-        h, w = photo.shape[:2]
-        split = min(int(w * 0.7), w - size)  # 256x256: at 60%, so a held-out crop fits
-        held = i >= train_count
-        x0, x1 = (split, w - size) if held else (0, split - size)
-        y, x = rng.integers(0, h - size + 1), rng.integers(x0, x1 + 1)
-        crop = torch.from_numpy(photo[y : y + size, x : x + size].copy()).permute(2, 0, 1)
-        (test if held else train).append(crop)
-    return torch.stack(train), torch.stack(test)
+    images = {n: source_image(n) for n in TRAIN_SOURCES + VALIDATION_SOURCES}
+    fits = {n: im for n, im in images.items() if min(im.shape[:2]) >= size}
+
+    def split(name: str) -> int:  # where SAME_PHOTOS' held-out part begins
+        w = fits[name].shape[1]
+        return min(int(w * 0.7), w - size)
+
+    train_names = [n for n in TRAIN_SOURCES if n in fits]
+    train, train_sources = [], []
+    for i in range(train_count):
+        name = train_names[i % len(train_names)]
+        image = fits[name]
+        x1 = split(name) - size if name in SAME_PHOTOS else image.shape[1] - size
+        train.append(_crop(rng, image, size, 0, x1))
+        train_sources.append(name)
+    other_names = [n for n in VALIDATION_SOURCES if n in fits]
+    other, other_sources = [], []
+    for i in range(test_count):
+        name = other_names[i % len(other_names)]
+        other.append(_crop(rng, fits[name], size, 0, fits[name].shape[1] - size))
+        other_sources.append(name)
+    same = []
+    for i in range(test_count):
+        name = SAME_PHOTOS[i % 2]
+        same.append(_crop(rng, fits[name], size, split(name), fits[name].shape[1] - size))
+    return PhotoSplit(torch.stack(train), torch.stack(other), other_sources, torch.stack(same),
+                      train_sources)  # fmt: skip
 
 
 def shapes(size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,16 +162,24 @@ def shapes(size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(train), torch.from_numpy(test)
 
 
-def dataset(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class Data:
+    train: torch.Tensor
+    held: dict[str, torch.Tensor]  # column -> held-out images; the first is the headline
+    sources: list[str] | None = None  # the first held-out set's source of each image
+
+
+def dataset(name: str) -> Data:
     if name == "digits28":
-        return digits()
+        return Data(*digits()[:1], {"held-out": digits()[1]})
     if name.startswith("photos"):
         size = int(name[6:])
         counts = {32: (4000, 500), 127: (800, 100), 256: (400, 50)}[size]
-        return photo_crops(size, *counts)
-    if name == "shapes28":
-        return shapes(28, 1)
-    return shapes(32, 3)
+        split = photo_crops(size, *counts)
+        held = {"other sources": split.other, "same photos": split.same}
+        return Data(split.train, held, split.other_sources)
+    train, test = shapes(28, 1) if name == "shapes28" else shapes(32, 3)
+    return Data(train, {"held-out": test})
 
 
 def lpips_available() -> bool:
@@ -121,14 +193,17 @@ def lpips_available() -> bool:
     return True
 
 
-def evaluate(weights: Path, test: torch.Tensor, device: str, lpips: bool) -> dict[str, float]:
+def evaluate(weights: Path, test: torch.Tensor, device: str, lpips: bool) -> dict:
+    """Figures over `test`, and "per_image": each image's PSNR."""
     predictor = Predictor(weights, device)
     recon = torch.cat([predictor.reconstruct(batch).cpu() for batch in test.split(16)])
     a, b = recon.float() / 255.0, test.float() / 255.0
+    per_image = psnr(a, b)
     figures = {
-        "psnr": psnr(a, b).mean().item(),
+        "psnr": per_image.mean().item(),
         "ssim": ssim(a, b).item(),
         "ms_ssim": ms_ssim(a, b).item(),
+        "per_image": per_image.tolist(),
     }
     if lpips:
         from aecli.perceptual import load_lpips
@@ -143,10 +218,11 @@ def evaluate(weights: Path, test: torch.Tensor, device: str, lpips: bool) -> dic
     return figures
 
 
-def run(preset: str, train_images: torch.Tensor, test: torch.Tensor, images_seen: int,
-        seed: int, device: str, work: Path) -> dict[str, float]:  # fmt: skip
+def run(preset: str, data: Data, images_seen: int, seed: int, device: str,
+        work: Path) -> dict[str, dict]:  # fmt: skip
+    """One training run; its figures on each held-out set, and its seconds and images seen."""
     fraction = load_config(preset, []).config.data.val_fraction  # what the run holds out
-    train_images = fewer_images(train_images, images_seen, fraction)
+    train_images = fewer_images(data.train, images_seen, fraction)
     usable = len(train_images) - validation_count(len(train_images), fraction)
     epochs = max(1, round(images_seen / usable))
     overrides = [f"train.epochs={epochs}", f"train.seed={seed}", "train.early_stopping=null"]
@@ -158,13 +234,15 @@ def run(preset: str, train_images: torch.Tensor, test: torch.Tensor, images_seen
         config.data.size
     ):
         raise SystemExit(f"{preset} takes {config.data.channels}x{config.data.size} images")
-    data = ImageData(train_images, None, None, {"kind": "benchmark"})
     start = time.perf_counter()
-    result = train(config, data, work / f"{preset}-{seed}", preset=preset, device=device)
-    figures = evaluate(result.weights, test, device, lpips)
-    figures["seconds"] = time.perf_counter() - start
-    figures["images_seen"] = epochs * usable  # what the run trained on, in whole epochs
-    return figures
+    result = train(config, ImageData(train_images, None, None, {"kind": "benchmark"}),
+                   work / f"{preset}-{seed}", preset=preset, device=device)  # fmt: skip
+    seconds = time.perf_counter() - start
+    found = {
+        name: evaluate(result.weights, test, device, lpips) for name, test in data.held.items()
+    }
+    found["run"] = {"seconds": seconds, "images_seen": epochs * usable}
+    return found
 
 
 def fewer_images(train_images: torch.Tensor, images_seen: int, fraction: float) -> torch.Tensor:
@@ -185,30 +263,61 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=1.0)
+    parser.add_argument("--per-source", action="store_true", help="each held-out source's PSNR")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aecli-quality-"))
     if "kl" in args.pairs.split(",") and not lpips_available():
         print("cat-kl-f8: no VGG16 weights in the torch hub cache: trained without LPIPS")
-    print("| data | preset | held-out PSNR | SSIM | MS-SSIM | LPIPS | train s | images seen |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"held-out PSNR: median of {args.repeats} seeds (spread: largest minus smallest)\n")
+    print("| data | preset | held-out PSNR (other sources for photos) | same photos | SSIM | "
+          "MS-SSIM | LPIPS | train s | images seen |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    sources: list[str] = []
     for key in args.pairs.split(","):
         pair = PAIRS[key]
         for data_name in pair.data:
-            train_images, test = dataset(data_name)
+            data = dataset(data_name)
             seen = int(pair.images_seen * args.budget)
+            headline = next(iter(data.held))
+            medians = {}
             for preset in filter(None, (pair.reference, pair.ours)):
-                runs = [
-                    run(preset, train_images, test, seen, seed, args.device, work)
-                    for seed in range(args.repeats)
-                ]
-                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                lpips_text = f"{med['lpips']:.4f}" if "lpips" in med else "-"
+                runs = [run(preset, data, seen, seed, args.device, work)
+                        for seed in range(args.repeats)]  # fmt: skip
+                first = [r[headline]["psnr"] for r in runs]
+                medians[preset] = statistics.median(first)
+
+                def med(part: str, figure: str, runs=runs) -> float:
+                    return statistics.median(r[part][figure] for r in runs)
+
+                same = (f"{med('same photos', 'psnr'):.2f} dB"
+                        if "same photos" in data.held else "-")  # fmt: skip
+                lpips_text = (
+                    f"{med(headline, 'lpips'):.4f}" if "lpips" in runs[0][headline] else "-"
+                )
                 print(
-                    f"| {data_name} | {preset} | {med['psnr']:.2f} dB | {med['ssim']:.4f} | "
-                    f"{med['ms_ssim']:.4f} | {lpips_text} | {med['seconds']:.0f} | "
-                    f"{med['images_seen']:,.0f} |",
+                    f"| {data_name} | {preset} | {medians[preset]:.2f} dB "
+                    f"(spread {max(first) - min(first):.2f}) | {same} | "
+                    f"{med(headline, 'ssim'):.4f} | {med(headline, 'ms_ssim'):.4f} | "
+                    f"{lpips_text} | {med('run', 'seconds'):.0f} | "
+                    f"{med('run', 'images_seen'):,.0f} |",
                     flush=True,
                 )
+                if data.sources is not None:
+                    for name in dict.fromkeys(data.sources):
+                        values = [
+                            np.mean([p for p, s in zip(r[headline]["per_image"], data.sources,
+                                                       strict=True) if s == name])
+                            for r in runs
+                        ]  # fmt: skip
+                        sources.append(f"| {data_name} | {preset} | {name} | "
+                                       f"{statistics.median(values):.2f} dB |")  # fmt: skip
+            if pair.ours is not None:
+                lead = medians[pair.ours] - medians[pair.reference]
+                print(f"| {data_name} | lead of {pair.ours} | {lead:+.2f} dB | | | | | | |",
+                      flush=True)  # fmt: skip
+    if args.per_source and sources:
+        print("\n| data | preset | held-out source | PSNR |\n| --- | --- | --- | --- |")
+        print("\n".join(sources))
 
 
 if __name__ == "__main__":
