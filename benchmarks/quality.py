@@ -29,7 +29,8 @@ Runs are short on a CPU, so each is repeated with seeds 0, 1 and 2 (`--repeats`)
 median reported, with the spread (largest minus smallest) of the first column. Run:
 python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl] [--device cpu]
 [--budget 1.0] (a multiplier on every pair's images seen; state it when it is not 1)
-[--per-source]. The default is mnist,cifar: minutes on a CPU.
+[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours] (--set: overrides
+for aecli's counterpart, for tuning). The default is mnist,cifar: minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -218,14 +219,16 @@ def evaluate(weights: Path, test: torch.Tensor, device: str, lpips: bool) -> dic
     return figures
 
 
-def run(preset: str, data: Data, images_seen: int, seed: int, device: str,
-        work: Path) -> dict[str, dict]:  # fmt: skip
-    """One training run; its figures on each held-out set, and its seconds and images seen."""
+def run(preset: str, data: Data, images_seen: int, seed: int, device: str, work: Path,
+        extra: list[str] = ()) -> dict[str, dict]:  # fmt: skip
+    """One training run (with `extra` --set overrides); its figures on each held-out set, and
+    its seconds and images seen."""
     fraction = load_config(preset, []).config.data.val_fraction  # what the run holds out
     train_images = fewer_images(data.train, images_seen, fraction)
     usable = len(train_images) - validation_count(len(train_images), fraction)
     epochs = max(1, round(images_seen / usable))
-    overrides = [f"train.epochs={epochs}", f"train.seed={seed}", "train.early_stopping=null"]
+    overrides = [f"train.epochs={epochs}", f"train.seed={seed}", "train.early_stopping=null",
+                 *extra]  # fmt: skip
     config = load_config(preset, overrides).config
     lpips = config.loss.perceptual_weight > 0 and lpips_available()
     if config.loss.perceptual_weight > 0 and not lpips:
@@ -264,6 +267,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--per-source", action="store_true", help="each held-out source's PSNR")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for aecli's counterpart (tuning); repeatable",
+    )
+    parser.add_argument("--only-ours", action="store_true", help="skip the reference presets")
+    parser.add_argument("--data", help="only these data sets (comma-separated), e.g. photos32")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aecli-quality-"))
     if "kl" in args.pairs.split(",") and not lpips_available():
@@ -276,12 +288,16 @@ def main() -> None:
     for key in args.pairs.split(","):
         pair = PAIRS[key]
         for data_name in pair.data:
+            if args.data and data_name not in args.data.split(","):
+                continue
             data = dataset(data_name)
             seen = int(pair.images_seen * args.budget)
             headline = next(iter(data.held))
             medians = {}
-            for preset in filter(None, (pair.reference, pair.ours)):
-                runs = [run(preset, data, seen, seed, args.device, work)
+            presets = (pair.ours,) if args.only_ours else (pair.reference, pair.ours)
+            for preset in filter(None, presets):
+                extra = args.set if preset == pair.ours else []
+                runs = [run(preset, data, seen, seed, args.device, work, extra)
                         for seed in range(args.repeats)]  # fmt: skip
                 first = [r[headline]["psnr"] for r in runs]
                 medians[preset] = statistics.median(first)
@@ -311,7 +327,7 @@ def main() -> None:
                         ]  # fmt: skip
                         sources.append(f"| {data_name} | {preset} | {name} | "
                                        f"{statistics.median(values):.2f} dB |")  # fmt: skip
-            if pair.ours is not None:
+            if pair.ours is not None and pair.reference in medians:
                 lead = medians[pair.ours] - medians[pair.reference]
                 print(f"| {data_name} | lead of {pair.ours} | {lead:+.2f} dB | | | | | | |",
                       flush=True)  # fmt: skip
