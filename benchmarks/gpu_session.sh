@@ -29,6 +29,8 @@ log="$out/$(IFS=-; echo "$*").log"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   if [ -d .wheels ]; then
     python3 -m pip install -q --no-index --find-links .wheels hatchling pydantic 2>&1 | tail -2
+    python3 -m pip install -q --no-index --no-deps --find-links .wheels scikit-image lazy_loader \
+      2>&1 | tail -2
     python3 -m pip install -q --no-index --find-links .wheels diffusers lpips tensorboard \
       2>&1 | tail -2 || echo "test extras not carried: their tests skip"
   fi

@@ -94,15 +94,32 @@ SAME_PHOTOS = ["china", "flower"]  # their left part trains, their right part is
 assert not set(TRAIN_SOURCES) & set(VALIDATION_SOURCES)
 
 
+# scikit-image's data files of the sources (read with PIL, so that scikit-image's own
+# dependencies, scipy among them, need not be installed: a GPU machine without a registry)
+SKIMAGE_FILES = {"coffee": "coffee.png", "hubble_deep_field": "hubble_deep_field.jpg",
+                 "immunohistochemistry": "ihc.png", "retina": "retina.jpg",
+                 "camera": "camera.png", "brick": "brick.png", "grass": "grass.png",
+                 "gravel": "gravel.png", "moon": "moon.png", "clock": "clock_motion.png",
+                 "page": "page.png", "cell": "cell.png", "astronaut": "astronaut.png",
+                 "chelsea": "chelsea.png", "rocket": "rocket.jpg", "coins": "coins.png",
+                 "text": "text.png"}  # fmt: skip
+
+
 def source_image(name: str) -> np.ndarray:
     """One source as uint8 (H, W, 3), from scikit-learn or scikit-image (no download)."""
     if name in SAME_PHOTOS:
         from sklearn.datasets import load_sample_images
 
         return load_sample_images().images[SAME_PHOTOS.index(name)]
-    import skimage.data
+    import importlib.util
 
-    image = np.asarray(getattr(skimage.data, name)())
+    from PIL import Image
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the photo data sets need scikit-image (pip install scikit-image)")
+    with Image.open(Path(spec.origin).parent / "data" / SKIMAGE_FILES[name]) as file:
+        image = np.asarray(file.convert("RGB") if file.mode not in ("L", "RGB") else file)
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     return np.ascontiguousarray(image[:, :, :3]).astype(np.uint8)
