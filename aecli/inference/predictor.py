@@ -263,31 +263,17 @@ class Predictor:
             host_budget=None if host is None else host // 2,
         )
 
-    def _tiled_latent(self, x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-        """The latent head's output for one padded image (1, C, H, W), tile by tile."""
-        if self.tile_fast:
-            return tiled(
-                self.model.encode_raw,
-                self.model.encoder,
-                x,
-                tiling,
-                scale=1 / self.factor,
-                batch_size=self.tile_batch,
-            )
-        return self._runner("encode", tiling)(x)
-
-    def _tiled_image(self, z: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-        """The decoded image (in the data range) for one latent (1, C, h, w), tile by tile."""
-        if self.tile_fast:
-            return tiled(
-                self.model.decode,
-                self.model.decoder,
-                z,
-                tiling.scaled(self.factor),
-                scale=self.factor,
-                batch_size=self.tile_batch,
-            )
-        return self._runner("decode", tiling)(z)
+    def _tiled(self, part: str, x: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+        """One padded image's latent head output (`part` encode) or one latent's image in the
+        data range (decode), tile by tile: exact tiles, or --tile-fast's."""
+        if not self.tile_fast:
+            return self._runner(part, tiling)(x)
+        model, f = self.model, self.factor
+        if part == "encode":
+            return tiled(model.encode_raw, model.encoder, x, tiling, scale=1 / f,
+                         batch_size=self.tile_batch)  # fmt: skip
+        return tiled(model.decode, model.decoder, x, tiling.scaled(f), scale=f,
+                     batch_size=self.tile_batch)  # fmt: skip
 
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -298,8 +284,8 @@ class Predictor:
         x = self._padded(x)
 
         def tiles(one: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-            mean = self.model.posterior(self._tiled_latent(one, tiling)).mode()
-            return self._tiled_image(mean, tiling)
+            mean = self.model.posterior(self._tiled("encode", one, tiling)).mode()
+            return self._tiled("decode", mean, tiling)
 
         with self.execution.autocast():
             image = self._run(
@@ -317,7 +303,9 @@ class Predictor:
         draw from the posterior when a generator (or one per image) is given (VAE)."""
         x = self._padded(self.execution.prepare(images, self.value_range))
         with self.execution.autocast():
-            raw = self._run("encode", x, self.model.encode_raw, self._tiled_latent)
+            raw = self._run(
+                "encode", x, self.model.encode_raw, lambda one, t: self._tiled("encode", one, t)
+            )
         posterior = self.model.posterior(raw.float())
         z = posterior.sample(generator) if generator is not None else posterior.mode()
         return z.float()
@@ -327,7 +315,9 @@ class Predictor:
         """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
         z = z.to(self.device, torch.float32)
         with self.execution.autocast():
-            image = self._run("decode", z, self.model.decode, self._tiled_image)
+            image = self._run(
+                "decode", z, self.model.decode, lambda one, t: self._tiled("decode", one, t)
+            )
         return to_uint8(image, self.value_range)
 
     def fit(self, latents: LatentFile, *, force: bool = False) -> torch.Tensor:

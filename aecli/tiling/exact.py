@@ -189,7 +189,7 @@ class Norm(Op):
     stage's input), gathered while the previous stage wrote it."""
 
     def __init__(self, module: nn.Module, source: int):
-        self.module, self.source = module, source
+        self.source = source
         self.groups = module.num_groups if isinstance(module, nn.GroupNorm) else None
         self.eps = module.eps
         self.weight = getattr(module, "weight", None)

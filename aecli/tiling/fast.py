@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aecli.tiling.exact import normalise
+
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -179,15 +181,5 @@ def _norm_statistics(norms: list[nn.GroupNorm], stats: list | None):
 
 
 def _fixed_forward(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
-    groups = norm.num_groups
-    shift, scale = mean[:, None], torch.rsqrt(var + norm.eps)[:, None]  # (G, 1)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        b, c = x.shape[:2]
-        xf = ((x.float().reshape(b, groups, -1) - shift) * scale).reshape(x.shape)
-        if norm.affine:
-            view = (1, c) + (1,) * (x.dim() - 2)
-            xf = xf * norm.weight.float().reshape(view) + norm.bias.float().reshape(view)
-        return xf
-
-    return forward
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    return lambda x: normalise(x, mean, var, norm.eps, weight, bias)
