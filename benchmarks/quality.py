@@ -29,8 +29,9 @@ Runs are short on a CPU, so each is repeated with seeds 0, 1 and 2 (`--repeats`)
 median reported, with the spread (largest minus smallest) of the first column. Run:
 python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl] [--device cpu]
 [--budget 1.0] (a multiplier on every pair's images seen; state it when it is not 1)
-[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours] (--set: overrides
-for aecli's counterpart, for tuning). The default is mnist,cifar: minutes on a CPU.
+[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours] [--ours PRESET]
+(--set: overrides for aecli's counterpart; --ours: another counterpart, a YAML path; both for
+tuning). The default is mnist,cifar: minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def run(preset: str, data: Data, images_seen: int, seed: int, device: str, work:
         raise SystemExit(f"{preset} takes {config.data.channels}x{config.data.size} images")
     start = time.perf_counter()
     result = train(config, ImageData(train_images, None, None, {"kind": "benchmark"}),
-                   work / f"{preset}-{seed}", preset=preset, device=device)  # fmt: skip
+                   work / f"{Path(preset).stem}-{seed}", preset=preset, device=device)  # fmt: skip
     seconds = time.perf_counter() - start
     found = {
         name: evaluate(result.weights, test, device, lpips) for name, test in data.held.items()
@@ -292,6 +293,12 @@ def main() -> None:
         help="an override for aecli's counterpart (tuning); repeatable",
     )
     parser.add_argument("--only-ours", action="store_true", help="skip the reference presets")
+    parser.add_argument(
+        "--ours",
+        metavar="PRESET",
+        help="train this preset (a name or a YAML path) as aecli's "
+        "counterpart instead of the bundled one (tuning)",
+    )
     parser.add_argument("--data", help="only these data sets (comma-separated), e.g. photos32")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aecli-quality-"))
@@ -304,6 +311,8 @@ def main() -> None:
     sources: list[str] = []
     for key in args.pairs.split(","):
         pair = PAIRS[key]
+        if args.ours:
+            pair = Pair(pair.reference, args.ours, pair.data, pair.images_seen)
         for data_name in pair.data:
             if args.data and data_name not in args.data.split(","):
                 continue

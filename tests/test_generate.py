@@ -111,7 +111,7 @@ def test_class_samples_follow_their_class_gaussian(tmp_path, cli, request, model
     class_means, class_covs = stats["class_mean"], stats["class_cov"]
     for k, name in enumerate(CLASSES):
         z = tmp_path / f"{name}.safetensors"
-        result = cli("sample", weights, "-n", 400, "--class", name, "--latents-out", z)
+        result = cli("sample", weights, "-n", 400, "--class", name, "--seed", k, "--latents-out", z)
         assert result.exit_code == 0, result.output
         latents = read_latents(z)
         assert latents.labels.tolist() == [k] * 400 and latents.class_names == CLASSES
