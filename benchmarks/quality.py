@@ -26,10 +26,11 @@ says so. It needs a GPU: about 2.7 TFLOP per training image. A budget under one 
 (`--budget 0.01`: 200 images seen) trains one epoch over fewer crops; the held-out crops stay.
 
 Runs are short on a CPU, so each is repeated with seeds 0, 1 and 2 (`--repeats`) and the
-median reported, with the spread (largest minus smallest) of the first column. Run:
+median reported, with the spread (largest minus smallest) of the first column (`--seeds 1,2`:
+those seeds; runs of one seed each can go in parallel, the medians then taken by hand). Run:
 python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl] [--device cpu]
 [--budget 1.0] (a multiplier on every pair's images seen; state it when it is not 1)
-[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours] [--ours PRESET]
+[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours | --only-reference] [--ours PRESET]
 (--set: overrides for aecli's counterpart; --ours: another counterpart, a YAML path; both for
 tuning). The default is mnist,cifar: minutes on a CPU.
 """
@@ -283,6 +284,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="mnist,cifar")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", help="these seeds (comma-separated) instead of 0..repeats-1")
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--per-source", action="store_true", help="each held-out source's PSNR")
     parser.add_argument(
@@ -293,6 +295,7 @@ def main() -> None:
         help="an override for aecli's counterpart (tuning); repeatable",
     )
     parser.add_argument("--only-ours", action="store_true", help="skip the reference presets")
+    parser.add_argument("--only-reference", action="store_true", help="skip aecli's counterparts")
     parser.add_argument(
         "--ours",
         metavar="PRESET",
@@ -301,10 +304,12 @@ def main() -> None:
     )
     parser.add_argument("--data", help="only these data sets (comma-separated), e.g. photos32")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.repeats))
     work = Path(tempfile.mkdtemp(prefix="aecli-quality-"))
     if "kl" in args.pairs.split(",") and not lpips_available():
         print("cat-kl-f8: no VGG16 weights in the torch hub cache: trained without LPIPS")
-    print(f"held-out PSNR: median of {args.repeats} seeds (spread: largest minus smallest)\n")
+    print(f"held-out PSNR: median of seeds {', '.join(map(str, seeds))} (spread: largest minus "
+          "smallest)\n")  # fmt: skip
     print("| data | preset | held-out PSNR (other sources for photos) | same photos | SSIM | "
           "MS-SSIM | LPIPS | train s | images seen |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -321,10 +326,11 @@ def main() -> None:
             headline = next(iter(data.held))
             medians = {}
             presets = (pair.ours,) if args.only_ours else (pair.reference, pair.ours)
+            presets = (pair.reference,) if args.only_reference else presets
             for preset in filter(None, presets):
                 extra = args.set if preset == pair.ours else []
                 runs = [run(preset, data, seen, seed, args.device, work, extra)
-                        for seed in range(args.repeats)]  # fmt: skip
+                        for seed in seeds]  # fmt: skip
                 first = [r[headline]["psnr"] for r in runs]
                 medians[preset] = statistics.median(first)
 
