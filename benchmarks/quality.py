@@ -30,9 +30,9 @@ median reported, with the spread (largest minus smallest) of the first column (`
 those seeds; runs of one seed each can go in parallel, the medians then taken by hand). Run:
 python benchmarks/quality.py [--pairs mnist,cifar,dog,fashion,cifar1000,kl] [--device cpu]
 [--budget 1.0] (a multiplier on every pair's images seen; state it when it is not 1)
-[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours | --only-reference] [--ours PRESET]
-(--set: overrides for aecli's counterpart; --ours: another counterpart, a YAML path; both for
-tuning). The default is mnist,cifar: minutes on a CPU.
+[--per-source] [--data photos32,...] [--set KEY=VALUE ...] [--only-ours | --only-reference]
+[--ours PRESET] (--set: overrides for aecli's counterpart; --ours: another counterpart, a YAML
+path; both for tuning). The default is mnist,cifar: minutes on a CPU.
 """
 
 from __future__ import annotations
