@@ -359,7 +359,7 @@ def main() -> None:
                         ]  # fmt: skip
                         sources.append(f"| {data_name} | {preset} | {name} | "
                                        f"{statistics.median(values):.2f} dB |")  # fmt: skip
-            if pair.ours is not None and pair.reference in medians:
+            if pair.ours in medians and pair.reference in medians:
                 lead = medians[pair.ours] - medians[pair.reference]
                 print(f"| {data_name} | lead of {pair.ours} | {lead:+.2f} dB | | | | | | |",
                       flush=True)  # fmt: skip
