@@ -234,7 +234,9 @@ def presets_reference() -> str:
     lines += [
         "`aecli presets` lists them; `aecli info NAME` shows a preset's layers, parameters, "
         "latent shape and compression; `aecli train NAME` trains one. The quality column is "
-        "measured by `benchmarks/quality.py` on held-out images (see Benchmarks). A preset is a "
+        "measured by `benchmarks/quality.py` on held-out images, first on photos from sources the "
+        "preset never trained on (the tables, per source, with their commands and machine: "
+        "[Benchmarks](../benchmarks.md#quality-held-out-figures)). A preset is a "
         "YAML file: copy one from `presets/` in the repository to start your own (every key: "
         "[Preset reference](config.md)).",
         "",
