@@ -2,8 +2,8 @@
 # Fetch into .wheels/ (git-ignored) what the GPU machine lacks, for gpu_session.sh to install
 # without a package registry: pydantic and hatchling (aecli's own), and the test extras diffusers,
 # lpips (without its dependencies: torch comes with the machine) and tensorboard, and
-# scikit-image without its dependencies (benchmarks/quality.py reads only its photos' files). Wheels of
-# packages that machine already has (numpy, pillow, pyyaml, safetensors) are dropped so that the
+# scikit-image without its dependencies (benchmarks/quality.py reads only its photos' files).
+# Wheels of packages that machine already has (numpy, pillow, pyyaml, safetensors) are dropped so that the
 # set stays well inside the device tool's 64 MiB carry. Run it here, then carry .wheels:
 #
 #   bash benchmarks/gpu_wheels.sh && run ... carry=[".wheels"] "bash benchmarks/gpu_session.sh tests train"

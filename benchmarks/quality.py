@@ -258,7 +258,8 @@ def run(preset: str, data: Data, images_seen: int, seed: int, device: str, work:
         raise SystemExit(f"{preset} takes {config.data.channels}x{config.data.size} images")
     start = time.perf_counter()
     result = train(config, ImageData(train_images, None, None, {"kind": "benchmark"}),
-                   work / f"{Path(preset).stem}-{seed}", preset=preset, device=device)  # fmt: skip
+                   Path(tempfile.mkdtemp(prefix=f"{Path(preset).stem}-{seed}-", dir=work)),
+                   preset=preset, device=device)  # fmt: skip
     seconds = time.perf_counter() - start
     found = {
         name: evaluate(result.weights, test, device, lpips) for name, test in data.held.items()
@@ -279,12 +280,25 @@ def fewer_images(train_images: torch.Tensor, images_seen: int, fraction: float) 
     return train_images if count >= len(train_images) else train_images[:count]
 
 
+def seed_list(text: str) -> list[int]:
+    """--seeds: comma-separated non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="mnist,cifar")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seeds", help="these seeds (comma-separated) instead of 0..repeats-1")
+    parser.add_argument(
+        "--seeds", type=seed_list, help="these seeds (comma-separated) instead of 0..repeats-1"
+    )
     parser.add_argument("--budget", type=float, default=1.0)
     parser.add_argument("--per-source", action="store_true", help="each held-out source's PSNR")
     parser.add_argument(
@@ -294,8 +308,9 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="an override for aecli's counterpart (tuning); repeatable",
     )
-    parser.add_argument("--only-ours", action="store_true", help="skip the reference presets")
-    parser.add_argument("--only-reference", action="store_true", help="skip aecli's counterparts")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only-ours", action="store_true", help="skip the reference presets")
+    only.add_argument("--only-reference", action="store_true", help="skip aecli's counterparts")
     parser.add_argument(
         "--ours",
         metavar="PRESET",
@@ -304,7 +319,7 @@ def main() -> None:
     )
     parser.add_argument("--data", help="only these data sets (comma-separated), e.g. photos32")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(range(args.repeats))
+    seeds = args.seeds or list(range(args.repeats))
     work = Path(tempfile.mkdtemp(prefix="aecli-quality-"))
     if "kl" in args.pairs.split(",") and not lpips_available():
         print("cat-kl-f8: no VGG16 weights in the torch hub cache: trained without LPIPS")
