@@ -4,7 +4,6 @@ import os
 import signal
 import sys
 
-import click
 import typer
 
 from aecli import CUBLAS_WORKSPACE
@@ -32,27 +31,37 @@ app.registered_commands.sort(
 def main() -> None:
     # before anything can run a matrix product on a GPU (a user's own setting stays)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    args = sys.argv[1:] or ["--help"]  # `aecli` alone: the help, exit 0
     try:
-        code = app(standalone_mode=False)
-    except USAGE_ERRORS as exc:  # a bad option value, a missing argument: one line too
-        if type(exc).__name__ == "NoArgsIsHelpError":  # `aecli` alone: the help
-            exc.show()
-        else:
-            print_error(usage_line(exc))
-        sys.exit(exc.exit_code)
-    except ABORTS:
+        code = app(args=args, standalone_mode=False)
+    except typer.Abort:
         print_error("interrupted")
         sys.exit(130)
+    except Exception as exc:
+        if not is_click_error(exc):
+            raise
+        # a bad option value, a missing argument: one line too
+        print_error(usage_line(exc))
+        sys.exit(exc.exit_code)
     if code == 130:  # interrupted, the run saved: a further Ctrl-C must not break the exit
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-# Click's usage error, and Typer's copy of Click where it vendors one (Typer 0.22 and later)
-USAGE_ERRORS = tuple(
-    {click.UsageError, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")}
-)
-ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+def is_click_error(exc: BaseException) -> bool:
+    """Whether Click raised this for the command line (a usage error, a bad file option).
+
+    Typer 0.26 and later bundle their own copy of Click and do not export its exception
+    classes; older Typers use Click itself. Both raise Click's documented ClickException
+    interface, `exit_code` and `format_message()`, which no other error of aecli's has.
+    """
+    from aecli.errors import AecliError
+
+    return (
+        not isinstance(exc, AecliError)
+        and isinstance(getattr(exc, "exit_code", None), int)
+        and callable(getattr(exc, "format_message", None))
+    )
 
 
 def usage_line(exc) -> str:
@@ -62,7 +71,13 @@ def usage_line(exc) -> str:
     command = "aecli" + command.split("aecli", 1)[1] if "aecli" in command else command
     param = getattr(exc, "param", None)
     given = context.params.get("weights") if context is not None else None
-    missing = type(exc).__name__ == "MissingParameter" and getattr(param, "name", "") == "inputs"
+    # MissingParameter is Click's BadParameter for a value that was not given at all
+    missing = (
+        isinstance(exc, typer.BadParameter)
+        and getattr(param, "name", "") == "inputs"
+        and context is not None
+        and not context.params.get("inputs")
+    )
     if missing and given:
         # `aecli reconstruct photos/ -o out/`: the one path went to WEIGHTS
         return (
