@@ -17,9 +17,10 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from aecli.engine.rundir import CHECKPOINT, RUN_LOCK, WEIGHTS, RunDirectory, is_epoch
+from aecli.engine.rundir import CHECKPOINT, FILES, RUN_LOCK, WEIGHTS, RunDirectory, is_epoch
 from aecli.io.atomic import atomic_write_text
 from aecli.io.checkpoint import read_train_state
+from aecli.io.jsonfile import regular_file
 from aecli.io.locks import lock_holder
 
 # PNG bytes of grids embedded in one report at most (16 MiB once base64-encoded), so that a run
@@ -119,18 +120,24 @@ def _alive(run: RunDirectory, recorded: dict) -> bool:
     return True
 
 
-def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
-    """Where the run in `path` stands; `history`: its epoch records, where already read."""
+def summarize_run(path: Path, history: list[dict] | None = None, damage: str = "") -> RunSummary:
+    """Where the run in `path` stands; `history`: its epoch records, where already read, and
+    `damage`: what that reading left out (RunDirectory.damage)."""
     run = RunDirectory(path)
     recorded = _typed_state(run.read_state())
-    history = run.history() if history is None else history
-    has_checkpoint = run.checkpoint.exists()
+    if history is None:
+        history, damage = run.history(), run.damage
+    present, damaged = _run_files(run)
+    has_checkpoint = CHECKPOINT in present
     state, reason = recorded.get("state"), recorded.get("reason", "")
     config = _read_config(run)
     train = (config or {}).get("train")
     planned = recorded.get("epochs") or (train.get("epochs") if isinstance(train, dict) else None)
     planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
     holder = training_process(run, recorded)
+    if holder == os.getpid() and state != "running":
+        # the report this process writes as its run ends: state.json is its own last word
+        holder = None
     if holder is not None:  # a process trains in the folder now, whatever state.json says
         state, reason = "running", ""
     vanished = state == "running" and holder is None
@@ -143,17 +150,21 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         else:
             state = "interrupted" if has_checkpoint else "failed"
             reason = "the process ended without a word (killed?)" if vanished else reason
-    for name in ("config.yaml", "metrics.jsonl"):
-        if not (run.path / name).is_file():
-            reason = "; ".join(filter(None, [reason, f"{name} missing"]))
-    if config is None and (run.path / "config.yaml").is_file():
-        reason = "; ".join(filter(None, [reason, "config.yaml damaged"]))
-    if run.damaged_lines:
-        damaged = f"{run.damaged_lines} damaged line{'s' * (run.damaged_lines != 1)} in "
-        reason = "; ".join(filter(None, [reason, damaged + "metrics.jsonl skipped"]))
+    notes = [
+        f"{name} missing"
+        for name in ("config.yaml", "metrics.jsonl")
+        if name not in present and name not in damaged
+    ]
+    notes += damaged.values()
+    if config is None and "config.yaml" in present:
+        notes.append("config.yaml damaged")
+    if damage not in notes:
+        notes.append(damage)
+    reason = "; ".join(filter(None, [reason, *notes]))
     psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
     losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
-    resumable = state in ("interrupted", "failed") and has_checkpoint
+    # where a run file is something else, --resume refuses the run until it is removed
+    resumable = state in ("interrupted", "failed") and has_checkpoint and not damaged
     if "preset" not in recorded or "data" not in recorded:  # a run of an aecli before state.json
         recorded = {**_weights_facts(run), **recorded}
     return RunSummary(
@@ -169,6 +180,19 @@ def summarize_run(path: Path, history: list[dict] | None = None) -> RunSummary:
         started=recorded.get("started") or _mtime(run),
         resume=f"aecli train --resume {shlex.quote(str(path))}" if resumable else None,
     )
+
+
+def _run_files(run: RunDirectory) -> tuple[set[str], dict[str, str]]:
+    """The names of the run's files that are there, and what is wrong with each that is there
+    but is not a regular file (`state.json not a regular file (a FIFO)`), never opening one."""
+    present, damaged = set(), {}
+    for name in FILES:
+        try:
+            if regular_file(run.path / name):
+                present.add(name)
+        except ValueError as exc:
+            damaged[name] = f"{name} {exc}"
+    return present, damaged
 
 
 _STATE_TYPES = {
@@ -230,7 +254,10 @@ def _finite(value) -> bool:
 
 
 def _mtime(run: RunDirectory) -> float:
-    return max((p.stat().st_mtime for p in run.path.iterdir()), default=0.0)
+    try:
+        return max((p.lstat().st_mtime for p in run.path.iterdir()), default=0.0)
+    except OSError:  # unreadable, or a file gone meanwhile: the listing goes on
+        return 0.0
 
 
 def _read_config(run: RunDirectory) -> dict | None:
@@ -264,6 +291,8 @@ def _weights_facts(run: RunDirectory) -> dict:
     from aecli.io.weights import read_weights_info
 
     try:
+        if not regular_file(run.weights):  # a FIFO would block its reader
+            return {}
         info = read_weights_info(run.weights)
     except Exception:  # noqa: BLE001  (no weights yet, or unreadable: the listing goes on)
         return {}
@@ -275,7 +304,7 @@ def _weights_facts(run: RunDirectory) -> dict:
 
 def write_report(run: RunDirectory, out: Path | None = None) -> Path:
     """Write (atomically) the run's report: RUN/report.html unless `out` is given."""
-    target = Path(out) if out is not None else run.report
+    target = Path(out) if out is not None else run.writable(run.report)
     atomic_write_text(target, build_report(run))
     return target
 
@@ -284,7 +313,7 @@ def build_report(run: RunDirectory) -> str:
     records = run.records()
     history = [r for r in records if is_epoch(r)]
     windows = [r for r in records if not is_epoch(r)]
-    summary = summarize_run(run.path, history)
+    summary = summarize_run(run.path, history, run.damage)
     recorded = run.read_state()
     sections = [
         _overview(run, summary, recorded, history),
@@ -550,13 +579,13 @@ GRID_NAME = re.compile(r"^epoch-(\d{4,9})\.png$")  # as RunDirectory.write_grid 
 
 def epoch_grids(run: RunDirectory) -> list[tuple[int, Path]]:
     """The run's grids as (epoch, file), in epoch order; files aecli did not write (another
-    name, a folder, a FIFO) are left out."""
+    name, a folder, a FIFO, a file larger than all the grids a report embeds) are left out."""
     if not run.grids.is_dir():
         return []
     found = []
     for path in run.grids.iterdir():
         match = GRID_NAME.match(path.name)
-        if match and path.is_file():
+        if match and path.is_file() and path.stat().st_size <= GRID_BUDGET:
             found.append((int(match[1]), path))
     return sorted(found)
 

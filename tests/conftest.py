@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import stat
 import struct
 import subprocess
 import sys
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,19 @@ def snapshot(root: Path) -> dict[str, tuple]:
             else:
                 state[str(path)] = ("other", info.st_mode)
     return state
+
+
+@contextmanager
+def within(seconds: int):
+    """Fail, rather than hang the suite, where the code under test blocks (on a FIFO, say)."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

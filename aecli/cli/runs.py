@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -12,6 +12,9 @@ from rich.table import Table
 from aecli.cli.app import app, guarded
 from aecli.cli.options import Json, Overwrite
 from aecli.cli.render import console, print_json, results, shown
+
+if TYPE_CHECKING:
+    from aecli.report import RunSummary
 
 RUNS_EXAMPLES = """
 [bold]Examples[/bold]
@@ -49,9 +52,10 @@ def runs(
 ) -> None:
     """List training runs, newest first, with their state and best figures.
 
-    Each row: the preset, the data, epochs done of planned, the best validation PSNR and loss,
-    and the state: running, finished, stopped (early stopping), interrupted (a checkpoint to
-    resume from) or failed (with the reason)."""
+    Each row: the run with its preset and data, epochs done of planned, the best validation
+    PSNR and loss, and the state: running, finished, stopped (early stopping), interrupted (a
+    checkpoint to resume from) or failed. Under the table, one line per run with something to
+    say: why it failed, what in its folder is damaged, the command that continues it."""
     from aecli.errors import UsageError
     from aecli.report import find_runs
 
@@ -68,27 +72,33 @@ def runs(
         return
     title = f"Training runs in {folder}"
     table = Table(title=shown(title), title_justify="left", min_width=len(title))
-    for column in ("run", "preset", "data", "epochs", "best val_psnr", "best val_loss", "state"):
-        justify = "right" if column.startswith(("epochs", "best")) else "left"
-        table.add_column(column, justify=justify, no_wrap=column in ("run", "state"))
+    # at 80 columns the figures keep their width and the run's cell (its name, then its preset
+    # and data, dim) wraps; a state's reason and the resume command go under the table
+    table.add_column("run", overflow="fold", min_width=12)
+    for column in ("epochs", "best PSNR", "best loss", "state"):
+        table.add_column(column, justify="left" if column == "state" else "right", no_wrap=True)
     for r in found:
         planned = f"/{r.epochs_planned}" if r.epochs_planned else ""
-        state = f"[{STATE_STYLE[r.state]}]{r.state}[/]"
-        if r.reason:
-            state += f"\n[dim]{shown(r.reason[:80])}[/]"
         table.add_row(
-            shown(_relative(r.path, folder)),
-            shown(r.preset),
-            shown(r.data),
+            f"{shown(_relative(r.path, folder))}\n[dim]{shown(r.preset)} on {shown(r.data)}[/]",
             f"{r.epochs_done}{planned}",
             "-" if r.best_val_psnr is None else f"{r.best_val_psnr:.2f} dB",
             "-" if r.best_val_loss is None else f"{r.best_val_loss:.4g}",
-            state,
+            f"[{STATE_STYLE[r.state]}]{r.state}[/]",
         )
     results.print(table)
-    resumable = [r for r in found if r.resume]
-    for r in resumable[:3]:
-        console.print(f"continue {shown(_relative(r.path, folder))}: {shown(r.resume)}")
+    for r in found:
+        if note := run_note(r):
+            console.print(f"{shown(_relative(r.path, folder))}: {shown(note)}", soft_wrap=True)
+
+
+def run_note(run: RunSummary) -> str:
+    """What a run's line under the table says: its state's reason (what failed, what is
+    damaged) and the command that continues it; empty where there is nothing to say."""
+    parts = [run.reason] if run.reason else []
+    if run.resume and run.resume not in run.reason:  # an interrupt's reason names it already
+        parts.append(f"continue with {run.resume}")
+    return "; ".join(parts)
 
 
 def _relative(path: str, folder: Path) -> str:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from aecli.config import Config, config_from_dict, dump_config, parse_yaml, read_yaml_text
-from aecli.errors import TrainingError, UsageError
+from aecli.errors import TrainingError, UsageError, os_reason
 from aecli.io.atomic import atomic_write_text, stale_temp_files
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
 from aecli.io.images import save_png
-from aecli.io.jsonfile import read_json_file
+from aecli.io.jsonfile import open_regular, read_json_file, read_lines, regular_file
 from aecli.io.weights import architecture_mismatch, save_weights
 from aecli.models import Autoencoder
 
@@ -36,10 +36,17 @@ WEIGHTS = "model.safetensors"
 METRICS = "metrics.jsonl"
 STATE = "state.json"
 STATE_LIMIT = 1 << 20  # bytes: state.json is a few hundred
+# bytes of one metrics.jsonl line: a record is a few hundred; a longer line ends the reading
+METRICS_LINE_LIMIT = 1 << 16
+# damaged metrics.jsonl lines read at most: a file with more is not a record of training
+METRICS_DAMAGE_LIMIT = 1000
 RUN_LOCK = ".aecli-run.lock"  # held by the process that trains in the folder (aecli.io.locks)
 REPORT = "report.html"
 SAMPLES = "samples.png"
 INTERPOLATION = "interpolation.png"
+# the files aecli writes at the top of a run directory, each replaced whole (metrics.jsonl
+# appended to) and read back by --resume, `runs` and `report`
+FILES = ("config.yaml", METRICS, STATE, CHECKPOINT, WEIGHTS, REPORT, SAMPLES, INTERPOLATION)
 
 
 def is_epoch(record: dict) -> bool:
@@ -78,40 +85,84 @@ class RunDirectory:
         self.report = self.path / REPORT
         self.samples = self.path / SAMPLES
         self.interpolation = self.path / INTERPOLATION
-        self.damaged_lines = 0  # in metrics.jsonl, at the last records()
+        self.damage = ""  # what the last records() left out of metrics.jsonl, in words
 
     def prepare(self, config: Config, *, fresh: bool) -> None:
         """Create the folders, remove what a killed run left half-written, write config.yaml,
         and start metrics.jsonl afresh for a new run."""
+        self.check_files()
         self.grids.mkdir(parents=True, exist_ok=True)
         for folder in (self.path, self.grids):
             for leftover in stale_temp_files(folder):
                 leftover.unlink(missing_ok=True)
-        atomic_write_text(self.path / "config.yaml", dump_config(config))
+        self._replace(self.path / "config.yaml", dump_config(config))
         if fresh:  # in a folder a failed run left, nothing of it stays
-            atomic_write_text(self.metrics, "")
+            self._replace(self.metrics, "")
             self.state.unlink(missing_ok=True)
 
+    def check_files(self) -> None:
+        """Refuse, in one line naming it, a run file that is there but not a regular file: a
+        FIFO in its place would block its reader forever, and its writer (which writes into a
+        FIFO, as into `-o /dev/null`, rather than replace it)."""
+        for name in FILES:
+            self.writable(self.path / name)
+
+    def writable(self, path: Path) -> Path:
+        """`path`, where nothing but a regular file (or nothing) is there; else UsageError."""
+        try:
+            regular_file(path)
+        except ValueError as exc:
+            raise UsageError(
+                f"{exc}; aecli writes only regular files in a run directory (remove it)",
+                path=path,
+            ) from None
+        return path
+
+    def _replace(self, path: Path, text: str) -> None:
+        atomic_write_text(self.writable(path), text)
+
     def append_metrics(self, record: dict) -> None:
-        with self.metrics.open("a") as handle:
+        with self.writable(self.metrics).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        """Every record in metrics.jsonl, epochs and windows, in order. A line that is not a
-        record aecli writes (cut short by a killed process, bad bytes, JSON that is not an
-        object of numbers) is left out and counted in `damaged_lines`."""
-        self.damaged_lines = 0
+        """Every record in metrics.jsonl, epochs and windows, in order; memory bounded by the
+        records, whatever else the file holds. A line that is not a record aecli writes (cut
+        short by a killed process, bad bytes, JSON that is not an object of numbers) is left
+        out; a line longer than any record (gigabytes of NUL bytes), or more damaged lines
+        than METRICS_DAMAGE_LIMIT, end the reading. `damage` says what was left out."""
+        self.damage = ""
         try:
-            data = self.metrics.read_bytes() if self.metrics.is_file() else b""
-        except OSError:
+            handle = open_regular(self.metrics)
+        except FileNotFoundError:
             return []
-        found = []
-        for line in data.splitlines():
-            record = _record(line)
-            if record is None:
-                self.damaged_lines += line.strip() != b""
-            else:
-                found.append(record)
+        except ValueError as exc:
+            self.damage = f"{METRICS} {exc}"
+            return []
+        found, damaged, offset, stop = [], 0, 0, ""
+        try:
+            with handle:
+                for line in read_lines(handle, METRICS_LINE_LIMIT):
+                    if line is None:
+                        stop = f"a line longer than {METRICS_LINE_LIMIT:,} bytes"
+                        break
+                    offset += len(line) + 1
+                    record = _record(line)
+                    if record is not None:
+                        found.append(record)
+                    elif line.strip():
+                        damaged += 1
+                        if damaged == METRICS_DAMAGE_LIMIT:
+                            stop = f"{damaged:,} damaged lines"
+                            break
+        except OSError as exc:
+            stop = f"cannot read: {os_reason(exc)}"
+        parts = []
+        if damaged:
+            parts.append(f"{damaged} damaged line{'s' * (damaged != 1)} in {METRICS} skipped")
+        if stop:
+            parts.append(f"{METRICS} not read past byte {offset:,} ({stop})")
+        self.damage = "; ".join(parts)
         return found
 
     def history(self) -> list[dict]:
@@ -131,7 +182,7 @@ class RunDirectory:
                 for r in self.records()
                 if (r["epoch"] < before_epoch if is_epoch(r) else r["step"] <= after_step)
             ]
-            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
+            self._replace(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
     def read_state(self) -> dict:
         """state.json, or {} where there is none (or it is damaged)."""
@@ -150,20 +201,20 @@ class RunDirectory:
             record.update(pid=os.getpid(), host=socket.gethostname())
             record.setdefault("started", record["updated"])
             record.pop("reason", None)
-        atomic_write_text(self.state, json.dumps(record, indent=1) + "\n")
+        self._replace(self.state, json.dumps(record, indent=1) + "\n")
 
     def write_grid(self, epoch: int, sheet: np.ndarray) -> None:
-        save_png(self.grids / f"epoch-{epoch:04d}.png", sheet)
+        save_png(self.writable(self.grids / f"epoch-{epoch:04d}.png"), sheet)
 
     def save_weights(self, model: Autoencoder, config: Config, **facts) -> str:
         """model.safetensors (see aecli.io.weights.save_weights for `facts`); its fingerprint."""
         try:
-            return save_weights(self.weights, model, config, **facts)
+            return save_weights(self.writable(self.weights), model, config, **facts)
         except ValueError as exc:  # non-finite weights: the previous file stays
             raise TrainingError(f"{exc}; stopped, the last good weights are kept") from None
 
     def save_checkpoint(self, state: dict) -> None:
-        save_checkpoint(self.checkpoint, state)
+        save_checkpoint(self.writable(self.checkpoint), state)
 
 
 @dataclass
@@ -180,9 +231,11 @@ class ResumePlan:
 def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
     """Read a run directory's config and checkpoint; `epochs` sets a new total."""
     config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
+    run = RunDirectory(run_dir)
+    if not config_path.exists():
         raise UsageError("--resume: not a run directory (no config.yaml)", path=run_dir)
-    checkpoint = load_checkpoint(RunDirectory(run_dir).checkpoint)
+    run.check_files()
+    checkpoint = load_checkpoint(run.checkpoint)
     raw = parse_yaml(read_yaml_text(config_path), str(config_path))
     if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
         raise UsageError("--resume: damaged config.yaml (not a preset)", path=config_path)

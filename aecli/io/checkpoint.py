@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from aecli.errors import UsageError
 from aecli.io.atomic import atomic_write_bytes
+from aecli.io.jsonfile import regular_file
 from aecli.io.tensorfile import tensor_file_bytes
 
 FORMAT = "aecli-checkpoint"
@@ -61,7 +62,11 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by save_checkpoint."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        present = regular_file(path)  # a FIFO would block safetensors' open
+    except ValueError as exc:
+        raise UsageError(str(exc), path=path) from None
+    if not present:
         raise UsageError("no checkpoint here: nothing to resume", path=path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -78,6 +83,8 @@ def read_train_state(path: str | Path) -> dict | None:
     """A checkpoint's train_state (epoch, step, finished, ...) from its header alone; None where
     there is no readable aecli checkpoint."""
     try:
+        if not regular_file(Path(path)):  # a FIFO would block safetensors' open
+            return None
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
