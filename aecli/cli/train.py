@@ -5,12 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+)
+from rich.text import Text
 
 from aecli.cli.app import app, guarded
 from aecli.cli.options import complete_preset, seed_value
@@ -33,8 +41,17 @@ class LogTarget(str, Enum):
     tensorboard = "tensorboard"
 
 
+class RunTimeColumn(ProgressColumn):
+    """The time since the run started. rich's TimeElapsedColumn stops its clock when a task
+    first completes, and the bar's one task completes at the end of every epoch."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(timedelta(seconds=int(task.elapsed or 0))), style="progress.elapsed")
+
+
 class RichReporter:
-    """Renders the engine's progress: a live bar per run and one line per epoch."""
+    """Renders the engine's progress: a live bar per run (steps of the epoch, the time since
+    the run started) and one line per epoch."""
 
     def __init__(self) -> None:
         self.progress = Progress(
@@ -43,7 +60,7 @@ class RichReporter:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(),
+            RunTimeColumn(),
             console=console,
             transient=True,
             disable=not console.is_terminal,
@@ -59,7 +76,8 @@ class RichReporter:
         )
 
     def step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        self.progress.update(self.task, completed=step, epoch=epoch, loss=f"{metrics['loss']:.4g}")
+        shown = {"loss": f"{metrics['loss']:.4g}"} if "loss" in metrics else {}
+        self.progress.update(self.task, completed=step, epoch=epoch, **shown)
 
     def notice(self, message: str) -> None:
         print_warning(message)  # the live bar redraws below it
@@ -147,6 +165,13 @@ def train(
         "and data; --epochs N sets a new total.",
         show_default=False,
     ),
+    data_changed: bool = typer.Option(
+        False,
+        "--data-changed",
+        help="With --resume: go on although the data differ from those the checkpoint trained "
+        "on (images or shards added or removed), with a warning that the epoch in progress and "
+        "the validation set change. Without it such a resume is refused.",
+    ),
     init: Path = typer.Option(
         None,
         "--init",
@@ -190,8 +215,7 @@ def train(
     loaded = load_config(preset, settings) if from_preset else None
     from aecli.data import load_data
     from aecli.devices import resolve_device
-    from aecli.engine import plan_resume
-    from aecli.engine import resume as resume_training
+    from aecli.engine import Trainer, plan_resume
     from aecli.engine import train as run_training
     from aecli.errors import UsageError
     from aecli.io.outputs import make_folder, remove_if_empty
@@ -203,6 +227,8 @@ def train(
         main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 speaks
         console.quiet = console.quiet or not main_rank
         resolved_device = resolve_device(device)  # checked before the data loads
+        if data_changed and resume is None:
+            raise UsageError("--data-changed goes with --resume RUN")
         if resume is not None:
             given = (
                 ("PRESET", preset),
@@ -265,6 +291,16 @@ def train(
             raise
         for failure in dataset.skipped:
             print_warning(f"skipped {failure.path}: {failure.reason}")
+        resumed = None
+        if resume is not None:  # data other than the checkpoint's are refused before a word more
+            resumed = Trainer.resumed(
+                plan,
+                dataset,
+                run_dir,
+                data_changed=data_changed,
+                device=resolved_device,
+                reporter=RichReporter(),
+            )
         source = dataset.source.get("path", "built-in shapes")
         console.print(
             f"{'Resuming' if resume is not None else 'Training'} [bold]{shown(name)}[/bold] on "
@@ -277,10 +313,8 @@ def train(
             console.print(f"Initialised from {shown(init)}: {shown(start.describe())}")
         if config.train.freeze != "none":
             console.print(f"The {config.train.freeze} is frozen (train.freeze).")
-        if resume is not None:
-            result = resume_training(
-                plan, dataset, run_dir, device=resolved_device, reporter=RichReporter()
-            )
+        if resumed is not None:
+            result = resumed.fit()
         else:
             data_path = None if data is None else str(Path(data).resolve())
             val_data_path = None if val_data is None else str(Path(val_data).resolve())
@@ -401,6 +435,8 @@ def _check_run_dir(run_dir: Path) -> None:
     from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
 
+    run = RunDirectory(run_dir)
+    run.check_files()  # a FIFO in a run file's place: refused before the data load, not after
     if (run_dir / CHECKPOINT).exists():
         raise UsageError(
             f"--out: already holds a training run with a checkpoint; continue it with "
@@ -411,7 +447,7 @@ def _check_run_dir(run_dir: Path) -> None:
         raise UsageError(
             "--out: already holds a trained model; choose a new directory", path=run_dir
         )
-    trained = len(RunDirectory(run_dir).history())
+    trained = len(run.history())
     if trained:  # its checkpoint is gone, but its record of training is worth keeping
         raise UsageError(
             f"--out: already holds a training run's metrics.jsonl ({trained} epochs, no "

@@ -1,5 +1,21 @@
 """Data sources, the built-in shapes, the safe image reader and per-batch transforms."""
 
-from aecli.data.sources import ImageData, fit_tensor, load_data, split, validation_count
+from aecli.data.sources import (
+    ImageData,
+    data_change,
+    data_record,
+    fit_tensor,
+    load_data,
+    split,
+    validation_count,
+)
 
-__all__ = ["ImageData", "fit_tensor", "load_data", "split", "validation_count"]
+__all__ = [
+    "ImageData",
+    "data_change",
+    "data_record",
+    "fit_tensor",
+    "load_data",
+    "split",
+    "validation_count",
+]

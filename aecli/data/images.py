@@ -34,6 +34,10 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Transparent pixels are composited on this fixed background (white).
 BACKGROUND = (255, 255, 255)
+# No file holding an image the reader accepts (at most Pillow's MAX_IMAGE_PIXELS, the
+# decompression-bomb limit) is larger than this: 8 bytes a pixel (16-bit RGBA stored
+# uncompressed) and 16 MiB of metadata. A tar member larger than this is never read.
+MAX_IMAGE_BYTES = (Image.MAX_IMAGE_PIXELS or 89_478_485) * 8 + (16 << 20)
 
 
 class ImageReadError(Exception):

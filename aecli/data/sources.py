@@ -3,6 +3,7 @@ streamed from disk (aecli.data.stream) where a folder is too large, and for WebD
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from aecli.config import DataConfig
 from aecli.data.cifar import detect_cifar, read_cifar
 from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
 from aecli.data.images import (
+    ALLOWED_FORMATS,
     BACKGROUND,
     Failure,
     ImageReadError,
@@ -23,7 +25,13 @@ from aecli.data.images import (
     read_image,
 )
 from aecli.data.shapes import CLASS_NAMES, make_shapes
-from aecli.data.stream import StreamedData, choose_validation, open_stream, shard_paths
+from aecli.data.stream import (
+    SHARD_SUFFIX,
+    StreamedData,
+    choose_validation,
+    open_stream,
+    shard_paths,
+)
 from aecli.errors import DATA_LAYOUTS as LAYOUTS
 from aecli.errors import DataError, missing_data
 
@@ -88,6 +96,8 @@ def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData |
     path = Path(path)
     if not path.exists():
         raise missing_data(path)
+    if not path.is_dir() and not path.is_file():  # a FIFO would block its reader forever
+        raise DataError("not a regular file (a FIFO, a device or a socket)", path=path)
     if path.is_dir():
         try:
             layout = detect_cifar(path)
@@ -156,7 +166,9 @@ def list_folder(root: Path) -> FolderListing:
     files = [file for _, file in found]
     if not files:
         raise DataError(
-            f"no images found (looked recursively for {LAYOUTS.split(';')[0]})", path=root
+            f"no images found (looked recursively for {', '.join(ALLOWED_FORMATS)} files) and "
+            f"no WebDataset {SHARD_SUFFIX} shards in the folder",
+            path=root,
         )
     labels, class_names = folder_labels([file.relative_to(root) for file in files])
     return FolderListing(root, files, labels, class_names, failures)
@@ -351,6 +363,51 @@ def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> t
             x = x[..., top : top + h, left : left + w]
         out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
     return out
+
+
+def data_record(train: ImageData | StreamedData, validation: ImageData) -> dict:
+    """What a checkpoint records of the data a run trains on, for a resume to tell whether it
+    changed: the count and a digest of each part's samples (a stream's keys, which do not move
+    with the folder; in memory, the pixels and labels)."""
+
+    def digest(parts) -> str:
+        hashed = hashlib.blake2b(digest_size=16)
+        for part in parts:
+            hashed.update(part)
+        return hashed.hexdigest()
+
+    def in_memory(data: ImageData) -> dict:
+        tensors = [data.images] + ([] if data.labels is None else [data.labels])
+        views = (memoryview(t.contiguous().numpy()).cast("B") for t in tensors)
+        return {"count": len(data), "digest": digest(views)}
+
+    def keyed(keys: list[str]) -> dict:
+        return {
+            "count": len(keys),
+            "digest": digest(k.encode("utf-8", "surrogateescape") + b"\0" for k in keys),
+        }
+
+    if isinstance(train, StreamedData):
+        held = train.held_out  # none where --val-data gave the validation images
+        return {
+            "train": keyed([train.keys[i] for i in train.train]),
+            "validation": keyed(held) if held else in_memory(validation),
+        }
+    return {"train": in_memory(train), "validation": in_memory(validation)}
+
+
+def data_change(before: dict, now: dict) -> str | None:
+    """What differs between two data_record()s, in words (None where nothing does)."""
+    changes = []
+    for part, noun in (("train", "training samples"), ("validation", "validation samples")):
+        was, new = before.get(part, {}), now[part]
+        if was.get("digest") == new["digest"]:
+            continue
+        if was.get("count") == new["count"]:
+            changes.append(f"{new['count']} {noun} then and now, but not the same ones")
+        else:
+            changes.append(f"{was.get('count')} {noun} then, {new['count']} now")
+    return "; ".join(changes) or None
 
 
 def validation_count(n: int, val_fraction: float) -> int:

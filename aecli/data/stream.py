@@ -24,6 +24,7 @@ import os
 import random
 import re
 import signal
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from aecli.config import DataConfig
 from aecli.data.images import (
     IMAGE_SUFFIXES,
+    MAX_IMAGE_BYTES,
     Failure,
     ImageReadError,
     decode_all,
@@ -92,18 +94,56 @@ def shard_paths(path: str | Path) -> list[Path] | None:
         paths = [Path(p) for p in expand_braces(text)]
         if not paths or not all(p.name.endswith(SHARD_SUFFIX) for p in paths):
             raise DataError(f"a brace pattern names WebDataset shards ({SHARD_SUFFIX})", path=text)
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not p.exists()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"shard not found: {missing[0]}{more}", path=text)
-        return paths
+        return _regular_shards(paths)
     path = Path(path)
-    if path.is_file() and path.name.endswith(SHARD_SUFFIX):
-        return [path]
+    if path.name.endswith(SHARD_SUFFIX) and path.exists() and not path.is_dir():
+        return _regular_shards([path])
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIX))
-        return shards or None
+        return _regular_shards(shards) or None
     return None
+
+
+def _regular_shards(paths: list[Path]) -> list[Path]:
+    """`paths`, each checked to be a regular file (links followed) without opening it: a FIFO
+    would block its reader forever, a device never end."""
+    for path in paths:
+        try:
+            _check_regular(path, os.stat(path).st_mode)
+        except OSError as exc:
+            raise DataError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    return paths
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    """Refuse a shard that is not a regular file, naming what it is."""
+    if stat.S_ISREG(mode):
+        return
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    kind = next((word for test, word in kinds if test(mode)), "of an unknown kind")
+    raise DataError(f"not a regular file ({kind}); a shard is a plain .tar file", path=path)
+
+
+def open_shard(path: Path) -> int:
+    """A read-only descriptor of a shard, refused when it is not a regular file: opened
+    without blocking, so that a shard swapped for a FIFO since it was listed cannot hang."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except DataError:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -114,87 +154,110 @@ class ShardMember:
     name: str  # the member's name in the tar
 
 
-def index_shard(path: Path, number: int) -> tuple[dict[str, ShardMember], Failure | None]:
+def index_shard(path: Path, number: int) -> tuple[dict[str, ShardMember], list[Failure]]:
     """The image member of each WebDataset sample in one shard (key: the member's name up to
     the first dot of its file name, as WebDataset groups them), from the tar's headers alone;
-    and the failure of a shard cut short (its members before the cut are kept)."""
+    and what is left out: an image member larger than MAX_IMAGE_BYTES (never read), the rest
+    of a shard cut short (its members before the cut are kept)."""
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(6)
-        if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
-            raise DataError("compressed shards cannot be read by offset; use plain .tar", path=path)
-        found = _scan_ustar(path, number)
+        fd = open_shard(path)
     except OSError as exc:
         raise DataError(f"not a readable tar shard: {exc.strerror or exc}", path=path) from None
-    if found is not None:
-        return found
-    return _scan_tarfile(path, number)
+    try:
+        magic = os.pread(fd, 6, 0)
+        if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+            raise DataError("compressed shards cannot be read by offset; use plain .tar", path=path)
+        found = _scan_ustar(fd, path, number)
+        return found if found is not None else _scan_tarfile(fd, path, number)
+    except OSError as exc:
+        raise DataError(f"not a readable tar shard: {exc.strerror or exc}", path=path) from None
+    finally:
+        os.close(fd)
 
 
 def _add_member(
-    samples: dict[str, ShardMember], name: str, number: int, offset: int, size: int
+    samples: dict[str, ShardMember],
+    failures: list[Failure],
+    path: Path,
+    name: str,
+    number: int,
+    offset: int,
+    size: int,
 ) -> None:
-    """Keep a member that is a sample's image (the first image member of its key)."""
+    """Keep a member that is a sample's image (the first image member of its key); one too
+    large to be an image is named in `failures` instead, by the size its header gives."""
     directory, _, base = name.rpartition("/")
     stem, dot, _ = base.partition(".")
     suffix = "." + base.rsplit(".", 1)[-1].lower() if dot else ""
-    if suffix in IMAGE_SUFFIXES and stem:
-        key = f"{directory}/{stem}" if directory else stem
-        samples.setdefault(key, ShardMember(number, offset, size, name))
+    if suffix not in IMAGE_SUFFIXES or not stem:
+        return
+    if size > MAX_IMAGE_BYTES:
+        failures.append(
+            Failure(
+                f"{path}/{printable(name)}",
+                f"member of {size:,} bytes, larger than any image aecli reads "
+                f"({MAX_IMAGE_BYTES:,} bytes at most); never read",
+            )
+        )
+        return
+    key = f"{directory}/{stem}" if directory else stem
+    samples.setdefault(key, ShardMember(number, offset, size, name))
 
 
-def _scan_ustar(path: Path, number: int) -> tuple[dict[str, ShardMember], Failure | None] | None:
+def _scan_ustar(
+    fd: int, path: Path, number: int
+) -> tuple[dict[str, ShardMember], list[Failure]] | None:
     """index_shard for the ustar headers WebDataset writers produce (with pax records or GNU
     long names for the next member), read directly: three times as fast as tarfile here;
     None where a header needs tarfile (other extensions, numbers in base 256, a bad checksum:
     tarfile then says what is wrong)."""
     samples: dict[str, ShardMember] = {}
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        end, offset = os.fstat(fd).st_size, 0
-        pending: dict[bytes, bytes] = {}  # pax records (or a GNU long name) for the next member
-        while offset + 512 <= end:
-            header = os.pread(fd, 512, offset)
-            if header == bytes(512):  # the end-of-archive blocks
-                return samples, None
-            kind = header[156:157]
-            checksum = header[148:156].split(b"\0", 1)[0].strip()
-            if (
-                kind not in (b"0", b"\0", b"7", b"1", b"2", b"5", b"x", b"g", b"L")
-                or header[124] & 0x80
-                or not checksum.isdigit()
-                or int(checksum, 8) != sum(header[:148]) + 256 + sum(header[156:])
-            ):
+    failures: list[Failure] = []
+    end, offset = os.fstat(fd).st_size, 0
+    pending: dict[bytes, bytes] = {}  # pax records (or a GNU long name) for the next member
+    while offset + 512 <= end:
+        header = os.pread(fd, 512, offset)
+        if header == bytes(512):  # the end-of-archive blocks
+            return samples, failures
+        kind = header[156:157]
+        checksum = header[148:156].split(b"\0", 1)[0].strip()
+        if (
+            kind not in (b"0", b"\0", b"7", b"1", b"2", b"5", b"x", b"g", b"L")
+            or header[124] & 0x80
+            or not checksum.isdigit()
+            or int(checksum, 8) != sum(header[:148]) + 256 + sum(header[156:])
+        ):
+            return None
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        data = offset + 512
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345]:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        if data + size > end:
+            cut = printable(pending.get(b"path", name).decode("utf-8", "surrogateescape"))
+            failures.append(Failure(str(path), f"cut short in {cut}; the rest is lost"))
+            return samples, failures
+        offset = data + -(-size // 512) * 512
+        if kind in (b"x", b"L"):
+            if size > 1 << 20:  # a header that large is no WebDataset's
                 return None
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            data = offset + 512
-            name = header[:100].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar" and header[345]:
-                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-            if data + size > end:
-                cut = printable(pending.get(b"path", name).decode("utf-8", "surrogateescape"))
-                return samples, Failure(str(path), f"cut short in {cut}; the rest is lost")
-            offset = data + -(-size // 512) * 512
-            if kind in (b"x", b"L"):
-                if size > 1 << 20:  # a header that large is no WebDataset's
-                    return None
-                body = os.pread(fd, size, data)
-                pending = _pax_records(body) if kind == b"x" else {b"path": body.rstrip(b"\0")}
-                if pending is None:
-                    return None
-                continue
-            if kind == b"g":
-                continue
-            name = pending.get(b"path", name)
-            if b"size" in pending:
-                return None  # a size past ustar's: tarfile knows where the data ends
-            pending = {}
-            if kind in (b"0", b"\0", b"7"):
-                _add_member(samples, name.decode("utf-8", "surrogateescape"), number, data, size)
-        failure = Failure(str(path), "cut short; the rest is lost") if offset < end else None
-        return samples, failure
-    finally:
-        os.close(fd)
+            body = os.pread(fd, size, data)
+            pending = _pax_records(body) if kind == b"x" else {b"path": body.rstrip(b"\0")}
+            if pending is None:
+                return None
+            continue
+        if kind == b"g":
+            continue
+        name = pending.get(b"path", name)
+        if b"size" in pending:
+            return None  # a size past ustar's: tarfile knows where the data ends
+        pending = {}
+        if kind in (b"0", b"\0", b"7"):
+            member = name.decode("utf-8", "surrogateescape")
+            _add_member(samples, failures, path, member, number, data, size)
+    if offset < end:
+        failures.append(Failure(str(path), "cut short; the rest is lost"))
+    return samples, failures
 
 
 def _pax_records(body: bytes) -> dict[bytes, bytes] | None:
@@ -214,28 +277,37 @@ def _pax_records(body: bytes) -> dict[bytes, bytes] | None:
     return records
 
 
-def _scan_tarfile(path: Path, number: int) -> tuple[dict[str, ShardMember], Failure | None]:
+def _scan_tarfile(fd: int, path: Path, number: int) -> tuple[dict[str, ShardMember], list[Failure]]:
     samples: dict[str, ShardMember] = {}
+    failures: list[Failure] = []
+    size = os.fstat(fd).st_size
     try:
-        size = path.stat().st_size
-        with tarfile.open(path, "r:") as tar:
+        with (
+            os.fdopen(fd, "rb", closefd=False) as handle,
+            tarfile.open(fileobj=handle, mode="r:") as tar,
+        ):
             while True:
                 try:
                     member = tar.next()
                 except (tarfile.TarError, EOFError, OSError) as exc:
-                    return samples, Failure(
-                        str(path),
-                        f"cut short after {len(samples)} samples ({exc}); the rest is lost",
+                    failures.append(
+                        Failure(
+                            str(path),
+                            f"cut short after {len(samples)} samples ({exc}); the rest is lost",
+                        )
                     )
+                    return samples, failures
                 if member is None:
-                    return samples, None
+                    return samples, failures
                 if not member.isfile():
                     continue
                 if member.offset_data + member.size > size:
-                    return samples, Failure(
-                        str(path), f"cut short in {printable(member.name)}; the rest is lost"
-                    )
-                _add_member(samples, member.name, number, member.offset_data, member.size)
+                    cut = f"cut short in {printable(member.name)}; the rest is lost"
+                    failures.append(Failure(str(path), cut))
+                    return samples, failures
+                _add_member(
+                    samples, failures, path, member.name, number, member.offset_data, member.size
+                )
     except tarfile.CompressionError:
         raise DataError(
             "compressed shards cannot be read by offset; use plain .tar", path=path
@@ -303,6 +375,7 @@ class StreamedData:
     train: np.ndarray  # sample numbers that train, in sample order
     validation: object = None  # ImageData, in memory
     skipped: list[Failure] = field(default_factory=list)
+    held_out: list[str] = field(default_factory=list)  # keys of the validation samples
 
     def __len__(self) -> int:
         return len(self.train)
@@ -335,10 +408,11 @@ class StreamedData:
         member = self.members[sample]
         name = f"{self.shards[member.shard]}/{printable(member.name)}"
         try:
-            data = os.pread(self._shard_file(member.shard), member.size, member.offset)
-        except OSError as exc:
-            raise ImageReadError(name, f"cannot read: {exc.strerror or exc}") from None
-        if len(data) != member.size:
+            data = _read_member(self._shard_file(member.shard), member)
+        except (OSError, DataError) as exc:
+            reason = exc.message if isinstance(exc, DataError) else exc.strerror or exc
+            raise ImageReadError(name, f"cannot read: {reason}") from None
+        if len(data) != member.size:  # the file was cut since its headers were read
             raise ImageReadError(name, "shard ends inside this member")
         return read_image_bytes(data, name, channels, at_least=at_least, fit=fit)
 
@@ -352,7 +426,7 @@ class StreamedData:
         if shard not in files:
             if len(files) >= OPEN_SHARDS:  # the longest open one goes (dicts keep their order)
                 os.close(files.pop(next(iter(files))))
-            files[shard] = os.open(self.shards[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            files[shard] = open_shard(self.shards[shard])
         return files[shard]
 
     def __getstate__(self) -> dict:
@@ -376,6 +450,19 @@ class StreamedData:
             return Failure(exc.path, exc.reason)
 
 
+def _read_member(fd: int, member: ShardMember) -> bytes:
+    """A member's bytes, shorter only where the file ends first: one pread returns at most
+    about 2 GiB on Linux, and may return less than asked for at any size."""
+    parts, at, left = [], member.offset, member.size
+    while left:
+        part = os.pread(fd, left, at)
+        if not part:
+            break
+        parts.append(part)
+        at, left = at + len(part), left - len(part)
+    return b"".join(parts)
+
+
 def default_workers() -> int:
     """One decoding process per core but one (for the training loop), at least one."""
     return max(1, min(16, (os.cpu_count() or 2) - 1))
@@ -395,9 +482,8 @@ def open_stream(
         members: list[ShardMember] = []
         keys: list[str] = []
         for number, shard in enumerate(shards):
-            found, failure = index_shard(shard, number)
-            if failure is not None:
-                skipped.append(failure)
+            found, failures = index_shard(shard, number)
+            skipped += failures
             keys += [f"{shard.name}/{key}" for key in found]
             members += found.values()
         if not keys:
@@ -472,6 +558,7 @@ def choose_validation(data: StreamedData, fraction: float, validation=None) -> S
     )
     held = np.zeros(len(data.keys), bool)
     held[chosen] = True  # an unreadable validation image does not train either
+    data.held_out = [data.keys[i] for i in sorted(chosen)]
     data.train = np.flatnonzero(~held)
     return data
 

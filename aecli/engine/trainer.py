@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from aecli.config import Config
-from aecli.data import ImageData, split
+from aecli.data import ImageData, data_change, data_record, split
 from aecli.data.stream import StreamedData, batch_loader
 from aecli.data.transforms import to_uint8, to_unit
 from aecli.devices import (
@@ -47,7 +47,7 @@ from aecli.engine.step import (
 )
 from aecli.engine.tensorboard import TensorBoardLog
 from aecli.engine.tensorboard import check_available as check_tensorboard
-from aecli.errors import Interrupted, TrainingError, UsageError, first_line
+from aecli.errors import DataError, Interrupted, TrainingError, UsageError, first_line
 from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
 from aecli.models import Autoencoder, build_model
@@ -58,7 +58,9 @@ STATISTICS_MAX = 5_000
 
 
 class Reporter(Protocol):
-    """What the engine tells its caller (the CLI renders it with rich)."""
+    """What the engine tells its caller (the CLI renders it with rich): `step` after every
+    step, its `metrics` the logging window's means where one ends (train.log_every), else
+    empty."""
 
     def start(self, *, epochs: int, steps_per_epoch: int, first_epoch: int) -> None: ...
     def step(self, *, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
@@ -160,6 +162,7 @@ class Trainer:
             self.train_data, self.val_data = split(
                 data, config.data.val_fraction, config.train.seed
             )
+        self.data_record = data_record(self.train_data, self.val_data)  # checked on resume
         self.skipped: dict[str, str] = {}  # streamed images that failed to decode: path, reason
         self.state = TrainState()
         self.fingerprint = ""
@@ -363,7 +366,9 @@ class Trainer:
             images_this_run += len(images) * self.dist.world
             last = i + 1 == self.steps_per_epoch
             synced = (i + 1) % train.log_every == 0 or last
-            if synced:
+            if not synced:  # the position only: the results stay on the device
+                self.reporter.step(epoch=epoch, step=i + 1, metrics={})
+            else:
                 self._sync()
                 window = self._window
                 means = {k: v / window.images for k, v in window.sums.items()}
@@ -680,12 +685,40 @@ class Trainer:
                 "preset": self.preset,
                 "data_path": self.data_path,
                 "val_data_path": self.val_data_path,
+                "data": self.data_record,
             }
         )
 
-    def restore(self, checkpoint: dict) -> None:
-        """Continue from a checkpoint: weights, optimiser, EMA, counters; trims metrics.jsonl."""
+    @classmethod
+    def resumed(
+        cls,
+        plan: ResumePlan,
+        data: ImageData,
+        run_dir: Path,
+        *,
+        data_changed: bool = False,
+        **options,
+    ) -> Trainer:
+        """A trainer restored to where a planned run stopped (options: device, reporter), before
+        it trains; `data_changed` accepts data other than those the checkpoint trained on."""
+        trainer = cls(
+            plan.config,
+            data,
+            run_dir,
+            preset=plan.preset,
+            data_path=plan.data_path,
+            val_data_path=plan.val_data_path,
+            **options,
+        )
+        trainer.restore(plan.checkpoint, data_changed=data_changed)
+        return trainer
+
+    def restore(self, checkpoint: dict, *, data_changed: bool = False) -> None:
+        """Continue from a checkpoint: weights, optimiser, EMA, counters; trims metrics.jsonl.
+        Data other than the checkpoint's are refused, or with `data_changed` named and
+        accepted."""
         self.state = TrainState(**checkpoint["train_state"])
+        self._check_data(checkpoint.get("data"), data_changed)
         self.model.load_state_dict(checkpoint["model"])  # copied into the parameters in place
         load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         if self.ema is not None and checkpoint.get("ema") is not None:
@@ -697,6 +730,37 @@ class Trainer:
         self.best_weights = checkpoint.get("best_weights")
         if self.dist.main:
             self.run.trim_history(self.state.epoch, self.state.step)
+
+    def _check_data(self, recorded: dict | None, accepted: bool) -> None:
+        """Compare the data with the checkpoint's record of them (a checkpoint written before
+        aecli recorded them has none, and resumes as it did)."""
+        change = data_change(recorded, self.data_record) if recorded else None
+        if change is None:
+            return
+        where = self.data_description.get("path")
+        if not accepted:
+            raise DataError(
+                f"--resume: the data differ from those the checkpoint trained on ({change}); "
+                "restore them, or pass --data-changed to go on with these",
+                path=where,
+            )
+        epoch, batch = self.state.epoch, self.state.batch
+        position = (
+            f"epoch {epoch} goes on at batch {batch + 1} of an order drawn over these data, so "
+            "some of its samples are trained on twice and others not at all"
+            if batch
+            else f"epoch {epoch} starts on these data"
+        )
+        validation = (
+            "the validation set changed: validation figures before and after are not comparable"
+            if recorded.get("validation", {}).get("digest")
+            != self.data_record["validation"]["digest"]
+            else "the validation set is the same"
+        )
+        self.reporter.notice(
+            f"{where + ': ' if where else ''}the data differ from those the checkpoint trained "
+            f"on ({change}); going on (--data-changed): {position}; {validation}"
+        )
 
     # -- Ctrl-C ------------------------------------------------------------------------------
 
@@ -735,15 +799,5 @@ def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainRes
 
 
 def resume(plan: ResumePlan, data: ImageData, run_dir: Path, **options) -> TrainResult:
-    """Continue a planned run (options: device, reporter)."""
-    trainer = Trainer(
-        plan.config,
-        data,
-        run_dir,
-        preset=plan.preset,
-        data_path=plan.data_path,
-        val_data_path=plan.val_data_path,
-        **options,
-    )
-    trainer.restore(plan.checkpoint)
-    return trainer.fit()
+    """Continue a planned run (options: data_changed, device, reporter)."""
+    return Trainer.resumed(plan, data, run_dir, **options).fit()
