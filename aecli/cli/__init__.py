@@ -71,12 +71,11 @@ def usage_line(exc) -> str:
     command = "aecli" + command.split("aecli", 1)[1] if "aecli" in command else command
     param = getattr(exc, "param", None)
     given = context.params.get("weights") if context is not None else None
-    # MissingParameter is Click's BadParameter for a value that was not given at all
+    # Click's MissingParameter, the BadParameter of a value not given at all, has a param_type
     missing = (
         isinstance(exc, typer.BadParameter)
+        and hasattr(exc, "param_type")
         and getattr(param, "name", "") == "inputs"
-        and context is not None
-        and not context.params.get("inputs")
     )
     if missing and given:
         # `aecli reconstruct photos/ -o out/`: the one path went to WEIGHTS
