@@ -146,7 +146,10 @@ def sample(
     image_size = parse_size(size) if size is not None else None
     to_folder = latents_out is not None and names_folder(latents_out)
     if to_folder and fmt not in (None, "safetensors"):
-        raise UsageError(f"--format {fmt}: a latent folder holds safetensors shards")
+        raise UsageError(
+            f"--format {fmt}: a latent folder holds safetensors shards; --latents-out "
+            f"{latents_out} names a folder (a latent file's name ends in .safetensors or .npy)"
+        )
     fmt = output_format(latents_out, fmt) if latents_out is not None and not to_folder else None
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)

@@ -168,7 +168,7 @@ def info(
 
 def _folder_info(path: Path, as_json: bool) -> None:
     """`aecli info DIR/` for a latent folder: count, shapes, scaling, model, size on disk."""
-    from aecli.io.latent_folder import folder_facts
+    from aecli.io.latent_folder import busy, folder_facts
 
     facts = {"source": str(path), **folder_facts(path)}
     if as_json:
@@ -179,7 +179,10 @@ def _folder_info(path: Path, as_json: bool) -> None:
     disk = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
     scaling = settings.get("scaling")
     scaled = "none" if not scaling else f"(z - {scaling['shift']:g}) * {scaling['scale']:g}"
-    made = "encoded (a VAE's posterior mean)"
+    made = {
+        True: "encoded (a VAE's posterior mean)",
+        False: "encoded (the encoder's output)",
+    }.get(facts.get("variational"), "encoded")
     if "sampled_from" in settings:
         made = f"sampled from {settings['sampled_from']} (seed {settings.get('seed')})"
     elif settings.get("sample"):
@@ -189,18 +192,18 @@ def _folder_info(path: Path, as_json: bool) -> None:
         shapes = ", ".join(
             f"{s['count']:,} of {'x'.join(map(str, s['shape']))}" for s in facts["shapes"]
         )
+        shards = facts["shards"]
         rows += [
-            ("latents", f"{facts['count']:,} in {facts['shards']:,} shards"),
+            ("latents", f"{facts['count']:,} in {shards:,} shard{'s' * (shards != 1)}"),
             ("shapes", shapes),
         ]
     else:
-        rows.append(
-            (
-                "unfinished",
-                f"{facts['units_done']} of {facts['units']} units of work on disk; finish it "
-                "with the same `aecli encode` and --resume",
-            )
-        )
+        done = f"{facts['units_done']} of {facts['units']} units of work on disk"
+        if facts["writer"] is not None:
+            state = f"{done}; {busy(facts['writer'])}"
+        else:
+            state = f"{done}; finish it with the same `aecli encode` and --resume"
+        rows.append(("unfinished", state))
     rows += [
         ("latents are", made),
         ("scaling", scaled),

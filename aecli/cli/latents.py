@@ -63,9 +63,9 @@ def encode(
         typer.Option(
             "--out",
             "-o",
-            help="A folder (latent shards written as they are encoded, and index.json; for data "
-            "sets of any size), a latent file (.safetensors or .npy, held in memory until "
-            "written), or - for stdout.",
+            help="A latent file (a name ending in .safetensors or .npy; held in memory until "
+            "written), - for stdout, or else a folder (latent shards written as they are "
+            "encoded, and index.json; for data sets of any size).",
             show_default=False,
         ),
     ],
@@ -179,7 +179,10 @@ def encode(
                 "folder; give -o DIR/"
             )
     elif fmt not in (None, "safetensors"):
-        raise UsageError(f"--format {fmt}: a latent folder holds safetensors shards")
+        raise UsageError(
+            f"--format {fmt}: a latent folder holds safetensors shards; -o {out} names a folder "
+            "(a latent file's name ends in .safetensors or .npy)"
+        )
     if force and not resume:
         raise UsageError("--force: continues a folder that other weights started; add --resume")
     resolved = resolve_device(device)
@@ -212,7 +215,7 @@ def encode(
         if folder:
             guard.check("-o", [], overwrite=overwrite, out_dir=Path(out))
             _encode_folder(
-                predictor, files, failures, Path(out), settings, dist,
+                predictor, files, failures, Path(out), settings, dist, roots=inputs,
                 shard_size=shard_size, resume=resume, overwrite=overwrite, force=force,
                 batch_size=batch_size, workers=workers, as_json=as_json,
             )  # fmt: skip
@@ -282,17 +285,18 @@ def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, 
 
 
 def _encode_folder(
-    predictor, files, failures, out, settings, dist, *, shard_size, resume, overwrite, force,
-    batch_size, workers, as_json,
+    predictor, files, failures, out, settings, dist, *, roots, shard_size, resume, overwrite,
+    force, batch_size, workers, as_json,
 ):  # fmt: skip
     """Encode into a latent folder: shards as they are done, the index at the end."""
     from aecli.data.images import Failure
+    from aecli.errors import Interrupted
     from aecli.inference.latents import FolderEncode, default_shard_size
 
     shard_size = shard_size or default_shard_size(predictor, settings)
     start = time.perf_counter()
     job = FolderEncode(
-        predictor, files, out, settings, shard_size=shard_size, resume=resume,
+        predictor, files, out, settings, shard_size=shard_size, roots=roots, resume=resume,
         overwrite=overwrite, force=force, dist=dist,
     )  # fmt: skip
     label = "encoding" if dist.world == 1 else f"encoding (rank 0 of {dist.world})"
@@ -303,6 +307,12 @@ def _encode_folder(
         else:
             job.run(batch_size=batch_size, workers=workers)
         index = job.finish(failures)
+    except KeyboardInterrupt:
+        done = len(job.writer.finished_units())
+        raise Interrupted(
+            f"{done} of {job.plan.units} units of work are on disk in {out} and kept; continue "
+            f"with: {resume_command()}"
+        ) from None
     finally:
         job.close()
     if index is None:
@@ -343,6 +353,16 @@ def _encode_folder(
         raise typer.Exit(1)
 
 
+def resume_command() -> str:
+    """This command line as --resume continues it: --overwrite (which would start over)
+    dropped, --resume added."""
+    import shlex
+    import sys
+
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    return shlex.join(["aecli", *args, "--resume"])
+
+
 def _scaling(predictor, scaled: bool, scale: float | None, shift: float | None):
     """The latent scaling --scaled / --scaling-factor / --shift-factor ask for, or None."""
     if scaled or scale is not None or shift is not None:
@@ -369,6 +389,9 @@ def _encode_size(size: str, predictor, bucketed: bool = False) -> tuple[int, int
     hw = parse_size(size)
     if max(hw) > 65536:
         raise UsageError(f"--size {size}: each side must be at most 65536 pixels")
+    if min(hw) < predictor.smallest_side:
+        least = predictor.smallest_side
+        raise UsageError(f"--size {size}: too small for this model (at least {least}x{least})")
     if hw != predictor.size and not predictor.fully_convolutional:
         raise UsageError(
             f"--size {size}: this model takes images of {predictor.accepts} only "
@@ -403,6 +426,11 @@ def _buckets(text: str | None, predictor):
             raise UsageError(
                 f"--buckets {part.strip()}: sides must be multiples of the model's downsampling "
                 f"factor {f}, at most 65536"
+            )
+        if min(hw) < predictor.smallest_side:
+            least = predictor.smallest_side
+            raise UsageError(
+                f"--buckets {part.strip()}: too small for this model (at least {least}x{least})"
             )
         if hw not in sizes:
             sizes.append(hw)

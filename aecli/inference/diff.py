@@ -56,6 +56,7 @@ def diff_files(
         failures=failures,
         progress=progress,
         pin_memory=predictor.execution.pins_memory,
+        smallest=max(m.smallest_side for m in models),
     ):
         recons = [m.reconstruct(batch.images) for m in models]
         originals = batch.images.to(recons[0].device)
@@ -141,10 +142,17 @@ def _diff_sheet(shown: list[dict], versus: bool) -> tuple[np.ndarray, float]:
                 f"{Path(row['file']).name}   PSNR {row['psnr']:.2f} dB   SSIM {row['ssim']:.3f}"
             )
         rows.append(cells)
-    limit = f"±{scale:.2f}"
-    header = (
-        ["original", "weights", "vs", f"|error| 0-{scale:.2f}", f"|vs error| 0-{scale:.2f}"]
-        if versus
-        else ["original", "reconstruction", f"signed error {limit}", f"|error| 0-{scale:.2f}"]
-    )
-    return compose_sheet(rows, min_tile=128, header=header, captions=captions), scale
+    header = sheet_header(versus, scale)
+    return compose_sheet(rows, min_tile=SHEET_TILE, header=header, captions=captions), scale
+
+
+SHEET_TILE = 128  # the narrowest column of a diff sheet, in pixels: its header fits in it
+
+
+def sheet_header(versus: bool, scale: float) -> list[str]:
+    """The sheet's column labels: for --vs, each model's reconstruction and its |error| named
+    by the option that gave it (weights, vs)."""
+    if versus:
+        return ["original", "weights", "vs", f"|error| weights 0-{scale:.2f}",
+                f"|error| vs 0-{scale:.2f}"]  # fmt: skip
+    return ["original", "reconstruction", f"signed error ±{scale:.2f}", f"|error| 0-{scale:.2f}"]

@@ -89,6 +89,14 @@ class ImageBatch:
         return head, ImageBatch(self.indices[n:], self.images[n:], self.original_sizes[n:])
 
 
+def too_small(height: int, width: int, least: int) -> str | None:
+    """Why an image of height x width is too small for a model whose smallest side is `least`
+    (Predictor.smallest_side), or None."""
+    if min(height, width) >= least:
+        return None
+    return f"too small for this model ({height}x{width}; at least {least}x{least})"
+
+
 def image_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, C) pixels -> uint8 (C, H, W), sharing memory where it can."""
     return torch.from_numpy(np.require(array, requirements=["C", "W"])).permute(2, 0, 1)
@@ -131,7 +139,8 @@ def bucket_preset(area_side: int, factor: int) -> list[tuple[int, int]]:
 
 class _ImageFiles(Dataset):
     """Decodes one file per item (in a worker): uint8 (C, H, W), resized when `size` is set, or
-    to the nearest of the `buckets`."""
+    to the nearest of the `buckets`; at its own size, a failure where a side is under
+    `smallest`."""
 
     def __init__(
         self,
@@ -140,8 +149,10 @@ class _ImageFiles(Dataset):
         size: tuple[int, int] | None,
         reduced_decode: bool = True,
         buckets: Buckets | None = None,
+        smallest: int = 1,
     ):
         self.files, self.channels, self.size, self.buckets = files, channels, size, buckets
+        self.smallest = smallest
         # JPEGs that will be resized down anyway can decode at 1/2, 1/4 or 1/8 scale
         target = buckets.largest_side if buckets else max(size) if size is not None else None
         self.at_least = target if reduced_decode else None
@@ -157,7 +168,11 @@ class _ImageFiles(Dataset):
         except ImageReadError as exc:
             return index, Failure(exc.path, exc.reason), None
         original = array.shape[:2]
-        if self.size is not None and self.buckets is None:
+        if self.size is None and self.buckets is None:
+            reason = too_small(*original, self.smallest)
+            if reason is not None:
+                return index, Failure(str(self.files[index].path), reason), None
+        elif self.buckets is None:
             array = fit_image(array, self.size, "stretch")
         return index, image_tensor(array), original
 
@@ -208,6 +223,7 @@ def load_batches(
     pin_memory: bool = False,
     groups: list[range] | None = None,
     buckets: Buckets | None = None,
+    smallest: int = 1,
 ) -> Iterator[ImageBatch]:
     """Decoded images in batches of one size each (`size` None keeps native sizes; `buckets`
     fits each image to its aspect bucket), in pinned memory with `pin_memory` (pinned by the
@@ -215,7 +231,8 @@ def load_batches(
 
     `groups` (ranges of file numbers; default: every file) say which files to read, in order; a
     batch never mixes two groups, so a group's batches are the same wherever it is read.
-    Files that cannot be read go into `failures` by number (and count as done for `progress`).
+    Files that cannot be read go into `failures` by number (and count as done for `progress`),
+    as do images at their own size (`size` None) with a side under `smallest`.
     `original_sizes` makes each batch's `original_sizes` exact (no reduced-scale JPEG decoding).
     """
     groups = [range(len(files))] if groups is None else groups
@@ -225,7 +242,7 @@ def load_batches(
     chunks = [list(g[i : i + chunk]) for g in groups for i in range(0, len(g), chunk)]
     ends = {g[-1] for g in groups if len(g)}
     loader = DataLoader(
-        _ImageFiles(files, channels, size, reduced_decode=not original_sizes, buckets=buckets),
+        _ImageFiles(files, channels, size, not original_sizes, buckets, smallest),
         batch_sampler=chunks,
         num_workers=workers,
         collate_fn=_group_by_shape,

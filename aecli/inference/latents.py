@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ def encode_units(
         pin_memory=predictor.execution.pins_memory,
         groups=[r for _, r in units],
         buckets=settings.buckets,
+        smallest=predictor.smallest_side,
     ):
         position = bisect.bisect_right(starts, batch.indices[0]) - 1
         while open_unit < position:
@@ -218,6 +220,19 @@ def inputs_digest(files: list[InputFile]) -> str:
     return digest.hexdigest()
 
 
+def file_stats(files: list[InputFile]) -> np.ndarray:
+    """Each file's size and mtime_ns, int64 (N, 2) (links followed; -1 where they cannot be
+    had): what tells a resumed run that a name now holds another picture."""
+    found = np.full((len(files), 2), -1, dtype=np.int64)
+    for number, file in enumerate(files):
+        try:
+            info = os.stat(file.path)
+        except OSError:
+            continue
+        found[number] = info.st_size, info.st_mtime_ns
+    return found
+
+
 class FolderEncode:
     """An encode into a latent folder, in one process or in each of torchrun's: the inputs in
     units of `shard_size` consecutive files, each written as shards (one per latent shape) as
@@ -235,11 +250,14 @@ class FolderEncode:
         settings: EncodeSettings,
         *,
         shard_size: int,
+        roots: list[Path] | None = None,
         resume: bool = False,
         overwrite: bool = False,
         force: bool = False,
         dist: Distributed | None = None,
     ):
+        """`roots`: the INPUT arguments the files were found in (recorded, and compared by
+        --resume)."""
         self.predictor, self.files, self.settings = predictor, files, settings
         if dist is None:
             from aecli.engine.distributed import Distributed
@@ -255,11 +273,15 @@ class FolderEncode:
         plan = Plan(
             predictor.fingerprint,
             predictor.name,
-            settings.record(shard_size),
+            {**settings.record(shard_size), **predictor.tiling_settings()},
             count,
             inputs_digest(files),
             len(units),
             class_names,
+            roots=None if roots is None else [os.path.abspath(r) for r in roots],
+            variational=predictor.variational,
+            file_stats=file_stats(files),
+            file_paths=[f.path for f in files],
         )
         self.plan = plan
         if self.dist.world > 1:  # every process must cut the same inputs into the same units

@@ -3,6 +3,7 @@ to know about it (input size, padding factor, device settings, latent scaling, t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.weights import WeightsInfo, load_weights
 from aecli.models import Autoencoder
 from aecli.models.registry import fixed_size
-from aecli.tiling import NotTileable, Plan, Runner, Tiling, plan, tiled
+from aecli.tiling import NotTileable, Plan, Runner, Tiling, context, plan, tiled
 
 MAX_AUTO_BATCH = 512
 
@@ -88,6 +89,26 @@ class Predictor:
         """The input sizes the model takes, for messages."""
         return "any size" if self.fully_convolutional else "x".join(map(str, self.size))
 
+    @functools.cached_property
+    def smallest_side(self) -> int:
+        """The smallest image side a fully convolutional model takes (1 for the others, which
+        see every image resized to their input). Images are padded to a multiple of the
+        downsampling factor f; a norm layer needs more than one value per channel group (a
+        GroupNorm of one channel per group at a 1x1 latent fails), so the model is run on blank
+        images of f, 2f, ... pixels until one goes through (milliseconds: the first usually)."""
+        if not self.fully_convolutional:
+            return 1
+        f = self.factor
+        for side in range(f, 33 * f, f):
+            blank = torch.zeros(1, self.channels, side, side, dtype=torch.uint8)
+            try:
+                with torch.inference_mode(), self.execution.autocast():
+                    self.model(self.execution.prepare(blank, self.value_range), sample=False)
+            except (RuntimeError, ValueError):
+                continue
+            return side - f + 1  # an image of that side is padded to `side`
+        return 1
+
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         """Pad (replicating the border) to a multiple of the downsampling factor."""
         h, w = x.shape[-2:]
@@ -133,6 +154,12 @@ class Predictor:
                 f"--tile {size}: must be a multiple of the model's downsampling factor {f}, "
                 f"at least {2 * f}"
             )
+        if not fast and size < self.smallest_exact_tile:
+            raise UsageError(
+                f"--tile {size}: exact tiles this small spend most of their time on the context "
+                f"each needs ({self._context} pixels across); give at least "
+                f"--tile {self.smallest_exact_tile}, or --tile-fast"
+            )
         overlap = size // 4 // f * f if overlap is None else overlap
         if overlap % f or not 0 <= overlap <= size // 2:
             raise UsageError(
@@ -141,6 +168,31 @@ class Predictor:
             )
         self.tiling = Tiling(size, overlap)
         self.tile_batch = self._tiles_at_a_time("reconstruct", size, available_memory(self.device))
+
+    def tiling_settings(self) -> dict:
+        """The tiling options, as a latent folder records them (a resume must give the same:
+        --tile-fast's latents are approximate, and differ with the tile and the overlap)."""
+        tiling = self.tiling
+        return {
+            "tile": None if tiling is None else tiling.size,
+            "no_tile": not self.auto_tile,
+            "tile_fast": self.tile_fast,
+            "tile_overlap": tiling.overlap if tiling is not None and self.tile_fast else None,
+        }
+
+    @property
+    def _context(self) -> int:
+        """The most image pixels across that one output pixel of an exact tile's stage depends
+        on (the stage's receptive field), in the encoder or the decoder."""
+        return max(context(self._plan(part)) for part in ("encode", "decode"))
+
+    @property
+    def smallest_exact_tile(self) -> int:
+        """The smallest --tile for exact tiles: twice the context, so that a tile's own pixels
+        are at least half of each side it computes (at most 2.25 times the untiled work, where
+        tiles of 4 pixels took over 8 times); a multiple of f, at least 2f."""
+        f = self.factor
+        return max(2 * f, -(-2 * self._context // f) * f)
 
     def _tiles_at_a_time(self, part: str, size: int, free: int | None) -> int:
         """--batch-size tiles, fewer where their activations would not fit in half the free
@@ -234,8 +286,9 @@ class Predictor:
             return self._activation_bytes(part, (self.latent_shape[0], *(size // self.factor,) * 2))
         return self._activation_bytes(part, (self.channels, size, size))
 
-    def _runner(self, part: str, tiling: Tiling) -> Runner:
-        """The exact tiled run of the encoder (to the latent head's output) or the decoder."""
+    def _plan(self, part: str) -> Plan:
+        """The stages of the exact tiled run of the encoder (to the latent head's output) or
+        the decoder."""
         if part not in self._plans:
             model = self.model
             try:
@@ -248,10 +301,15 @@ class Predictor:
                 raise UsageError(
                     f"this model holds {exc}, which exact tiles do not cover: pass --tile-fast"
                 ) from None
+        return self._plans[part]
+
+    def _runner(self, part: str, tiling: Tiling) -> Runner:
+        """The exact tiled run of the encoder (to the latent head's output) or the decoder."""
+        stages = self._plan(part)
         free = available_memory(self.device)
         host = free if self.device.type == "cpu" else available_memory(torch.device("cpu"))
         return Runner(
-            self._plans[part],
+            stages,
             tiling.size,
             device=self.device,
             batch=self.tile_batch,

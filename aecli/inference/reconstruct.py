@@ -70,6 +70,7 @@ def reconstruct_files(
         progress=progress,
         pin_memory=predictor.execution.pins_memory,
         original_sizes=keep_size,
+        smallest=predictor.smallest_side,
     )
 
     def launch(batch: ImageBatch) -> tuple:

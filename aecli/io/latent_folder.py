@@ -20,10 +20,12 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import aecli
@@ -37,7 +39,7 @@ from aecli.io.latents import (
     latent_parts,
     read_latents,
 )
-from aecli.io.locks import FolderLock
+from aecli.io.locks import FolderLock, lock_holder
 
 FOLDER_FORMAT = "aecli-latent-folder"
 FOLDER_VERSION = "1"
@@ -63,9 +65,10 @@ def unit_name(unit: int) -> str:
 
 
 def is_latent_folder(path: str | Path) -> bool:
-    """A folder that an encode wrote or is writing (its index or its plan is there)."""
+    """A folder that an encode wrote or is writing (its index or its plan is there, and is an
+    aecli record: a user's own index.json does not make a folder a latent folder)."""
     path = Path(path)
-    return path.is_dir() and ((path / INDEX).is_file() or (path / PLAN).is_file())
+    return path.is_dir() and (_wrote(path, INDEX) or _wrote(path, PLAN))
 
 
 def _ours(name: str) -> bool:
@@ -73,6 +76,80 @@ def _ours(name: str) -> bool:
     if is_temp_name(name):
         name = temp_target(name)
     return name in (INDEX, PLAN, LOCK) or bool(SHARD.match(name) or UNIT.match(name))
+
+
+# How each file aecli writes into a latent folder begins: a file of one of its names that does
+# not begin so is a user's own (issue 45: `index.json` of an app), never replaced or removed.
+_RECORD = re.compile(rb'\s*\{\s*"format"\s*:\s*"' + FOLDER_FORMAT.encode() + rb'"')
+_UNIT_RECORD = re.compile(rb'\s*\{\s*"unit"\s*:\s*\d+\s*,\s*"shards"\s*:')
+_SHARD_FORMAT = b'"format":"aecli-latents"'
+_HEAD = 64 << 10  # bytes of a shard's header searched at a time for its format
+_HEADER_LIMIT = 4 << 20  # ... and at most
+
+
+def _wrote(folder: Path, name: str) -> bool:
+    """Whether `folder/name` is a file aecli wrote there: one of its names, a regular file (not a
+    link), and its first bytes those of the record, shard or lock that name stands for."""
+    if not _ours(name):
+        return False
+    path = folder / name
+    if name == LOCK and lock_holder(path) == os.getpid():  # opening it would let go of it
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # gone, a link (ELOOP), or unreadable: not a file aecli can vouch for
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        if is_temp_name(name):  # half written: only its name tells
+            return True
+        if name == LOCK:
+            text = os.pread(fd, 33, 0)
+            return len(text) <= 32 and (not text or text.strip().isdigit())
+        if name in (INDEX, PLAN):
+            return bool(_RECORD.match(os.pread(fd, 256, 0)))
+        if UNIT.match(name):
+            return bool(_UNIT_RECORD.match(os.pread(fd, 256, 0)))
+        return _shard_header_names_format(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _shard_header_names_format(fd: int) -> bool:
+    """Whether a safetensors file's header says it is an aecli latent file (its metadata keys
+    are sorted, so the format comes early: after the version and the class names)."""
+    prefix = os.pread(fd, 8, 0)
+    if len(prefix) < 8:
+        return False
+    length = min(int.from_bytes(prefix, "little"), _HEADER_LIMIT)
+    seen, at = b"", 8
+    while at < 8 + length:
+        chunk = os.pread(fd, min(_HEAD, 8 + length - at), at)
+        if not chunk:
+            return False
+        seen = seen[-len(_SHARD_FORMAT) :] + chunk
+        if _SHARD_FORMAT in seen:
+            return True
+        at += len(chunk)
+    return False
+
+
+def writer_process(folder: Path) -> int | None:
+    """The process id of another process writing `folder` now (holding its lock), or None."""
+    holder = lock_holder(folder / LOCK)
+    return holder if holder is not None and holder != os.getpid() else None
+
+
+BUSY = "another aecli encode is writing this folder"
+
+
+def busy(pid: int) -> str:
+    """The refusal of a folder another process is writing: its process id, and what to do."""
+    return f"{BUSY} (process {pid}); wait for it to finish"
 
 
 def _temporary(name: str) -> bool:
@@ -149,6 +226,12 @@ class Plan:
     inputs_digest: str
     units: int
     class_names: list[str] | None
+    roots: list[str] | None = None  # the INPUT arguments, as absolute paths
+    variational: bool | None = None  # a VAE's posterior (mean or draw), else a plain code
+    # each input file's size and mtime_ns now, int64 (N, 2): a unit's record keeps its files'
+    # (checked by --resume); and the files, for messages
+    file_stats: np.ndarray | None = field(default=None, repr=False)
+    file_paths: list[Path] | None = field(default=None, repr=False)
 
     def record(self) -> dict:
         return {
@@ -156,12 +239,19 @@ class Plan:
             "format_version": FOLDER_VERSION,
             "fingerprint": self.fingerprint,
             "weights": self.weights,
+            "variational": self.variational,
             "settings": self.settings,
+            "roots": self.roots,
             "inputs": self.inputs,
             "inputs_digest": self.inputs_digest,
             "units": self.units,
             "class_names": self.class_names,
         }
+
+    def unit_files(self, unit: int) -> range:
+        """The input files unit `unit` covers."""
+        size = self.settings["shard_size"]
+        return range(unit * size, min((unit + 1) * size, self.inputs))
 
 
 # how each setting is named on the command line, for messages
@@ -172,11 +262,28 @@ SETTING_OPTIONS = {
     "seed": "--seed",
     "scaling": "--scaled / --scaling-factor / --shift-factor",
     "shard_size": "--shard-size",
+    "tile": "--tile",
+    "no_tile": "--no-tile",
+    "tile_fast": "--tile-fast",
+    "tile_overlap": "--tile-overlap",
 }
 
 
-def _describe(value) -> str:
-    return "not set" if value in (None, False) else json.dumps(value)
+def _unset(value) -> bool:
+    return value is None or value is False
+
+
+def _setting_change(option: str, then, now) -> str:
+    """How a setting differs, for the refusal of a --resume: `was encoded with --size 16x16,
+    this command gives 32x32`, or for a flag `with --tile-fast, this command without it`."""
+    if isinstance(then, bool) or isinstance(now, bool):
+        return (
+            f"with {option}, this command without it"
+            if then
+            else f"without {option}, this command with it"
+        )
+    then, now = ("not set" if _unset(v) else json.dumps(v) for v in (then, now))
+    return f"with {option} {then}, this command gives {now}"
 
 
 class FolderWriter:
@@ -199,7 +306,10 @@ class FolderWriter:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"-o {folder}: exists and is not a folder")
         names = sorted(os.listdir(folder)) if folder.is_dir() else []
-        foreign = [n for n in names if not _ours(n)]
+        writer = writer_process(folder)
+        if writer is not None:
+            raise UsageError(f"-o {folder}: {busy(writer)}")
+        foreign = [n for n in names if not _wrote(folder, n) and os.path.lexists(folder / n)]
         if foreign:
             raise UsageError(
                 f"-o {folder}: holds files aecli did not write ({first_and_more(foreign)}); a "
@@ -254,24 +364,48 @@ class FolderWriter:
             raise UsageError(f"--resume: {self.folder / source}: no settings recorded")
         for key, option in SETTING_OPTIONS.items():
             then, now = settings.get(key), self.plan.settings.get(key)
-            if then != now:
+            if then != now and not (_unset(then) and _unset(now)):
                 raise UsageError(
-                    f"--resume: {self.folder} was encoded with {option} {_describe(then)}, this "
-                    f"command gives {_describe(now)}; give the same, or --overwrite to start over"
+                    f"--resume: {self.folder} was encoded {_setting_change(option, then, now)}; "
+                    "give the same, or --overwrite to start over"
                 )
+        again = "give the same inputs, or --overwrite to start over"
+        roots = raw.get("roots")
+        if roots is not None and self.plan.roots is not None and roots != self.plan.roots:
+            raise UsageError(
+                f"--resume: {self.folder} was started with the inputs {_paths(roots)}, this "
+                f"command gives {_paths(self.plan.roots)}; {again}"
+            )
         inputs, digest = raw.get("inputs"), raw.get("inputs_digest")
         if digest != self.plan.inputs_digest:
             raise UsageError(
                 f"--resume: the inputs differ from those {self.folder} was started with "
-                f"({inputs} files then, {self.plan.inputs} now); give the same inputs, or "
-                "--overwrite to start over"
+                f"({inputs} files then, {self.plan.inputs} now); {again}"
             )
+        if source == PLAN:
+            self._check_files_unchanged(again)
+
+    def _check_files_unchanged(self, again: str) -> None:
+        """Refuse a resume where a file that a finished unit encoded has changed since (another
+        size or modification time: another picture under the same name)."""
+        stats, paths = self.plan.file_stats, self.plan.file_paths
+        if stats is None or paths is None:
+            return
+        for unit, record in sorted(self.finished_units().items()):
+            if record.inputs is None:
+                continue
+            covered = self.plan.unit_files(unit)
+            for number, then in zip(covered, record.inputs, strict=False):
+                if list(then) != stats[number].tolist():
+                    raise UsageError(
+                        f"--resume: {paths[number]} is not the file {self.folder} was started "
+                        f"with (another size or modification time); {again}"
+                    )
 
     def _take_lock(self) -> None:
         """The folder's lock for the run's life (the main process)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        refusal = f"-o {self.folder}: another aecli encode is writing this folder"
-        self._lock = FolderLock(self.folder, LOCK, refusal)
+        self._lock = FolderLock(self.folder, LOCK, f"-o {self.folder}: {BUSY}")
 
     def release(self, *, remove: bool = False) -> None:
         if self._lock is not None:
@@ -337,7 +471,10 @@ class FolderWriter:
                     latents.fingerprint or "",
                 )
             )
-        record = UnitRecord(unit, entries, failures)
+        stats = self.plan.file_stats
+        files = self.plan.unit_files(unit)
+        inputs = None if stats is None else stats[files.start : files.stop].tolist()
+        record = UnitRecord(unit, entries, failures, inputs)
         atomic_write_text(self.folder / unit_name(unit), json.dumps(record.record()))
 
     # -- after: the index, from the unit records in order
@@ -367,7 +504,9 @@ class FolderWriter:
                 "aecli_version": aecli.__version__,
                 "fingerprint": self.plan.fingerprint,
                 "weights": self.plan.weights,
+                "variational": self.plan.variational,
                 "settings": self.plan.settings,
+                "roots": self.plan.roots,
                 "inputs": self.plan.inputs,
                 "inputs_digest": self.plan.inputs_digest,
                 "count": sum(e.count for e in shards),
@@ -388,12 +527,14 @@ class UnitRecord:
     unit: int
     shards: list[ShardEntry]
     failures: list[dict]  # {"path": ..., "reason": ...}
+    inputs: list[list[int]] | None = None  # its input files' [size, mtime_ns] when encoded
 
     def record(self) -> dict:
         return {
             "unit": self.unit,
             "shards": [e.record() for e in self.shards],
             "failures": self.failures,
+            "inputs": self.inputs,
         }
 
     @classmethod
@@ -404,7 +545,14 @@ class UnitRecord:
         failures = raw["failures"]
         if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
             raise ValueError(f"{where}: failures must be a list of records")
-        return cls(int(raw["unit"]), shards, failures)
+        inputs = raw.get("inputs")
+        if inputs is not None and not isinstance(inputs, list):
+            raise ValueError(f"{where}: inputs must be a list")
+        return cls(int(raw["unit"]), shards, failures, inputs)
+
+
+def _paths(paths: list[str]) -> str:
+    return ", ".join(paths) if len(paths) <= 3 else first_and_more(paths)
 
 
 def _size(path: Path) -> int | None:
@@ -445,6 +593,9 @@ class LatentFolder:
     def open(cls, path: str | Path) -> LatentFolder:
         """The folder's index, checked; one line for a folder that is not (yet) one."""
         path = Path(path)
+        writer = writer_process(path)
+        if writer is not None and not (path / INDEX).is_file():
+            raise LatentFileError(busy(writer), path=path)
         if not (path / INDEX).is_file():
             if (path / PLAN).is_file():
                 raise LatentFileError(
@@ -611,8 +762,10 @@ def folder_facts(path: Path) -> dict:
         return {
             "kind": "latent folder",
             "finished": False,
+            "writer": writer_process(path),
             "fingerprint": plan.get("fingerprint"),
             "weights": plan.get("weights"),
+            "variational": plan.get("variational"),
             "settings": plan.get("settings"),
             "inputs": plan.get("inputs"),
             "units_done": units,
@@ -629,6 +782,7 @@ def folder_facts(path: Path) -> dict:
         "shards": len(folder.shards),
         "fingerprint": folder.fingerprint,
         "weights": index.get("weights"),
+        "variational": index.get("variational"),
         "settings": index.get("settings"),
         "class_names": folder.class_names,
         "labels": all(e.labels is not None for e in folder.shards),

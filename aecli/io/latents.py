@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 
 import aecli
 from aecli.errors import UsageError, first_line
-from aecli.io.atomic import atomic_write_bytes
+from aecli.io.atomic import atomic_write_bytes, is_stream
 from aecli.io.tensorfile import safetensors_header, tensor_file_parts
 
 FORMAT = "aecli-latents"
@@ -101,15 +101,16 @@ def _latent_array(latents: LatentFile) -> np.ndarray:
     return values.astype("<f4", copy=False)
 
 
+LATENT_SUFFIXES = (".safetensors", ".npy")
+
+
 def names_folder(target: str) -> bool:
-    """Whether an output name means a latent folder: not `-`; an existing folder, or a new name
-    that ends in `/` or has no suffix (`-o latents`, as `-o images` means a folder of PNGs)."""
-    if target == STDIO:
+    """Whether an output name means a latent folder: any name but `-`, a name ending in
+    .safetensors or .npy, and a device or FIFO to write into (`-o /dev/null`). An existing
+    file of another name is then refused as a folder, never overwritten (`-o notes.md`)."""
+    if target == STDIO or Path(target).suffix.lower() in LATENT_SUFFIXES:
         return False
-    path = Path(target)
-    if path.exists():  # a folder, or a file (a device such as /dev/null included)
-        return path.is_dir()
-    return target.endswith("/") or not path.suffix
+    return not is_stream(target)
 
 
 def output_format(target: str, fmt: str | None) -> str:

@@ -4,7 +4,7 @@
 statistics estimated on a shrunk copy of the input and attend within each tile (--tile-fast).
 """
 
-from aecli.tiling.exact import NotTileable, Plan, Runner, plan
+from aecli.tiling.exact import NotTileable, Plan, Runner, context, plan
 from aecli.tiling.fast import Tiling, blend, cores, starts, statistics, tiled
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Runner",
     "Tiling",
     "blend",
+    "context",
     "cores",
     "plan",
     "starts",

@@ -380,6 +380,32 @@ def plan(parts: list, zoom: Fraction = Fraction(1)) -> Plan:
     return Plan(builder.stages, builder.zooms, builder.stats, result)
 
 
+def context(stages: Plan, length: int = 4096) -> int:
+    """The most image pixels across that one output pixel of any stage depends on (its
+    receptive field along an axis, measured in the middle of an input of `length` pixels):
+    what each tile computes beyond its own pixels."""
+    widest = 0
+    for stage in stages.stages:
+        if stage.attention is not None:  # whole-tensor, not tiled
+            continue
+        n = max(1, int(length * stages.zooms[stage.source]))
+        lengths, sides = [], {}
+        for i, op in enumerate(stage.ops):
+            lengths.append(n)
+            if isinstance(op, Add):
+                m = max(1, int(length * stages.zooms[op.source]))
+                sides[i] = []
+                for side_op in op.ops:
+                    sides[i].append(m)
+                    m = side_op.size(m, 0)
+                continue
+            n = op.size(n, 0)
+        middle = n // 2
+        _, (lo, hi) = _axis(stage.ops, lengths, middle, middle + 1, 0, {}, sides)
+        widest = max(widest, math.ceil((hi - lo) / stages.zooms[stage.source]))
+    return widest
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
