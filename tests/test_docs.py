@@ -4,11 +4,13 @@ show, presets on the pages valid, links that resolve (issue 35)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -113,3 +115,49 @@ def test_the_site_builds_strictly(tmp_path):
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert (tmp_path / "reference" / "cli" / "index.html").is_file()
+
+
+def readme_tour() -> str:
+    """The README's short tour: the shell block under its heading, as one script."""
+    text = (ROOT / "README.md").read_text()
+    return re.search(r"## A short tour\n+```bash\n(.*?)```", text, re.S)[1]
+
+
+@pytest.mark.slow
+def test_the_readme_tour_runs_top_to_bottom_as_written(tmp_path):
+    """Every line of the tour, in order, in one shell, in a folder that holds what the tour
+    takes as given: photos in class folders, a.png and b.png, runs/demo from the first command
+    (made here from a tiny preset, to keep seconds), and a diffusers SD-style VAE folder. A line
+    refused by one before it (two commands writing one -o folder) fails here."""
+    import diffusers
+    from conftest import TINY
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    for name, photo in zip(["china", "flower"], load_sample_images().images, strict=True):
+        folder = tmp_path / "photos" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            y, x = rng.integers(0, 300, 2)
+            Image.fromarray(photo[y : y + 48, x : x + 48]).save(folder / f"{i}.png")
+    for name, source in [("a.png", "china/0.png"), ("b.png", "flower/0.png")]:
+        Image.open(tmp_path / "photos" / source).save(tmp_path / name)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(tmp_path / "sd-vae-ft-mse")  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    assert run("aecli train tiny.yaml --out runs/demo").returncode == 0
+    tour = run(readme_tour())
+    assert tour.returncode == 0, tour.stderr[-3000:]
+    assert len(list((tmp_path / "recon").rglob("*.png"))) == 8
+    assert len(list((tmp_path / "sd-recon").rglob("*.png"))) == 8
+    assert (tmp_path / "latents" / "index.json").is_file()
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "path.png").is_file()
