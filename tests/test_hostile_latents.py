@@ -342,3 +342,44 @@ def test_the_docs_do_not_promise_byte_identical_folders_across_process_counts():
     torchrun = text[text.index("**torchrun.**") :][:1200]
     assert "float32 rounding" in torchrun and "same number of threads" in torchrun
     assert "equals a single-process run's byte for byte on the CPU" not in torchrun
+
+
+# -- sparse files where a latent folder's files go: refused before they are read ---------------
+
+
+def test_a_shard_or_index_of_a_gigabyte_of_nul_bytes_is_refused_unread(
+    tiny_weights, images, tmp_path, cli
+):
+    """A shard replaced by a sparse gigabyte (what a crash on some file systems leaves, or a
+    hostile file) is refused by its size against the index, naming it, before it is read; an
+    index.json of NUL bytes is refused at its first chunk. Neither costs memory."""
+    import tracemalloc
+
+    from aecli.io.jsonfile import read_json_file
+
+    folder = tmp_path / "lat"
+    assert cli("encode", tiny_weights, images, "-o", folder, "--shard-size", "2").exit_code == 0
+    shard = folder / "latents-000001.safetensors"
+    shard.unlink()
+    with shard.open("wb") as handle:
+        handle.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        result = cli("decode", tiny_weights, folder, "-o", tmp_path / "out")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 2
+    assert "latents-000001.safetensors: 1,073,741,824 bytes, the index says" in one_line(result)
+    assert peak < 64 << 20
+    sparse = tmp_path / "index.json"
+    with sparse.open("wb") as handle:
+        handle.truncate(1 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="damaged: a NUL byte at byte 0"):
+            read_json_file(sparse, 4 << 30)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20

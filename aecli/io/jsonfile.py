@@ -62,17 +62,26 @@ def open_regular(path: Path) -> IO[bytes]:
         raise
 
 
+CHUNK = 16 << 20  # bytes read at a time: a damaged file is refused before it is read whole
+
+
 def read_json_file(path: Path, limit: int) -> Any:
     """The JSON value in `path`; ValueError with the one-line reason where it cannot be had:
     missing, not a regular file, unreadable, over `limit` bytes, or damaged (bad bytes, bad
     JSON, nesting too deep for Python)."""
+    chunks, size = [], 0
     try:
         with open_regular(path) as handle:
-            data = handle.read(limit + 1)
+            while size <= limit and (chunk := handle.read(min(CHUNK, limit + 1 - size))):
+                if b"\0" in chunk:  # never in JSON: a file of NUL bytes (sparse, or a crash's)
+                    raise ValueError(f"damaged: a NUL byte at byte {size + chunk.index(0):,}")
+                chunks.append(chunk)
+                size += len(chunk)
     except FileNotFoundError:
         raise ValueError("missing") from None
     except OSError as exc:
         raise ValueError(f"cannot read: {os_reason(exc)}") from None
+    data = b"".join(chunks)
     if len(data) > limit:
         raise ValueError(f"larger than {limit:,} bytes")
     try:

@@ -636,6 +636,11 @@ class LatentFolder:
     def read(self, entry: ShardEntry) -> LatentFile:
         """One shard as a latent file, checked against what the index says of it."""
         path = self.path / entry.file
+        size = _size(path)
+        if size is not None and size != entry.bytes:  # read whole, so never past what it says
+            raise LatentFileError(
+                f"{size:,} bytes, the index says {entry.bytes:,}: damaged or replaced", path=path
+            )
         latents = read_latents(path)
         if len(latents) != entry.count or tuple(latents.latents.shape[1:]) != entry.shape:
             raise LatentFileError(
