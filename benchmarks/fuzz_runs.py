@@ -4,29 +4,32 @@ Three runs of the tests' tiny preset are made first: a finished one, an interrup
 `aecli train` SIGKILLed after its second epoch's checkpoint) and a live one (a real `aecli train`
 that stays alive for the whole fuzz, training while the cases on it run and stopped with SIGSTOP
 during the others, so that it does not take a core from them). Each case copies the finished or the
-interrupted run, or makes a "running" one (the interrupted run with `state.json` saying running
-and the run lock held by a helper process through the lock `aecli train` takes), and does one to
-three damages to it: a file cut short, bytes overwritten (also with non-UTF-8 ones), lines
-appended to metrics.jsonl that are not records (`null`, `[1,2]`, strings for numbers, bad bytes,
-deep nesting), state.json that is not an object of the right types, stray files (grids named
-`epoch-final.png`, a folder named like a grid or like metrics.jsonl, a user's `.notes.tmp`, the
-run lock replaced by a symbolic link to a user's file, a folder or a FIFO), a file removed, or
-config.yaml edited to another valid architecture. A share of the cases on unlocked runs has the
-helper hold the lock too (a second `aecli train` that started first). The lock file of a run a
-process holds is never damaged: replacing it hides that process from everyone (aecli then goes
-by the process id in state.json).
+interrupted run, or makes a "running" one (the interrupted run with `state.json` saying running and
+the run lock held by a helper process through the lock `aecli train` takes), and does one to three
+damages to it: a file cut short, bytes overwritten (also with non-UTF-8 ones), lines appended to
+metrics.jsonl that are not records (`null`, `[1,2]`, strings for numbers, bad bytes, deep nesting),
+state.json that is not an object of the right types, stray files (grids named `epoch-final.png`, a
+folder named like a grid or like metrics.jsonl, a user's `.notes.tmp`, the run lock replaced by a
+symbolic link to a user's file, a folder or a FIFO), a FIFO in place of state.json, metrics.jsonl or
+config.yaml, a metrics.jsonl of 3 GiB (sparse: NUL bytes, or one line that never ends), a file
+removed, or config.yaml edited to another valid architecture. A share of the cases on unlocked runs
+has the helper hold the lock too (a second `aecli train` that started first). The lock file of a run
+a process holds is never damaged: replacing it hides that process from everyone (aecli then goes by
+the process id in state.json).
 
-Then, in this process, on each case: `aecli runs` (table and --json) of the folder holding the
-case, the live run and an untouched run; `aecli report` (in place and with -o); a concurrent
-`aecli train --out` into the case; and `aecli train --resume`. Every 25th case whose run is not
-locked also starts two real `aecli train --resume` processes on it at the same moment.
+Then, in this process, on each case: `aecli runs` (table and --json) of the folder holding the case,
+the live run and an untouched run; `aecli report` (in place and with -o); a concurrent `aecli train
+--out` into the case; and `aecli train --resume`. Every 25th case whose run is not locked also
+starts two real `aecli train --resume` processes on it at the same moment.
 
-Reported, each one a defect: an internal error or Python exception, a refusal of more than one
-line, a damaged run missing from `runs --json`, any file changed in a run that another process
-holds (or in a run the command was not about), a user's file changed or removed, a live run not
-listed as running, and two simultaneous resumes that both trained or left an epoch twice in
-metrics.jsonl. At the end the live run is stopped and its metrics.jsonl must hold every epoch
-once, in order.
+Reported, each one a defect: a command still running after two minutes (a SIGALRM watchdog: a FIFO
+read without O_NONBLOCK), a case whose peak resident memory rose more than 512 MB above the baseline
+(Linux's VmHWM, reset before each command), an internal error or Python exception, a refusal of more
+than one line, a damaged run missing from `runs --json`, any file changed in a run that another
+process holds (or in a run the command was not about), a user's file changed or removed, a live run
+not listed as running, and two simultaneous resumes that both trained or left an epoch twice in
+metrics.jsonl. At the end the live run is stopped and its metrics.jsonl must hold every epoch once,
+in order.
 
     python benchmarks/fuzz_runs.py                  # 1,000 cases
     python benchmarks/fuzz_runs.py --cases 200 --seed 2
@@ -58,7 +61,9 @@ from aecli.engine.rundir import RunDirectory
 from aecli.errors import AecliError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TINY  # noqa: E402  (the tests' tiny preset: trains in seconds)
+from fuzz_headers import rss_peak_mb, rss_peak_reset  # noqa: E402
 
 RUN_FILES = [
     "config.yaml",
@@ -70,6 +75,8 @@ RUN_FILES = [
     "grids/epoch-0001.png",
 ]
 USER_NOTE = b"a user's notes, never to be touched\n"
+HANG_SECONDS = 120  # a command still running then is a hang (a FIFO opened for reading, say)
+BOUND_MB = 512  # a case may take at most this much memory above the baseline
 HELPER = """\
 import sys
 from pathlib import Path
@@ -115,8 +122,17 @@ BAD_STATES = [
 ]
 
 
+class Hang(Exception):
+    """A command ran past HANG_SECONDS."""
+
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
 def digest(root: Path, skip: Path | None = None) -> dict[str, str]:
-    """Every file under `root` (but `skip`) by its sha256; links and other entries by kind."""
+    """Every file under `root` (but `skip`) by its sha256 (by size and modification time past
+    64 MiB: the sparse files of the damages); links and other entries by kind."""
     found = {}
     for folder, dirs, files in os.walk(root):
         if skip is not None and Path(folder) == skip:
@@ -127,6 +143,9 @@ def digest(root: Path, skip: Path | None = None) -> dict[str, str]:
             key = str(path.relative_to(root))
             if path.is_symlink():
                 found[key] = "link:" + os.readlink(path)
+            elif path.is_file() and path.stat().st_size > 64 << 20:
+                info = path.stat()
+                found[key] = f"size {info.st_size}, modified {info.st_mtime_ns}"
             elif path.is_file():
                 found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
             elif not path.is_dir():
@@ -137,7 +156,8 @@ def digest(root: Path, skip: Path | None = None) -> dict[str, str]:
 def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
     """Do one damage to the run in `run`; what was done, in a few words. The lock file of a
     run a process holds is left alone: replacing it hides that process from everyone."""
-    kinds = ["cut", "bytes", "lines", "state", "stray", "lock", "missing", "architecture"]
+    kinds = ["cut", "bytes", "lines", "state", "stray", "lock", "missing", "architecture",
+             "fifo", "huge"]  # fmt: skip
     kind = rng.choice(kinds[:5] + kinds[6:] if locked else kinds)
     target = run / rng.choice(RUN_FILES)
     if kind in ("cut", "bytes") and not target.is_file():
@@ -198,11 +218,22 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
             shutil.rmtree(target)
         elif target.parent.is_dir():
             target.unlink(missing_ok=True)
+    elif kind == "fifo":  # where aecli reads a record: reading it must not wait for a writer
+        target = run / rng.choice(["state.json", "metrics.jsonl", "config.yaml"])
+        target.unlink(missing_ok=True)
+        os.mkfifo(target)
+    elif kind == "huge":  # a sparse metrics.jsonl of 3 GiB: NUL bytes, or one endless line
+        target = run / "metrics.jsonl"
+        with contextlib.suppress(OSError), target.open("ab") as handle:
+            if rng.random() < 0.5:
+                handle.write(b'{"kind": "epoch", "epoch": 1, "step": 3, "loss": ' + b"1" * 4096)
+            handle.truncate(3 << 30)
     else:  # config.yaml edited to another valid architecture
         config = run / "config.yaml"
         if config.is_file():
             config.write_bytes(config.read_bytes().replace(b"out: 8,", b"out: 16,", 1))
-    return f"{kind} {target.name}" if kind in ("cut", "bytes", "missing") else kind
+    named = ("cut", "bytes", "missing", "fifo", "huge")
+    return f"{kind} {target.name}" if kind in named else kind
 
 
 def outcome(result) -> str | None:
@@ -228,6 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     runner = CliRunner()
+    signal.signal(signal.SIGALRM, _alarm)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as children:
         tmp = Path(tmp)
@@ -274,6 +306,7 @@ def main() -> None:
 
         outcomes: Counter[str] = Counter()
         defects: list[str] = []
+        peaks: list[float] = []
         damages: Counter[str] = Counter()
         concurrent: Counter[str] = Counter()
         started = time.perf_counter()
@@ -310,7 +343,20 @@ def main() -> None:
             ]
             for name, command in commands:
                 before = digest(root, skip=root / "live")
-                result = runner.invoke(app, command, catch_exceptions=True)
+                rss_peak_reset()
+                baseline = rss_peak_mb()
+                signal.alarm(HANG_SECONDS)
+                try:
+                    result = runner.invoke(app, command, catch_exceptions=True)
+                except Hang:
+                    defects.append(f"{label} {name}: hangs (over {HANG_SECONDS} s)")
+                    continue
+                finally:
+                    signal.alarm(0)
+                peak = rss_peak_mb() - baseline
+                peaks.append(peak)
+                if peak > BOUND_MB:
+                    defects.append(f"{label} {name}: {peak:.0f} MB above the baseline")
                 problem = outcome(result)
                 outcomes[f"{name}: {'ran' if result.exit_code == 0 else 'refused'}"] += 1
                 if problem is not None:
@@ -386,6 +432,9 @@ def main() -> None:
         print(f"damages: {dict(damages)}")
         print(f"commands: {dict(sorted(outcomes.items()))}")
         print(f"simultaneous resumes: {dict(concurrent)}")
+        peaks.sort()
+        print(f"peak memory above the baseline: median {peaks[len(peaks) // 2]:.0f} MB, "
+              f"largest {peaks[-1]:.0f} MB (bound {BOUND_MB} MB)")  # fmt: skip
         print(f"live run: {len(live_epochs)} epochs while the cases ran, each once, in order: "
               f"{live_epochs == list(range(1, len(live_epochs) + 1))}")  # fmt: skip
         print(f"defects: {len(defects)}")
