@@ -85,6 +85,20 @@ def _alarm(signum, frame):
     raise Hang()
 
 
+def regular(path: Path) -> bool:
+    """A regular file, not a link (damages write only into those: never through a link to a
+    user's file, never into a FIFO)."""
+    return path.is_file() and not path.is_symlink()
+
+
+def clear(path: Path) -> None:
+    """Remove whatever is at `path` (a link itself, not what it points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set[str]) -> str:
     """One damage to a latent folder; what was done, in a few words. The names of files it
     wrote as a user's own go into `owned`."""
@@ -93,6 +107,7 @@ def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set
     target = folder / rng.choice([*names, "index.json", "encode.json"])
     if kind == "foreign":
         name = rng.choice(["index.json", "encode.json"])
+        clear(folder / name)
         (folder / name).write_bytes(rng.choice(FOREIGN_JSON))
         owned.add(name)
         return f"foreign {name}"
@@ -101,10 +116,7 @@ def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set
         owned.add("notes.txt")
         return "notes.txt"
     if kind == "special":
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+        clear(target)
         choice = rng.randrange(3)
         if choice == 0:
             os.mkfifo(target)
@@ -113,7 +125,7 @@ def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set
         else:
             target.symlink_to(user_file)
         return f"{['fifo', 'folder', 'link'][choice]} {target.name}"
-    shards = sorted(folder.glob("latents-*.safetensors"))
+    shards = [p for p in sorted(folder.glob("latents-*.safetensors")) if regular(p)]
     if not shards:
         return "none"
     shard = rng.choice(shards)
@@ -124,16 +136,19 @@ def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set
         for _ in range(rng.choice([1, 8, 64])):
             data[rng.randrange(len(data))] = rng.randrange(256)
         shard.write_bytes(bytes(data))
-    elif kind == "huge":  # the header's length field, or a tensor's end offset, claims terabytes
+    elif kind == "huge":  # a tensor's end offset claims a terabyte
         length = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + length])
-        name = next(k for k in header if k != "__metadata__")
-        header[name]["data_offsets"][1] = 1 << 40
+        try:
+            header = json.loads(data[8 : 8 + length])
+            name = next(k for k in header if k != "__metadata__")
+            header[name]["data_offsets"][1] = 1 << 40
+        except (ValueError, StopIteration, TypeError, KeyError, IndexError):
+            return "none (cut before)"
         text = json.dumps(header).encode()
         shard.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data[8 + length :]))
     else:  # index.json, or a shard, as a sparse file of NUL bytes
         sparse = rng.choice([folder / "index.json", shard])
-        sparse.unlink(missing_ok=True)
+        clear(sparse)
         with sparse.open("wb") as handle:
             handle.truncate(1 << 30)
         return f"sparse {sparse.name}"
@@ -143,8 +158,8 @@ def damage_latents(folder: Path, rng: random.Random, user_file: Path, owned: set
 def damage_shards(folder: Path, rng: random.Random, user_file: Path, owned: set[str]) -> str:
     """One damage to a folder of WebDataset shards; what was done, in a few words."""
     kind = rng.choice(["fifo", "huge", "cut", "not-tar", "names", "link", "empty"])
-    shards = sorted(p for p in folder.glob("*.tar") if p.is_file() and not p.is_symlink())
-    if kind == "fifo":
+    shards = [p for p in sorted(folder.glob("*.tar")) if regular(p)]
+    if kind == "fifo" and not (folder / "zz.tar").exists():
         os.mkfifo(folder / "zz.tar")
     elif kind == "huge":  # a member whose header claims 2 GiB: a sparse file, no disk used
         path = folder / "zz-huge.tar"
@@ -168,7 +183,7 @@ def damage_shards(folder: Path, rng: random.Random, user_file: Path, owned: set[
         with tarfile.open(folder / "zz-names.tar", "w") as tar:
             add_member(tar, "[red]x\x1b[2J\n.jpg", jpeg(photo(7)))
             add_member(tar, "../../escape.jpg", jpeg(photo(8)))
-    elif kind == "link":
+    elif kind == "link" and not (folder / "zz-link.tar").is_symlink():
         (folder / "zz-link.tar").symlink_to(user_file)
     elif kind == "empty":
         for shard in shards:
