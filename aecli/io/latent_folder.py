@@ -636,7 +636,7 @@ class LatentFolder:
     def read(self, entry: ShardEntry) -> LatentFile:
         """One shard as a latent file, checked against what the index says of it."""
         path = self.path / entry.file
-        size = _size(path)
+        size = _size(path) if path.is_file() else None  # a FIFO: read_latents says so
         if size is not None and size != entry.bytes:  # read whole, so never past what it says
             raise LatentFileError(
                 f"{size:,} bytes, the index says {entry.bytes:,}: damaged or replaced", path=path
