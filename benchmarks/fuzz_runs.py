@@ -153,6 +153,13 @@ def digest(root: Path, skip: Path | None = None) -> dict[str, str]:
     return found
 
 
+def unlink_special(path: Path) -> None:
+    """Remove a FIFO (or another special file) an earlier damage put at `path`: the damage
+    after it writes a file there, and writing into a FIFO would wait for a reader."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        path.unlink()
+
+
 def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
     """Do one damage to the run in `run`; what was done, in a few words. The lock file of a
     run a process holds is left alone: replacing it hides that process from everyone."""
@@ -177,6 +184,7 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
     elif kind == "lines":
         kind = "none (metrics.jsonl is not a file)"
     elif kind == "state":
+        unlink_special(run / "state.json")
         (run / "state.json").write_bytes(rng.choice(BAD_STATES))
     elif kind == "stray":
         grids = run / "grids"
@@ -224,6 +232,7 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
         os.mkfifo(target)
     elif kind == "huge":  # a sparse metrics.jsonl of 3 GiB: NUL bytes, or one endless line
         target = run / "metrics.jsonl"
+        unlink_special(target)
         with contextlib.suppress(OSError), target.open("ab") as handle:
             if rng.random() < 0.5:
                 handle.write(b'{"kind": "epoch", "epoch": 1, "step": 3, "loss": ' + b"1" * 4096)
