@@ -228,6 +228,8 @@ def damage(run: Path, rng: random.Random, user_file: Path, locked: bool) -> str:
             target.unlink(missing_ok=True)
     elif kind == "fifo":  # where aecli reads a record: reading it must not wait for a writer
         target = run / rng.choice(["state.json", "metrics.jsonl", "config.yaml"])
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
         target.unlink(missing_ok=True)
         os.mkfifo(target)
     elif kind == "huge":  # a sparse metrics.jsonl of 3 GiB: NUL bytes, or one endless line
