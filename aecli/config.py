@@ -88,6 +88,23 @@ class ResBlockSpec(Strict):
     repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
 
 
+class TinyBlockSpec(Strict):
+    """TAESD's residual block: conv3x3, act, conv3x3, act, conv3x3, plus the input (a 1x1
+    convolution without bias where the widths differ), then ReLU; no normalisation."""
+
+    type: Literal["tinyblock"]
+    out: int | None = Field(None, gt=0, description="output channels (default: the input's)")
+    act: Activation = Field("relu", description="activation between the convolutions")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
+
+
+class SoftClampSpec(Strict):
+    """tanh(x / magnitude) * magnitude: TAESD's decoder bounds its latent input with it."""
+
+    type: Literal["soft_clamp"]
+    magnitude: float = Field(3.0, gt=0.0, allow_inf_nan=False, description="the bound")
+
+
 class AttentionSpec(Strict):
     """Single-head spatial self-attention with GroupNorm and a residual connection."""
 
@@ -154,6 +171,8 @@ BlockSpec = Annotated[
         ConvSpec,
         ConvTransposeSpec,
         ResBlockSpec,
+        TinyBlockSpec,
+        SoftClampSpec,
         AttentionSpec,
         NormSpec,
         ActSpec,

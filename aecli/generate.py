@@ -84,6 +84,12 @@ def prior(predictor: Predictor, class_index: int | None = None) -> Gaussian:
                 mean, factor, f"N({scaling.shift:g}, {1 / scaling.scale:.4g}^2 I) (its scaling)"
             )
         return Gaussian(torch.zeros(dim, dtype=torch.float64), None, "the VAE prior N(0, I)")
+    if "mean" not in stats and predictor.family is not None and predictor.family.deterministic:
+        raise UsageError(
+            f"{predictor.kind} is deterministic and has no prior to sample from: sample with "
+            "the VAE whose latents it decodes (--latents-out) and decode them here with --force",
+            path=predictor.name,
+        )
     if "mean" not in stats:
         raise UsageError(
             "holds no latent statistics to sample from (they are computed when training "

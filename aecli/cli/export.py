@@ -1,5 +1,5 @@
-"""`aecli export`: a model as a diffusers AutoencoderKL folder, a single-file VAE, or aecli
-weights."""
+"""`aecli export`: a model as a diffusers VAE folder (AutoencoderKL, AutoencoderTiny), a
+single-file VAE, or aecli weights."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def export(
         typer.Option(
             "--format",
             help="diffusers: config.json + diffusion_pytorch_model.safetensors, what "
-            "AutoencoderKL.from_pretrained reads; single-file: one .safetensors in the "
+            "AutoencoderKL.from_pretrained (AutoencoderTiny for the TAESD family) reads; "
+            "single-file: one .safetensors in the "
             "latent-diffusion key layout (what image-generation front ends load); aecli: aecli "
             "weights with the config inside.",
         ),
@@ -55,12 +56,14 @@ def export(
     as_json: Json = False,
 ) -> None:
     """Write a model in another format. diffusers and single-file take models with the
-    AutoencoderKL layout (cat-kl-f8, or any VAE aecli imported); others are refused with the
-    first block that does not fit."""
+    AutoencoderKL layout (cat-kl-f8, or any VAE aecli imported), diffusers also the
+    AutoencoderTiny (TAESD) layout; others are refused with the first block that does not
+    fit."""
     from aecli.errors import UsageError
     from aecli.io.atomic import atomic_write_bytes
     from aecli.io.outputs import OutputGuard
-    from aecli.io.vae_files import export_files, layout_of_config
+    from aecli.io.vae_families import layout_for_export
+    from aecli.io.vae_files import export_files
     from aecli.io.weights import load_weights, save_weights
 
     model, info = load_weights(weights)
@@ -70,9 +73,15 @@ def export(
             raise UsageError(f"-o {out}: --format aecli writes one .safetensors file")
         files = {out: None}
     else:
-        layout, why = layout_of_config(info.config)
+        family, layout, why = layout_for_export(info.config)
         if layout is None:
-            raise UsageError(f"--format {fmt.value}: not an AutoencoderKL: {why}", path=weights)
+            raise UsageError(f"--format {fmt.value}: not an {family.name}: {why}", path=weights)
+        if fmt is ExportFormat.single_file and not family.single_file:
+            raise UsageError(
+                f"--format single-file: aecli writes {family.name} ({family.models}) as a "
+                "diffusers folder only (--format diffusers)",
+                path=weights,
+            )
         if fmt is ExportFormat.single_file and out.suffix != ".safetensors":
             raise UsageError(f"-o {out}: --format single-file writes one .safetensors file")
         written = export_files(state, layout, fmt.value)

@@ -76,6 +76,7 @@ def info(
     loaded = None if os.path.lexists(target) else load_config(target)
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
+    from aecli.io.vae_families import OWN, family_of
     from aecli.io.weights import read_weights_info
     from aecli.models import build_model, summarize
     from aecli.report import describe_source
@@ -115,6 +116,18 @@ def info(
         "cuda", *execution_plan("cuda", train.precision, train.memory_format, cost)
     )
     facts["layers"] = _layers(model, config)
+    family, _ = family_of(config)
+    convention = OWN if family is None else family.convention
+    latent = config.model.latent
+    scaling = convention.scaling(latent)
+    facts["family"] = None if family is None else family.name
+    facts["deterministic"] = None if family is None else family.deterministic
+    facts["latent_convention"] = {
+        "kind": convention.kind,
+        "scale": scaling.scale,
+        "shift": scaling.shift,
+        "description": convention.describe(latent),
+    }
     if as_json:
         print_json(facts)
         return
@@ -141,14 +154,12 @@ def info(
             ("fingerprint", facts["fingerprint"]),
         ]
         rows += [] if imported else [("aecli", facts["aecli_version"])]
-    latent = config.model.latent
-    if latent.scaling_factor != 1.0 or latent.shift_factor != 0.0:
-        rows.append(
-            (
-                "latent scaling",
-                f"(z - {latent.shift_factor:g}) * {latent.scaling_factor:g} for encode --scaled",
-            )
-        )
+    imported_family = family if weights else None  # a preset's layout is no release's
+    if imported_family is not None:
+        what = "deterministic" if family.deterministic else "a VAE"
+        rows.append(("family", f"{family.name} ({family.models}; {what})"))
+    if imported_family is not None or (scaling.scale, scaling.shift) != (1.0, 0.0):
+        rows.append(("latent scaling", f"{convention.describe(latent)} (encode --scaled)"))
     if weights:
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
     results.print(key_value_table(target, rows))

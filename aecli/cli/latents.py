@@ -199,8 +199,9 @@ def encode(
         batch_size = predictor.batch_size(batch_size)
         predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
         if sample and not predictor.variational:
+            what = "is deterministic" if predictor.family else "has no posterior"
             raise UsageError(
-                "--sample draws from a VAE's posterior; this model is a plain autoencoder",
+                f"--sample draws from a VAE's posterior; this model, {predictor.kind}, {what}",
                 path=weights,
             )
         settings = EncodeSettings(

@@ -18,6 +18,7 @@ from aecli.data.transforms import to_uint8
 from aecli.devices import Execution, available_memory, resolved
 from aecli.errors import UsageError, printable
 from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
+from aecli.io.vae_families import OWN, family_of
 from aecli.io.weights import WeightsInfo, load_weights
 from aecli.models import Autoencoder
 from aecli.models.registry import fixed_size
@@ -62,8 +63,11 @@ class Predictor:
         blocks = [*config.model.encoder, *config.model.decoder]
         self.fully_convolutional = self.spatial and not fixed_size(blocks)
         self.factor = self.size[0] // self.latent_shape[1] if self.spatial else 1
-        latent = config.model.latent
-        self.scaling = LatentScaling(latent.scaling_factor, latent.shift_factor)
+        # the diffusion VAE family it is (None for aecli's own models), and its latents'
+        # convention (what --scaled writes), from the one registry of families
+        self.family, _ = family_of(config)
+        convention = OWN if self.family is None else self.family.convention
+        self.scaling = convention.scaling(config.model.latent)
 
     def latent_scaling(
         self, scale: float | None = None, shift: float | None = None
@@ -83,6 +87,14 @@ class Predictor:
     @property
     def variational(self) -> bool:
         return self.model.variational
+
+    @property
+    def kind(self) -> str:
+        """What the model is, for messages: `an AutoencoderTiny (TAESD, ...)`, `a plain
+        autoencoder`, `a VAE`."""
+        if self.family is not None:
+            return f"an {self.family.name} ({self.family.models})"
+        return "a VAE" if self.variational else "a plain autoencoder"
 
     @property
     def accepts(self) -> str:

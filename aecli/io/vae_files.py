@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,6 +44,8 @@ FULL_CHECKPOINT_PREFIX = "first_stage_model."
 @dataclass(frozen=True)
 class KLLayout:
     """The hyperparameters of a diffusers AutoencoderKL (the latent-diffusion kl-f* family)."""
+
+    family: ClassVar[str] = "AutoencoderKL"
 
     in_channels: int
     out_channels: int
@@ -258,7 +261,7 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
         given = raw["block_out_channels"]
         if not isinstance(given, list) or not 1 <= len(given) <= MAX_LEVELS:
             raise ValueError(f"block_out_channels: a list of 1 to {MAX_LEVELS} widths")
-        widths = tuple(_whole(w, "block_out_channels", 1, MAX_WIDTH) for w in given)
+        widths = tuple(whole_number(w, "block_out_channels", 1, MAX_WIDTH) for w in given)
         for key, allowed in (
             ("down_block_types", "DownEncoderBlock2D"),
             ("up_block_types", "UpDecoderBlock2D"),
@@ -270,13 +273,13 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
                 raise WeightsError(f"{key}: aecli builds {allowed} only", path=path)
         if raw.get("act_fn", "silu") != "silu":
             raise WeightsError("act_fn: aecli builds silu only", path=path)
-        latent = _whole(raw.get("latent_channels", 4), "latent_channels", 1, 1024)
-        layers = _whole(raw.get("layers_per_block", 1), "layers_per_block", 1, MAX_LAYERS)
-        groups = _whole(raw.get("norm_num_groups", 32), "norm_num_groups", 1, min(widths))
+        latent = whole_number(raw.get("latent_channels", 4), "latent_channels", 1, 1024)
+        layers = whole_number(raw.get("layers_per_block", 1), "layers_per_block", 1, MAX_LAYERS)
+        groups = whole_number(raw.get("norm_num_groups", 32), "norm_num_groups", 1, min(widths))
         scale = KNOWN_FACTORS.get(latent, (1.0, 0.0))[0]  # diffusers writes one; older may not
         layout = KLLayout(
-            in_channels=_whole(raw.get("in_channels", 3), "in_channels", 1, 4),
-            out_channels=_whole(raw.get("out_channels", 3), "out_channels", 1, 4),
+            in_channels=whole_number(raw.get("in_channels", 3), "in_channels", 1, 4),
+            out_channels=whole_number(raw.get("out_channels", 3), "out_channels", 1, 4),
             block_out_channels=widths,
             layers_per_block=layers,
             latent_channels=latent,
@@ -284,9 +287,9 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
             quant_conv=bool(raw.get("use_quant_conv", True)),
             post_quant_conv=bool(raw.get("use_post_quant_conv", True)),
             mid_attention=bool(raw.get("mid_block_add_attention", True)),
-            sample_size=_sample_size(raw.get("sample_size", 256)),
-            scaling_factor=_finite(raw.get("scaling_factor") or scale, "scaling_factor"),
-            shift_factor=_finite(raw.get("shift_factor") or 0.0, "shift_factor"),
+            sample_size=sample_size_of(raw.get("sample_size", 256)),
+            scaling_factor=finite_number(raw.get("scaling_factor") or scale, "scaling_factor"),
+            shift_factor=finite_number(raw.get("shift_factor") or 0.0, "shift_factor"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         reason = f"lacks {exc}" if isinstance(exc, KeyError) else first_line(exc)[:200]
@@ -307,7 +310,7 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> KLLayout:
 MAX_LEVELS, MAX_WIDTH, MAX_LAYERS, MAX_PARAMETERS = 8, 8192, 16, 2**32
 
 
-def _whole(value, key: str, low: int, high: int) -> int:
+def whole_number(value, key: str, low: int, high: int) -> int:
     """A config value that must be a whole number from `low` to `high` (4.5 is not 4)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key}: {repr(value)[:40]} is not a whole number")
@@ -319,7 +322,7 @@ def _whole(value, key: str, low: int, high: int) -> int:
     return int(value)
 
 
-def _finite(value, key: str) -> float:
+def finite_number(value, key: str) -> float:
     try:  # an int past float's range overflows here
         number = float(value) if isinstance(value, int | float) else math.nan
     except OverflowError:
@@ -329,8 +332,9 @@ def _finite(value, key: str) -> float:
     return number
 
 
-def _sample_size(value) -> int:
-    return _whole(value[0] if isinstance(value, list) and value else value, "sample_size", 8, 65536)
+def sample_size_of(value) -> int:
+    first = value[0] if isinstance(value, list) and value else value
+    return whole_number(first, "sample_size", 8, 65536)
 
 
 def layout_from_shapes(shapes: dict[str, tuple[int, ...]], naming: str, path: Path) -> KLLayout:
@@ -393,13 +397,13 @@ _LEGACY_ATTENTION = {
 }
 
 
-def source_names(layout: KLLayout, naming: str, available) -> dict[str, TensorName]:
+def source_names(layout, naming: str, available) -> dict[str, TensorName]:
     """{name in the file: TensorName} for every tensor of the layout; legacy diffusers attention
     names are used where the file has them."""
     available = set(available)
     found = {}
     for name in layout.names():
-        key = name.ldm if naming == "ldm" else name.diffusers
+        key = name.diffusers if naming == "diffusers" else name.ldm
         if naming == "diffusers" and key not in available:
             for new, old in _LEGACY_ATTENTION.items():
                 if f".attentions.0.{new}" in key:
@@ -410,7 +414,7 @@ def source_names(layout: KLLayout, naming: str, available) -> dict[str, TensorNa
 
 
 def check_shapes(
-    layout: KLLayout,
+    layout,
     naming: str,
     shapes: dict[str, tuple[int, ...]],
     expected: dict[str, tuple[int, ...]],
@@ -421,11 +425,13 @@ def check_shapes(
     wanted = source_names(layout, naming, shapes)
     missing = [k for k in wanted if k not in shapes]
     if missing:
-        raise WeightsError(f"missing tensor {first_and_more(missing)} for its layout", path=path)
+        raise WeightsError(
+            f"missing tensor {first_and_more(missing)} for its {layout.family} layout", path=path
+        )
     extra = [k for k in shapes if k not in wanted]
     if extra:
         raise WeightsError(
-            f"unexpected tensor {first_and_more(extra)} (not part of an AutoencoderKL of this "
+            f"unexpected tensor {first_and_more(extra)} (not part of an {layout.family} of this "
             "layout)",
             path=path,
         )
@@ -438,7 +444,8 @@ def check_shapes(
         )
         if tuple(shapes[key]) != tuple(want):
             raise WeightsError(
-                f"tensor {key} has shape {list(shapes[key])}, its layout needs {list(want)}",
+                f"tensor {key} has shape {list(shapes[key])}, its {layout.family} layout needs "
+                f"{list(want)}",
                 path=path,
             )
     return wanted
@@ -452,7 +459,7 @@ def to_aecli(tensors: dict[str, torch.Tensor], wanted: dict[str, TensorName], ex
     }
 
 
-def from_aecli(state: dict[str, torch.Tensor], layout: KLLayout, naming: str) -> dict:
+def from_aecli(state: dict[str, torch.Tensor], layout, naming: str) -> dict:
     """An aecli state dict under diffusers' or latent diffusion's names and shapes."""
     out = {}
     for name in layout.names():
@@ -518,19 +525,19 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
         for j in range(max(len(mine), len(theirs))):
             index, spec = mine[j] if j < len(mine) else (len(specs), None)
             want = theirs[j] if j < len(theirs) else None
-            if _dump(spec) != _dump(want):
+            if spec_dump(spec) != spec_dump(want):
                 return None, (
-                    f"{where}.{index} is {_spec_text(spec)}; AutoencoderKL has "
-                    f"{_spec_text(want)} there"
+                    f"{where}.{index} is {spec_text(spec)}; AutoencoderKL has "
+                    f"{spec_text(want)} there"
                 )
     return layout, ""
 
 
-def _dump(spec) -> dict | None:
+def spec_dump(spec) -> dict | None:
     return None if spec is None else spec.model_dump(exclude={"repeat"})
 
 
-def _spec_text(spec) -> str:
+def spec_text(spec) -> str:
     if spec is None:
         return "nothing"
     fields = spec.model_dump(exclude_defaults=True, exclude={"type", "repeat"})
@@ -550,10 +557,10 @@ def read_json(path: Path) -> dict:
     return raw
 
 
-def export_files(state: dict[str, torch.Tensor], layout: KLLayout, fmt: str) -> dict[str, bytes]:
+def export_files(state: dict[str, torch.Tensor], layout, fmt: str) -> dict[str, bytes]:
     """{relative file name: bytes} of a VAE in `fmt`: diffusers (config.json and
-    diffusion_pytorch_model.safetensors, what AutoencoderKL.from_pretrained reads) or
-    single-file (one .safetensors in the latent-diffusion key layout)."""
+    diffusion_pytorch_model.safetensors, what the family's from_pretrained reads) or
+    single-file (one .safetensors in the latent-diffusion key layout; AutoencoderKL)."""
     naming = "diffusers" if fmt == "diffusers" else "ldm"
     tensors = from_aecli(state, layout, naming)
     data = tensor_file_bytes(tensors, {"format": "pt"})

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 import aecli
 from aecli.config import Config, config_from_dict
 from aecli.errors import ConfigError, WeightsError, first_and_more, first_line, os_reason
-from aecli.io import vae_files
+from aecli.io import vae_families, vae_files, vae_tiny
 from aecli.io.atomic import atomic_write_bytes
 from aecli.io.tensorfile import safetensors_header, tensor_file_bytes
 from aecli.models import Autoencoder, build_model
@@ -243,8 +243,8 @@ def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _open_diffusers_folder(folder: Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
-    """A diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model[.fp16]
-    .safetensors), or a pipeline folder holding one as vae/."""
+    """A diffusers VAE folder of a family aecli reads (config.json +
+    diffusion_pytorch_model[.fp16].safetensors), or a pipeline folder holding one as vae/."""
     vae = folder if (folder / vae_files.DIFFUSERS_CONFIG).is_file() else folder / "vae"
     config_path = vae / vae_files.DIFFUSERS_CONFIG
     if not config_path.is_file():
@@ -253,7 +253,8 @@ def _open_diffusers_folder(folder: Path) -> tuple[WeightsInfo, dict[str, torch.T
             "VAE folder (no config.json, no vae/config.json)",
             path=folder,
         )
-    layout = vae_files.layout_from_diffusers_config(vae_files.read_json(config_path), config_path)
+    raw = vae_files.read_json(config_path)
+    layout = vae_families.layout_from_diffusers_config(raw, config_path)
     weights = next((vae / n for n in vae_files.DIFFUSERS_WEIGHTS if (vae / n).is_file()), None)
     if weights is None:
         pickled = sorted(p.name for p in vae.glob("*.bin"))
@@ -274,6 +275,9 @@ def _open_single_file(
 ) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     """A safetensors VAE without aecli metadata: latent-diffusion or diffusers key names, on
     their own or under first_stage_model. in a full Stable Diffusion checkpoint."""
+    half = vae_tiny.taesd_half(header)
+    if half is not None:
+        return _open_taesd_files(path, header, data_bytes, half)
     prefix = ""
     if vae_files.naming_of(header) is None and any(
         k.startswith(vae_files.FULL_CHECKPOINT_PREFIX) for k in header
@@ -296,16 +300,50 @@ def _open_single_file(
     return _import_vae(path, header, shapes, layout, naming, prefix)
 
 
+def _open_taesd_files(
+    path: Path, header: dict, data_bytes: int, half: str
+) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """TAESD's own encoder and decoder files (taesd_encoder.safetensors and
+    taesd_decoder.safetensors, or taesdxl_, taesd3_, taef1_...): either one, with the other
+    beside it under the same name."""
+    other_half = vae_tiny.HALVES[1 - vae_tiny.HALVES.index(half)]
+    other = vae_tiny.partner(path, half)
+    if other == path or not other.is_file():
+        raise WeightsError(
+            f"a TAESD {half} file; aecli reads it with its {other_half}, which should be "
+            f"beside it as {other.name if other != path else f'a {other_half} file'}",
+            path=path,
+        )
+    other_header, other_bytes = _read_header(other)
+    other_header.pop("__metadata__", None)
+    if vae_tiny.taesd_half(other_header) != other_half:
+        raise WeightsError(f"not a TAESD {other_half} file (for {path.name})", path=other)
+    files = {half: (path, header, data_bytes), other_half: (other, other_header, other_bytes)}
+    combined = {
+        f"{role}.{k}": v for role, (_, entries, _) in files.items() for k, v in entries.items()
+    }
+    shapes = {
+        f"{role}.{k}": _entry_shape(file, k, v, size)
+        for role, (file, entries, size) in files.items()
+        for k, v in entries.items()
+    }
+    layout = vae_tiny.layout_from_taesd(shapes, path)
+    sources = {role: file for role, (file, _, _) in files.items()}
+    return _import_vae(path, combined, shapes, layout, "taesd", "", sources)
+
+
 def _import_vae(
     path: Path,
     header: dict,
     shapes: dict[str, tuple[int, ...]],
-    layout: vae_files.KLLayout,
+    layout: vae_families.Layout,
     naming: str,
     prefix: str,
+    sources: dict[str, Path] | None = None,
 ) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     """Check a VAE file's every tensor (header entries and their checked `shapes`, keys
-    without `prefix`) against its layout, then read it under aecli's names."""
+    without `prefix`) against its layout, then read it under aecli's names. `sources`: the
+    files that hold the keys after each `role.` (TAESD's encoder and decoder files)."""
     try:
         config = layout.config()
         meta_model = build_model(config, meta=True)
@@ -322,13 +360,21 @@ def _import_vae(
                 path=path,
             )
     wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
-    raw = _read_tensors(path, [prefix + k for k in wanted])
-    tensors = vae_files.to_aecli({k: raw[prefix + k] for k in wanted}, wanted, expected)
+    if sources is None:
+        raw = _read_tensors(path, [prefix + k for k in wanted])
+        found = {k: raw[prefix + k] for k in wanted}
+    else:
+        found = {}
+        for role, file in sources.items():
+            keys = [k.split(".", 1)[1] for k in wanted if k.startswith(f"{role}.")]
+            found.update({f"{role}.{k}": t for k, t in _read_tensors(file, keys).items()})
+    tensors = vae_files.to_aecli(found, wanted, expected)
     folder = path.name in vae_files.DIFFUSERS_WEIGHTS
     kind = "diffusers" if folder else "single-file"
+    source = "diffusers folder" if folder else f"{naming} keys"
     info = WeightsInfo(
         config=config,
-        preset="AutoencoderKL (diffusers folder)" if folder else f"AutoencoderKL ({naming} keys)",
+        preset=f"{layout.family} ({source})",
         aecli_version="",
         fingerprint=fingerprint(tensors),
         data={"kind": kind, "path": str(path)},

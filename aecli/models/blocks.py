@@ -115,6 +115,54 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+class TinyBlock(nn.Module):
+    """TAESD's residual block (madebyollin/taesd, by Ollin Boer Bohan; diffusers'
+    AutoencoderTinyBlock): three 3x3 convolutions with an activation between them, plus the
+    input, then ReLU. No normalisation.
+
+    Everything about the block is here: the forward; `halo`, its exact-tiling step (an output
+    pixel depends on the input within three pixels and on nothing else, so a tile runs this
+    forward on its core plus the halo and keeps the core); `flops`; and its key names, which
+    are its own submodules' in every layout (aecli, diffusers, TAESD's files):
+    `conv.0`, `conv.2`, `conv.4` and, where the widths differ, `skip` (weight only)."""
+
+    halo = 3
+
+    def __init__(self, channels: int, out: int, act: str):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, out, 3, padding=1),
+            activation(act),
+            nn.Conv2d(out, out, 3, padding=1),
+            activation(act),
+            nn.Conv2d(out, out, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(channels, out, 1, bias=False) if channels != out else nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+    @staticmethod
+    def flops(channels: int, out: int, pixels: int) -> int:
+        skip = 2 * channels * out * pixels if channels != out else 0
+        return 2 * 9 * pixels * (channels * out + 2 * out * out) + skip
+
+
+class SoftClamp(nn.Module):
+    """tanh(x / m) * m: bounds TAESD's latents to (-m, m) before its decoder. Pointwise (exact
+    tiles: a halo of 0), no tensors, no FLOPs counted (as for activations)."""
+
+    halo = 0
+
+    def __init__(self, magnitude: float):
+        super().__init__()
+        self.magnitude = magnitude
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x / self.magnitude) * self.magnitude
+
+
 class Attention(nn.Module):
     """Single-head self-attention over all positions, as in latent diffusion's AttnBlock."""
 

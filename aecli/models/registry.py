@@ -23,6 +23,8 @@ from aecli.config import (
     ResBlockSpec,
     ReshapeSpec,
     ResizeSpec,
+    SoftClampSpec,
+    TinyBlockSpec,
     UpsampleSpec,
     to_hw,
 )
@@ -151,6 +153,13 @@ BLOCKS: dict[str, BlockType] = {
         lambda s, shape: (s.out or shape[0], *shape[1:]),
         flops=_resblock_flops,
     ),
+    "tinyblock": BlockType(
+        TinyBlockSpec,
+        lambda s, shape: blocks.TinyBlock(shape[0], s.out or shape[0], s.act),
+        lambda s, shape: (s.out or shape[0], *shape[1:]),
+        flops=lambda s, shape, out: blocks.TinyBlock.flops(shape[0], out[0], math.prod(out[1:])),
+    ),
+    "soft_clamp": BlockType(SoftClampSpec, lambda s, _: blocks.SoftClamp(s.magnitude), _same),
     "attention": BlockType(
         AttentionSpec,
         lambda s, shape: blocks.Attention(shape[0], s.groups),

@@ -15,6 +15,11 @@ Two things make tiles differ from the whole, and both are removed here:
   depends on, so the halo is the stage's receptive field, a few pixels, and the core's outputs
   equal the untiled ones. Zero padding is applied only at the image's own borders.
 
+A block that declares its `halo` (blocks.TinyBlock, blocks.SoftClamp: no norms, its outputs
+depend on the input within that many pixels) is tiled by its own forward on the core plus the
+halo (`Local`), so its forward is written once; one with a halo is a stage of its own, so that
+the halos of a model made of such blocks do not add up.
+
 Self-attention runs over the whole tensor at once (it sits at the latent's resolution, 64
 times fewer positions than pixels in an f8 model) with scaled_dot_product_attention, whose
 flash and memory-efficient kernels keep memory linear in positions. Where even that would not
@@ -184,6 +189,25 @@ class Upsample(Op):
         return y[..., rows[0] : rows[1], cols[0] : cols[1]]
 
 
+class Local(Op):
+    """A block that declares its `halo` (blocks.TinyBlock): its outputs depend on the input
+    within `halo` pixels at the same resolution and on nothing else (no norms). Its own forward
+    runs on the crop; the pixels within `halo` of a crop edge inside the image are discarded,
+    and at the image's edges the block's own padding is the image's."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.halo = module, module.halo
+
+    def need(self, a, b, n, axis):
+        return max(0, a - self.halo), min(n, b + self.halo)
+
+    def params(self, lo, hi, a, b, n, axis):
+        return a - lo, b - lo  # the core within the crop
+
+    def run(self, x, rows, cols, context):
+        return self.module(x)[..., rows[0] : rows[1], cols[0] : cols[1]]
+
+
 class Norm(Op):
     """GroupNorm or InstanceNorm with the statistics of the whole tensor `source` (the
     stage's input), gathered while the previous stage wrote it."""
@@ -344,6 +368,15 @@ class _Builder:
             self.module(module.act)
         elif isinstance(module, blocks.Attention):
             self.attention(module)
+        elif isinstance(getattr(module, "halo", None), int):
+            if module.halo:
+                # a stage of its own, so that the halos of a model without norms (TAESD: a few
+                # dozen blocks) do not add up to a context of hundreds of pixels
+                self.park()
+                self.local(Local(module))
+                self.park()
+            else:
+                self.local(Local(module))
         elif isinstance(module, nn.GroupNorm | nn.InstanceNorm2d):
             if isinstance(module, nn.InstanceNorm2d) and module.track_running_stats:
                 self.local(Pointwise(module))

@@ -1,0 +1,129 @@
+"""The diffusion VAE families aecli reads and writes, one entry each: the diffusers class, its
+layout (the aecli block config and every tensor's names), whether it is deterministic, and its
+latent convention (how that family's diffusion pipelines take its latents: what `--scaled`
+writes and `decode --scaled` undoes). Commands ask here; none branches on a family.
+
+A new family is one `Family` entry and its layout module (as `vae_tiny`). A convention that is
+not an affine map of the latent (FLUX.2's 2x2 patchify and BatchNorm statistics, Qwen-Image and
+Wan's per-channel mean and std) is a new `Convention` kind whose `scaling` reads its statistics
+from the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from aecli.config import Config, LatentConfig
+from aecli.errors import WeightsError
+from aecli.io import vae_files, vae_tiny
+from aecli.io.latents import LatentScaling
+
+
+class Layout(Protocol):
+    family: str
+
+    def config(self) -> Config: ...
+
+    def diffusers_config(self) -> dict: ...
+
+    def names(self) -> list[vae_files.TensorName]: ...
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a family's pipelines take its latents. kind `affine`: (z - shift) * scale with the
+    factors the model carries (model.latent.scaling_factor / shift_factor, from config.json)."""
+
+    kind: str
+    pipelines: str  # what the family's pipelines do, in words, for `aecli info`
+
+    def scaling(self, latent: LatentConfig) -> LatentScaling:
+        return LatentScaling(latent.scaling_factor, latent.shift_factor)
+
+    def describe(self, latent: LatentConfig) -> str:
+        scaling = self.scaling(latent)
+        return f"(z - {scaling.shift:g}) * {scaling.scale:g}: {self.pipelines}"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the diffusers class
+    models: str  # the releases it holds, for messages
+    deterministic: bool  # an encoder that gives one latent per image (no posterior)
+    convention: Convention
+    read_config: Callable[[dict, Path], Layout]  # config.json -> layout, checked
+    of_config: Callable[[Config], tuple[Layout | None, str]]  # aecli config -> layout or why not
+    block_types: frozenset[str]  # block types only this family has
+    single_file: bool  # export --format single-file writes its released single-file layout
+
+
+FAMILIES: dict[str, Family] = {
+    "AutoencoderKL": Family(
+        "AutoencoderKL",
+        "the SD 1.x / 2.x, SDXL, SD3 and FLUX.1 VAE",
+        deterministic=False,
+        convention=Convention(
+            "affine", "diffusers' SD / SDXL / SD3 / FLUX.1 pipelines scale (and shift) so"
+        ),
+        read_config=vae_files.layout_from_diffusers_config,
+        of_config=vae_files.layout_of_config,
+        block_types=frozenset(),  # its blocks are aecli's own (cat-kl-f8)
+        single_file=True,
+    ),
+    "AutoencoderTiny": Family(
+        "AutoencoderTiny",
+        "TAESD, TAESDXL, TAESD3, TAEF1",
+        deterministic=True,
+        convention=Convention("affine", "TAESD-family pipelines take latents at scale 1"),
+        read_config=vae_tiny.layout_from_diffusers_config,
+        of_config=vae_tiny.layout_of_config,
+        block_types=frozenset({"tinyblock", "soft_clamp"}),
+        single_file=False,
+    ),
+}
+
+# aecli's own models: the factors in their config (1 and 0 unless set)
+OWN = Convention("affine", "aecli's own latent factors")
+
+
+def listing() -> str:
+    return ", ".join(f"{f.name} ({f.models})" for f in FAMILIES.values())
+
+
+def layout_from_diffusers_config(raw: dict, path: Path) -> Layout:
+    """The layout a diffusers config.json describes, in the family its `_class_name` names;
+    another class is one line listing the families aecli reads."""
+    name = raw.get("_class_name", "AutoencoderKL")
+    family = FAMILIES.get(name) if isinstance(name, str) else None
+    if family is None:
+        raise WeightsError(f"a diffusers {str(name)[:60]}; aecli reads {listing()}", path=path)
+    return family.read_config(raw, path)
+
+
+def family_of(config: Config) -> tuple[Family | None, Layout | None]:
+    """The family whose layout an aecli config has (an imported VAE, or one fine-tuned from
+    it), with that layout; (None, None) for other models."""
+    for family in FAMILIES.values():
+        layout, _ = family.of_config(config)
+        if layout is not None:
+            return family, layout
+    return None, None
+
+
+def layout_for_export(config: Config) -> tuple[Family, Layout | None, str]:
+    """(the family a config is meant as, its layout or None, why not): a config with a block
+    type only one family has is taken as that family; others as AutoencoderKL."""
+    types = {spec.type for spec in [*config.model.encoder, *config.model.decoder]}
+    family = next(
+        (f for f in FAMILIES.values() if f.block_types & types), FAMILIES["AutoencoderKL"]
+    )
+    layout, why = family.of_config(config)
+    return family, layout, why
+
+
+def convention_of(config: Config) -> Convention:
+    family, _ = family_of(config)
+    return OWN if family is None else family.convention
