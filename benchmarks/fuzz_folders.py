@@ -58,10 +58,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from conftest import TINY, write_image  # noqa: E402  (the tests' tiny preset and images)
 from fuzz_headers import rss_peak_mb, rss_peak_reset  # noqa: E402
-from fuzz_runs import digest, outcome  # noqa: E402
+from fuzz_runs import BOUND_MB, digest, finish, outcome  # noqa: E402
 from test_stream import add_member, jpeg, photo, write_shards  # noqa: E402
 
-BOUND_MB = 512
 USER_NOTE = b"a user's notes, never to be touched\n"
 # a user's JSON under aecli's names (one that starts as aecli's own record does, with its format
 # tag, is aecli's: a damaged index of its own, which --overwrite may replace)
@@ -334,18 +333,10 @@ def main() -> None:
                 print(f"{number + 1:,} cases, {time.perf_counter() - started:.0f} s, "
                       f"{len(defects)} defects", flush=True)  # fmt: skip
         seconds = time.perf_counter() - started
-        peaks.sort()
         print(f"\n{args.cases:,} cases in {seconds:.0f} s (seed {args.seed})")
         print(f"damages: {dict(damages)}")
         print(f"commands: {dict(sorted(outcomes.items()))}")
-        print(f"peak memory above the baseline: median {peaks[len(peaks) // 2]:.0f} MB, "
-              f"largest {peaks[-1]:.0f} MB (bound {BOUND_MB} MB)")  # fmt: skip
-        print(f"defects: {len(defects)}")
-        for line, count in Counter(d.split(": ", 1)[1] for d in defects).most_common(25):
-            print(f"  {count} x {line}")
-        for line in defects[:10]:
-            print(f"  e.g. {line}")
-        sys.exit(1 if defects else 0)
+        finish(peaks, defects)
 
 
 if __name__ == "__main__":

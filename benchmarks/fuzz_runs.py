@@ -443,17 +443,22 @@ def main() -> None:
         print(f"damages: {dict(damages)}")
         print(f"commands: {dict(sorted(outcomes.items()))}")
         print(f"simultaneous resumes: {dict(concurrent)}")
-        peaks.sort()
-        print(f"peak memory above the baseline: median {peaks[len(peaks) // 2]:.0f} MB, "
-              f"largest {peaks[-1]:.0f} MB (bound {BOUND_MB} MB)")  # fmt: skip
         print(f"live run: {len(live_epochs)} epochs while the cases ran, each once, in order: "
               f"{live_epochs == list(range(1, len(live_epochs) + 1))}")  # fmt: skip
-        print(f"defects: {len(defects)}")
-        for line, count in Counter(d.split(": ", 1)[1] for d in defects).most_common(25):
-            print(f"  {count} x {line}")
-        for line in defects[:10]:
-            print(f"  e.g. {line}")
-        sys.exit(1 if defects else 0)
+        finish(peaks, defects)
+
+
+def finish(peaks: list[float], defects: list[str]) -> None:
+    """Print the peak memory and the defects, grouped; exit 1 where there are any."""
+    peaks = sorted(peaks) or [0.0]
+    print(f"peak memory above the baseline: median {peaks[len(peaks) // 2]:.0f} MB, "
+          f"largest {peaks[-1]:.0f} MB (bound {BOUND_MB} MB)")  # fmt: skip
+    print(f"defects: {len(defects)}")
+    for line, count in Counter(d.split(": ", 1)[1] for d in defects).most_common(25):
+        print(f"  {count} x {line}")
+    for line in defects[:10]:
+        print(f"  e.g. {line}")
+    sys.exit(1 if defects else 0)
 
 
 if __name__ == "__main__":

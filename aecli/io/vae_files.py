@@ -517,6 +517,14 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
         reference = layout.config().model
     except ConfigError:
         return None, "model: not the AutoencoderKL layout"
+    why = layout_mismatch(model, reference, "AutoencoderKL")
+    return (None, why) if why else (layout, "")
+
+
+def layout_mismatch(model, reference, family: str) -> str:
+    """The first block where an aecli model config differs from a family's layout, in words
+    (`model.decoder.14 is resblock out=64; AutoencoderKL has resblock out=32 there`); '' where
+    none does."""
     for where, specs, theirs in (
         ("model.encoder", model.encoder, reference.encoder),
         ("model.decoder", model.decoder, reference.decoder),
@@ -526,11 +534,8 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
             index, spec = mine[j] if j < len(mine) else (len(specs), None)
             want = theirs[j] if j < len(theirs) else None
             if spec_dump(spec) != spec_dump(want):
-                return None, (
-                    f"{where}.{index} is {spec_text(spec)}; AutoencoderKL has "
-                    f"{spec_text(want)} there"
-                )
-    return layout, ""
+                return f"{where}.{index} is {spec_text(spec)}; {family} has {spec_text(want)} there"
+    return ""
 
 
 def spec_dump(spec) -> dict | None:

@@ -28,9 +28,8 @@ from aecli.io.vae_files import (
     MAX_WIDTH,
     TensorName,
     finite_number,
+    layout_mismatch,
     sample_size_of,
-    spec_dump,
-    spec_text,
     whole_number,
 )
 
@@ -265,19 +264,8 @@ def layout_of_config(config: Config) -> tuple[TinyLayout | None, str]:
         reference = layout.config().model
     except (AttributeError, IndexError, ConfigError):
         return None, f"model: not the {FAMILY} layout"
-    for where, specs, theirs in (
-        ("model.encoder", model.encoder, reference.encoder),
-        ("model.decoder", model.decoder, reference.decoder),
-    ):
-        mine = [(i, s) for i, s in enumerate(specs) for _ in range(getattr(s, "repeat", 1))]
-        for j in range(max(len(mine), len(theirs))):
-            index, spec = mine[j] if j < len(mine) else (len(specs), None)
-            want = theirs[j] if j < len(theirs) else None
-            if spec_dump(spec) != spec_dump(want):
-                return None, (
-                    f"{where}.{index} is {spec_text(spec)}; {FAMILY} has {spec_text(want)} there"
-                )
-    return layout, ""
+    why = layout_mismatch(model, reference, FAMILY)
+    return (None, why) if why else (layout, "")
 
 
 def _count(specs: list) -> tuple[tuple[int, ...], tuple[int, ...]]:
