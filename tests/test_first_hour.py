@@ -148,3 +148,32 @@ def test_preset_names_complete_in_the_shell(tmp_path):
         ran = subprocess.run([str(executable)], capture_output=True, text=True,
                              env={**env, "COMP_WORDS": words}, cwd=tmp_path)  # fmt: skip
         assert ran.stdout.split() == expected, ran.stderr
+
+
+@pytest.mark.parametrize("reported", [True, False])
+def test_a_ctrl_c_outside_a_command_exits_130_without_a_traceback(monkeypatch, capsys, reported):
+    """A second Ctrl-C that lands as an interrupted command returns (after it restored the
+    handler) reaches main() as KeyboardInterrupt: exit 130, no traceback, and no second
+    `interrupted` line where the command has said it; one Ctrl-C while the command line is
+    read says `interrupted` once."""
+    import importlib
+
+    cli_module = importlib.import_module("aecli.cli")
+    app_module = importlib.import_module("aecli.cli.app")  # the module, not the Typer app
+
+    def stopped(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "app", stopped)
+    monkeypatch.setitem(app_module._state, "interrupted", reported)
+    monkeypatch.setattr(sys, "argv", ["aecli", "runs"])
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli_module.main()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert ended.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("interrupted") == (0 if reported else 1)

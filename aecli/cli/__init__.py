@@ -17,7 +17,7 @@ from aecli.cli import (  # noqa: F401  (importing a module registers its command
     runs,
     train,
 )
-from aecli.cli.app import app
+from aecli.cli.app import app, interrupted
 from aecli.cli.render import print_error
 
 # --help lists the commands in the order a user meets them, `train` first
@@ -34,8 +34,12 @@ def main() -> None:
     args = sys.argv[1:] or ["--help"]  # `aecli` alone: the help, exit 0
     try:
         code = app(args=args, standalone_mode=False)
-    except typer.Abort:
-        print_error("interrupted")
+    except (typer.Abort, KeyboardInterrupt):
+        # Ctrl-C while the command line was read, or a second one as an interrupted command
+        # returned (which has said so and saved its work)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not interrupted():
+            print_error("interrupted")
         sys.exit(130)
     except Exception as exc:
         if not is_click_error(exc):

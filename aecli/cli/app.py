@@ -92,7 +92,9 @@ def plain_epilog(text: str) -> str:
 
 app.command = _command  # type: ignore[method-assign]
 
-_state = {"debug": os.environ.get("AECLI_DEBUG", "") not in ("", "0")}
+# interrupted: a command has said that Ctrl-C stopped it (a second Ctrl-C as it returns must
+# not say it again, nor print a traceback)
+_state = {"debug": os.environ.get("AECLI_DEBUG", "") not in ("", "0"), "interrupted": False}
 
 
 def _version(value: bool) -> None:
@@ -119,6 +121,11 @@ def main_options(
     _state["debug"] = debug  # set on every call: one process may run several commands
 
 
+def interrupted() -> bool:
+    """Whether a command of this process has said that Ctrl-C stopped it."""
+    return _state["interrupted"]
+
+
 def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command, turning aecli errors into one line on stderr and their exit code."""
 
@@ -138,6 +145,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
                 exc, Interrupted
             ):  # the run is saved; more Ctrl-C must not break the exit
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
+                _state["interrupted"] = True
             if _state["debug"]:
                 raise
             print_error(exc.lines(), exc.label)
@@ -146,6 +154,7 @@ def guarded(command: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 raise
             print_error("interrupted")
+            _state["interrupted"] = True
             raise typer.Exit(130) from None
         except OSError as exc:  # the OS refused something: its words and the file, not a bug
             if _state["debug"]:
