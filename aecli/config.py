@@ -261,6 +261,20 @@ class DataConfig(Strict):
         return self
 
 
+class LatentStatistics(Strict):
+    """FLUX.2's BatchNorm statistics of the latent in patches, kept with the weights for --scaled.
+
+    Its pipelines normalise the patchified latent with the running mean and variance; the model
+    itself never runs the BatchNorm, and training leaves the statistics as they are.
+    """
+
+    patch: int = Field(2, ge=1, le=8, description="side of the squares that become channels")
+    eps: float = Field(1.0e-4, gt=0.0, allow_inf_nan=False, description="added to the variance")
+    momentum: float = Field(
+        0.1, ge=0.0, le=1.0, description="BatchNorm's momentum (kept for export)"
+    )
+
+
 class LatentConfig(Strict):
     """The latent: a vector (dim) or a spatial map (channels), plain or variational."""
 
@@ -284,6 +298,11 @@ class LatentConfig(Strict):
     shift_factor: float = Field(
         0.0, allow_inf_nan=False, description="subtracted before scaling_factor (FLUX, SD3)"
     )
+    statistics: LatentStatistics | None = Field(
+        None,
+        description="per-channel statistics of the patchified latent, with the weights, that "
+        "encode --scaled normalises with instead of the factors (FLUX.2)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> LatentConfig:
@@ -293,6 +312,8 @@ class LatentConfig(Strict):
             raise ValueError("latent.act must be none for a variational latent")
         if not self.head and self.act != "none":
             raise ValueError("latent.act needs latent.head (the activation follows it)")
+        if self.statistics is not None and self.channels is None:
+            raise ValueError("latent.statistics needs a spatial latent (latent.channels)")
         return self
 
     @property

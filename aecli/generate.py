@@ -75,14 +75,15 @@ def prior(predictor: Predictor, class_index: int | None = None) -> Gaussian:
     dim = predictor.latent_shape[0]
     if class_index is None and predictor.variational:
         scaling = predictor.scaling
-        if (scaling.scale, scaling.shift) != (1.0, 0.0):
+        if not scaling.identity:
             # the latents' spread that the diffusion scaling factors assume (SD, FLUX: a VAE
             # trained with a tiny KL weight, whose posterior is far from N(0, I))
-            mean = torch.full((dim,), scaling.shift, dtype=torch.float64)
-            factor = torch.eye(dim, dtype=torch.float64) / scaling.scale
-            return Gaussian(
-                mean, factor, f"N({scaling.shift:g}, {1 / scaling.scale:.4g}^2 I) (its scaling)"
-            )
+            mean, scale = scaling.channel_factors(dim)
+            if not scaling.per_channel:
+                what = f"N({scaling.shift:g}, {1 / scaling.scale:.4g}^2 I) (its scaling)"
+            else:
+                what = "N(shift, 1 / scale^2) per channel (its scaling)"
+            return Gaussian(mean, torch.diag(1 / scale), what)
         return Gaussian(torch.zeros(dim, dtype=torch.float64), None, "the VAE prior N(0, I)")
     if "mean" not in stats and predictor.family is not None and predictor.family.deterministic:
         raise UsageError(
@@ -262,10 +263,9 @@ def slerp_center(predictor: Predictor) -> torch.Tensor | None:
     (whose codes need not surround the origin)."""
     stats = predictor.info.latent_stats or {}
     if predictor.variational:
-        shift = predictor.scaling.shift
-        if not shift:
+        if predictor.scaling.shift in (0.0, (0.0,)):
             return None
-        mean = torch.full((predictor.latent_shape[0],), shift)
+        mean = predictor.scaling.channel_factors(predictor.latent_shape[0])[0].float()
     elif "mean" not in stats:
         return None
     else:
@@ -293,14 +293,14 @@ def endpoint(predictor: Predictor, source: str, *, force: bool = False) -> tuple
     else:
         latents = None
     if latents is not None:
-        z = predictor.fit(latents, force=force)
+        z = predictor.fit(latents, force=force, scaling=latents.scaling)
         if len(z) != 1:
             raise UsageError(
                 f"holds {len(z)} latents; interpolate needs one at each end (encode a single "
                 "image, or sample with -n 1)",
                 path=latents.name,
             )
-        return (z if latents.scaling is None else latents.scaling.undo(z)), "latent"
+        return z, "latent"
     try:
         array = read_image(Path(source), predictor.channels)
     except ImageReadError as exc:

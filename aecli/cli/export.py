@@ -1,5 +1,5 @@
-"""`aecli export`: a model as a diffusers VAE folder (AutoencoderKL, AutoencoderTiny), a
-single-file VAE, or aecli weights."""
+"""`aecli export`: a model as a diffusers VAE folder (AutoencoderKL, AutoencoderTiny,
+AutoencoderKLFlux2), a single-file VAE, or aecli weights."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def export(
         typer.Option(
             "--format",
             help="diffusers: config.json + diffusion_pytorch_model.safetensors, what "
-            "AutoencoderKL.from_pretrained (AutoencoderTiny for the TAESD family) reads; "
+            "AutoencoderKL.from_pretrained (AutoencoderTiny for the TAESD family, "
+            "AutoencoderKLFlux2 for FLUX.2) reads; "
             "single-file: one .safetensors in the "
             "latent-diffusion key layout (what image-generation front ends load); aecli: aecli "
             "weights with the config inside.",
@@ -57,8 +58,8 @@ def export(
 ) -> None:
     """Write a model in another format. diffusers and single-file take models with the
     AutoencoderKL layout (cat-kl-f8, or any VAE aecli imported), diffusers also the
-    AutoencoderTiny (TAESD) layout; others are refused with the first block that does not
-    fit."""
+    AutoencoderTiny (TAESD) and AutoencoderKLFlux2 (FLUX.2) layouts; others are refused with
+    the first block that does not fit."""
     from aecli.errors import UsageError
     from aecli.io.atomic import atomic_write_bytes
     from aecli.io.outputs import OutputGuard

@@ -77,7 +77,7 @@ def info(
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
     from aecli.io.vae_families import OWN, family_of
-    from aecli.io.weights import read_weights_info
+    from aecli.io.weights import read_weights
     from aecli.models import build_model, summarize
     from aecli.report import describe_source
 
@@ -93,7 +93,7 @@ def info(
     )
     facts: dict = {"source": target, "kind": "weights" if weights else "preset"}
     if weights:
-        stored = read_weights_info(path)
+        stored, tensors = read_weights(path)
         config = stored.config
         facts.update(
             preset=stored.preset,
@@ -105,7 +105,7 @@ def info(
         )
     else:
         loaded = loaded or load_config(target)
-        config = loaded.config
+        config, tensors = loaded.config, None
         facts.update(preset=loaded.name)
     model = build_model(config, meta=True)
     summary = asdict(summarize(config, model))
@@ -119,14 +119,14 @@ def info(
     family, _ = family_of(config)
     convention = OWN if family is None else family.convention
     latent = config.model.latent
-    scaling = convention.scaling(latent)
+    scaling = convention.scaling(latent, tensors)
     facts["family"] = None if family is None else family.name
     facts["deterministic"] = None if family is None else family.deterministic
     facts["latent_convention"] = {
         "kind": convention.kind,
-        "scale": scaling.scale,
-        "shift": scaling.shift,
-        "description": convention.describe(latent),
+        **scaling.record(),
+        "scaled_shape": list(scaling.scaled_shape(tuple(summary["latent_shape"]))),
+        "description": convention.describe(latent, tensors),
     }
     if as_json:
         print_json(facts)
@@ -158,8 +158,10 @@ def info(
     if imported_family is not None:
         what = "deterministic" if family.deterministic else "a VAE"
         rows.append(("family", f"{family.name} ({family.models}; {what})"))
-    if imported_family is not None or (scaling.scale, scaling.shift) != (1.0, 0.0):
-        rows.append(("latent scaling", f"{convention.describe(latent)} (encode --scaled)"))
+    if imported_family is not None or not scaling.identity:
+        scaled = "x".join(map(str, facts["latent_convention"]["scaled_shape"]))
+        described = convention.describe(latent, tensors)
+        rows.append(("latent scaling", f"{described} (encode --scaled: {scaled})"))
     if weights:
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]
     results.print(key_value_table(target, rows))

@@ -204,12 +204,13 @@ def encode(
                 f"--sample draws from a VAE's posterior; this model, {predictor.kind}, {what}",
                 path=weights,
             )
+        scaling = _scaling(predictor, scaled, scaling_factor, shift_factor)
         settings = EncodeSettings(
             _encode_size(size, predictor, buckets is not None),
-            _buckets(buckets, predictor),
+            _buckets(buckets, predictor, 1 if scaling is None else scaling.patch),
             sample,
             seed,
-            _scaling(predictor, scaled, scaling_factor, shift_factor),
+            scaling,
         )
         files, failures = collect_inputs(inputs)
         guard = OutputGuard([weights, *inputs], [f.path for f in files])
@@ -261,7 +262,7 @@ def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, 
         f"encoded {len(latents)} image{'s' * (len(latents) != 1)} -> "
         f"{'stdout' if out == STDIO else shown(out)} ({fmt}, latents {shape}, "
         f"{_kind(predictor, settings)}"
-        + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
+        + (f", scaled {scaling.describe()}" if scaling else "")
         + ") "
         f"in {seconds:.1f} s" + (f"; [red]{len(failures)} failed[/red]" if failures else "")
     )
@@ -275,9 +276,7 @@ def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, 
                 "latent_shape": list(shape[1:]),
                 "fingerprint": predictor.fingerprint,
                 "labels": latents.labels is not None,
-                "scaling": None
-                if scaling is None
-                else {"scale": scaling.scale, "shift": scaling.shift},
+                "scaling": None if scaling is None else scaling.record(),
                 "failed": failure_rows(failures),
             }
         )
@@ -329,7 +328,7 @@ def _encode_folder(
         f"encoded {count} image{'s' * (count != 1)} -> {shown(out)}/ ({len(index['shards'])} shard"
         f"{'s' * (len(index['shards']) != 1)} of up to {shard_size}: {shapes or 'none'}; "
         f"{_kind(predictor, settings)}"
-        + (f", scaled ×{scaling.scale:g} shift {scaling.shift:g}" if scaling else "")
+        + (f", scaled {scaling.describe()}" if scaling else "")
         + f") in {seconds:.1f} s{resumed}"
         + (f"; [red]{len(failed)} failed[/red]" if failed else "")
     )
@@ -401,8 +400,9 @@ def _encode_size(size: str, predictor, bucketed: bool = False) -> tuple[int, int
     return hw
 
 
-def _buckets(text: str | None, predictor):
-    """--buckets as Buckets: a list of HxW, or one number N for the preset around NxN."""
+def _buckets(text: str | None, predictor, patch: int = 1):
+    """--buckets as Buckets: a list of HxW, or one number N for the preset around NxN; sides
+    multiples of the downsampling factor times `patch` (the latent patches of --scaled)."""
     from aecli.errors import UsageError
     from aecli.inference.inputs import Buckets, bucket_preset
 
@@ -413,7 +413,7 @@ def _buckets(text: str | None, predictor):
             f"--buckets: this model takes images of {predictor.accepts} only (it is not fully "
             "convolutional)"
         )
-    f = predictor.factor
+    f = predictor.factor * patch
     given = text.strip()
     if given.isdigit():
         side = int(given)
@@ -425,8 +425,9 @@ def _buckets(text: str | None, predictor):
         hw = parse_size(part.strip(), "--buckets")
         if max(hw) > 65536 or hw[0] % f or hw[1] % f:
             raise UsageError(
-                f"--buckets {part.strip()}: sides must be multiples of the model's downsampling "
-                f"factor {f}, at most 65536"
+                f"--buckets {part.strip()}: sides must be multiples of {f} (the model's "
+                f"downsampling factor{' times the patches of --scaled' if patch > 1 else ''}), "
+                "at most 65536"
             )
         if min(hw) < predictor.smallest_side:
             least = predictor.smallest_side
@@ -538,7 +539,9 @@ def decode(
     if shapes is not None:  # a whole folder: every shape and the model checked before any work
         for shape in shapes:
             predictor.fit(
-                LatentFile(torch.zeros(1, *shape), None, fingerprint, name=name), force=force
+                LatentFile(torch.zeros(1, *shape), None, fingerprint, name=name),
+                force=force,
+                scaling=override or recorded,
             )
     else:
         chunks = [_fitted(predictor, chunks[0], override, force)]
@@ -579,9 +582,7 @@ def decode(
                 "latent_shape": list(shape) if shape else None,
                 "outputs": [str(o) for o in outputs],
                 "forced": forced,
-                "unscaled": None
-                if scaling is None
-                else {"scale": scaling.scale, "shift": scaling.shift},
+                "unscaled": None if scaling is None else scaling.record(),
             }
         )
 
@@ -611,8 +612,5 @@ def _fitted(predictor, latents, override, force):
     the ones the file records."""
     from dataclasses import replace
 
-    z = predictor.fit(latents, force=force)
-    scaling = override or latents.scaling
-    if scaling is not None:
-        z = scaling.undo(z)
+    z = predictor.fit(latents, force=force, scaling=override or latents.scaling)
     return replace(latents, latents=z)

@@ -40,7 +40,8 @@ Weights = Annotated[
     Path,
     typer.Argument(
         help="A weights file written by `aecli train` (the run's model.safetensors), a diffusers "
-        "AutoencoderKL or AutoencoderTiny (TAESD) folder (or a pipeline folder with vae/), or a "
+        "AutoencoderKL, AutoencoderTiny (TAESD) or AutoencoderKLFlux2 (FLUX.2) folder (or a "
+        "pipeline folder with vae/), or a "
         "single-file VAE .safetensors (Stable Diffusion, SDXL, SD3, FLUX).",
         show_default=False,
     ),

@@ -175,9 +175,10 @@ def train(
     init: Path = typer.Option(
         None,
         "--init",
-        help="Start from these weights (aecli's, a diffusers AutoencoderKL or AutoencoderTiny "
-        "folder, or a single-file VAE); their architecture must match the preset's tensor for "
-        "tensor. Without a PRESET, the weights' own architecture and settings are used.",
+        help="Start from these weights (aecli's, a diffusers AutoencoderKL, AutoencoderTiny or "
+        "AutoencoderKLFlux2 folder, or a single-file VAE); their architecture must match the "
+        "preset's tensor for tensor. Without a PRESET, the weights' own architecture and "
+        "settings are used.",
         show_default=False,
     ),
     log_to: list[LogTarget] = typer.Option(

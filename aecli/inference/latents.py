@@ -44,9 +44,7 @@ class EncodeSettings:
             "buckets": None if self.buckets is None else [list(b) for b in self.buckets.sizes],
             "sample": self.sample,
             "seed": self.seed if self.sample else None,
-            "scaling": None
-            if self.scaling is None
-            else {"scale": self.scaling.scale, "shift": self.scaling.shift},
+            "scaling": None if self.scaling is None else self.scaling.record(),
             "shard_size": shard_size,
         }
 

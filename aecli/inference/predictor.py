@@ -67,13 +67,20 @@ class Predictor:
         # convention (what --scaled writes), from the one registry of families
         self.family, _ = family_of(config)
         convention = OWN if self.family is None else self.family.convention
-        self.scaling = convention.scaling(config.model.latent)
+        self.scaling = convention.scaling(config.model.latent, model.state_dict())
 
     def latent_scaling(
         self, scale: float | None = None, shift: float | None = None
     ) -> LatentScaling:
         """The model's latent scaling, with either factor overridden (--scaling-factor,
         --shift-factor)."""
+        if scale is None and shift is None:
+            return self.scaling
+        if self.scaling.per_channel or self.scaling.patch != 1:
+            raise UsageError(
+                f"--scaling-factor / --shift-factor: {self.kind} scales its latents per channel "
+                f"({self.scaling.describe()}); give --scaled alone"
+            )
         scaling = LatentScaling(
             self.scaling.scale if scale is None else scale,
             self.scaling.shift if shift is None else shift,
@@ -390,17 +397,26 @@ class Predictor:
             )
         return to_uint8(image, self.value_range)
 
-    def fit(self, latents: LatentFile, *, force: bool = False) -> torch.Tensor:
-        """A latent file's latents as (N, *latent_shape) for this model; refused (exit 2) if
-        another model wrote them, unless `force`, or if their shape does not fit."""
-        return fit_to_model(
+    def fit(
+        self,
+        latents: LatentFile,
+        *,
+        force: bool = False,
+        scaling: LatentScaling | None = None,
+    ) -> torch.Tensor:
+        """A latent file's latents as (N, *latent_shape) for this model, `scaling` undone (the
+        latents then have its scaled shape); refused (exit 2) if another model wrote them,
+        unless `force`, or if their shape does not fit."""
+        shape = self.latent_shape if scaling is None else scaling.scaled_shape(self.latent_shape)
+        z = fit_to_model(
             latents,
-            self.latent_shape,
+            shape,
             self.fingerprint,
             spatial=self.fully_convolutional,
             force=force,
             weights_name=self.name,
         )
+        return z if scaling is None else scaling.undo(z)
 
     def generator(self, seed: int) -> torch.Generator:
         """A seeded CPU generator: noise is drawn on the CPU and copied to the device, so a seed

@@ -282,8 +282,20 @@ def _setting_change(option: str, then, now) -> str:
             if then
             else f"without {option}, this command with it"
         )
-    then, now = ("not set" if _unset(v) else json.dumps(v) for v in (then, now))
+    then, now = (_shown(v) for v in (then, now))
     return f"with {option} {then}, this command gives {now}"
+
+
+def _shown(value) -> str:
+    """A setting for a message: a scaling in words (per-channel factors are many), else JSON."""
+    if _unset(value):
+        return "not set"
+    if isinstance(value, dict) and "scale" in value:
+        try:
+            return LatentScaling.from_record(value).describe()
+        except ValueError:
+            pass
+    return json.dumps(value)
 
 
 class FolderWriter:
@@ -711,12 +723,11 @@ def _scaling(raw, name: str) -> LatentScaling | None:
     if raw is None:
         return None
     try:
-        scale, shift = float(raw["scale"]), float(raw["shift"])
-    except (KeyError, TypeError, ValueError):
-        raise LatentFileError("damaged index (its scaling)", path=name) from None
-    if not (math.isfinite(scale) and math.isfinite(shift) and scale > 0):
-        raise LatentFileError("damaged index (its scaling is not finite and positive)", path=name)
-    return LatentScaling(scale, shift)
+        return LatentScaling.from_record(raw)
+    except ValueError:
+        raise LatentFileError(
+            "damaged index (its scaling is not finite factors with positive scales)", path=name
+        ) from None
 
 
 def write_latent_folder(

@@ -32,17 +32,126 @@ class LatentFileError(UsageError):
 
 @dataclass(frozen=True)
 class LatentScaling:
-    """Latents as diffusion models consume them: (z - shift) * scale (Stable Diffusion's
-    scaling factor; SD3 and FLUX also shift)."""
+    """Latents as diffusion models consume them: (patchify(z) - shift) * scale. `scale` and
+    `shift` are one number (Stable Diffusion's scaling factor; SD3 and FLUX.1 also shift) or
+    one per channel of the patchified latent (FLUX.2's BatchNorm statistics); `patch`: the
+    side of the squares of latent pixels that become channels, (C, H, W) -> (C p^2, H/p, W/p),
+    in the order of FLUX.2's `_patchify_latents` (1: none)."""
 
-    scale: float
-    shift: float = 0.0
+    scale: float | tuple[float, ...]
+    shift: float | tuple[float, ...] = 0.0
+    patch: int = 1
+
+    def _factors(self, z: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        def of(value):
+            if isinstance(value, tuple):
+                return torch.tensor(value, dtype=z.dtype, device=z.device).view(-1, 1, 1)
+            return value
+
+        return of(self.scale), of(self.shift)
 
     def apply(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.shift) * self.scale
+        """(B, C, H, W) -> (B, C p^2, H/p, W/p), shifted and scaled."""
+        scale, shift = self._factors(z)
+        return (self._patchify(z) - shift) * scale
 
     def undo(self, z: torch.Tensor) -> torch.Tensor:
-        return z / self.scale + self.shift
+        scale, shift = self._factors(z)
+        return self._unpatchify(z / scale + shift)
+
+    def _patchify(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        if p == 1:
+            return z
+        b, c, h, w = z.shape
+        if h % p or w % p:
+            raise UsageError(
+                f"a latent of {h}x{w} does not split into the {p}x{p} patches this model's "
+                f"pipelines take: give images whose sides are multiples of {p} latent pixels"
+            )
+        z = z.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4)
+        return z.reshape(b, c * p * p, h // p, w // p)  # (B, C p^2, H/p, W/p)
+
+    def _unpatchify(self, z: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        if p == 1:
+            return z
+        b, c, h, w = z.shape
+        z = z.reshape(b, c // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3)
+        return z.reshape(b, c // (p * p), h * p, w * p)  # (B, C / p^2, H p, W p)
+
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.scale, tuple) or isinstance(self.shift, tuple)
+
+    @property
+    def identity(self) -> bool:
+        return (self.scale, self.shift, self.patch) == (1.0, 0.0, 1)
+
+    def scaled_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of scaled latents for unscaled ones of `shape` (C, H, W)."""
+        p = self.patch
+        return shape if p == 1 else (shape[0] * p * p, shape[1] // p, shape[2] // p)
+
+    def channel_factors(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale) per channel of the unscaled latent, float64: a patched latent's
+        channel averages its patch positions' shifts and takes the RMS of their spreads."""
+        shift = torch.as_tensor(self.shift, dtype=torch.float64).expand(channels * self.patch**2)
+        scale = torch.as_tensor(self.scale, dtype=torch.float64).expand(channels * self.patch**2)
+        spread = scale.reshape(channels, -1).pow(-2).mean(1).sqrt()
+        return shift.reshape(channels, -1).mean(1), 1 / spread
+
+    def record(self) -> dict:
+        """What a latent file or folder records: {scale, shift[, patch]}."""
+        found = {"scale": _listed(self.scale), "shift": _listed(self.shift)}
+        return found if self.patch == 1 else {**found, "patch": self.patch}
+
+    @classmethod
+    def from_record(cls, raw) -> LatentScaling:
+        """The scaling a record describes; ValueError for anything but finite factors (one
+        number, or one per channel) with positive scales and a patch from 1 to 8."""
+        if not isinstance(raw, dict):
+            raise ValueError("scaling is not a record")
+        patch = raw.get("patch", 1)
+        if isinstance(patch, bool) or not isinstance(patch, int) or not 1 <= patch <= 8:
+            raise ValueError(f"scaling patch {str(patch)[:20]} is not from 1 to 8")
+        scale, shift = _factor(raw.get("scale")), _factor(raw.get("shift"))
+        sizes = {len(v) for v in (scale, shift) if isinstance(v, tuple)}
+        if len(sizes) > 1 or min(_values(scale)) <= 0:
+            raise ValueError("scaling: its scales are not positive, or not one per channel")
+        return cls(scale, shift, patch)
+
+    def describe(self) -> str:
+        """`(z - 0.1159) * 0.3611`; `(patchify 2x2(z) - shift) * scale, per channel (128)`"""
+        z = "z" if self.patch == 1 else f"patchify {self.patch}x{self.patch}(z)"
+        if not self.per_channel:
+            return f"({z} - {self.shift:g}) * {self.scale:g}"
+        scale = torch.tensor(_values(self.scale))
+        shift = torch.tensor(_values(self.shift))
+        return (
+            f"({z} - shift) * scale, per channel ({max(len(scale), len(shift))}: shift "
+            f"{shift.min():.4g} to {shift.max():.4g}, scale {scale.min():.4g} to "
+            f"{scale.max():.4g})"
+        )
+
+
+def _listed(value: float | tuple[float, ...]) -> float | list[float]:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _values(value: float | tuple[float, ...]) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _factor(value) -> float | tuple[float, ...]:
+    """A finite number, or a list of 1 to 65536 of them, from a record."""
+    many = isinstance(value, list)
+    values = value if many else [value]
+    if not 1 <= len(values) <= 65536 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise ValueError("scaling: a factor is not a finite number or a list of them")
+    return tuple(float(v) for v in values) if many else float(values[0])
 
 
 @dataclass
@@ -89,8 +198,7 @@ def latent_parts(latents: LatentFile) -> tuple[list[bytes | memoryview], int]:
         "class_names": json.dumps(latents.class_names),
     }
     if latents.scaling is not None:
-        scaling = latents.scaling
-        metadata["scaling"] = json.dumps({"scale": scaling.scale, "shift": scaling.shift})
+        metadata["scaling"] = json.dumps(latents.scaling.record())
     parts, offsets = tensor_file_parts(arrays, metadata)
     return parts, offsets["latents"]
 
@@ -198,13 +306,7 @@ def _from_safetensors(data: bytes, name: str) -> LatentFile:
 
 
 def _scaling(text: str | None) -> LatentScaling | None:
-    if text is None:
-        return None
-    raw = json.loads(text)
-    scale, shift = float(raw["scale"]), float(raw["shift"])
-    if not (math.isfinite(scale) and math.isfinite(shift) and scale > 0):
-        raise ValueError(f"scaling {raw} is not a positive finite scale and a finite shift")
-    return LatentScaling(scale, shift)
+    return None if text is None else LatentScaling.from_record(json.loads(text))
 
 
 def _safetensors_metadata(data: bytes, name: str) -> dict:

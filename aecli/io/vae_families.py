@@ -3,22 +3,25 @@ layout (the aecli block config and every tensor's names), whether it is determin
 latent convention (how that family's diffusion pipelines take its latents: what `--scaled`
 writes and `decode --scaled` undoes). Commands ask here; none branches on a family.
 
-A new family is one `Family` entry and its layout module (as `vae_tiny`). A convention that is
-not an affine map of the latent (FLUX.2's 2x2 patchify and BatchNorm statistics, Qwen-Image and
-Wan's per-channel mean and std) is a new `Convention` kind whose `scaling` reads its statistics
-from the model.
+A new family is one `Family` entry and its layout module (as `vae_tiny`, `vae_flux2`). A
+convention that is not one scale and shift is a `Convention` kind whose `scaling` reads its
+statistics from the model: `batchnorm` for FLUX.2's 2x2 patchify and BatchNorm statistics;
+Qwen-Image and Wan's per-channel mean and std fit the same `LatentScaling` (per-channel factors,
+patch 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from aecli.config import Config, LatentConfig
 from aecli.errors import WeightsError
-from aecli.io import vae_files, vae_tiny
+from aecli.io import vae_files, vae_flux2, vae_tiny
 from aecli.io.latents import LatentScaling
 
 
@@ -35,17 +38,34 @@ class Layout(Protocol):
 @dataclass(frozen=True)
 class Convention:
     """How a family's pipelines take its latents. kind `affine`: (z - shift) * scale with the
-    factors the model carries (model.latent.scaling_factor / shift_factor, from config.json)."""
+    factors the model carries (model.latent.scaling_factor / shift_factor, from config.json);
+    kind `batchnorm`: (patchify(z) - running_mean) / sqrt(running_var + eps) per channel of
+    the patchified latent, from the BatchNorm statistics the model holds (`latent_norm`,
+    config model.latent.statistics: FLUX.2)."""
 
     kind: str
     pipelines: str  # what the family's pipelines do, in words, for `aecli info`
 
-    def scaling(self, latent: LatentConfig) -> LatentScaling:
-        return LatentScaling(latent.scaling_factor, latent.shift_factor)
+    def scaling(
+        self, latent: LatentConfig, state: Mapping[str, torch.Tensor] | None = None
+    ) -> LatentScaling:
+        """The scaling `--scaled` applies, from the model's config and its tensors (`state`,
+        aecli's names: a state dict, or the tensors of a weights file)."""
+        stats = latent.statistics
+        if self.kind != "batchnorm" or stats is None or state is None:
+            return LatentScaling(latent.scaling_factor, latent.shift_factor)
+        # as FLUX.2's pipelines: std = sqrt(running_var + eps), in float64 here
+        mean = state["latent_norm.running_mean"].detach().to("cpu", torch.float64)
+        var = state["latent_norm.running_var"].detach().to("cpu", torch.float64)
+        scale = 1 / torch.sqrt(var + stats.eps)
+        return LatentScaling(tuple(scale.tolist()), tuple(mean.tolist()), stats.patch)
 
-    def describe(self, latent: LatentConfig) -> str:
-        scaling = self.scaling(latent)
-        return f"(z - {scaling.shift:g}) * {scaling.scale:g}: {self.pipelines}"
+    def describe(
+        self, latent: LatentConfig, state: Mapping[str, torch.Tensor] | None = None
+    ) -> str:
+        if self.kind == "batchnorm" and state is None:
+            return self.pipelines
+        return f"{self.scaling(latent, state).describe()}: {self.pipelines}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,20 @@ FAMILIES: dict[str, Family] = {
         block_types=frozenset({"tinyblock", "soft_clamp"}),
         single_file=False,
     ),
+    "AutoencoderKLFlux2": Family(
+        "AutoencoderKLFlux2",
+        "the FLUX.2 VAE",
+        deterministic=False,
+        convention=Convention(
+            "batchnorm",
+            "FLUX.2 pipelines normalise the 2x2-patchified latent with its BatchNorm's running "
+            "mean and sqrt(running_var + eps) so",
+        ),
+        read_config=vae_flux2.layout_from_diffusers_config,
+        of_config=vae_flux2.layout_of_config,
+        block_types=frozenset(),  # AutoencoderKL's blocks; its statistics tell it apart
+        single_file=False,
+    ),
 }
 
 # aecli's own models: the factors in their config (1 and 0 unless set)
@@ -115,11 +149,11 @@ def family_of(config: Config) -> tuple[Family | None, Layout | None]:
 
 def layout_for_export(config: Config) -> tuple[Family, Layout | None, str]:
     """(the family a config is meant as, its layout or None, why not): a config with a block
-    type only one family has is taken as that family; others as AutoencoderKL."""
+    type only one family has is taken as that family, one with latent statistics as FLUX.2's;
+    others as AutoencoderKL."""
     types = {spec.type for spec in [*config.model.encoder, *config.model.decoder]}
-    family = next(
-        (f for f in FAMILIES.values() if f.block_types & types), FAMILIES["AutoencoderKL"]
-    )
+    default = "AutoencoderKL" if config.model.latent.statistics is None else "AutoencoderKLFlux2"
+    family = next((f for f in FAMILIES.values() if f.block_types & types), FAMILIES[default])
     layout, why = family.of_config(config)
     return family, layout, why
 

@@ -59,6 +59,7 @@ class KLLayout:
     sample_size: int = 256
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    decoder_block_out_channels: tuple[int, ...] | None = None  # FLUX.2's smaller decoder
 
     def config(self) -> Config:
         """The aecli config of this layout; training settings as cat-kl-f8's first phase (L1
@@ -226,6 +227,7 @@ def _parts(layout: KLLayout) -> list[_Part]:
         add("latent_head", {}, "quant_conv", "quant_conv")
     # decoder: post_quant_conv, conv_in, middle, per level (reversed) resnets then upsampling;
     # latent diffusion numbers its up levels from the highest resolution
+    widths = layout.decoder_block_out_channels or widths
     latent = layout.latent_channels
     if layout.post_quant_conv:
         add("decoder", conv(latent, kernel=1, padding=0), "post_quant_conv", "post_quant_conv")
@@ -452,9 +454,12 @@ def check_shapes(
 
 
 def to_aecli(tensors: dict[str, torch.Tensor], wanted: dict[str, TensorName], expected) -> dict:
-    """The file's tensors under aecli's names and shapes, as float32."""
+    """The file's tensors under aecli's names and shapes, as float32 (a counter, such as
+    BatchNorm's num_batches_tracked, as int64)."""
     return {
-        name.aecli: tensors[key].to(torch.float32).reshape(expected[name.aecli])
+        name.aecli: tensors[key]
+        .to(torch.float32 if tensors[key].is_floating_point() else torch.int64)
+        .reshape(expected[name.aecli])
         for key, name in wanted.items()
     }
 
@@ -471,11 +476,15 @@ def from_aecli(state: dict[str, torch.Tensor], layout, naming: str) -> dict:
     return out
 
 
-def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
-    """The AutoencoderKL layout an aecli config has, or (None, the first thing that differs)."""
+def layout_of_config(config: Config, decoder_widths: bool = False) -> tuple[KLLayout | None, str]:
+    """The AutoencoderKL layout an aecli config has, or (None, the first thing that differs).
+    `decoder_widths`: the decoder may have its own widths (FLUX.2's decoder_block_out_channels;
+    AutoencoderKL has none)."""
     model, latent = config.model, config.model.latent
     if not latent.spatial or not latent.variational:
         return None, "model.latent: AutoencoderKL has a spatial variational latent"
+    if latent.statistics is not None:
+        return None, "model.latent.statistics: AutoencoderKL keeps none (AutoencoderKLFlux2 does)"
     if model.output != "none" or config.data.range != "symmetric":
         return (
             None,
@@ -497,6 +506,10 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
         elif spec.type == "conv" and spec.stride == 2:
             widths.append(current)
     widths.append(current)
+    # the decoder's own widths (FLUX.2's may be smaller): each level's first residual block
+    # after the two of the middle, layers + 1 per level, highest resolution last
+    decoder_res = [s for s in decoder if s.type == "resblock"]
+    own = tuple(reversed([s.out for s in decoder_res[2 :: layers + 1][: len(widths)] if s.out]))
     first = decoder[0]
     post = first.type == "conv" and first.kernel == 1 and first.out == latent.channels
     layout = KLLayout(
@@ -512,6 +525,7 @@ def layout_of_config(config: Config) -> tuple[KLLayout | None, str]:
         sample_size=config.data.size[0],
         scaling_factor=latent.scaling_factor,
         shift_factor=latent.shift_factor,
+        decoder_block_out_channels=own if decoder_widths and own != tuple(widths) else None,
     )
     try:
         reference = layout.config().model

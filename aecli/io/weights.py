@@ -350,16 +350,18 @@ def _import_vae(
     except ConfigError as exc:
         raise WeightsError(f"its layout cannot be built in aecli: {exc}", path=path) from None
     _parameters_within_limit(path, meta_model)
-    expected = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    state = meta_model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
     for name, entry in header.items():
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        if dtype not in ("F32", "F16", "BF16"):
-            raise WeightsError(
-                f"tensor {name} is {str(dtype)[:20]}; aecli reads VAE weights stored as F32, F16 "
-                "or BF16",
-                path=path,
-            )
-    wanted = vae_files.check_shapes(layout, naming, shapes, expected, path)
+        # weights and statistics as floats; a counter (num_batches_tracked) as an integer
+        counter = name in wanted and not state[wanted[name].aecli].is_floating_point()
+        allowed = ("I64", "I32") if counter else ("F32", "F16", "BF16")
+        if dtype not in allowed:
+            what = "VAE weights stored as F32, F16 or BF16"
+            what = f"{layout.family} counters as I64 or I32" if counter else what
+            raise WeightsError(f"tensor {name} is {str(dtype)[:20]}; aecli reads {what}", path=path)
     if sources is None:
         raw = _read_tensors(path, [prefix + k for k in wanted])
         found = {k: raw[prefix + k] for k in wanted}

@@ -79,7 +79,8 @@ _OUTPUT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "none": lambda t: t}
 
 class Autoencoder(nn.Module):
     """encode(x) -> posterior; decode(z) -> image. `latent_head` maps encoder features to the
-    latent (to mean and log-variance, concatenated on dim 1, for a VAE)."""
+    latent (to mean and log-variance, concatenated on dim 1, for a VAE); `latent_norm` holds
+    statistics of the latent (buffers only), or is None."""
 
     def __init__(
         self,
@@ -91,9 +92,13 @@ class Autoencoder(nn.Module):
         output: str,
         input_shape: tuple[int, int, int],
         latent_shape: tuple[int, ...],
+        latent_norm: nn.Module | None = None,
     ):
         super().__init__()
         self.encoder, self.latent_head, self.decoder = encoder, latent_head, decoder
+        # running statistics of the patchified latent (config latent.statistics: FLUX.2's
+        # BatchNorm), held for the latent convention and never run
+        self.latent_norm = latent_norm
         self.variational = variational
         self.output = output
         self.input_shape = input_shape

@@ -94,6 +94,16 @@ def _latent_head_flops(config: Config, shape: Shape) -> int:
     return 2 * inputs * outputs * positions
 
 
+def _latent_norm(config: Config) -> nn.Module | None:
+    """The BatchNorm whose running statistics latent.statistics keeps (none without them)."""
+    latent = config.model.latent
+    stats = latent.statistics
+    if stats is None:
+        return None
+    channels = latent.channels * stats.patch**2
+    return nn.BatchNorm2d(channels, stats.eps, stats.momentum, affine=False)
+
+
 @dataclass(frozen=True)
 class Layer:
     """One block of a model as shapes and cost, for one item (no batch dimension)."""
@@ -175,6 +185,7 @@ def _build(config: Config) -> Autoencoder:
         output=config.model.output,
         input_shape=input_shape,
         latent_shape=latent_shape,
+        latent_norm=_latent_norm(config),
     )
     _initialise(model, config.model.init)
     return model
