@@ -280,3 +280,35 @@ def within(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def photos(folder: Path, size=(48, 64)) -> list[Path]:
+    """Two crops of scikit-learn's sample photos (real colour photos, no download), as PNGs."""
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(load_sample_images().images):
+        path = folder / f"photo{i}.png"
+        Image.fromarray(image[100 : 100 + size[0], 200 : 200 + size[1]]).save(path)
+        paths.append(path)
+    return paths
+
+
+def fine_tune_frozen_encoder(cli, vae: Path, out: Path):
+    """`aecli train --init VAE` for one short epoch with the encoder frozen: every tensor
+    outside the decoder stays exactly as loaded, the decoder moves. The fine-tuned model."""
+    from aecli.io.weights import load_weights
+
+    result = cli(
+        "train", "--init", vae, "--out", out, "--epochs", "1",
+        "--set", "data.builtin_count=16", "--set", "data.image_size=32",
+        "--set", "train.freeze=encoder", "--device", "cpu",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Initialised from" in result.output
+    tuned = load_weights(out / "model.safetensors")[0]
+    before, after = load_weights(vae)[0].state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    return tuned

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fine_tune_frozen_encoder, photos
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -69,19 +70,6 @@ def pipeline_latents(vae, z: torch.Tensor) -> torch.Tensor:
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     return (patched - mean) / std
-
-
-def photos(folder, size=(48, 64)):
-    """Two crops of scikit-learn's sample photos."""
-    from sklearn.datasets import load_sample_images
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(load_sample_images().images):
-        path = folder / f"photo{i}.png"
-        Image.fromarray(image[100 : 100 + size[0], 200 : 200 + size[1]]).save(path)
-        paths.append(path)
-    return paths
 
 
 def pixels(path) -> torch.Tensor:
@@ -290,18 +278,7 @@ def test_init_fine_tunes_the_decoder_and_keeps_the_statistics(tmp_path, flux2, c
     """train --init with the encoder frozen: the encoder and the statistics stay exactly as
     they were, the decoder moves, and the result exports as an AutoencoderKLFlux2 again."""
     out = tmp_path / "run"
-    result = cli(
-        "train", "--init", tmp_path / "vae", "--out", out, "--epochs", "1",
-        "--set", "data.builtin_count=16", "--set", "data.image_size=32",
-        "--set", "train.freeze=encoder", "--device", "cpu",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "Initialised from" in result.output
-    before, _ = load_weights(tmp_path / "vae")
-    after, _ = load_weights(out / "model.safetensors")
-    a, b = before.state_dict(), after.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("decoder."))
-    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    after = fine_tune_frozen_encoder(cli, tmp_path / "vae", out)
     result = cli("export", out / "model.safetensors", "-o", tmp_path / "tuned")
     assert result.exit_code == 0, result.output
     again = diffusers.AutoencoderKLFlux2.from_pretrained(tmp_path / "tuned").eval()

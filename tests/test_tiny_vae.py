@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fine_tune_frozen_encoder, photos
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -42,19 +43,6 @@ def tiny(tmp_path):
     vae = make_tiny()
     vae.save_pretrained(tmp_path / "vae")
     return vae
-
-
-def photos(folder, size=(48, 64)):
-    """Two crops of scikit-learn's sample photos."""
-    from sklearn.datasets import load_sample_images
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(load_sample_images().images):
-        path = folder / f"photo{i}.png"
-        Image.fromarray(image[100 : 100 + size[0], 200 : 200 + size[1]]).save(path)
-        paths.append(path)
-    return paths
 
 
 def pixels(path) -> torch.Tensor:
@@ -215,18 +203,7 @@ def test_init_fine_tunes_the_decoder_and_exports_it(tmp_path, tiny, cli):
     """train --init from the folder with the encoder frozen: the encoder stays exactly as it
     was, the decoder moves, and the result exports as an AutoencoderTiny again."""
     out = tmp_path / "run"
-    result = cli(
-        "train", "--init", tmp_path / "vae", "--out", out, "--epochs", "1",
-        "--set", "data.builtin_count=16", "--set", "data.image_size=32",
-        "--set", "train.freeze=encoder", "--device", "cpu",
-    )  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert "Initialised from" in result.output
-    before, _ = load_weights(tmp_path / "vae")
-    after, _ = load_weights(out / "model.safetensors")
-    a, b = before.state_dict(), after.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("decoder."))
-    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    after = fine_tune_frozen_encoder(cli, tmp_path / "vae", out)
     result = cli("export", out / "model.safetensors", "-o", tmp_path / "tuned")
     assert result.exit_code == 0, result.output
     again = diffusers.AutoencoderTiny.from_pretrained(tmp_path / "tuned").eval()

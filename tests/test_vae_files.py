@@ -4,11 +4,11 @@ diffusers' own AutoencoderKL in fp32, exported back, fine-tuned, scaled latents.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import photos
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -256,19 +256,6 @@ def test_export_refuses_the_first_block_that_does_not_fit(tmp_path, cli):
     result = cli("export", tmp_path / "w.safetensors", "-o", tmp_path / "out2")
     assert result.exit_code == 2
     assert "model.decoder.14 is resblock out=64; AutoencoderKL has resblock out=32" in result.output
-
-
-def photos(folder: Path, size=(48, 64)) -> list[Path]:
-    """Two crops of scikit-learn's sample photos."""
-    from sklearn.datasets import load_sample_images
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(load_sample_images().images):
-        path = folder / f"photo{i}.png"
-        Image.fromarray(image[100 : 100 + size[0], 200 : 200 + size[1]]).save(path)
-        paths.append(path)
-    return paths
 
 
 def encode_native(cli, tmp_path, *options):
