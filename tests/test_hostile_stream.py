@@ -284,3 +284,7 @@ def test_the_bar_counts_every_step_and_its_clock_runs_for_the_whole_run(tiny_pre
         (e, f"{s}/3") for e in (1, 2, 3) for s in (1, 2, 3)
     ]
     assert reporter.epoch_ends == [("3/3", "0:00:03"), ("3/3", "0:00:06"), ("3/3", "0:00:09")]
+    # after the last epoch (while the latent statistics are gathered) the bar stays full, at the
+    # last epoch, instead of starting an epoch that will not come
+    task = reporter.progress.tasks[0]
+    assert (task.fields["epoch"], task.completed) == (3, 3)

@@ -90,12 +90,11 @@ class RichReporter:
             highlight=False,
             soft_wrap=True,
         )
-        self.progress.update(
-            self.task,
-            completed=0,
-            epoch=min(record["epoch"] + 1, self.epochs),
-            speed=f"{record['images_per_s']:.0f} img/s",
-        )
+        speed = f"{record['images_per_s']:.0f} img/s"
+        if record["epoch"] < self.epochs:  # the next epoch's bar; the last one's stays full
+            self.progress.update(self.task, completed=0, epoch=record["epoch"] + 1, speed=speed)
+        else:
+            self.progress.update(self.task, speed=speed)
 
     def finish(self) -> None:
         self.progress.stop()
