@@ -312,3 +312,51 @@ def fine_tune_frozen_encoder(cli, vae: Path, out: Path):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("decoder."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     return tuned
+
+
+@contextmanager
+def folder_held(lock: Path):
+    """Another process holding `lock` as aecli's folder locks are held (fcntl.lockf, its
+    process id written in the file) while the body runs; yields that process's id."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import fcntl, os, time
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def image_chw(path: Path) -> torch.Tensor:
+    """An image file's pixels as a float tensor (C, H, W), 0 to 255."""
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1).float()
+
+
+def check_folder_and_commands(cli, vae: Path, images: list[Path], expected, tmp_path: Path,
+                              *encode_args: str) -> None:  # fmt: skip
+    """A VAE folder through the commands beside encoding to a file: its latent folder (encoded
+    with `encode_args`) decoded back, reconstruct, interpolate and diff; decoded and
+    reconstructed pixels within one 8-bit level of `expected`, the reference decoder's."""
+    photos = images[0].parent
+    result = cli("encode", vae, photos, "-o", tmp_path / "folder/", *encode_args)
+    assert result.exit_code == 0, result.output
+    result = cli("decode", vae, tmp_path / "folder", "-o", tmp_path / "dec2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (image_chw(tmp_path / "dec2" / images[0].name) - expected[0]).abs().max() <= 1
+    result = cli("reconstruct", vae, photos, "-o", tmp_path / "rec", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (image_chw(tmp_path / "rec" / images[1].name) - expected[1]).abs().max() <= 1
+    result = cli("interpolate", vae, *images, "-o", tmp_path / "strip.png", "--steps", "3")
+    assert result.exit_code == 0, result.output
+    result = cli("diff", vae, photos, "-o", tmp_path / "diff.png")
+    assert result.exit_code == 0, result.output

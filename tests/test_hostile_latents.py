@@ -8,13 +8,12 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_line, write_image
+from conftest import folder_held, one_line, write_image
 
 import aecli.io.latent_folder as latent_folder
 
@@ -143,20 +142,8 @@ def test_a_folder_an_encode_is_writing_names_its_process_everywhere(
     out = tmp_path / "busy"
     args = [tiny_weights, images, "--shard-size", 2, "--workers", 0, "-o", out]
     assert interrupted(cli, monkeypatch, *args).exit_code == 130
-    holder = subprocess.Popen(  # a live encode: another process holding the folder's lock
-        [sys.executable, "-c", f"""
-import fcntl, os, time
-fd = os.open({str(out / ".aecli-encode.lock")!r}, os.O_RDWR)
-fcntl.lockf(fd, fcntl.LOCK_EX)
-os.ftruncate(fd, 0)
-os.write(fd, str(os.getpid()).encode())
-print("locked", flush=True)
-time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        named = f"(process {holder.pid}); wait for it to finish"
+    with folder_held(out / ".aecli-encode.lock") as pid:  # a live encode in another process
+        named = f"(process {pid}); wait for it to finish"
         for command in (
             ["encode", *args],
             ["encode", *args, "--resume"],
@@ -169,10 +156,7 @@ time.sleep(60)
         assert result.exit_code == 0 and named in " ".join(result.output.split())
         assert "--resume" not in result.output
         facts = json.loads(cli("info", out, "--json").stdout)
-        assert facts["writer"] == holder.pid and not facts["finished"]
-    finally:
-        holder.kill()
-        holder.wait()
+        assert facts["writer"] == pid and not facts["finished"]
     assert cli("encode", *args, "--resume").exit_code == 0  # free again
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import one_line, pixels, read_pngs, write_image
+from conftest import folder_held, one_line, pixels, read_pngs, write_image
 
 from aecli.errors import WriteError
 from aecli.inference.inputs import Buckets, bucket_preset
@@ -278,25 +278,11 @@ def test_what_a_folder_refuses(conv_weights, tiny_weights, images, tmp_path, cli
 def test_a_second_encode_into_a_folder_in_use_is_refused(conv_weights, images, tmp_path, cli):
     out = tmp_path / "busy"
     out.mkdir()
-    holder = subprocess.Popen(  # another process holding the folder's lock, as an encode does
-        [sys.executable, "-c", f"""
-import fcntl, os, sys, time
-fd = os.open({str(out / ".aecli-encode.lock")!r}, os.O_RDWR | os.O_CREAT)
-fcntl.lockf(fd, fcntl.LOCK_EX)
-os.write(fd, str(os.getpid()).encode())
-print("locked", flush=True)
-time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with folder_held(out / ".aecli-encode.lock") as pid:  # as an encode holds it
         result = cli("encode", conv_weights, images, "-o", out)
         assert result.exit_code == 2
-        expected = f"another aecli encode is writing this folder (process {holder.pid})"
+        expected = f"another aecli encode is writing this folder (process {pid})"
         assert expected in one_line(result)
-    finally:
-        holder.kill()
-        holder.wait()
     assert cli("encode", conv_weights, images, "-o", out).exit_code == 1  # free again
     assert not (out / ".aecli-encode.lock").exists()
 
