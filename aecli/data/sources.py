@@ -4,6 +4,7 @@ streamed from disk (aecli.data.stream) where a folder is too large, and for WebD
 from __future__ import annotations
 
 import hashlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from aecli.data.stream import (
 )
 from aecli.errors import DATA_LAYOUTS as LAYOUTS
 from aecli.errors import DataError, missing_data
+from aecli.io.jsonfile import file_kind
 
 
 @dataclass
@@ -96,8 +98,9 @@ def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData |
     path = Path(path)
     if not path.exists():
         raise missing_data(path)
-    if not path.is_dir() and not path.is_file():  # a FIFO would block its reader forever
-        raise DataError("not a regular file (a FIFO, a device or a socket)", path=path)
+    mode = path.stat().st_mode
+    if not stat.S_ISDIR(mode) and not stat.S_ISREG(mode):  # a FIFO would block its reader
+        raise DataError(f"not a regular file ({file_kind(mode)})", path=path)
     if path.is_dir():
         try:
             layout = detect_cifar(path)

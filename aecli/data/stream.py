@@ -46,6 +46,7 @@ from aecli.data.images import (
     read_image_bytes,
 )
 from aecli.errors import DataError, printable
+from aecli.io.jsonfile import file_kind
 
 SHARD_SUFFIX = ".tar"
 OPEN_SHARDS = 64  # shard files a process keeps open at most
@@ -121,17 +122,10 @@ def _regular_shards(paths: list[Path]) -> list[Path]:
 
 def _check_regular(path: Path, mode: int) -> None:
     """Refuse a shard that is not a regular file, naming what it is."""
-    if stat.S_ISREG(mode):
-        return
-    kinds = (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISDIR, "a directory"),
-    )
-    kind = next((word for test, word in kinds if test(mode)), "of an unknown kind")
-    raise DataError(f"not a regular file ({kind}); a shard is a plain .tar file", path=path)
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"not a regular file ({file_kind(mode)}); a shard is a plain .tar file", path=path
+        )
 
 
 def open_shard(path: Path) -> int:

@@ -14,12 +14,13 @@ from typing import IO, Any
 from aecli.errors import first_line, os_reason
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (`a FIFO`), for refusals."""
     for test, name in (
         (stat.S_ISFIFO, "a FIFO"),
         (stat.S_ISDIR, "a folder"),
-        (stat.S_ISCHR, "a device"),
-        (stat.S_ISBLK, "a device"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
         (stat.S_ISSOCK, "a socket"),
     ):
         if test(mode):
@@ -37,7 +38,7 @@ def regular_file(path: Path) -> bool:
     except OSError as exc:
         raise ValueError(f"cannot read: {os_reason(exc)}") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"not a regular file ({_kind(mode)})")
+        raise ValueError(f"not a regular file ({file_kind(mode)})")
     return True
 
 
@@ -54,7 +55,7 @@ def open_regular(path: Path) -> IO[bytes]:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise ValueError(f"not a regular file ({_kind(mode)})")
+            raise ValueError(f"not a regular file ({file_kind(mode)})")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
