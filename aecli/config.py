@@ -166,8 +166,21 @@ class ReshapeSpec(Strict):
     shape: tuple[int, int, int] = Field(description="[channels, height, width]")
 
 
+# -- DC-AE (AutoencoderDC) blocks: aecli.models.dc ------------------------------------------
+# (end of DC-AE blocks)
+
+# -- Wan 2.1 / 2.2 and Qwen-Image (AutoencoderKLWan, AutoencoderKLQwenImage): aecli.models.wan -
+# (end of Wan blocks)
+
+# -- HunyuanImage 2.1 (AutoencoderKLHunyuanImage): aecli.models.hunyuan ----------------------
+# (end of HunyuanImage blocks)
+
+
 BlockSpec = Annotated[
     Union[  # noqa: UP007
+        # DC-AE specs
+        # Wan specs
+        # HunyuanImage specs
         ConvSpec,
         ConvTransposeSpec,
         ResBlockSpec,

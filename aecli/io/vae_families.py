@@ -78,6 +78,9 @@ class Family:
     of_config: Callable[[Config], tuple[Layout | None, str]]  # aecli config -> layout or why not
     block_types: frozenset[str]  # block types only this family has
     single_file: bool  # export --format single-file writes its released single-file layout
+    # a released single file, told from its tensors' names and shapes alone (no config.json):
+    # (shapes) -> its layout, whose TensorName.ldm are the file's keys; None: not this family's
+    read_original: Callable[[dict[str, tuple[int, ...]], Path], Layout | None] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -117,6 +120,9 @@ FAMILIES: dict[str, Family] = {
         block_types=frozenset(),  # AutoencoderKL's blocks; its statistics tell it apart
         single_file=False,
     ),
+    # -- AutoencoderDC (DC-AE, SANA): aecli.io.vae_dc
+    # -- AutoencoderKLQwenImage and AutoencoderKLWan: aecli.io.vae_wan
+    # -- AutoencoderKLHunyuanImage: aecli.io.vae_hunyuan
 }
 
 # aecli's own models: the factors in their config (1 and 0 unless set)
@@ -135,6 +141,17 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> Layout:
     if family is None:
         raise WeightsError(f"a diffusers {str(name)[:60]}; aecli reads {listing()}", path=path)
     return family.read_config(raw, path)
+
+
+def layout_of_original(shapes: dict[str, tuple[int, ...]], path: Path) -> Layout | None:
+    """The layout of a released single file of a family that has its own key layout (DC-AE's,
+    the Wan / Qwen-Image VAE's), from its tensors' shapes; None where no family knows it."""
+    for family in FAMILIES.values():
+        if family.read_original is not None:
+            layout = family.read_original(shapes, path)
+            if layout is not None:
+                return layout
+    return None
 
 
 def family_of(config: Config) -> tuple[Family | None, Layout | None]:

@@ -21,6 +21,7 @@ from aecli.config import Config, config_from_dict
 from aecli.errors import ConfigError, WeightsError, first_and_more, first_line
 from aecli.io.jsonfile import read_json_file
 from aecli.io.tensorfile import tensor_file_bytes
+from aecli.models import blocks
 
 # Scaling and shift factors per latent width when a file does not say (a single file never
 # does): SD 1.x / 2.x for 4 channels (SDXL's 0.13025 has the same layout), FLUX.1 for 16
@@ -150,15 +151,8 @@ class _Part:
             "conv": [("conv.", "", "")],
             "head": [("", "", "")],
             "norm": [("", "", "")],
-            "resblock": [(f"{n}.", f"{n}.", f"{n}.") for n in ("norm1", "conv1", "norm2", "conv2")]
-            + ([("shortcut.", "conv_shortcut.", "nin_shortcut.")] if self.shortcut else []),
-            "attention": [
-                ("norm.", "group_norm.", "norm."),
-                ("q.", "to_q.", "q."),
-                ("k.", "to_k.", "k."),
-                ("v.", "to_v.", "v."),
-                ("proj.", "to_out.0.", "proj_out."),
-            ],
+            "resblock": list(blocks.ResBlock.NAMES[: None if self.shortcut else -1]),
+            "attention": list(blocks.Attention.NAMES),
         }.get(kind, [])
         for a, d, ldm in suffixes:
             for param in ("weight", "bias"):

@@ -278,6 +278,10 @@ def _open_single_file(
     half = vae_tiny.taesd_half(header)
     if half is not None:
         return _open_taesd_files(path, header, data_bytes, half)
+    shapes = {k: _entry_shape(path, k, v, data_bytes) for k, v in header.items()}
+    layout = vae_families.layout_of_original(shapes, path)
+    if layout is not None:
+        return _import_vae(path, header, shapes, layout, "ldm", "")
     prefix = ""
     if vae_files.naming_of(header) is None and any(
         k.startswith(vae_files.FULL_CHECKPOINT_PREFIX) for k in header

@@ -1,6 +1,10 @@
 """The building blocks that block specs (aecli.config) turn into.
 
 Each block is a small nn.Module that receives its parts; shapes are inferred by the builder.
+Everything about a block lives with it: its forward, its FLOPs (`flops`), how exact tiling runs
+it (`halo`, `path()` and `shortcut`, or `tile(t)`: see aecli.tiling.exact) and its tensors'
+names in the layouts of released VAEs (`NAMES`). Each diffusion-VAE family's own blocks are in
+a module of their own (aecli.models.dc, .wan, .hunyuan).
 """
 
 from __future__ import annotations
@@ -96,8 +100,33 @@ class Crop(torch.autograd.Function):
         return F.pad(grad, ctx.pads), None, None
 
 
-class ResBlock(nn.Module):
-    """Residual block of latent diffusion's autoencoder (Rombach et al. 2022, ResnetBlock)."""
+class Residual(nn.Module):
+    """A residual block: `shortcut(x)` plus x through the modules of `path()`, in order. Its
+    forward and its exact tiling (aecli.tiling.exact) both walk `path()`, so the block is
+    written once."""
+
+    shortcut: nn.Module
+
+    def path(self) -> tuple[nn.Module, ...]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for step in self.path():
+            h = step(h)
+        return self.shortcut(x) + h
+
+
+class ResBlock(Residual):
+    """Residual block of latent diffusion's autoencoder (Rombach et al. 2022, ResnetBlock):
+    (GroupNorm, activation, 3x3 convolution) twice, plus the input (through a 1x1 convolution
+    where the widths differ)."""
+
+    # its tensors under aecli's, diffusers' and latent diffusion's names
+    NAMES = (
+        *((f"{n}.", f"{n}.", f"{n}.") for n in ("norm1", "conv1", "norm2", "conv2")),
+        ("shortcut.", "conv_shortcut.", "nin_shortcut."),  # where the widths differ
+    )
 
     def __init__(self, channels: int, out: int, groups: int, act: str, dropout: float):
         super().__init__()
@@ -109,10 +138,13 @@ class ResBlock(nn.Module):
         self.act = activation(act)
         self.shortcut = nn.Conv2d(channels, out, 1) if channels != out else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
-        return self.shortcut(x) + h
+    def path(self) -> tuple[nn.Module, ...]:
+        return (self.norm1, self.act, self.conv1, self.norm2, self.act, self.dropout, self.conv2)
+
+    @staticmethod
+    def flops(channels: int, out: int, pixels: int) -> int:
+        shortcut = 2 * channels * out * pixels if channels != out else 0
+        return 2 * 9 * pixels * (channels * out + out * out) + shortcut
 
 
 class TinyBlock(nn.Module):
@@ -164,7 +196,18 @@ class SoftClamp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all positions, as in latent diffusion's AttnBlock."""
+    """Single-head self-attention over all positions, as in latent diffusion's AttnBlock.
+    Exact tiling runs it over the whole tensor (aecli.tiling.exact)."""
+
+    # its tensors under aecli's, diffusers' and latent diffusion's names (diffusers stores the
+    # projections as (C, C) matrices)
+    NAMES = (
+        ("norm.", "group_norm.", "norm."),
+        ("q.", "to_q.", "q."),
+        ("k.", "to_k.", "k."),
+        ("v.", "to_v.", "v."),
+        ("proj.", "to_out.0.", "proj_out."),
+    )
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -176,6 +219,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.attend(self.norm(x))
+
+    @staticmethod
+    def flops(channels: int, positions: int) -> int:
+        # q, k, v and the projection (1x1 convolutions), then q.k^T and its product with v
+        return 4 * 2 * channels * channels * positions + 2 * 2 * positions * positions * channels
 
     def attend(self, y: torch.Tensor) -> torch.Tensor:
         """The residual branch, from the normalised input."""

@@ -110,18 +110,6 @@ def _conv_transpose_flops(spec: ConvTransposeSpec, shape: Shape, _out: Shape) ->
     return 2 * shape[0] * spec.out * spec.kernel**2 * math.prod(shape[1:])
 
 
-def _resblock_flops(_spec: ResBlockSpec, shape: Shape, out: Shape) -> int:
-    c, o, pixels = shape[0], out[0], math.prod(shape[1:])
-    shortcut = 2 * c * o * pixels if c != o else 0
-    return 2 * 9 * pixels * (c * o + o * o) + shortcut
-
-
-def _attention_flops(_spec: AttentionSpec, shape: Shape, _out: Shape) -> int:
-    c, positions = shape[0], math.prod(shape[1:])
-    # q, k, v and the projection (1x1 convolutions), then q.k^T and its product with v
-    return 4 * 2 * c * c * positions + 2 * 2 * positions * positions * c
-
-
 # -- the rest ------------------------------------------------------------------------------
 
 
@@ -142,7 +130,23 @@ def _reshape(spec: ReshapeSpec, shape: Shape) -> nn.Module:
     return blocks.Reshape(spec.shape)
 
 
+# -- DC-AE (AutoencoderDC): blocks in aecli.models.dc ---------------------------------------
+
+DC_BLOCKS: dict[str, BlockType] = {}
+
+# -- Wan 2.1 / 2.2 and Qwen-Image: blocks in aecli.models.wan --------------------------------
+
+WAN_BLOCKS: dict[str, BlockType] = {}
+
+# -- HunyuanImage 2.1: blocks in aecli.models.hunyuan -----------------------------------------
+
+HUNYUAN_BLOCKS: dict[str, BlockType] = {}
+
+
 BLOCKS: dict[str, BlockType] = {
+    **DC_BLOCKS,
+    **WAN_BLOCKS,
+    **HUNYUAN_BLOCKS,
     "conv": BlockType(ConvSpec, _conv, _conv_shape, flops=_conv_flops),
     "conv_transpose": BlockType(
         ConvTransposeSpec, _conv_transpose, _conv_transpose_shape, flops=_conv_transpose_flops
@@ -151,7 +155,7 @@ BLOCKS: dict[str, BlockType] = {
         ResBlockSpec,
         lambda s, shape: blocks.ResBlock(shape[0], s.out or shape[0], s.groups, s.act, s.dropout),
         lambda s, shape: (s.out or shape[0], *shape[1:]),
-        flops=_resblock_flops,
+        flops=lambda s, shape, out: blocks.ResBlock.flops(shape[0], out[0], math.prod(out[1:])),
     ),
     "tinyblock": BlockType(
         TinyBlockSpec,
@@ -164,7 +168,7 @@ BLOCKS: dict[str, BlockType] = {
         AttentionSpec,
         lambda s, shape: blocks.Attention(shape[0], s.groups),
         _same,
-        flops=_attention_flops,
+        flops=lambda s, shape, _out: blocks.Attention.flops(shape[0], math.prod(shape[1:])),
     ),
     "norm": BlockType(NormSpec, lambda s, shape: blocks.norm(s.kind, shape[0], s.groups), _same),
     "act": BlockType(ActSpec, lambda s, _: blocks.activation(s.fn), _same, needs_image=False),

@@ -15,10 +15,20 @@ Two things make tiles differ from the whole, and both are removed here:
   depends on, so the halo is the stage's receptive field, a few pixels, and the core's outputs
   equal the untiled ones. Zero padding is applied only at the image's own borders.
 
-A block that declares its `halo` (blocks.TinyBlock, blocks.SoftClamp: no norms, its outputs
-depend on the input within that many pixels) is tiled by its own forward on the core plus the
-halo (`Local`), so its forward is written once; one with a halo is a stage of its own, so that
-the halos of a model made of such blocks do not add up.
+A block says how it tiles where it is written (aecli.models.blocks and each family's blocks),
+beside its forward, in one of three ways:
+
+- `halo` (blocks.TinyBlock, blocks.SoftClamp: no norms, its outputs depend on the input within
+  that many pixels): its own forward runs on the core plus the halo (`Local`), so its forward
+  is written once; one with a halo is a stage of its own, so that the halos of a model made of
+  such blocks do not add up.
+- `path()` and `shortcut` (blocks.Residual: latent diffusion's ResBlock and every residual
+  block built the same way): forward and tiling both walk the same list of modules.
+- `tile(t)`: the block tells the plan builder `t` its steps with the verbs `t.park()`,
+  `t.module(m)`, `t.local(op)`, `t.norm(m)`, `t.add(source, *shortcut)`, `t.whole(fn)` and
+  `t.gather(name, make)` (statistics other than a GroupNorm's gathered over the whole tensor:
+  a linear attention's sums), with the operations of this module (`Conv.of`, `Pointwise`,
+  `PixelShuffle`, `PixelUnshuffle`, `Upsample`, `Uses`).
 
 Self-attention runs over the whole tensor at once (it sits at the latent's resolution, 64
 times fewer positions than pixels in an f8 model) with scaled_dot_product_attention, whose
@@ -87,7 +97,9 @@ class Pointwise(Op):
 
 class Conv(Op):
     """nn.Conv2d, its zero padding applied where the whole input ends (TensorFlow `same`
-    padding computed from the whole input's size)."""
+    padding computed from the whole input's size). `Conv.of` takes the weights and the padding
+    (before, after) of each axis directly: a causal 3-D convolution's last time slice, an
+    asymmetric padding."""
 
     def __init__(self, conv: nn.Conv2d, tf_same: bool = False):
         if conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1):
@@ -97,11 +109,31 @@ class Conv(Op):
         self.conv, self.tf_same = conv, tf_same
         self.kernel, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.zoom = Fraction(1, self.stride[0])
+        self.pads = tuple((p, p) for p in conv.padding)
+
+    @classmethod
+    def of(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: int = 1,
+        pads: tuple[tuple[int, int], tuple[int, int]] | int = 0,
+        groups: int = 1,
+    ) -> Conv:
+        """A 2-D convolution of `weight` (O, I / groups, kh, kw) with `pads` ((top, bottom),
+        (left, right)), or one number for every side, as zeros where the whole input ends."""
+        op = cls.__new__(cls)
+        op.conv = _Weights(weight, bias, (stride, stride), groups)
+        op.tf_same = False
+        op.kernel, op.stride = tuple(weight.shape[-2:]), (stride, stride)
+        op.zoom = Fraction(1, stride)
+        op.pads = ((pads, pads), (pads, pads)) if isinstance(pads, int) else tuple(pads)
+        return op
 
     def _pads(self, n: int, axis: int) -> tuple[int, int]:
         if self.tf_same:
             return blocks.same_padding(n, self.kernel[axis], self.stride[axis])
-        return self.conv.padding[axis], self.conv.padding[axis]
+        return self.pads[axis]
 
     def size(self, n, axis):
         before, after = self._pads(n, axis)
@@ -126,6 +158,67 @@ class Conv(Op):
             x = F.pad(x, (cols[0], cols[1], rows[0], rows[1]))
         conv = self.conv
         return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, 1, conv.groups)
+
+
+@dataclass
+class _Weights:
+    """What Conv.run reads of an nn.Conv2d, for a convolution given by its tensors."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, int]
+    groups: int
+
+
+class PixelUnshuffle(Op):
+    """F.pixel_unshuffle by `factor`: each output pixel from a factor x factor input patch."""
+
+    def __init__(self, factor: int):
+        self.factor = factor
+        self.zoom = Fraction(1, factor)
+
+    def size(self, n, axis):
+        if n % self.factor:
+            raise NotTileable(f"a pixel unshuffle by {self.factor} of {n} pixels")
+        return n // self.factor
+
+    def need(self, a, b, n, axis):
+        return a * self.factor, b * self.factor
+
+    def run(self, x, rows, cols, context):
+        return F.pixel_unshuffle(x, self.factor)
+
+
+class PixelShuffle(Op):
+    """F.pixel_shuffle by `factor`: each output pixel from one input pixel's channels."""
+
+    def __init__(self, factor: int):
+        self.factor = factor
+        self.zoom = Fraction(factor)
+
+    def size(self, n, axis):
+        return n * self.factor
+
+    def need(self, a, b, n, axis):
+        f = self.factor
+        return a // f, (b - 1) // f + 1
+
+    def params(self, lo, hi, a, b, n, axis):
+        return a - lo * self.factor, b - lo * self.factor
+
+    def run(self, x, rows, cols, context):
+        return F.pixel_shuffle(x, self.factor)[..., rows[0] : rows[1], cols[0] : cols[1]]
+
+
+class Uses(Op):
+    """A pixel-by-pixel step that also reads statistics gathered over a whole parked tensor
+    (`t.gather`): fn(x, reducer) with the reducer `name` of tensor `source`."""
+
+    def __init__(self, fn: Callable, source: int, name: str):
+        self.fn, self.source, self.name = fn, source, name
+
+    def run(self, x, rows, cols, context):
+        return self.fn(x, context["stats"][self.source][self.name])
 
 
 class ConvTranspose(Op):
@@ -220,7 +313,7 @@ class Norm(Op):
         self.bias = getattr(module, "bias", None)
 
     def run(self, x, rows, cols, context):
-        mean, var = context["stats"][self.source].groups(self.groups or x.shape[1])
+        mean, var = context["stats"][self.source]["moments"].groups(self.groups or x.shape[1])
         return normalise(x, mean, var, self.eps, self.weight, self.bias)
 
 
@@ -238,8 +331,8 @@ def normalise(x, mean, var, eps, weight, bias) -> torch.Tensor:
 
 @dataclass
 class Add(Op):
-    """The residual sum: the current tensor plus `ops` (a shortcut: 1x1 convolution or none)
-    applied to the parked tensor `source`."""
+    """The residual sum: the current tensor plus `ops` (a shortcut: a 1x1 convolution, a pixel
+    (un)shuffle and channel averaging, or none) applied to the parked tensor `source`."""
 
     source: int
     ops: list[Op] = field(default_factory=list)
@@ -250,7 +343,9 @@ class Add(Op):
 
 class Moments:
     """Per-channel count, mean and sum of squared deviations of a whole tensor, merged from
-    its tiles' cores (Chan et al.'s parallel update, in float64)."""
+    its tiles' cores (Chan et al.'s parallel update, in float64). A reducer: `add` takes a
+    batch of whole cores (every pixel of the tensor once, over all calls); other reducers
+    (`t.gather`) do the same."""
 
     def __init__(self):
         self.count = 0
@@ -298,14 +393,18 @@ class Stage:
     source: int  # the parked tensor it reads
     out: int  # the parked tensor it writes
     ops: list[Op] = field(default_factory=list)
-    attention: blocks.Attention | None = None  # a stage of whole-tensor attention instead
+    # a stage that runs a function over the whole tensor instead: self-attention
+    # (blocks.Attention, with its per-tile fallback), or a block's `t.whole(fn)`
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
 class Plan:
     stages: list[Stage]
     zooms: dict[int, Fraction]  # each tensor's pixels per image pixel
-    stats: set[int]  # the tensors whose moments a GroupNorm needs
+    # the reducers each parked tensor's statistics need: {tensor: {name: make a reducer}}
+    # (`moments` for a GroupNorm)
+    stats: dict[int, dict[str, Callable[[], object]]]
     result: int
 
 
@@ -316,10 +415,12 @@ class _Builder:
         self.source = 0
         self.zooms = {0: zoom}
         self.zoom = zoom  # of the current (unparked) tensor
-        self.stats: set[int] = set()
+        self.stats: dict[int, dict[str, Callable[[], object]]] = {}
+
+    # -- the verbs of a block's `tile(t)` --
 
     def park(self) -> int:
-        """The current tensor, parked: the stage so far closed."""
+        """The current tensor, parked (the stage so far closed): its index, for `add`."""
         if self.ops:
             out = len(self.zooms)
             self.stages.append(Stage(self.source, out, self.ops))
@@ -328,37 +429,65 @@ class _Builder:
         return self.source
 
     def local(self, op: Op) -> None:
+        """A step whose outputs depend on the input near them (an Op of this module)."""
         self.ops.append(op)
         self.zoom *= op.zoom
 
-    def norm(self, module: nn.Module) -> None:
+    def gather(self, name: str, make: Callable[[], object]) -> int:
+        """Park the current tensor and gather the reducer `make()` over all of it (as a
+        GroupNorm's moments): a later `Uses(fn, source, name)` step reads it. The index of the
+        parked tensor."""
         source = self.park()
-        self.stats.add(source)
+        self.stats.setdefault(source, {})[name] = make
+        return source
+
+    def norm(self, module: nn.Module) -> None:
+        """A GroupNorm (or InstanceNorm) with the whole tensor's statistics."""
+        source = self.gather("moments", Moments)
         self.ops.append(Norm(module, source))
 
-    def attention(self, module: blocks.Attention) -> None:
+    def add(self, source: int, *shortcut: nn.Module | Op) -> None:
+        """The current tensor plus the parked tensor `source` through `shortcut` (modules or
+        Ops with local geometry: a 1x1 convolution, a pixel (un)shuffle, channel averaging;
+        none for the identity)."""
+        ops = []
+        for part in shortcut:
+            if isinstance(part, Op):
+                ops.append(part)
+                continue
+            side = _Builder(self.zooms[source])
+            side.module(part)
+            if side.stages:
+                raise NotTileable(f"a shortcut through a {type(part).__name__} (a norm)")
+            ops += side.ops
+        self.local(Add(source, ops))
+
+    def whole(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """A stage that runs fn on the whole tensor at once, on the device (softmax attention
+        over every position: it sits at the latent's resolution)."""
         source = self.park()
-        self.stats.add(source)  # for the per-tile fallback
         out = len(self.zooms)
-        self.stages.append(Stage(source, out, attention=module))
+        self.stages.append(Stage(source, out, whole=fn))
         self.zooms[out] = self.zoom
         self.source = out
 
+    def attention(self, module: blocks.Attention) -> None:
+        source = self.park()
+        self.stats.setdefault(source, {})["moments"] = Moments  # for the per-tile fallback
+        self.whole(module)
+
     def module(self, module: nn.Module | Callable) -> None:
+        """Any module (or a function of one tensor applied pixel by pixel)."""
         if isinstance(module, nn.Sequential):
             for child in module:
                 self.module(child)
-        elif isinstance(module, blocks.ResBlock):
+        elif callable(getattr(module, "tile", None)):
+            module.tile(self)
+        elif isinstance(module, blocks.Residual):
             skip = self.park()
-            self.norm(module.norm1)
-            self.local(Pointwise(module.act))
-            self.local(Conv(module.conv1))
-            self.norm(module.norm2)
-            self.local(Pointwise(module.act))
-            self.local(Pointwise(module.dropout))
-            self.local(Conv(module.conv2))
-            shortcut = module.shortcut
-            self.local(Add(skip, [Conv(shortcut)] if isinstance(shortcut, nn.Conv2d) else []))
+            for step in module.path():
+                self.module(step)
+            self.add(skip, module.shortcut)
         elif isinstance(module, blocks.ConvBlock | blocks.ConvTransposeBlock):
             if isinstance(module, blocks.ConvBlock):
                 self.local(Conv(module.conv, module.tf_same))
@@ -419,7 +548,7 @@ def context(stages: Plan, length: int = 4096) -> int:
     what each tile computes beyond its own pixels."""
     widest = 0
     for stage in stages.stages:
-        if stage.attention is not None:  # whole-tensor, not tiled
+        if stage.whole is not None:  # whole-tensor, not tiled
             continue
         n = max(1, int(length * stages.zooms[stage.source]))
         lengths, sides = [], {}
@@ -551,10 +680,11 @@ class Runner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         tensors: dict[int, torch.Tensor] = {0: x}
-        stats: dict[int, Moments] = {}
+        stats: dict[int, dict[str, object]] = {}
         if 0 in self.plan.stats:
-            stats[0] = Moments()
-            stats[0].add(x)
+            stats[0] = {name: make() for name, make in self.plan.stats[0].items()}
+            for reducer in stats[0].values():
+                reducer.add(x)
         last = {}
         for index, stage in enumerate(self.plan.stages):
             last[stage.source] = index
@@ -562,22 +692,23 @@ class Runner:
                 if isinstance(op, Add):
                     last[op.source] = index
         for index, stage in enumerate(self.plan.stages):
-            moments = Moments() if stage.out in self.plan.stats else None
-            if moments is not None:
-                stats[stage.out] = moments
-            if stage.attention is not None:
-                out = self._attention(stage, tensors[stage.source], stats[stage.source])
-                if moments is not None:
-                    moments.add(out)
+            makers = self.plan.stats.get(stage.out, {})
+            reducers = [make() for make in makers.values()]
+            if reducers:
+                stats[stage.out] = dict(zip(makers, reducers, strict=True))
+            if stage.whole is not None:
+                out = self._whole(stage, tensors[stage.source], stats.get(stage.source, {}))
+                for reducer in reducers:
+                    reducer.add(out)
                 tensors[stage.out] = self.parking.store(out, self.memory_format)
             else:
-                tensors[stage.out] = self._stage(stage, tensors, stats, moments)
+                tensors[stage.out] = self._stage(stage, tensors, stats, reducers)
             for name in [n for n, i in last.items() if i == index and n != self.plan.result]:
                 self.parking.release(tensors.pop(name, None))
                 stats.pop(name, None)
         return tensors[self.plan.result].to(self.device)
 
-    def _stage(self, stage: Stage, tensors: dict, stats: dict, moments: Moments | None):
+    def _stage(self, stage: Stage, tensors: dict, stats: dict, reducers: list):
         source = tensors[stage.source]
         lengths: list[tuple[int, int]] = []
         sides: dict[int, list] = {}
@@ -611,8 +742,8 @@ class Runner:
                 for j, tile in enumerate(chunk):
                     y0, y1, x0, x1 = tile.core
                     out[:, :, y0:y1, x0:x1] = y[j : j + 1]
-                if moments is not None:
-                    moments.add(y)  # a batch holds whole cores: their pixels, once each
+                for reducer in reducers:
+                    reducer.add(y)  # a batch holds whole cores: their pixels, once each
         return out
 
     def _tile(self, stage: Stage, lengths, sides, rows, cols) -> Tile:
@@ -653,10 +784,12 @@ class Runner:
                 x = op.run(x, rows[i][:-1], cols[i][:-1], context)
         return x
 
-    def _attention(self, stage: Stage, x: torch.Tensor, moments: Moments) -> torch.Tensor:
-        """The attention block over the whole tensor; per tile, approximately, where even
-        that would not fit."""
-        module = stage.attention
+    def _whole(self, stage: Stage, x: torch.Tensor, stats: dict) -> torch.Tensor:
+        """A whole-tensor stage: an attention block over the whole tensor (per tile,
+        approximately, where even that would not fit), or a block's function."""
+        module = stage.whole
+        if not isinstance(module, blocks.Attention):
+            return module(x.to(self.device).contiguous(memory_format=self.memory_format))
         c, h, w = x.shape[1:]
         # the input, its normalised copy, q, k, v, the attention's output and the projection
         need = 7 * c * h * w * 4
@@ -666,7 +799,7 @@ class Runner:
             f"warning: attention over a {h}x{w} latent would need about {need / 1e9:.1f} GB on "
             f"{self.device}: running it tile by tile instead, so the result is approximate"
         )
-        mean, var = moments.groups(module.norm.num_groups)
+        mean, var = stats["moments"].groups(module.norm.num_groups)
         core = max(1, int(self.tile * self.plan.zooms[stage.source]))
         out = torch.empty_like(x)
         norm = module.norm
