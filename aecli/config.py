@@ -302,14 +302,21 @@ class LatentConfig(Strict):
         description="a 1x1 convolution (spatial) or linear layer (vector) from the encoder's "
         "output to the latent; false: the encoder's output is the latent (SD3 / FLUX VAEs)",
     )
-    scaling_factor: float = Field(
+    scaling_factor: (
+        Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+        | list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]]
+    ) = Field(
         1.0,
-        gt=0.0,
-        allow_inf_nan=False,
-        description="encode --scaled writes (z - shift_factor) * scaling_factor",
+        description="encode --scaled writes (z - shift_factor) * scaling_factor: one number, "
+        "or one per latent channel (Wan, Qwen-Image: 1 / latents_std)",
     )
-    shift_factor: float = Field(
-        0.0, allow_inf_nan=False, description="subtracted before scaling_factor (FLUX, SD3)"
+    shift_factor: (
+        Annotated[float, Field(allow_inf_nan=False)]
+        | list[Annotated[float, Field(allow_inf_nan=False)]]
+    ) = Field(
+        0.0,
+        description="subtracted before scaling_factor (FLUX, SD3): one number, or one per latent "
+        "channel (Wan, Qwen-Image: latents_mean)",
     )
     statistics: LatentStatistics | None = Field(
         None,
@@ -327,6 +334,12 @@ class LatentConfig(Strict):
             raise ValueError("latent.act needs latent.head (the activation follows it)")
         if self.statistics is not None and self.channels is None:
             raise ValueError("latent.statistics needs a spatial latent (latent.channels)")
+        for key in ("scaling_factor", "shift_factor"):
+            value = getattr(self, key)
+            if isinstance(value, list) and len(value) != self.channels:
+                raise ValueError(
+                    f"latent.{key}: {len(value)} numbers for {self.channels or 0} latent channels"
+                )
         return self
 
     @property

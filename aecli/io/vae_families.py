@@ -53,7 +53,12 @@ class Convention:
         aecli's names: a state dict, or the tensors of a weights file)."""
         stats = latent.statistics
         if self.kind != "batchnorm" or stats is None or state is None:
-            return LatentScaling(latent.scaling_factor, latent.shift_factor)
+            return LatentScaling(
+                *(
+                    tuple(f) if isinstance(f, list) else f
+                    for f in (latent.scaling_factor, latent.shift_factor)
+                )
+            )
         # as FLUX.2's pipelines: std = sqrt(running_var + eps), in float64 here
         mean = state["latent_norm.running_mean"].detach().to("cpu", torch.float64)
         var = state["latent_norm.running_var"].detach().to("cpu", torch.float64)
