@@ -256,10 +256,6 @@ def test_export_loads_back_in_diffusers(tmp_path, cli):
         if not key.startswith("_"):
             plain = list(value) if isinstance(value, tuple) else value
             assert again.config[key] == plain, key
-    result = cli("export", tmp_path / "vae", "-o", tmp_path / "f.safetensors", "--format",
-                 "single-file")  # fmt: skip
-    assert result.exit_code == 2
-    assert "aecli writes AutoencoderKLFlux2" in result.stderr
 
 
 def test_init_fine_tunes_the_decoder_and_keeps_the_statistics(tmp_path, flux2, cli):
@@ -330,3 +326,53 @@ def test_the_scaling_round_trips_on_its_own():
     assert LatentScaling.from_record(json.loads(json.dumps(scaling.record()))) == scaling
     with pytest.raises(UsageError, match="2x2 patches"):
         scaling.apply(torch.randn(1, 3, 5, 6))
+
+
+def test_flux2s_own_file_is_read_and_written(tmp_path, cli):
+    """FLUX.2's own ae.safetensors layout (black-forest-labs/flux2: latent diffusion's names,
+    the latent's 1x1 convolutions inside the encoder and decoder, the BatchNorm as bn.*) is
+    written by export --format single-file and recognised from its keys with no config.json:
+    diffusers' own latent-diffusion conversion reads it back to the model's tensors, and aecli
+    encodes from it as diffusers does. The released layout: 32 groups, so widths of 32."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    vae = make_flux2(
+        block_out_channels=(32, 32, 64, 64),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        norm_num_groups=32,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "ae.safetensors"
+    result = cli("export", tmp_path / "vae", "-o", out, "--format", "single-file")
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    for key in ("encoder.quant_conv.weight", "decoder.post_quant_conv.weight", "bn.running_var"):
+        assert key in written, key
+    # diffusers' latent-diffusion conversion, once the 1x1 convolutions are where it looks
+    moved = {
+        k.replace("encoder.quant_conv.", "quant_conv.").replace(
+            "decoder.post_quant_conv.", "post_quant_conv."
+        ): t
+        for k, t in written.items()
+    }
+    converted = convert_ldm_vae_checkpoint(moved, dict(vae.config))
+    reference = vae.state_dict()
+    assert set(reference) - set(converted) == {k for k in reference if k.startswith("bn.")}
+    for key, tensor in converted.items():
+        assert torch.equal(tensor.reshape(reference[key].shape), reference[key]), key
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(written[f"bn.{key}"], reference[f"bn.{key}"]), key
+    model, info = load_weights(out)
+    assert info.preset == "AutoencoderKLFlux2 (ldm keys)"
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.mode()
+        got = model.encode(x).mode()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # a BatchNorm of the wrong width names the tensor and the family
+    written["bn.running_mean"] = written["bn.running_mean"][:-1]
+    save_file(written, tmp_path / "bad.safetensors")
+    with pytest.raises(
+        WeightsError, match=r"bn.running_mean has shape \[31\].*AutoencoderKLFlux2"
+    ):
+        load_weights(tmp_path / "bad.safetensors")

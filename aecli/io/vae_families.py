@@ -123,7 +123,8 @@ FAMILIES: dict[str, Family] = {
         read_config=vae_flux2.layout_from_diffusers_config,
         of_config=vae_flux2.layout_of_config,
         block_types=frozenset(),  # AutoencoderKL's blocks; its statistics tell it apart
-        single_file=False,
+        single_file=True,  # FLUX.2's own ae.safetensors layout
+        read_original=vae_flux2.layout_from_original,
     ),
     # -- AutoencoderDC (DC-AE, SANA): aecli.io.vae_dc
     # -- AutoencoderKLQwenImage and AutoencoderKLWan: aecli.io.vae_wan

@@ -10,7 +10,7 @@ weights, and the family's latent convention (`vae_families`) reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,9 +20,13 @@ from aecli.io import vae_files
 from aecli.io.vae_files import KLLayout, TensorName, finite_number, whole_number
 
 FAMILY = "AutoencoderKLFlux2"
-# AutoencoderKLFlux2.bn's buffers, under aecli's and diffusers' names (no latent diffusion name:
-# FLUX.2's own file is not read yet)
+# AutoencoderKLFlux2.bn's buffers, under the same names in aecli (after `latent_norm.`),
+# diffusers and FLUX.2's own file (after `bn.`)
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+# FLUX.2's own file (black-forest-labs/flux2, src/flux2/autoencoder.py: ae.safetensors) names its
+# tensors as latent diffusion does, except that the latent's 1x1 convolutions belong to the
+# encoder and decoder
+ORIGINAL = {"quant_conv.": "encoder.quant_conv.", "post_quant_conv.": "decoder.post_quant_conv."}
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,14 @@ class Flux2Layout:
         }
 
     def names(self) -> list[TensorName]:
-        """Every tensor: AutoencoderKL's, then the BatchNorm's buffers."""
-        found = self.kl.names()
+        """Every tensor: AutoencoderKL's, then the BatchNorm's buffers; as `ldm`, the name in
+        FLUX.2's own file."""
+        found = []
+        for name in self.kl.names():
+            prefix = next((p for p in ORIGINAL if name.ldm.startswith(p)), None)
+            if prefix is not None:
+                name = replace(name, ldm=ORIGINAL[prefix] + name.ldm[len(prefix) :])
+            found.append(name)
         for buffer in STATISTICS:
             found.append(TensorName(f"latent_norm.{buffer}", f"bn.{buffer}", f"bn.{buffer}"))
         return found
@@ -130,3 +140,40 @@ def layout_of_config(config: Config) -> tuple[Flux2Layout | None, str]:
     if kl is None:
         return None, why.replace("AutoencoderKL", FAMILY)
     return Flux2Layout(kl, stats.patch, stats.eps, stats.momentum), ""
+
+
+def layout_from_original(shapes: dict[str, tuple[int, ...]], path: Path) -> Flux2Layout | None:
+    """The layout of FLUX.2's own VAE file (latent diffusion's names, the latent's 1x1
+    convolutions inside the encoder and decoder, and `bn.*`: the BatchNorm over the 2x2-patched
+    latent, eps 1e-4 and momentum 0.1 as FLUX.2's AutoEncoder sets them), from its tensors'
+    shapes; None for a file that is not one."""
+    if "bn.running_mean" not in shapes or vae_files.naming_of(shapes) != "ldm":
+        return None
+    renamed = dict(shapes)
+    for plain, inside in ORIGINAL.items():
+        for param in ("weight", "bias"):
+            if inside + param in renamed:
+                renamed[plain + param] = renamed.pop(inside + param)
+    kl = vae_files.layout_from_shapes(renamed, "ldm", path)
+    # the decoder's own widths (FLUX.2's smaller decoder): each level's last residual block's
+    decoder = []
+    for level in range(len(kl.block_out_channels)):
+        key = f"decoder.up.{level}.block.{kl.layers_per_block}.conv2.weight"
+        decoder.append(shapes.get(key, (0,))[0])
+    smaller = None if tuple(decoder) == kl.block_out_channels else tuple(decoder)
+    kl = KLLayout(
+        **{
+            **kl.__dict__,
+            "scaling_factor": 1.0,
+            "shift_factor": 0.0,
+            "decoder_block_out_channels": smaller,
+        }
+    )
+    channels = shapes["bn.running_mean"]
+    if len(channels) != 1 or channels[0] != 4 * kl.latent_channels:
+        raise WeightsError(
+            f"tensor bn.running_mean has shape {list(channels)}, FLUX.2's VAE ({FAMILY}) needs "
+            f"[{4 * kl.latent_channels}] (its {kl.latent_channels}-channel latent in 2x2 patches)",
+            path=path,
+        )
+    return Flux2Layout(kl)
