@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -305,3 +306,37 @@ def test_a_taesd_file_without_its_other_half_is_one_line(tmp_path, cli):
     result = cli("info", encoder)
     assert result.exit_code == 2
     assert "missing tensor encoder.1.conv.2.bias for its AutoencoderTiny layout" in result.stderr
+
+
+def test_taesd_pth_files_are_read_without_running_code(tmp_path, cli):
+    """TAESD's released .pth files load through torch.load(weights_only=True): equal to the
+    .safetensors pair. A .pth whose pickle would call a function, or one that is not TAESD's,
+    is refused in one line, and the function never runs."""
+    vae = make_tiny()
+    paths = taesd_files(vae, tmp_path / "st")
+    for path in paths:
+        torch.save(load_file(path), tmp_path / path.with_suffix(".pth").name)
+    from_pth, info = load_weights(tmp_path / "taesd_decoder.pth")
+    from_st, _ = load_weights(paths[0])
+    assert info.preset == "AutoencoderTiny (taesd keys)"
+    for key, tensor in from_st.state_dict().items():
+        assert torch.equal(from_pth.state_dict()[key], tensor), key
+    result = cli("info", tmp_path / "taesd_encoder.pth")
+    assert result.exit_code == 0, result.output
+    assert "AutoencoderTiny" in result.stdout
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"0.weight": Payload()}, tmp_path / "evil_encoder.pth")
+    result = cli("info", tmp_path / "evil_encoder.pth")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "not a weights-only torch file" in result.stderr
+    assert not marker.exists()
+    torch.save({"layer.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    result = cli("info", tmp_path / "other.pth")
+    assert result.exit_code == 2
+    assert "not one of TAESD's encoder or decoder files" in result.stderr

@@ -287,6 +287,8 @@ def _count(specs: list) -> tuple[tuple[int, ...], tuple[int, ...]]:
 # the keys of TAESD's nn.Sequential encoder or decoder: a convolution's, or a Block's
 _TAESD_KEY = re.compile(r"(\d+)\.(weight|bias|conv\.[024]\.(?:weight|bias)|skip\.weight)")
 HALVES = ("encoder", "decoder")
+# TAESD's releases as torch.save files, read through torch.load(weights_only=True)
+TORCH_SUFFIXES = (".pth",)
 
 
 def taesd_half(keys) -> str | None:

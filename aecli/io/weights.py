@@ -185,6 +185,8 @@ def _open(path: str | Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
         if diffusers or not (path / "model.safetensors").is_file():
             return _open_diffusers_folder(path)
         path = path / "model.safetensors"  # a run directory: its weights
+    if path.suffix.lower() in vae_tiny.TORCH_SUFFIXES:
+        return _open_taesd_torch_files(path)
     if path.suffix.lower() in vae_files.PICKLE_SUFFIXES:
         raise WeightsError(
             f"a {path.suffix} file is a Python pickle, which can run code when loaded; aecli "
@@ -336,6 +338,64 @@ def _open_taesd_files(
     return _import_vae(path, combined, shapes, layout, "taesd", "", sources)
 
 
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32"}  # fmt: skip
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a torch.save file, through torch.load(weights_only=True): its restricted
+    unpickler builds tensors and plain containers only and runs no code from the file; the
+    storages are mapped, not read, until used."""
+    if not path.is_file():
+        raise WeightsError("file not found", path=path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the unpickler's refusals and a damaged zip alike
+        raise WeightsError(
+            f"not a weights-only torch file ({first_line(exc)[:160]}); aecli reads .pth files "
+            "through torch.load(weights_only=True) only",
+            path=path,
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise WeightsError("a torch file that is not a dictionary of named tensors", path=path)
+    return state
+
+
+def _open_taesd_torch_files(path: Path) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """TAESD's own .pth files (taesd_encoder.pth and taesd_decoder.pth, as released), read
+    with torch.load(weights_only=True); other .pth files are refused."""
+    state = _load_torch_file(path)
+    half = vae_tiny.taesd_half(state)
+    if half is None:
+        raise WeightsError(
+            "a .pth file that is not one of TAESD's encoder or decoder files; aecli reads other "
+            "weights as .safetensors only (look for the .safetensors release of this model)",
+            path=path,
+        )
+    other_half = vae_tiny.HALVES[1 - vae_tiny.HALVES.index(half)]
+    other = vae_tiny.partner(path, half)
+    if other == path or not other.is_file():
+        raise WeightsError(
+            f"a TAESD {half} file; aecli reads it with its {other_half}, which should be "
+            f"beside it as {other.name if other != path else f'a {other_half} file'}",
+            path=path,
+        )
+    other_state = _load_torch_file(other)
+    if vae_tiny.taesd_half(other_state) != other_half:
+        raise WeightsError(f"not a TAESD {other_half} file (for {path.name})", path=other)
+    combined = {
+        f"{role}.{k}": t
+        for role, tensors in ((half, state), (other_half, other_state))
+        for k, t in tensors.items()
+    }
+    header = {k: {"dtype": _DTYPE_NAMES.get(t.dtype, str(t.dtype))} for k, t in combined.items()}
+    shapes = {k: tuple(t.shape) for k, t in combined.items()}
+    layout = vae_tiny.layout_from_taesd(shapes, path)
+    return _import_vae(path, header, shapes, layout, "taesd", "", loaded=combined)
+
+
 def _import_vae(
     path: Path,
     header: dict,
@@ -344,6 +404,7 @@ def _import_vae(
     naming: str,
     prefix: str,
     sources: dict[str, Path] | None = None,
+    loaded: dict[str, torch.Tensor] | None = None,
 ) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
     """Check a VAE file's every tensor (header entries and their checked `shapes`, keys
     without `prefix`) against its layout, then read it under aecli's names. `sources`: the
@@ -366,7 +427,12 @@ def _import_vae(
             what = "VAE weights stored as F32, F16 or BF16"
             what = f"{layout.family} counters as I64 or I32" if counter else what
             raise WeightsError(f"tensor {name} is {str(dtype)[:20]}; aecli reads {what}", path=path)
-    if sources is None:
+    if loaded is not None:
+        found = {k: loaded[k] for k in wanted}
+        for name, tensor in found.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
+    elif sources is None:
         raw = _read_tensors(path, [prefix + k for k in wanted])
         found = {k: raw[prefix + k] for k in wanted}
     else:
