@@ -132,19 +132,34 @@ def _type(annotation) -> str:
         text = " or ".join(parts)
         return text + (" or `null`" if type(None) in args else "")
     if origin is typing.Annotated:
-        return _type(args[0])
+        if typing.get_origin(args[0]) in (typing.Union, types.UnionType):
+            return _type(args[0])
+        return _type(args[0]) + _bounds(typing.cast(typing.Any, _Metadata(args[1:])))
     if origin in (list, tuple):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return "[" + ", ".join(_type(a) for a in args) + "]"
         inner = args[0] if args else typing.Any
-        if typing.get_origin(inner) is typing.Annotated:
+        if typing.get_origin(inner) is typing.Annotated and typing.get_origin(
+            typing.get_args(inner)[0]
+        ) in (typing.Union, types.UnionType):
             return "list of blocks (below)"
-        return f"list of {_type(inner)}"
+        words = _type(inner)
+        for one, many in (("number", "numbers"), ("integer", "integers")):
+            if words.startswith(one):
+                words = many + words[len(one) :]
+        return f"list of {words}"
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "section (below)"
     return {int: "integer", float: "number", bool: "`true` or `false`", str: "text"}.get(
         annotation, getattr(annotation, "__name__", str(annotation))
     )
+
+
+class _Metadata:
+    """The constraints of an Annotated type, read as a field's (`_bounds`)."""
+
+    def __init__(self, items):
+        self.metadata = [m for item in items for m in (getattr(item, "metadata", None) or [item])]
 
 
 def _bounds(field) -> str:
