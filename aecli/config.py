@@ -167,20 +167,239 @@ class ReshapeSpec(Strict):
 
 
 # -- DC-AE (AutoencoderDC) blocks: aecli.models.dc ------------------------------------------
+
+DCNorm = Literal["rms", "batch"]
+
+
+class DCResBlockSpec(Strict):
+    """DC-AE's residual block: conv3x3, act, conv3x3 without bias, a norm (RMS over the
+    channels of each pixel, or BatchNorm), plus the input."""
+
+    type: Literal["dc_resblock"]
+    norm: DCNorm = Field("rms", description="the norm after the second convolution")
+    act: Activation = Field("silu", description="activation between the convolutions")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
+
+
+class DCViTSpec(Strict):
+    """DC-AE's EfficientViT block: multi-scale ReLU linear attention, then GLUMBConv (a gated
+    depthwise feed-forward), each with a norm and a residual connection."""
+
+    type: Literal["dc_vit"]
+    head_dim: int = Field(32, gt=0, le=1024, description="channels per attention head")
+    scales: tuple[Annotated[int, Field(gt=0, le=31)], ...] = Field(
+        (), max_length=4, description="kernel sizes (odd) of the multi-scale q, k, v"
+    )
+    norm: DCNorm = Field("rms", description="the norm after the attention")
+    repeat: int = Field(1, gt=0, le=256, description="the block this many times in a row")
+
+
+class DCDownSpec(Strict):
+    """DC-AE's downsampling: conv3x3 to out / 4 channels and a pixel unshuffle, or a strided
+    conv3x3; plus (shortcut) the input pixel-unshuffled and averaged over groups of channels."""
+
+    type: Literal["dc_down"]
+    out: int = Field(gt=0, description="output channels")
+    mode: Literal["pixel_unshuffle", "conv"] = Field(
+        "pixel_unshuffle", description="pixel_unshuffle or a strided convolution (conv)"
+    )
+    shortcut: bool = Field(True, description="add the input, unshuffled and averaged")
+
+
+class DCUpSpec(Strict):
+    """DC-AE's upsampling: conv3x3 to 4 x out channels and a pixel shuffle, or nearest
+    upsampling and conv3x3; plus (shortcut) the input's channels repeated and shuffled."""
+
+    type: Literal["dc_up"]
+    out: int = Field(gt=0, description="output channels")
+    mode: Literal["pixel_shuffle", "interpolate"] = Field(
+        "pixel_shuffle", description="pixel_shuffle or nearest upsampling (interpolate)"
+    )
+    shortcut: bool = Field(True, description="add the input, repeated and shuffled")
+
+
+class DCEncoderOutSpec(Strict):
+    """DC-AE's encoder output: conv3x3 to the latent plus (shortcut) the input averaged over
+    groups of consecutive channels."""
+
+    type: Literal["dc_encoder_out"]
+    out: int = Field(gt=0, description="output channels: a divisor of the input's")
+    shortcut: bool = Field(True, description="add the input, averaged over channel groups")
+
+
+class DCDecoderInSpec(Strict):
+    """DC-AE's decoder input: conv3x3 from the latent plus (shortcut) the latent's channels,
+    each repeated out / latent channels times."""
+
+    type: Literal["dc_decoder_in"]
+    out: int = Field(gt=0, description="output channels: a multiple of the input's")
+    shortcut: bool = Field(True, description="add the input's channels, repeated")
+
+
+class DCRMSNormSpec(Strict):
+    """An RMS norm over the channels of each pixel, with a weight and a bias (DC-AE's)."""
+
+    type: Literal["dc_rms_norm"]
+
+
 # (end of DC-AE blocks)
 
 # -- Wan 2.1 / 2.2 and Qwen-Image (AutoencoderKLWan, AutoencoderKLQwenImage): aecli.models.wan -
+
+
+class WanPatchSpec(Strict):
+    """The image as the Wan / Qwen-Image VAE's encoder takes it: Wan 2.2's patch x patch
+    squares of pixels as channels (patch 1: as it is); `release` names the diffusers class
+    the model is read and written as."""
+
+    type: Literal["wan_patch"]
+    patch: int = Field(1, ge=1, le=8, description="side of the squares that become channels")
+    release: Literal["wan", "qwen-image"] = Field(
+        "wan", description="wan: AutoencoderKLWan; qwen-image: AutoencoderKLQwenImage"
+    )
+
+
+class WanUnpatchSpec(Strict):
+    """Wan 2.2's channels back to patch x patch squares of pixels, after its decoder."""
+
+    type: Literal["wan_unpatch"]
+    patch: int = Field(1, ge=1, le=8, description="side of the squares the channels become")
+
+
+class WanConvSpec(Strict):
+    """Wan's causal 3-D convolution (cubic kernel) on a single frame: its last time slice."""
+
+    type: Literal["wan_conv"]
+    out: int = Field(gt=0, description="output channels")
+    kernel: Literal[1, 3] = Field(3, description="kernel size (1 or 3) in time and space")
+
+
+class WanResBlockSpec(Strict):
+    """Wan's residual block: (RMS norm, SiLU, causal 3x3x3 convolution) x 2 + shortcut."""
+
+    type: Literal["wan_resblock"]
+    out: int | None = Field(
+        None, gt=0, description="output channels (default: the input's); a 1x1x1 shortcut else"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the second conv")
+
+
+class WanAttentionSpec(Strict):
+    """Wan's single-head attention over a frame's pixels, with RMS norm and the input added."""
+
+    type: Literal["wan_attention"]
+
+
+class WanNormSpec(Strict):
+    """Wan's RMS norm of each pixel's channels, with a learned scale per channel."""
+
+    type: Literal["wan_norm"]
+
+
+class WanResampleSpec(Strict):
+    """Wan's 2x resampling: down (pad, stride-2 3x3 conv) or up (nearest, 3x3 conv)."""
+
+    type: Literal["wan_resample"]
+    mode: Literal["down", "up"] = Field(description="down- or upsampling")
+    time: bool = Field(
+        False,
+        description="the video VAE halves or doubles time here: its time convolution's "
+        "weights are kept (a single frame never runs it)",
+    )
+    out: int | None = Field(None, gt=0, description="up: output channels (default: the input's)")
+
+
+class WanDownBlockSpec(Strict):
+    """Wan 2.2's residual down block: residual blocks and a downsampling, plus the input's
+    2x2 squares as channels averaged in groups."""
+
+    type: Literal["wan_down_block"]
+    out: int = Field(gt=0, description="output channels")
+    blocks: int = Field(2, ge=1, le=16, description="residual blocks")
+    down: bool = Field(True, description="downsample 2x (false at the last level)")
+    time: bool = Field(False, description="the video VAE halves time here")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout of its residual blocks")
+
+
+class WanUpBlockSpec(Strict):
+    """Wan 2.2's residual up block: residual blocks and a 2x upsampling, plus the input's
+    channels repeated and moved to 2x2 squares of pixels."""
+
+    type: Literal["wan_up_block"]
+    out: int = Field(gt=0, description="output channels")
+    blocks: int = Field(3, ge=1, le=17, description="residual blocks")
+    time: bool = Field(False, description="the video VAE doubles time here")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout of its residual blocks")
+
+
 # (end of Wan blocks)
 
 # -- HunyuanImage 2.1 (AutoencoderKLHunyuanImage): aecli.models.hunyuan ----------------------
+
+
+class HunyuanDownSpec(Strict):
+    """HunyuanImage 2.1's downsampling: a 3x3 convolution to out / 4 channels and 2x2
+    space-to-channel, plus the input's 2x2 space-to-channel averaged over groups of channels."""
+
+    type: Literal["hunyuan_down"]
+    out: int = Field(
+        gt=0, description="output channels: a multiple of 4 that divides 4x the input's"
+    )
+
+
+class HunyuanUpSpec(Strict):
+    """HunyuanImage 2.1's upsampling: a 3x3 convolution to 4 x out channels and 2x2
+    channel-to-space, plus the input's channels repeated and moved to space the same way."""
+
+    type: Literal["hunyuan_up"]
+    out: int = Field(gt=0, description="output channels: 4x them a multiple of the input's")
+
+
+class HunyuanInSpec(Strict):
+    """HunyuanImage 2.1's decoder input: a 3x3 convolution plus the latent's channels, each
+    repeated out / latent channels times."""
+
+    type: Literal["hunyuan_in"]
+    out: int = Field(gt=0, description="output channels: a multiple of the input's")
+
+
+class HunyuanOutSpec(Strict):
+    """HunyuanImage 2.1's encoder output: GroupNorm, SiLU and a 3x3 convolution, plus the
+    input averaged over groups of consecutive channels."""
+
+    type: Literal["hunyuan_out"]
+    out: int = Field(gt=0, description="output channels: a divisor of the input's")
+    groups: int = Field(32, gt=0, description="GroupNorm groups")
+
+
 # (end of HunyuanImage blocks)
 
 
 BlockSpec = Annotated[
     Union[  # noqa: UP007
         # DC-AE specs
+        DCResBlockSpec,
+        DCViTSpec,
+        DCDownSpec,
+        DCUpSpec,
+        DCEncoderOutSpec,
+        DCDecoderInSpec,
+        DCRMSNormSpec,
         # Wan specs
+        WanPatchSpec,
+        WanUnpatchSpec,
+        WanConvSpec,
+        WanResBlockSpec,
+        WanAttentionSpec,
+        WanNormSpec,
+        WanResampleSpec,
+        WanDownBlockSpec,
+        WanUpBlockSpec,
         # HunyuanImage specs
+        HunyuanDownSpec,
+        HunyuanUpSpec,
+        HunyuanInSpec,
+        HunyuanOutSpec,
         ConvSpec,
         ConvTransposeSpec,
         ResBlockSpec,

@@ -203,10 +203,10 @@ def test_init_fine_tunes_the_decoder_and_exports_it(tmp_path, tiny, cli):
 
 
 def test_another_class_lists_the_families(tmp_path, cli):
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderDC"}))
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX"}))
     result = cli("info", tmp_path)
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "a diffusers AutoencoderDC; aecli reads AutoencoderKL" in result.stderr
+    assert "a diffusers AutoencoderKLCogVideoX; aecli reads AutoencoderKL" in result.stderr
     assert "AutoencoderTiny (TAESD, TAESDXL, TAESD3, TAEF1)" in result.stderr
 
 

@@ -21,7 +21,7 @@ import torch
 
 from aecli.config import Config, LatentConfig
 from aecli.errors import WeightsError
-from aecli.io import vae_files, vae_flux2, vae_tiny
+from aecli.io import vae_dc, vae_files, vae_flux2, vae_hunyuan, vae_tiny, vae_wan
 from aecli.io.latents import LatentScaling
 
 
@@ -127,8 +127,59 @@ FAMILIES: dict[str, Family] = {
         read_original=vae_flux2.layout_from_original,
     ),
     # -- AutoencoderDC (DC-AE, SANA): aecli.io.vae_dc
+    "AutoencoderDC": Family(
+        "AutoencoderDC",
+        "DC-AE: the SANA VAE, dc-ae-f32c32 / f64c128 / f128c512",
+        deterministic=True,
+        convention=Convention("affine", "SANA pipelines multiply by the scaling factor so"),
+        read_config=vae_dc.layout_from_diffusers_config,
+        of_config=vae_dc.layout_of_config,
+        block_types=vae_dc.BLOCK_TYPES,
+        single_file=True,  # DC-AE's original checkpoint layout (mit-han-lab/dc-ae-*)
+        read_original=vae_dc.layout_from_original,
+    ),
     # -- AutoencoderKLQwenImage and AutoencoderKLWan: aecli.io.vae_wan
+    "AutoencoderKLQwenImage": Family(
+        "AutoencoderKLQwenImage",
+        "the Qwen-Image VAE",
+        deterministic=False,
+        convention=Convention(
+            "affine",
+            "Qwen-Image pipelines take (z - latents_mean) / latents_std per channel so",
+        ),
+        read_config=vae_wan.layout_from_diffusers_config,
+        of_config=vae_wan.qwen_layout_of_config,
+        # Wan 2.1's blocks (its wan_patch block's release tells it apart): export finds
+        # AutoencoderKLWan by them, whose layout_of_config gives Qwen-Image's layout too
+        block_types=frozenset(),
+        single_file=True,  # the Wan VAE's own keys, as ComfyUI's Qwen-Image VAE file has them
+    ),
+    "AutoencoderKLWan": Family(
+        "AutoencoderKLWan",
+        "the Wan 2.1 and 2.2 VAEs",
+        deterministic=False,
+        convention=Convention(
+            "affine", "Wan pipelines take (z - latents_mean) / latents_std per channel so"
+        ),
+        read_config=vae_wan.layout_from_diffusers_config,
+        of_config=vae_wan.layout_of_config,
+        block_types=vae_wan.BLOCK_TYPES,
+        single_file=True,  # the Wan VAE's own keys (Wan 2.1's, or Wan 2.2's)
+        # Wan 2.1's, Wan 2.2's and Qwen-Image's files (the file's name tells the last apart)
+        read_original=vae_wan.layout_from_original,
+    ),
     # -- AutoencoderKLHunyuanImage: aecli.io.vae_hunyuan
+    "AutoencoderKLHunyuanImage": Family(
+        "AutoencoderKLHunyuanImage",
+        "the HunyuanImage 2.1 VAE",
+        deterministic=False,
+        convention=Convention("affine", "HunyuanImage 2.1 pipelines scale so"),
+        read_config=vae_hunyuan.layout_from_diffusers_config,
+        of_config=vae_hunyuan.layout_of_config,
+        block_types=vae_hunyuan.BLOCK_TYPES,
+        single_file=True,  # the original keys, as ComfyUI reads them
+        read_original=vae_hunyuan.layout_from_original,
+    ),
 }
 
 # aecli's own models: the factors in their config (1 and 0 unless set)

@@ -132,6 +132,9 @@ class TensorName:
     diffusers: str
     ldm: str
     matrix: bool = False  # diffusers stores attention projections as (C, C), aecli as (C, C, 1, 1)
+    # the aecli tensors that the ldm file holds as this one, concatenated along the first
+    # dimension in this order (DC-AE's original qkv: diffusers' to_q, to_k, to_v); () for none
+    fused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -433,6 +436,8 @@ def check_shapes(
         )
     for key, name in wanted.items():
         target = expected[name.aecli]
+        if name.fused and key == name.ldm:
+            target = (sum(expected[part][0] for part in name.fused), *target[1:])
         want = (
             target[:2]
             if name.matrix and naming == "diffusers" and len(shapes[key]) == 2
@@ -449,13 +454,16 @@ def check_shapes(
 
 def to_aecli(tensors: dict[str, torch.Tensor], wanted: dict[str, TensorName], expected) -> dict:
     """The file's tensors under aecli's names and shapes, as float32 (a counter, such as
-    BatchNorm's num_batches_tracked, as int64)."""
-    return {
-        name.aecli: tensors[key]
-        .to(torch.float32 if tensors[key].is_floating_point() else torch.int64)
-        .reshape(expected[name.aecli])
-        for key, name in wanted.items()
-    }
+    BatchNorm's num_batches_tracked, as int64); a fused tensor is split into its parts."""
+    found = {}
+    for key, name in wanted.items():
+        tensor = tensors[key].to(torch.float32 if tensors[key].is_floating_point() else torch.int64)
+        if name.fused and key == name.ldm:
+            pieces = tensor.split([expected[part][0] for part in name.fused])
+            found.update(zip(name.fused, pieces, strict=True))
+        else:
+            found[name.aecli] = tensor
+    return {part: tensor.reshape(expected[part]) for part, tensor in found.items()}
 
 
 def from_aecli(state: dict[str, torch.Tensor], layout, naming: str) -> dict:
@@ -465,6 +473,8 @@ def from_aecli(state: dict[str, torch.Tensor], layout, naming: str) -> dict:
         tensor = state[name.aecli].detach().to("cpu").contiguous()
         if naming == "diffusers":
             out[name.diffusers] = tensor.flatten(1) if name.matrix else tensor
+        elif name.fused:
+            out[name.ldm] = torch.cat([state[part].detach().to("cpu") for part in name.fused])
         else:
             out[name.ldm] = tensor
     return out

@@ -444,6 +444,8 @@ def _import_vae(
     folder = path.name in vae_files.DIFFUSERS_WEIGHTS
     kind = "diffusers" if folder else "single-file"
     source = "diffusers folder" if folder else f"{naming} keys"
+    # what the file cannot tell, in one line (DC-AE's twin releases' scaling factors)
+    source += f"; {layout.note}" if getattr(layout, "note", "") else ""
     info = WeightsInfo(
         config=config,
         preset=f"{layout.family} ({source})",

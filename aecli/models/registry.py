@@ -17,7 +17,18 @@ from aecli.config import (
     BlockSpec,
     ConvSpec,
     ConvTransposeSpec,
+    DCDecoderInSpec,
+    DCDownSpec,
+    DCEncoderOutSpec,
+    DCResBlockSpec,
+    DCRMSNormSpec,
+    DCUpSpec,
+    DCViTSpec,
     FlattenSpec,
+    HunyuanDownSpec,
+    HunyuanInSpec,
+    HunyuanOutSpec,
+    HunyuanUpSpec,
     LinearSpec,
     NormSpec,
     ResBlockSpec,
@@ -26,9 +37,18 @@ from aecli.config import (
     SoftClampSpec,
     TinyBlockSpec,
     UpsampleSpec,
+    WanAttentionSpec,
+    WanConvSpec,
+    WanDownBlockSpec,
+    WanNormSpec,
+    WanPatchSpec,
+    WanResampleSpec,
+    WanResBlockSpec,
+    WanUnpatchSpec,
+    WanUpBlockSpec,
     to_hw,
 )
-from aecli.models import blocks
+from aecli.models import blocks, dc, hunyuan, wan
 
 Shape = tuple[int, ...]  # one item's shape, without the batch dimension
 
@@ -132,15 +152,143 @@ def _reshape(spec: ReshapeSpec, shape: Shape) -> nn.Module:
 
 # -- DC-AE (AutoencoderDC): blocks in aecli.models.dc ---------------------------------------
 
-DC_BLOCKS: dict[str, BlockType] = {}
+DC_BLOCKS: dict[str, BlockType] = {
+    "dc_resblock": BlockType(
+        DCResBlockSpec,
+        lambda s, shape: dc.ResBlock(shape[0], s.norm, s.act),
+        _same,
+        flops=lambda s, shape, _out: dc.ResBlock.flops(shape[0], math.prod(shape[1:])),
+    ),
+    "dc_vit": BlockType(
+        DCViTSpec,
+        lambda s, shape: dc.EfficientViTBlock(shape[0], s.head_dim, s.scales, s.norm),
+        lambda s, shape: dc.vit_shape(shape[0], s, shape),
+        flops=lambda s, shape, _out: dc.EfficientViTBlock.flops(
+            shape[0], s.head_dim, s.scales, math.prod(shape[1:])
+        ),
+    ),
+    "dc_down": BlockType(
+        DCDownSpec,
+        lambda s, shape: dc.Down(shape[0], s.out, s.mode, s.shortcut),
+        lambda s, shape: dc.down_shape(shape[0], s, shape),
+        flops=lambda s, shape, out: dc.Down.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "dc_up": BlockType(
+        DCUpSpec,
+        lambda s, shape: dc.Up(shape[0], s.out, s.mode, s.shortcut),
+        lambda s, shape: dc.up_shape(shape[0], s, shape),
+        flops=lambda s, shape, out: dc.Up.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "dc_encoder_out": BlockType(
+        DCEncoderOutSpec,
+        lambda s, shape: dc.EncoderOut(shape[0], s.out, s.shortcut),
+        lambda s, shape: dc.group_shape(shape[0], s, shape, "dc_encoder_out"),
+        flops=lambda s, shape, out: dc.EncoderOut.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "dc_decoder_in": BlockType(
+        DCDecoderInSpec,
+        lambda s, shape: dc.DecoderIn(shape[0], s.out, s.shortcut),
+        lambda s, shape: dc.group_shape(shape[0], s, shape, "dc_decoder_in"),
+        flops=lambda s, shape, out: dc.DecoderIn.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "dc_rms_norm": BlockType(DCRMSNormSpec, lambda s, shape: dc.RMSNorm2d(shape[0]), _same),
+}
 
 # -- Wan 2.1 / 2.2 and Qwen-Image: blocks in aecli.models.wan --------------------------------
 
-WAN_BLOCKS: dict[str, BlockType] = {}
+WAN_BLOCKS: dict[str, BlockType] = {
+    "wan_patch": BlockType(
+        WanPatchSpec,
+        lambda s, _: wan.Patch(s.patch),
+        lambda s, shape: wan.patched_shape(shape, s.patch),
+    ),
+    "wan_unpatch": BlockType(
+        WanUnpatchSpec,
+        lambda s, _: wan.Unpatch(s.patch),
+        lambda s, shape: wan.unpatched_shape(shape, s.patch),
+    ),
+    "wan_conv": BlockType(
+        WanConvSpec,
+        lambda s, shape: wan.CausalConv(shape[0], s.out, s.kernel),
+        lambda s, shape: (s.out, *shape[1:]),
+        flops=lambda s, shape, out: wan.CausalConv.flops(
+            shape[0], s.out, s.kernel, math.prod(out[1:])
+        ),
+    ),
+    "wan_resblock": BlockType(
+        WanResBlockSpec,
+        lambda s, shape: wan.ResBlock(shape[0], s.out or shape[0], s.dropout),
+        lambda s, shape: (s.out or shape[0], *shape[1:]),
+        flops=lambda s, shape, out: wan.ResBlock.flops(shape[0], out[0], math.prod(out[1:])),
+    ),
+    "wan_attention": BlockType(
+        WanAttentionSpec,
+        lambda s, shape: wan.Attention(shape[0]),
+        _same,
+        flops=lambda s, shape, _out: wan.Attention.flops(shape[0], math.prod(shape[1:])),
+    ),
+    "wan_norm": BlockType(WanNormSpec, lambda s, shape: wan.RMSNorm(shape[0]), _same),
+    "wan_resample": BlockType(
+        WanResampleSpec,
+        lambda s, shape: (
+            wan.Downsample(shape[0], s.time)
+            if s.mode == "down"
+            else wan.Upsample(shape[0], s.out or shape[0], s.time)
+        ),
+        lambda s, shape: wan.resampled_shape(shape, s.mode == "down", s.out or shape[0]),
+        flops=lambda s, shape, out: (
+            wan.Downsample.flops(shape[0], math.prod(out[1:]))
+            if s.mode == "down"
+            else wan.Upsample.flops(shape[0], out[0], math.prod(out[1:]))
+        ),
+    ),
+    "wan_down_block": BlockType(
+        WanDownBlockSpec,
+        lambda s, shape: wan.DownBlock(shape[0], s.out, s.blocks, s.down, s.time, s.dropout),
+        lambda s, shape: wan.resampled_shape(shape, True, s.out) if s.down else (s.out, *shape[1:]),
+        flops=lambda s, shape, _out: wan.DownBlock.flops(
+            shape[0], s.out, s.blocks, s.down, math.prod(shape[1:])
+        ),
+    ),
+    "wan_up_block": BlockType(
+        WanUpBlockSpec,
+        lambda s, shape: wan.UpBlock(shape[0], s.out, s.blocks, s.time, s.dropout),
+        lambda s, shape: wan.resampled_shape(shape, False, s.out),
+        flops=lambda s, shape, _out: wan.UpBlock.flops(
+            shape[0], s.out, s.blocks, math.prod(shape[1:])
+        ),
+    ),
+}
+
 
 # -- HunyuanImage 2.1: blocks in aecli.models.hunyuan -----------------------------------------
 
-HUNYUAN_BLOCKS: dict[str, BlockType] = {}
+HUNYUAN_BLOCKS: dict[str, BlockType] = {
+    "hunyuan_down": BlockType(
+        HunyuanDownSpec,
+        lambda s, shape: hunyuan.Downsample(shape[0], s.out),
+        lambda s, shape: hunyuan.down_shape(shape[0], s.out, shape),
+        flops=lambda s, shape, out: hunyuan.Downsample.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "hunyuan_up": BlockType(
+        HunyuanUpSpec,
+        lambda s, shape: hunyuan.Upsample(shape[0], s.out),
+        lambda s, shape: hunyuan.up_shape(shape[0], s.out, shape),
+        flops=lambda s, shape, out: hunyuan.Upsample.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "hunyuan_in": BlockType(
+        HunyuanInSpec,
+        lambda s, shape: hunyuan.DecoderIn(shape[0], s.out),
+        lambda s, shape: hunyuan.in_shape(shape[0], s.out, shape),
+        flops=lambda s, shape, out: hunyuan.DecoderIn.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+    "hunyuan_out": BlockType(
+        HunyuanOutSpec,
+        lambda s, shape: hunyuan.EncoderOut(shape[0], s.out, s.groups),
+        lambda s, shape: hunyuan.out_shape(shape[0], s.out, shape),
+        flops=lambda s, shape, out: hunyuan.EncoderOut.flops(shape[0], s.out, math.prod(out[1:])),
+    ),
+}
 
 
 BLOCKS: dict[str, BlockType] = {
