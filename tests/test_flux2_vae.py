@@ -372,7 +372,5 @@ def test_flux2s_own_file_is_read_and_written(tmp_path, cli):
     # a BatchNorm of the wrong width names the tensor and the family
     written["bn.running_mean"] = written["bn.running_mean"][:-1]
     save_file(written, tmp_path / "bad.safetensors")
-    with pytest.raises(
-        WeightsError, match=r"bn.running_mean has shape \[31\].*AutoencoderKLFlux2"
-    ):
+    with pytest.raises(WeightsError, match=r"bn.running_mean has shape \[31\].*AutoencoderKLFlux2"):
         load_weights(tmp_path / "bad.safetensors")
