@@ -524,7 +524,7 @@ def test_an_original_checkpoint_is_recognised(tmp_path, cli, config, scale):
     vae = make_dc(**config)
     save_file(original_checkpoint(vae), tmp_path / "model.safetensors")
     model, info = load_weights(tmp_path / "model.safetensors")
-    assert info.preset.startswith("AutoencoderDC (ldm keys")
+    assert info.preset.startswith("AutoencoderDC (original keys")
     assert info.config.model.latent.scaling_factor == scale
     if scale == 1.0:
         assert "does not carry its scaling factor: give --scaling-factor" in info.preset

@@ -363,7 +363,7 @@ def test_flux2s_own_file_is_read_and_written(tmp_path, cli):
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(written[f"bn.{key}"], reference[f"bn.{key}"]), key
     model, info = load_weights(out)
-    assert info.preset == "AutoencoderKLFlux2 (ldm keys)"
+    assert info.preset == "AutoencoderKLFlux2 (original keys)"
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         expected = vae.encode(x).latent_dist.mode()

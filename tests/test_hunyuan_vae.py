@@ -386,7 +386,7 @@ def test_a_single_file_in_the_original_layout_is_recognised(tmp_path, overrides,
     vae = make_hunyuan(**overrides)
     save_file(original_tensors(vae), tmp_path / "hunyuan_image_2.1_vae.safetensors")
     model, info = load_weights(tmp_path / "hunyuan_image_2.1_vae.safetensors")
-    assert info.preset == "AutoencoderKLHunyuanImage (ldm keys)"
+    assert info.preset == "AutoencoderKLHunyuanImage (original keys)"
     assert info.config.model.latent.scaling_factor == scale
     torch.manual_seed(1)
     x = torch.rand(1, 3, 32, 48) * 2 - 1

@@ -340,7 +340,7 @@ def test_wan_21_and_qwen_image_files_are_read_and_written(tmp_path, cli):
     for key, tensor in converted.items():
         assert torch.equal(tensor, reference[key]), key
     model, info = load_weights(out)
-    assert info.preset == "AutoencoderKLQwenImage (ldm keys)"
+    assert info.preset == "AutoencoderKLQwenImage (original keys)"
     latent = info.config.model.latent  # the files carry none: the release's statistics
     assert latent.shift_factor[0] == -0.7571 and latent.scaling_factor[0] == 1 / 2.8184
     x = torch.rand(1, 3, 32, 48) * 2 - 1
@@ -381,7 +381,7 @@ def test_wan_22_files_are_read_and_written(tmp_path, cli):
         assert key in written, key
     assert written["encoder.conv1.weight"].shape == (16, 12, 3, 3, 3)
     model, info = load_weights(out)
-    assert info.preset == "AutoencoderKLWan (ldm keys)"
+    assert info.preset == "AutoencoderKLWan (original keys)"
     assert info.config.model.encoder[0].patch == 2
     x = torch.rand(1, 3, 32, 48) * 2 - 1
     with torch.no_grad():

@@ -443,7 +443,9 @@ def _import_vae(
     tensors = vae_files.to_aecli(found, wanted, expected)
     folder = path.name in vae_files.DIFFUSERS_WEIGHTS
     kind = "diffusers" if folder else "single-file"
-    source = "diffusers folder" if folder else f"{naming} keys"
+    # a family's own single-file names are its release's, not latent diffusion's
+    original = naming == "ldm" and layout.family != "AutoencoderKL"
+    source = "diffusers folder" if folder else "original keys" if original else f"{naming} keys"
     # what the file cannot tell, in one line (DC-AE's twin releases' scaling factors)
     source += f"; {layout.note}" if getattr(layout, "note", "") else ""
     info = WeightsInfo(
