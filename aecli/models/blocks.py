@@ -208,6 +208,15 @@ class Attention(nn.Module):
         ("v.", "to_v.", "v."),
         ("proj.", "to_out.0.", "proj_out."),
     )
+    # HunyuanImage 2.1's layout names the same block's tensors its own way (1x1 convolutions:
+    # diffusers' norm, to_q ... proj; the release's norm, q ... proj_out)
+    HUNYUAN_NAMES = (
+        ("norm.", "norm.", "norm."),
+        ("q.", "to_q.", "q."),
+        ("k.", "to_k.", "k."),
+        ("v.", "to_v.", "v."),
+        ("proj.", "proj.", "proj_out."),
+    )
 
     def __init__(self, channels: int, groups: int):
         super().__init__()

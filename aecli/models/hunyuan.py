@@ -31,13 +31,7 @@ GROUPS = 32  # every GroupNorm of HunyuanImage's VAE
 # the released checkpoint's suffix): diffusers keeps the attention's projections as 1x1
 # convolutions, named to_q ... proj, the release q ... proj_out
 RESBLOCK_NAMES = blocks.ResBlock.NAMES[:-1]  # no learned shortcut: widths never change there
-ATTENTION_NAMES = (
-    ("norm.", "norm.", "norm."),
-    ("q.", "to_q.", "q."),
-    ("k.", "to_k.", "k."),
-    ("v.", "to_v.", "v."),
-    ("proj.", "proj.", "proj_out."),
-)
+ATTENTION_NAMES = blocks.Attention.HUNYUAN_NAMES
 
 
 def _position_major(u: torch.Tensor) -> torch.Tensor:
