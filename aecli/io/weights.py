@@ -306,12 +306,8 @@ def _open_single_file(
     return _import_vae(path, header, shapes, layout, naming, prefix)
 
 
-def _open_taesd_files(
-    path: Path, header: dict, data_bytes: int, half: str
-) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
-    """TAESD's own encoder and decoder files (taesd_encoder.safetensors and
-    taesd_decoder.safetensors, or taesdxl_, taesd3_, taef1_...): either one, with the other
-    beside it under the same name."""
+def _taesd_partner(path: Path, half: str) -> tuple[str, Path]:
+    """(the other half, its file) of one of TAESD's files: beside it under the same name."""
     other_half = vae_tiny.HALVES[1 - vae_tiny.HALVES.index(half)]
     other = vae_tiny.partner(path, half)
     if other == path or not other.is_file():
@@ -320,6 +316,16 @@ def _open_taesd_files(
             f"beside it as {other.name if other != path else f'a {other_half} file'}",
             path=path,
         )
+    return other_half, other
+
+
+def _open_taesd_files(
+    path: Path, header: dict, data_bytes: int, half: str
+) -> tuple[WeightsInfo, dict[str, torch.Tensor]]:
+    """TAESD's own encoder and decoder files (taesd_encoder.safetensors and
+    taesd_decoder.safetensors, or taesdxl_, taesd3_, taef1_...): either one, with the other
+    beside it under the same name."""
+    other_half, other = _taesd_partner(path, half)
     other_header, other_bytes = _read_header(other)
     other_header.pop("__metadata__", None)
     if vae_tiny.taesd_half(other_header) != other_half:
@@ -374,14 +380,7 @@ def _open_taesd_torch_files(path: Path) -> tuple[WeightsInfo, dict[str, torch.Te
             "weights as .safetensors only (look for the .safetensors release of this model)",
             path=path,
         )
-    other_half = vae_tiny.HALVES[1 - vae_tiny.HALVES.index(half)]
-    other = vae_tiny.partner(path, half)
-    if other == path or not other.is_file():
-        raise WeightsError(
-            f"a TAESD {half} file; aecli reads it with its {other_half}, which should be "
-            f"beside it as {other.name if other != path else f'a {other_half} file'}",
-            path=path,
-        )
+    other_half, other = _taesd_partner(path, half)
     other_state = _load_torch_file(other)
     if vae_tiny.taesd_half(other_state) != other_half:
         raise WeightsError(f"not a TAESD {other_half} file (for {path.name})", path=other)

@@ -101,11 +101,11 @@ class Crop(torch.autograd.Function):
 
 
 class Residual(nn.Module):
-    """A residual block: `shortcut(x)` plus x through the modules of `path()`, in order. Its
-    forward and its exact tiling (aecli.tiling.exact) both walk `path()`, so the block is
-    written once."""
+    """A residual block: `shortcut(x)` plus x through the modules of `path()`, in order (no sum
+    where `shortcut` is None: DC-AE's first and last resampling blocks). Its forward and its
+    exact tiling (aecli.tiling.exact) both walk `path()`, so the block is written once."""
 
-    shortcut: nn.Module
+    shortcut: nn.Module | None
 
     def path(self) -> tuple[nn.Module, ...]:
         raise NotImplementedError
@@ -114,7 +114,7 @@ class Residual(nn.Module):
         h = x
         for step in self.path():
             h = step(h)
-        return self.shortcut(x) + h
+        return h if self.shortcut is None else self.shortcut(x) + h
 
 
 class ResBlock(Residual):

@@ -137,30 +137,13 @@ class PixelShuffle(nn.Module):
         t.local(exact.PixelShuffle(2))
 
 
-class Block(nn.Module):
-    """The modules of `path()` in a row, plus the input through `shortcut` where there is one.
-    Forward and exact tiling both walk `path()` (as blocks.Residual, with the shortcut
-    optional: DC-AE's first and last resampling blocks have none)."""
+class Block(blocks.Residual):
+    """blocks.Residual whose shortcut is optional and set by the block (DC-AE's first and last
+    resampling blocks have none)."""
 
     def __init__(self):
         super().__init__()
         self.shortcut: nn.Module | None = None  # set (a module) by blocks that have one
-
-    def path(self) -> tuple[nn.Module, ...]:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for step in self.path():
-            h = step(h)
-        return h if self.shortcut is None else self.shortcut(x) + h
-
-    def tile(self, t) -> None:
-        skip = None if self.shortcut is None else t.park()
-        for step in self.path():
-            t.module(step)
-        if skip is not None:
-            t.add(skip, self.shortcut)
 
 
 # -- the residual blocks ---------------------------------------------------------------------

@@ -484,10 +484,11 @@ class _Builder:
         elif callable(getattr(module, "tile", None)):
             module.tile(self)
         elif isinstance(module, blocks.Residual):
-            skip = self.park()
+            skip = None if module.shortcut is None else self.park()
             for step in module.path():
                 self.module(step)
-            self.add(skip, module.shortcut)
+            if skip is not None:
+                self.add(skip, module.shortcut)
         elif isinstance(module, blocks.ConvBlock | blocks.ConvTransposeBlock):
             if isinstance(module, blocks.ConvBlock):
                 self.local(Conv(module.conv, module.tf_same))
