@@ -18,9 +18,11 @@
 #   encode       encode_scale.py: 10,000 images at 256x256 through cat-kl-f8 into a latent folder
 #   tiles        tiling.py --large: a 4096x4096 decode with the full SD VAE layout, automatic
 #                tiling against diffusers' enable_tiling(); then tiling.py's table on CUDA
+#   vaes         vae_families.py: every VAE family aecli reads at its released widths, encode and
+#                decode of 8 images of 512x512, model alone and whole command, against diffusers
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality, encode or tiles" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles or vaes" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 log="$out/$(IFS=-; echo "$*").log"
@@ -84,12 +86,16 @@ for stage in "${stages[@]}"; do
       run 300 python3 benchmarks/tiling.py --large --device cuda --free-gb 16
       run 240 python3 benchmarks/tiling.py --device cuda --tile 256
       ;;
+    vaes)
+      run 540 python3 benchmarks/vae_families.py --size release --device cuda --image 512 \
+        --images 8 --repeats 3 --command-repeats 1
+      ;;
     quality)
       # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
       run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
       ;;
     *)
-      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality, encode or tiles" | tee -a "$log" >&2
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles or vaes" | tee -a "$log" >&2
       exit 2
       ;;
   esac

@@ -39,3 +39,43 @@ def test_the_cross_source_split_shares_no_source_image(name):
     for side in (quality.TRAIN_SOURCES, quality.VALIDATION_SOURCES):
         kinds = {grey(n) for n in side}
         assert kinds == {True, False}, side
+
+
+def test_the_vae_families_benchmark_prints_a_row_per_family(tmp_path):
+    """benchmarks/vae_families.py at test widths: an encode and a decode row for every release
+    of every family aecli reads, with figures (the whole commands timed for one family, to stay
+    quick), and a benchmark entry for every family there is."""
+    import re
+    import subprocess
+
+    pytest.importorskip("diffusers")
+    import vae_families
+
+    from aecli.io.vae_families import FAMILIES
+
+    assert set(FAMILIES) <= set(vae_families.RELEASES), "a family with no benchmark entry"
+    script = ROOT / "benchmarks" / "vae_families.py"
+    options = "--size small --images 2 --repeats 1 --image 64 --device cpu --warmup 0"
+    options += " --command-warmup 0 --commands AutoencoderTiny"
+    command = [sys.executable, str(script), *options.split()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("| \n").split("|")]
+        if len(cells) == 9 and cells[2] in ("encode", "decode"):
+            rows[cells[0], cells[1], cells[2]] = cells[3:]
+    number = re.compile(r"^[\d,]+\.\d$")
+    for name, releases in vae_families.RELEASES.items():
+        for release in releases:
+            for direction in ("encode", "decode"):
+                found = rows.get((name, release, direction))
+                if name not in FAMILIES:
+                    assert found is None
+                    assert f"skipped {name}:" in done.stdout
+                    continue
+                assert found is not None, (name, release, direction, done.stdout)
+                assert number.match(found[0]) and number.match(found[1]), found
+                assert found[2].endswith("x")
+                timed = name == "AutoencoderTiny"
+                assert all(number.match(c) for c in found[3:5]) if timed else found[3:] == ["-"] * 3

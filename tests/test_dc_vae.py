@@ -347,7 +347,7 @@ HOSTILE = {
     "per level": ({"decoder_layers_per_block": [1, 1]}, "decoder_layers_per_block: one per"),
     "norm": ({"decoder_norm_types": "layer_norm"}, "decoder_norm_types: 'layer_norm'"),
     "activation": ({"decoder_act_fns": "mish"}, "decoder_act_fns: 'mish'"),
-    "upsample": ({"upsample_block_type": "bicubic"}, "upsample_block_type: 'bicubic'"),
+    "upsample": ({"upsample_block_type": 7}, "upsample_block_type: '7' is not a block type's name"),
     "kernel": ({"encoder_qkv_multiscales": [[], [4], [5]]}, "kernel sizes must be odd"),
     "shortcut": ({"latent_channels": 12}, "latent_channels 12 does not divide"),
     "heads": ({"attention_head_dim": 64}, "fewer than attention_head_dim 64"),
@@ -590,3 +590,21 @@ def test_a_misshapen_original_checkpoint_names_the_key(tmp_path, cli):
     result = cli("info", tmp_path / "dc.safetensors")
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert f"missing tensor {key} for its AutoencoderDC layout" in result.stderr
+
+
+def test_the_releases_spelling_of_resampling_types_is_read_as_diffusers_builds_it(tmp_path):
+    """The released config.json files write "Conv" and "InterpolateConv", which diffusers builds
+    as a strided convolution and a pixel shuffle (any name but pixel_unshuffle / interpolate):
+    aecli reads them and computes what diffusers computes."""
+    dcae = make_dc(
+        **{**SANA, "downsample_block_type": "Conv", "upsample_block_type": "InterpolateConv"}
+    )
+    dcae.save_pretrained(tmp_path / "vae")
+    model, _ = load_weights(tmp_path / "vae")
+    torch.manual_seed(2)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = dcae.encode(x).latent
+        assert (model.encode(x).mode() - expected).abs().max() <= 1e-4 * expected.abs().max()
+        z = torch.randn(1, 8, 2, 2)
+        assert (model.decode(z) - dcae.decode(z).sample).abs().max() <= 1e-4

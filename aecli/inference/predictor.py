@@ -391,6 +391,8 @@ class Predictor:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
         z = z.to(self.device, torch.float32)
+        if z.dim() == 4:  # in the layout the model runs in, as images are by its first conv
+            z = z.contiguous(memory_format=self.execution.memory_format)
         with self.execution.autocast():
             image = self._run(
                 "decode", z, self.model.decode, lambda one, t: self._tiled("decode", one, t)

@@ -323,8 +323,8 @@ def layout_from_diffusers_config(raw: dict, path: Path) -> DCLayout:
             encoder=encoder,
             decoder=decoder,
             head_dim=whole_number(raw.get("attention_head_dim", 32), "attention_head_dim", 1, 1024),
-            downsample=_choice(raw, "downsample_block_type", "pixel_unshuffle", DOWNSAMPLES),
-            upsample=_choice(raw, "upsample_block_type", "pixel_shuffle", UPSAMPLES),
+            downsample=_resampling(raw, "downsample_block_type", DOWNSAMPLES),
+            upsample=_resampling(raw, "upsample_block_type", UPSAMPLES[::-1]),
             encoder_out_shortcut=_flag(raw, "encoder_out_shortcut"),
             decoder_in_shortcut=_flag(raw, "decoder_in_shortcut"),
             out_act=ACTIVATIONS[_choice(raw, "decoder_conv_act_fn", "relu", tuple(ACTIVATIONS))],
@@ -397,6 +397,17 @@ def _per_level(raw: dict, key: str, default, levels: int) -> list:
     if not isinstance(value, list) or len(value) != levels:
         raise ValueError(f"{key}: one per level ({levels})")
     return value
+
+
+def _resampling(raw: dict, key: str, kinds: tuple[str, str]) -> str:
+    """A resampling type as diffusers builds it: `kinds[0]` where config.json names it, the
+    other for any other name (the releases write "Conv" and "InterpolateConv", which diffusers
+    builds as a strided convolution and a pixel shuffle, and export writes as what they are,
+    conv and pixel_shuffle); the default is pixel (un)shuffle."""
+    value = raw.get(key, kinds[0] if kinds[0].startswith("pixel") else kinds[1])
+    if not isinstance(value, str) or not 0 < len(value) <= 40:
+        raise ValueError(f"{key}: {str(value)[:40]!r} is not a block type's name")
+    return kinds[0] if value == kinds[0] else kinds[1]
 
 
 def _choice(raw: dict, key: str, default: str, allowed: tuple[str, ...]) -> str:

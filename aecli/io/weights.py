@@ -43,13 +43,22 @@ class WeightsInfo:
     latent_stats: dict[str, torch.Tensor] | None = None
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or Inf (integers always): one sum, which is finite
+    whenever every value is, and an element-wise check only where it is not (a NaN, an Inf, or
+    finite values whose sum overflows), instead of a boolean tensor the size of every weight."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """A short hash of the weights: names, shapes, dtypes and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # its buffer, not a copy
     return digest.hexdigest()[:16]
 
 
@@ -74,7 +83,7 @@ def save_weights(
         for k, v in (latent_stats or {}).items()
     }
     for name, tensor in {**tensors, **stats}.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"tensor {name} holds non-finite values")
     print_ = fingerprint(tensors)
     tensors.update(stats)
@@ -239,7 +248,7 @@ def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"damaged safetensors file ({first_line(exc)})", path=path) from None
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
     return tensors
 
@@ -429,7 +438,7 @@ def _import_vae(
     if loaded is not None:
         found = {k: loaded[k] for k in wanted}
         for name, tensor in found.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not all_finite(tensor):
                 raise WeightsError(f"tensor {name} holds non-finite values (NaN or Inf)", path=path)
     elif sources is None:
         raw = _read_tensors(path, [prefix + k for k in wanted])

@@ -114,7 +114,9 @@ class Residual(nn.Module):
         h = x
         for step in self.path():
             h = step(h)
-        return h if self.shortcut is None else self.shortcut(x) + h
+        # the path first: the sum takes its memory format (channels-last where the model runs
+        # so), not that of a shortcut that reshuffles channels (pixel (un)shuffle, repeats)
+        return h if self.shortcut is None else h + self.shortcut(x)
 
 
 class ResBlock(Residual):

@@ -317,7 +317,7 @@ class LinearAttention(nn.Module):
         h = self.qkv(x)
         q, k, v = split_qkv(h, self.head_dim)
         out = attend(q, attention_sums(k, v), h.shape).to(h.dtype)
-        return x + self.norm_out(self.to_out(out))
+        return self.norm_out(self.to_out(out)) + x  # in the convolutions' memory format
 
     def tile(self, t) -> None:
         from aecli.tiling import exact
