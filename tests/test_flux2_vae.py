@@ -6,12 +6,12 @@ input."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
+    check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
@@ -74,11 +74,6 @@ def pipeline_latents(vae, z: torch.Tensor) -> torch.Tensor:
     mean = vae.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     return (patched - mean) / std
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize(
@@ -220,22 +215,7 @@ def test_a_scaled_latent_folder_with_buckets_and_resume(tmp_path, flux2, cli):
 def test_exact_tiles_equal_untiled(tmp_path, flux2):
     """Tiles of 128 on a 500x372 image: the latents within 1e-3 of their range, the image at
     least 50 dB from untiled."""
-    from aecli.inference import Predictor
-
-    torch.manual_seed(2)
-    image = (torch.rand(1, 3, 1, 1) * 255 + torch.randn(1, 3, 372, 500) * 40).clamp(0, 255)
-    image = image.to(torch.uint8)
-    whole = Predictor(tmp_path / "vae", "cpu")
-    whole.set_tiling(0, None, 4)
-    z = whole.encode(image)
-    untiled = whole.decode(z)
-    tiles = Predictor(tmp_path / "vae", "cpu")
-    tiles.set_tiling(128, None, 4)
-    z_tiled = tiles.encode(image)
-    spread = (z.max() - z.min()).item()
-    assert (z_tiled - z).abs().max().item() <= 1e-3 * spread
-    assert psnr(tiles.decode(z), untiled) >= 50
-    assert psnr(tiles.reconstruct(image), whole.reconstruct(image)) >= 50
+    check_exact_tiles(tmp_path / "vae")
 
 
 def test_export_loads_back_in_diffusers(tmp_path, cli):

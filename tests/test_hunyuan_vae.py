@@ -5,16 +5,17 @@ compared with diffusers' own class, the pipelines' latent convention (z * scalin
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
+    check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
     photos,
+    psnr,
 )
 from safetensors.torch import load_file, save_file
 
@@ -63,11 +64,6 @@ def hunyuan(tmp_path):
     vae = make_hunyuan()
     vae.save_pretrained(tmp_path / "vae")
     return vae
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize("overrides", [{}, DEEPER], ids=["f8", "f4-deeper"])
@@ -154,23 +150,7 @@ def test_the_commands_on_a_hunyuan_folder(tmp_path, hunyuan, cli):
 def test_exact_tiles_equal_untiled(tmp_path, hunyuan):
     """Tiles of 128 on a 500x372 image: the latents within 1e-3 of their range, the image at
     least 50 dB from untiled."""
-    from aecli.inference import Predictor
-
-    torch.manual_seed(2)
-    image = (torch.rand(1, 3, 1, 1) * 255 + torch.randn(1, 3, 372, 500) * 40).clamp(0, 255)
-    image = image.to(torch.uint8)
-    whole = Predictor(tmp_path / "vae", "cpu")
-    whole.set_tiling(0, None, 4)
-    z = whole.encode(image)
-    untiled = whole.decode(z)
-    tiles = Predictor(tmp_path / "vae", "cpu")
-    tiles.set_tiling(128, None, 4)
-    assert tiles.smallest_exact_tile <= 128
-    z_tiled = tiles.encode(image)
-    spread = (z.max() - z.min()).item()
-    assert (z_tiled - z).abs().max().item() <= 1e-3 * spread
-    assert psnr(tiles.decode(z), untiled) >= 50
-    assert psnr(tiles.reconstruct(image), whole.reconstruct(image)) >= 50
+    check_exact_tiles(tmp_path / "vae")
 
 
 def test_automatic_tiling_where_an_image_does_not_fit(tmp_path, hunyuan, monkeypatch):

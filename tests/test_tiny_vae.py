@@ -4,20 +4,21 @@ diffusers' own class in fp32, every command, exact tiles, export back, fine-tuni
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import pytest
 import torch
 from conftest import (
+    check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
     photos,
+    psnr,
 )
 from safetensors.torch import load_file, save_file
 
-from aecli.errors import UsageError, WeightsError
+from aecli.errors import WeightsError
 from aecli.io.latents import read_latents
 from aecli.io.weights import load_weights
 
@@ -126,33 +127,10 @@ def test_sample_and_encode_sample_say_it_is_deterministic(tmp_path, tiny, cli):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def test_exact_tiles_equal_untiled(tmp_path, tiny):
     """Tiles of 128 on a 500x372 image: the latents within 1e-3 of their range, the image at
     least 50 dB from untiled; a tile too small for the context is refused."""
-    from aecli.inference import Predictor
-
-    torch.manual_seed(2)
-    image = (torch.rand(1, 3, 1, 1) * 255 + torch.randn(1, 3, 372, 500) * 40).clamp(0, 255)
-    image = image.to(torch.uint8)
-    whole = Predictor(tmp_path / "vae", "cpu")
-    whole.set_tiling(0, None, 4)
-    z = whole.encode(image)
-    untiled = whole.decode(z)
-    tiles = Predictor(tmp_path / "vae", "cpu")
-    tiles.set_tiling(128, None, 4)
-    assert tiles.smallest_exact_tile <= 128
-    z_tiled = tiles.encode(image)
-    spread = (z.max() - z.min()).item()
-    assert (z_tiled - z).abs().max().item() <= 1e-3 * spread
-    assert psnr(tiles.decode(z), untiled) >= 50
-    assert psnr(tiles.reconstruct(image), whole.reconstruct(image)) >= 50
-    with pytest.raises(UsageError, match="exact tiles this small"):
-        tiles.set_tiling(16, None, 4)
+    check_exact_tiles(tmp_path / "vae", smallest_refused=16)
 
 
 def test_automatic_tiling_where_an_image_does_not_fit(tmp_path, tiny, monkeypatch):

@@ -6,16 +6,17 @@ export back, fine-tuning, the Wan VAE's own single files, bad input."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import (
+    check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
     photos,
+    psnr,
 )
 from safetensors.torch import load_file, save_file
 
@@ -89,11 +90,6 @@ def pipeline_latents(vae, z: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
     inverse = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
     return (z - mean) * inverse
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize("kind", list(SMALL))
@@ -183,24 +179,8 @@ def test_exact_tiles_equal_untiled(tmp_path, kind):
     least 50 dB from untiled (causal convolutions as their last slice, the downsampling's
     asymmetric padding, RMS norm per pixel, attention over the whole latent, Wan 2.2's patches
     and shortcuts)."""
-    from aecli.inference import Predictor
-
     saved(tmp_path, kind)
-    torch.manual_seed(2)
-    image = (torch.rand(1, 3, 1, 1) * 255 + torch.randn(1, 3, 372, 500) * 40).clamp(0, 255)
-    image = image.to(torch.uint8)
-    whole = Predictor(tmp_path / "vae", "cpu")
-    whole.set_tiling(0, None, 4)
-    z = whole.encode(image)
-    untiled = whole.decode(z)
-    tiles = Predictor(tmp_path / "vae", "cpu")
-    tiles.set_tiling(128, None, 4)
-    assert tiles.smallest_exact_tile <= 128
-    z_tiled = tiles.encode(image)
-    spread = (z.max() - z.min()).item()
-    assert (z_tiled - z).abs().max().item() <= 1e-3 * spread
-    assert psnr(tiles.decode(z), untiled) >= 50
-    assert psnr(tiles.reconstruct(image), whole.reconstruct(image)) >= 50
+    check_exact_tiles(tmp_path / "vae")
 
 
 def test_automatic_tiling_where_an_image_does_not_fit(tmp_path, monkeypatch):
