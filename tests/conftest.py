@@ -394,3 +394,19 @@ def check_exact_tiles(vae: Path, smallest_refused: int | None = None):
         with pytest.raises(UsageError, match="exact tiles this small"):
             tiles.set_tiling(smallest_refused, None, 4)
     return tiles
+
+
+def check_automatic_tiling(vae: Path, monkeypatch, size: tuple[int, int] = (200, 264)) -> None:
+    """With half the free memory an image of `size` (H, W) needs, reconstruct works in exact
+    tiles without being asked, says so in one line, and equals untiled (at least 50 dB)."""
+    from aecli.inference import Predictor, predictor
+
+    said = []
+    whole = Predictor(vae, "cpu")
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
+    expected = whole.reconstruct(image)
+    tight = Predictor(vae, "cpu", notify=said.append)
+    need = tight._activation_bytes("reconstruct", (3, *size))
+    monkeypatch.setattr(predictor, "available_memory", lambda _device: need // 2)
+    assert psnr(tight.reconstruct(image), expected) >= 50
+    assert said and "working in exact tiles" in said[0]

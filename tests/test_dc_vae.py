@@ -12,12 +12,12 @@ import re
 import pytest
 import torch
 from conftest import (
+    check_automatic_tiling,
     check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
     photos,
-    psnr,
 )
 from safetensors.torch import load_file, save_file
 
@@ -229,18 +229,8 @@ def test_the_attention_s_sums_are_gathered_not_taken_per_tile(tmp_path):
 
 
 def test_automatic_tiling_where_an_image_does_not_fit(tmp_path, monkeypatch):
-    from aecli.inference import Predictor, predictor
-
     make_dc(**IN_MIX).save_pretrained(tmp_path / "vae")
-    said = []
-    whole = Predictor(tmp_path / "vae", "cpu")
-    image = torch.randint(0, 256, (1, 3, 120, 160), dtype=torch.uint8)
-    expected = whole.reconstruct(image)
-    tight = Predictor(tmp_path / "vae", "cpu", notify=said.append)
-    need = tight._activation_bytes("reconstruct", (3, 120, 160))
-    monkeypatch.setattr(predictor, "available_memory", lambda _device: need // 2)
-    assert psnr(tight.reconstruct(image), expected) >= 50
-    assert said and "working in exact tiles" in said[0]
+    check_automatic_tiling(tmp_path / "vae", monkeypatch, (120, 160))
 
 
 @pytest.mark.parametrize("config", [SANA, IN_MIX, OTHER], ids=["sana", "in-mix", "other"])

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    check_automatic_tiling,
     check_exact_tiles,
     check_folder_and_commands,
     fine_tune_frozen_encoder,
     image_chw,
     photos,
-    psnr,
 )
 from safetensors.torch import load_file, save_file
 
@@ -154,17 +154,7 @@ def test_exact_tiles_equal_untiled(tmp_path, hunyuan):
 
 
 def test_automatic_tiling_where_an_image_does_not_fit(tmp_path, hunyuan, monkeypatch):
-    from aecli.inference import Predictor, predictor
-
-    said = []
-    whole = Predictor(tmp_path / "vae", "cpu")
-    image = torch.randint(0, 256, (1, 3, 200, 264), dtype=torch.uint8)
-    expected = whole.reconstruct(image)
-    tight = Predictor(tmp_path / "vae", "cpu", notify=said.append)
-    need = tight._activation_bytes("reconstruct", (3, 200, 264))
-    monkeypatch.setattr(predictor, "available_memory", lambda _device: need // 2)
-    assert psnr(tight.reconstruct(image), expected) >= 50
-    assert said and "working in exact tiles" in said[0]
+    check_automatic_tiling(tmp_path / "vae", monkeypatch)
 
 
 def test_export_loads_back_in_diffusers(tmp_path, cli):
