@@ -11,7 +11,8 @@ channels repeated. Each shortcut is local, so each block tiles exactly as a `blo
 
 diffusers orders the channels of its 2x2 space-to-channel position-major, (row, column,
 channel), where `F.pixel_unshuffle` is channel-major (channel, row, column): `SpaceToChannel`
-and `ChannelToSpace` reorder around PyTorch's (un)shuffle.
+and `ChannelToSpace` move each value once in diffusers' order (forward), and exact tiles
+reorder around PyTorch's (un)shuffle.
 
 Each block's tensor names (`NAMES`: aecli suffix, diffusers suffix, suffix in the released
 checkpoint) follow it; the layout (aecli.io.vae_hunyuan) gives the prefixes.
@@ -47,17 +48,37 @@ def _channel_major(u: torch.Tensor) -> torch.Tensor:
     return u.unflatten(1, (4, c4 // 4)).transpose(1, 2).reshape(b, c4, h, w)
 
 
+def _pixels_last(x: torch.Tensor) -> bool:
+    """Whether `x` (B, C, H, W) lies in memory as (B, H, W, C), channels-last, and not also as
+    itself: then its (B, H, W, C) permutation is a view."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class SpaceToChannel(nn.Module):
     """2x2 space-to-channel (B, C, H, W) -> (B, 4C / group, H/2, W/2), in diffusers' channel
-    order, each output channel the mean of `group` consecutive ones. Exact tiles: a pixel
-    unshuffle, then a per-pixel reordering and mean."""
+    order, each output channel the mean of `group` consecutive ones. Forward moves each value
+    once, in the layout the input has (channels-last out of channels-last, averaged first
+    where the groups lie within a pixel's channels); exact tiles: a pixel unshuffle, then a
+    per-pixel reordering and mean."""
 
     def __init__(self, group: int = 1):
         super().__init__()
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.regroup(F.pixel_unshuffle(x, 2))
+        b, c, h, w = x.shape
+        g = self.group
+        if c % g:  # groups across pixel positions: in diffusers' order first
+            return self.regroup(F.pixel_unshuffle(x, 2))
+        if _pixels_last(x):  # (B, H/2, 2, W/2, 2, C) -> (B, H/2, W/2, 2, 2, C)
+            y = x.permute(0, 2, 3, 1).unflatten(2, (w // 2, 2)).unflatten(1, (h // 2, 2))
+            y = y.unflatten(-1, (c // g, g)).mean(-1) if g > 1 else y
+            y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, -1)
+            return y.permute(0, 3, 1, 2)
+        # (B, C, H/2, 2, W/2, 2) -> (B, 2, 2, C, H/2, W/2)
+        y = x.unflatten(3, (w // 2, 2)).unflatten(2, (h // 2, 2))
+        y = y.unflatten(1, (c // g, g)).mean(2) if g > 1 else y
+        return y.permute(0, 3, 5, 1, 2, 4).reshape(b, -1, h // 2, w // 2)
 
     def regroup(self, u: torch.Tensor) -> torch.Tensor:
         u = _position_major(u)
@@ -72,15 +93,25 @@ class SpaceToChannel(nn.Module):
 
 class ChannelToSpace(nn.Module):
     """2x2 channel-to-space (B, C, H, W) -> (B, C x repeats / 4, 2H, 2W) from diffusers'
-    channel order, each input channel first repeated `repeats` times. Exact tiles: a per-pixel
-    repeat and reordering, then a pixel shuffle."""
+    channel order, each input channel first repeated `repeats` times. Forward moves each value
+    once after the repeat, in the layout the input has; exact tiles: a per-pixel repeat and
+    reordering, then a pixel shuffle."""
 
     def __init__(self, repeats: int = 1):
         super().__init__()
         self.repeats = repeats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.order(x), 2)
+        if self.repeats > 1:
+            x = x.repeat_interleave(self.repeats, dim=1)
+        b, c, h, w = x.shape
+        if _pixels_last(x):  # (B, H, W, 2, 2, C/4) -> (B, H, 2, W, 2, C/4)
+            y = x.permute(0, 2, 3, 1).unflatten(-1, (2, 2, c // 4))
+            y = y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c // 4)
+            return y.permute(0, 3, 1, 2)
+        # (B, 2, 2, C/4, H, W) -> (B, C/4, H, 2, W, 2)
+        y = x.unflatten(1, (2, 2, c // 4)).permute(0, 3, 4, 1, 5, 2)
+        return y.reshape(b, c // 4, 2 * h, 2 * w)
 
     def order(self, x: torch.Tensor) -> torch.Tensor:
         if self.repeats > 1:
