@@ -18,10 +18,12 @@ frame: its first (and only) chunk. What that frame sees is all these blocks comp
 
 Every tensor keeps its real shape in `state_dict` (a causal convolution's weight is
 (O, I, 3, 3, 3)), so that a file read and written back is equal and each name maps 1:1 with
-equal shapes. The module holds a 5-D tensor merged to 4-D, (O, I, 3 x 3, 3): PyTorch's
-`Module.to(memory_format=torch.channels_last)` refuses 5-D tensors; `_stored_as` reshapes them
-on the way out and in. Fine-tuning trains what a single frame uses (the convolutions' last
-time slices; the other slices get zero gradients, and the time convolutions are buffers).
+equal shapes. The module holds a 5-D tensor flattened to 3-D, (O, I, 3 x 3 x 3): PyTorch's
+`Module.to(memory_format=torch.channels_last)` refuses 5-D tensors and would copy a 4-D one
+whole (1.3 s of Wan 2.2's 2.7 GB on the dev CPU) though a frame meets only a third of it;
+`_stored_as` reshapes them on the way out and in. Fine-tuning trains what a single frame uses
+(the convolutions' last time slices; the other slices get zero gradients, and the time
+convolutions are buffers).
 
 Each block's forward, FLOPs, exact-tiling step (`blocks.Residual`'s path and shortcut, or
 `tile(t)`) and its tensors' names (`tensor_names`: diffusers' suffix and the original Wan
@@ -42,7 +44,7 @@ from aecli.models import blocks
 
 def _stored_as(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
     """`state_dict` gives, and `load_state_dict` takes, the tensors `shapes` names in those
-    (5-D) shapes; the module holds them reshaped to 4-D."""
+    (5-D) shapes; the module holds them reshaped to 3-D."""
 
     def give(_module, state, prefix, _metadata):
         for name, shape in shapes.items():
@@ -77,8 +79,8 @@ class CausalConv(nn.Module):
     def __init__(self, channels: int, out: int, kernel: int):
         super().__init__()
         self.kernel = kernel
-        # (O, I, k, k, k) held as (O, I, k * k, k): the last time slice is the last k rows
-        self.weight = nn.Parameter(torch.empty(out, channels, kernel * kernel, kernel))
+        # (O, I, k, k, k) held as (O, I, k * k * k): the last time slice is the last k * k
+        self.weight = nn.Parameter(torch.empty(out, channels, kernel**3))
         self.bias = nn.Parameter(torch.empty(out))
         _uniform(self.weight, channels * kernel**3)
         _uniform(self.bias, channels * kernel**3)
@@ -86,7 +88,8 @@ class CausalConv(nn.Module):
 
     def frame_weight(self) -> torch.Tensor:
         """The kernel's last time slice, (O, I, k, k): all a single frame meets."""
-        return self.weight[:, :, -self.kernel :]
+        k = self.kernel
+        return self.weight[:, :, -k * k :].unflatten(2, (k, k))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.frame_weight(), self.bias, padding=self.kernel // 2)
@@ -111,7 +114,7 @@ class TimeConv(nn.Module):
 
     def __init__(self, channels: int, out: int):
         super().__init__()
-        self.register_buffer("weight", torch.empty(out, channels, 3, 1))  # (O, I, 3, 1, 1)
+        self.register_buffer("weight", torch.empty(out, channels, 3))  # (O, I, 3, 1, 1)
         self.register_buffer("bias", torch.empty(out))
         _uniform(self.weight, channels * 3)
         _uniform(self.bias, channels * 3)
