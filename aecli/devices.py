@@ -5,7 +5,8 @@ Training and inference share these so that a model runs the same way in both.
 A device is resolved once, to an indexed one (`cpu:0`, `cuda:1`), and devices are compared with
 `same_device`, never with `==`: `torch.device("cuda") != torch.device("cuda:0")` and
 `torch.device("cpu:0") != torch.device("cpu")` (what a CPU tensor reports), so `==` would call
-two names of one device different.
+two names of one device different. And tensors go to `placed(device)`: `Tensor.to(cpu:0)`
+copies a CPU tensor whole, every time (a loaded model's every weight), where `to(cpu)` keeps it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def _index(device: torch.device) -> int:
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether two devices are one: same type and same index, implicit indices filled in."""
     return a.type == b.type and _index(a) == _index(b)
+
+
+def placed(device: torch.device) -> torch.device:
+    """The device to give `.to(...)` for a resolved `device`: the CPU under the name its tensors
+    report, `cpu`, for which a CPU tensor is already in place (`cpu:0` is another name, and
+    `.to(cpu:0)` copies); any other device as it is."""
+    return torch.device("cpu") if device.type == "cpu" else device
 
 
 def torchrun_processes() -> tuple[int, int] | None:
@@ -306,7 +314,7 @@ class Execution:
             if not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             return tensor.to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+        return tensor.to(placed(self.device))
 
     @staticmethod
     def to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:

@@ -19,11 +19,12 @@ from conftest import AECLI, ROOT, read_pngs, shell, write_image
 import aecli.engine.trainer
 from aecli.config import list_presets, load_config
 from aecli.data import load_data
-from aecli.devices import ModelCost, execution_plan, resolve_device, same_device
+from aecli.devices import ModelCost, execution_plan, placed, resolve_device, same_device
 from aecli.engine import Trainer, plan_resume, resume
 from aecli.errors import UsageError
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.latents import read_latents
+from aecli.io.weights import load_weights
 
 CUDA = [
     pytest.mark.cuda,
@@ -69,6 +70,26 @@ def test_devices_resolve_to_indexed_ones():
     if torch.cuda.is_available():
         assert str(resolve_device("cuda")) == f"cuda:{torch.cuda.current_device()}"
         assert same_device(resolve_device("cuda"), torch.zeros(1, device="cuda").device)
+
+
+def test_a_model_on_cpu0_keeps_the_weights_it_read(tiny_weights, monkeypatch):
+    """`Tensor.to(cpu:0)` copies a CPU tensor; the Predictor places its model on `cpu`, so the
+    weights it read stay where they are (a 2.7 GB VAE's file pages, not a second copy). Only
+    the channels-last layout, where the CPU runs in it, rewrites the 4-D ones."""
+    import aecli.inference.predictor as predictor_module
+
+    read = {}
+
+    def spy(path):
+        model, info = load_weights(path)
+        read.update({name: t.data_ptr() for name, t in model.state_dict().items()})
+        return model, info
+
+    monkeypatch.setattr(predictor_module, "load_weights", spy)
+    predictor = predictor_module.Predictor(tiny_weights, resolve_device("cpu:0"))
+    kept = {n: t.data_ptr() for n, t in predictor.model.state_dict().items() if t.dim() != 4}
+    assert kept and kept == {name: read[name] for name in kept}
+    assert same_device(placed(resolve_device("cpu:0")), torch.zeros(1).device)
 
 
 @pytest.mark.parametrize(

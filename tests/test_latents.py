@@ -95,6 +95,25 @@ def test_latents_from_another_model_are_refused_unless_forced(
     assert result.exit_code == 0 and len(read_pngs(tmp_path / "dec")) == 4
 
 
+def test_fingerprint_names_the_weights_whatever_the_threads(monkeypatch):
+    """Hashed on every core, the fingerprint is the same with one thread; a single value, a
+    name or a shape changed gives another."""
+    import aecli.io.weights as weights
+
+    torch.manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(64, 32, 3, 3) for i in range(6)}
+    tensors["empty"] = torch.zeros(0)
+    print_ = weights.fingerprint(tensors)
+    monkeypatch.setattr(weights.os, "cpu_count", lambda: 1)
+    assert weights.fingerprint(tensors) == print_
+    changed = {**tensors, "layer3.weight": tensors["layer3.weight"].clone()}
+    changed["layer3.weight"][5, 4, 1, 2] += 1e-3
+    renamed = {("layer9.weight" if k == "layer0.weight" else k): v for k, v in tensors.items()}
+    reshaped = {**tensors, "layer2.weight": tensors["layer2.weight"].reshape(32, 64, 3, 3)}
+    prints = {weights.fingerprint(t) for t in (changed, renamed, reshaped)}
+    assert len(prints) == 3 and print_ not in prints
+
+
 def test_wrong_latent_shape_is_one_line_with_both_shapes(tmp_path, tiny_weights, conv_weights, cli):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 5), np.float32))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from aecli.config import Config
-from aecli.devices import Execution
+from aecli.devices import Execution, placed
 from aecli.errors import ConfigError
 from aecli.losses import adaptive_weight, hinge_d_loss
 from aecli.models import Autoencoder
@@ -54,7 +54,7 @@ class Adversary:
         self.last_layer = last_layer(model)
         self.discriminator = PatchDiscriminator(
             config.data.channels, loss.disc_channels, loss.disc_layers
-        ).to(execution.device, memory_format=execution.memory_format)
+        ).to(placed(execution.device), memory_format=execution.memory_format)
         self.optimizer = torch.optim.Adam(
             self.discriminator.parameters(),
             lr=optim.lr,

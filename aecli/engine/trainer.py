@@ -34,6 +34,7 @@ from aecli.devices import (
     describe,
     deterministic,
     peak_flops,
+    placed,
     resolved,
 )
 from aecli.engine.distributed import setup_distributed
@@ -179,7 +180,7 @@ class Trainer:
         model = build_model(config)
         if init:  # checked against this architecture (io.weights.init_weights)
             model.load_state_dict(init)
-        model.to(self.device, memory_format=self.execution.memory_format)
+        model.to(placed(self.device), memory_format=self.execution.memory_format)
         # every rank takes an equal shard of each epoch's order and an equal share of the batch
         n = len(self.train_data) // self.dist.world * self.dist.world
         self.shard_size = n // self.dist.world
@@ -586,7 +587,7 @@ class Trainer:
         if self.stream is None:
             index = torch.arange(self.dist.rank, len(self.train_data), self.dist.world)
             if labels is not None:
-                labels = labels[index].to(self.device)  # copied once, not per batch
+                labels = labels[index].to(placed(self.device))  # copied once, not per batch
             index = index.to(self.train_images.device)
             for start in range(0, len(index), batch_size):
                 chunk = index[start : start + batch_size]

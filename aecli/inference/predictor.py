@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from aecli.data.transforms import to_uint8
-from aecli.devices import Execution, available_memory, resolved
+from aecli.devices import Execution, available_memory, placed, resolved
 from aecli.errors import UsageError, printable
 from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.vae_families import OWN, family_of
@@ -46,7 +46,7 @@ class Predictor:
         self.notify = notify or _to_stderr
         self._activations: dict[tuple, int] = {}
         self.device = resolved(device)
-        model, info = load_weights(weights, self.device)
+        model, info = load_weights(weights)
         self.model: Autoencoder = model
         self.info: WeightsInfo = info
         self.name = str(weights)
@@ -56,7 +56,9 @@ class Predictor:
         self.size: tuple[int, int] = tuple(config.data.size)
         self.value_range = config.data.range
         self.execution = Execution.for_config(self.device, config)
-        self.model.to(memory_format=self.execution.memory_format)
+        # on the CPU the weights stay as read (a safetensors file's mapped pages): `cpu:0`
+        # would copy them whole, doubling the memory a 2.7 GB VAE takes
+        self.model.to(placed(self.device), memory_format=self.execution.memory_format)
         self.latent_shape = tuple(model.latent_shape)
         self.spatial = config.model.latent.spatial
         # Fully convolutional: any input size works, in multiples of the downsampling factor.
@@ -330,7 +332,7 @@ class Predictor:
         return Runner(
             stages,
             tiling.size,
-            device=self.device,
+            device=placed(self.device),  # what `.to` takes: a CPU tensor is not copied
             batch=self.tile_batch,
             memory_format=self.execution.memory_format,
             notify=self.notify,
@@ -390,7 +392,7 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, *latent_shape) -> uint8 images (B, C, H, W) on the device."""
-        z = z.to(self.device, torch.float32)
+        z = z.to(placed(self.device), torch.float32)
         if z.dim() == 4:  # in the layout the model runs in, as images are by its first conv
             z = z.contiguous(memory_format=self.execution.memory_format)
         with self.execution.autocast():
