@@ -17,7 +17,8 @@ scikit-learn's sample photos) are encoded, and diffusers' latents of them decode
   (that file to a folder of PNGs), each a subprocess, start-up and model loading included, against
   a plain diffusers script doing the same work (this file's `--plain` mode: from_pretrained, the
   PNGs read with Pillow, batches under inference_mode, latents saved with safetensors / PNGs
-  written with Pillow), with the same batch size.
+  written with Pillow), with the same batch size; with each side's peak resident memory (the
+  process's high-water mark, over its runs).
 
 Milliseconds per image, medians of `--repeats` (aecli and diffusers alternating), warm-up runs
 excluded; speed-up is diffusers' time over aecli's (above 1: aecli is faster). Both run at the same
@@ -397,18 +398,27 @@ def model_alone(folder: Path, images: torch.Tensor, args) -> tuple[dict, str | N
     return {"encode": encode, "decode": decode}, policy
 
 
-def command_seconds(command: list[str]) -> float:
+def command_seconds(command: list[str], peaks: dict[str, int], side: str) -> float:
+    """Wall seconds of one run of `command`; its peak resident memory (the child's own
+    high-water mark, from wait4) raises `peaks[side]`."""
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"exit {done.returncode} from {shlex.join(command[1:4])}: {last}")
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        elapsed = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            last = (lines or ["(no output)"])[-1]
+            raise RuntimeError(f"exit {child.returncode} from {shlex.join(command[1:4])}: {last}")
+    peaks[side] = max(peaks.get(side, 0), usage.ru_maxrss * 1024)  # Linux: kilobytes
     return elapsed
 
 
 def commands(folder: Path, pngs: Path, work: Path, args, warmup: int) -> dict:
-    """Median wall seconds of the whole commands: {direction: {side: s}}."""
+    """Median wall seconds of the whole commands, and each side's peak resident memory over
+    its runs: {direction: {side: s, "peak": {side: bytes}}}."""
     python, device, batch = sys.executable, str(args.device), str(args.batch)
     common = ["--device", device, "--batch-size", batch, "--overwrite"]
     plain_common = ["--plain-model", str(folder), "--device", device, "--batch", batch]
@@ -430,12 +440,17 @@ def commands(folder: Path, pngs: Path, work: Path, args, warmup: int) -> dict:
     }  # fmt: skip
     found = {}
     for direction, sides in runs.items():
+        peaks: dict[str, int] = {}
         found[direction] = timed(
-            {side: lambda c=command: command_seconds(c) for side, command in sides.items()},
+            {
+                side: lambda c=command, s=side, p=peaks: command_seconds(c, p, s)
+                for side, command in sides.items()
+            },
             torch.device("cpu"),  # each process waits for its own device
             args.command_repeats,
             warmup,
         )
+        found[direction]["peak"] = peaks
     return found
 
 
@@ -515,9 +530,9 @@ def compare(args) -> None:
             print(f"skipped {name}: aecli.io.vae_families.FAMILIES does not have it (yet)")
     print(
         "\n| family | release | | diffusers model | aecli model | speed-up | diffusers script "
-        "| aecli command | speed-up |"
+        "| aecli command | speed-up | diffusers peak | aecli peak |"
     )
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     policies, command_warmup, failed = set(), args.command_warmup, []
     with tempfile.TemporaryDirectory(prefix="aecli-vae-families-") as tmp:
         tmp = Path(tmp)
@@ -557,7 +572,10 @@ def compare(args) -> None:
                     policies.add(policy)
                 for direction in ("encode", "decode"):
                     row = [name, release, direction, *cells(alone[direction], args.images)]
-                    row += ["-"] * 3 if whole is None else cells(whole[direction], args.images)
+                    row += ["-"] * 5 if whole is None else cells(whole[direction], args.images)
+                    if whole is not None:
+                        peak = whole[direction]["peak"]
+                        row += [f"{peak[side] / 2**30:.2f} GiB" for side in ("diffusers", "aecli")]
                     print("| " + " | ".join(row) + " |", flush=True)
     if policies:
         print(
