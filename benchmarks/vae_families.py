@@ -398,21 +398,34 @@ def model_alone(folder: Path, images: torch.Tensor, args) -> tuple[dict, str | N
     return {"encode": encode, "decode": decode}, policy
 
 
+# Runs a command and writes its peak resident memory (kB) to the file argv[1]. A child's own
+# ru_maxrss starts at its parent's when it is spawned (vfork then exec keeps the parent's
+# high-water mark): this small process stands between, so that the figure is the command's.
+_PEAK_OF = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def command_seconds(command: list[str], peaks: dict[str, int], side: str) -> float:
-    """Wall seconds of one run of `command`; its peak resident memory (the child's own
-    high-water mark, from wait4) raises `peaks[side]`."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+    """Wall seconds of one run of `command`; its peak resident memory raises `peaks[side]`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", _PEAK_OF, str(peak), *command], capture_output=True, text=True
+        )
         elapsed = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            last = (lines or ["(no output)"])[-1]
-            raise RuntimeError(f"exit {child.returncode} from {shlex.join(command[1:4])}: {last}")
-    peaks[side] = max(peaks.get(side, 0), usage.ru_maxrss * 1024)  # Linux: kilobytes
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"exit {done.returncode} from {shlex.join(command[1:4])}: {last}")
+        kilobytes = int(peak.read_text())
+    peaks[side] = max(peaks.get(side, 0), kilobytes * 1024)  # Linux: ru_maxrss in kB
     return elapsed
 
 
