@@ -58,8 +58,8 @@ def info(
     target: str = typer.Argument(
         ...,
         autocompletion=complete_preset,
-        help="A weights file (model.safetensors), a bundled preset name, a YAML preset, or a "
-        "latent folder (`aecli encode -o DIR/`).",
+        help="A weights file (model.safetensors), a bundled preset name, a YAML preset, a "
+        "latent file or a latent folder (`aecli encode -o DIR/`).",
         show_default=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
@@ -76,6 +76,7 @@ def info(
     loaded = None if os.path.lexists(target) else load_config(target)
     from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
+    from aecli.io.latents import is_latent_file
     from aecli.io.vae_families import OWN, family_of
     from aecli.io.weights import read_weights
     from aecli.models import build_model, summarize
@@ -84,6 +85,9 @@ def info(
     path = Path(target)
     if is_latent_folder(path):
         _folder_info(path, as_json)
+        return
+    if is_latent_file(path):
+        _latent_file_info(path, as_json)
         return
     weights = (
         path.suffix == ".safetensors"
@@ -179,9 +183,29 @@ def info(
     results.print(table)
 
 
+def _latent_file_info(path: Path, as_json: bool) -> None:
+    """`aecli info FILE` for a latent file: count, shape, what it stores, model, scaling."""
+    from aecli.io.latents import latent_file_facts
+
+    facts = {"source": str(path), **latent_file_facts(path)}
+    if as_json:
+        print_json(facts)
+        return
+    shape = "x".join(map(str, facts["latent_shape"]))
+    rows = [
+        ("model", facts["fingerprint"] or "unknown (a .npy file)"),
+        ("latents", f"{facts['count']:,} of {shape}"),
+        ("stored", f"{', '.join(facts['stored'])} ({facts['dtype']})"),
+        ("scaling", facts["scaling_described"] or "none"),
+        ("classes", ", ".join(facts["class_names"] or []) or "none"),
+    ]
+    results.print(key_value_table(str(path), [(k, escape(str(v))) for k, v in rows]))
+
+
 def _folder_info(path: Path, as_json: bool) -> None:
     """`aecli info DIR/` for a latent folder: count, shapes, scaling, model, size on disk."""
     from aecli.io.latent_folder import busy, folder_facts
+    from aecli.io.latents import LatentScaling
 
     facts = {"source": str(path), **folder_facts(path)}
     if as_json:
@@ -191,15 +215,24 @@ def _folder_info(path: Path, as_json: bool) -> None:
     size = facts["bytes"]
     disk = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
     scaling = settings.get("scaling")
-    scaled = "none" if not scaling else f"(z - {scaling['shift']:g}) * {scaling['scale']:g}"
+    try:
+        scaled = "none" if not scaling else LatentScaling.from_record(scaling).describe()
+    except ValueError:
+        scaled = "damaged record"
     made = {
         True: "encoded (a VAE's posterior mean)",
         False: "encoded (the encoder's output)",
     }.get(facts.get("variational"), "encoded")
     if "sampled_from" in settings:
         made = f"sampled from {settings['sampled_from']} (seed {settings.get('seed')})"
-    elif settings.get("sample"):
+    elif settings.get("store") == "sample":
         made = f"sampled from the posterior (seed {settings.get('seed')})"
+    elif settings.get("store") == "moments":
+        made = "encoded (a VAE's posterior mean; its standard deviation as latents_std)"
+    if settings.get("flip"):
+        made += "; each image's mirror image's as latents_flip"
+    if settings.get("dtype"):
+        made += f"; stored as {settings['dtype']}, computed in {settings.get('precision')}"
     rows = [("model", f"{facts['fingerprint']} ({facts['weights']})")]
     if facts["finished"]:
         shapes = ", ".join(

@@ -39,6 +39,7 @@ ENCODE_EXAMPLES = """
   aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o z.safetensors
   aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/
   aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/ --resume
+  aecli encode sd-vae-ft-mse/ imagenet/ --flip --store moments --dtype bfloat16 -o in1k/
   torchrun --nproc_per_node=8 -m aecli encode vae/ imagenet/ -o in1k/
 """
 
@@ -49,6 +50,7 @@ DECODE_EXAMPLES = """
   aecli decode model.safetensors z.npy -o grid.png
   aecli decode vae/ in1k/ -o images/
   aecli decode vae/ in1k/ -o some.png --select n01440764/x.JPEG --select 12
+  aecli decode vae/ in1k/ -o mirrored/ --flip --select 0 --select 1
   aecli encode runs/x a.png -o - | aecli decode runs/x - -o out/
 """
 
@@ -69,10 +71,44 @@ def encode(
             show_default=False,
         ),
     ],
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="What to keep of a VAE's posterior: mean, sample (a draw from it) or moments "
+            "(its mean as latents and its standard deviation as latents_std, for a fresh draw "
+            "every epoch).",
+        ),
+    ] = "mean",
     sample: Annotated[
         bool,
-        typer.Option("--sample", help="Draw z from a VAE's posterior instead of taking its mean."),
+        typer.Option("--sample", help="The same as --store sample."),
     ] = False,
+    flip: Annotated[
+        bool,
+        typer.Option(
+            "--flip",
+            help="Encode each image's horizontal mirror image too, stored beside its latents "
+            "as latents_flip (and latents_flip_std with --store moments).",
+        ),
+    ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="What the latents are stored in: float32, bfloat16 or float16 (half the disk; "
+            "the encoder still computes in float32, only the stored values are rounded).",
+        ),
+    ] = "float32",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="What the encoder computes in: fp32, bf16 or auto (the model's own policy: "
+            "bf16 autocast for large models on GPUs with bf16 tensor cores). Recorded in a "
+            "folder's index.",
+        ),
+    ] = "fp32",
     seed: Annotated[
         int,
         typer.Option(
@@ -157,10 +193,21 @@ def encode(
     from aecli.devices import resolve_device, torchrun_processes
     from aecli.errors import UsageError
     from aecli.inference import Predictor, collect_inputs
-    from aecli.inference.latents import EncodeSettings
-    from aecli.io.latents import STDIO, names_folder, output_format
+    from aecli.inference.latents import STORES, EncodeSettings
+    from aecli.io.latents import STDIO, STORAGE, names_folder, output_format
     from aecli.io.outputs import OutputGuard
 
+    store, dtype, precision = (v.strip().lower() for v in (store, dtype, precision))
+    for option, value, choices in (
+        ("--store", store, STORES),
+        ("--dtype", dtype, tuple(STORAGE)),
+        ("--precision", precision, ("fp32", "bf16", "auto")),
+    ):
+        if value not in choices:
+            raise UsageError(f"{option} {value}: choose {', '.join(choices)}")
+    if sample and store not in ("mean", "sample"):
+        raise UsageError(f"--sample is --store sample; it cannot go with --store {store}")
+    store = "sample" if sample else store
     to_stdout = out == STDIO
     folder = names_folder(out)
     if to_stdout and as_json:
@@ -178,7 +225,19 @@ def encode(
                 f"-o {out}: under torchrun each process writes its own shards into a latent "
                 "folder; give -o DIR/"
             )
-    elif fmt not in (None, "safetensors"):
+    if not folder and output_format(out, fmt) == "npy":
+        extra = [n for n, on in (("--flip", flip), ("--store moments", store == "moments")) if on]
+        if extra:
+            raise UsageError(
+                f"-o {out}: a .npy file holds one array of latents; {' and '.join(extra)} store "
+                "more arrays: write .safetensors or a folder"
+            )
+        if dtype == "bfloat16":
+            raise UsageError(
+                f"-o {out}: numpy has no bfloat16; write .safetensors or a folder, or give "
+                "--dtype float16"
+            )
+    if folder and fmt not in (None, "safetensors"):
         raise UsageError(
             f"--format {fmt}: a latent folder holds safetensors shards; -o {out} names a folder "
             "(a latent file's name ends in .safetensors or .npy)"
@@ -196,21 +255,27 @@ def encode(
         dist = setup_distributed(resolved, timeout=timedelta(days=7))
     try:
         predictor = Predictor(weights, resolved)
+        predictor.set_precision(precision)  # before the batch size: bf16 halves activations
         batch_size = predictor.batch_size(batch_size)
         predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
-        if sample and not predictor.variational:
+        if store != "mean" and not predictor.variational:
             what = "is deterministic" if predictor.family else "has no posterior"
+            option = "--sample" if sample else f"--store {store}"
+            draws = "draws from" if store == "sample" else "stores the mean and std of"
             raise UsageError(
-                f"--sample draws from a VAE's posterior; this model, {predictor.kind}, {what}",
+                f"{option} {draws} a VAE's posterior; this model, {predictor.kind}, {what}",
                 path=weights,
             )
         scaling = _scaling(predictor, scaled, scaling_factor, shift_factor)
         settings = EncodeSettings(
             _encode_size(size, predictor, buckets is not None),
             _buckets(buckets, predictor, 1 if scaling is None else scaling.patch),
-            sample,
-            seed,
-            scaling,
+            store=store,
+            seed=seed,
+            scaling=scaling,
+            flip=flip,
+            dtype=dtype,
+            precision=precision,
         )
         files, failures = collect_inputs(inputs)
         guard = OutputGuard([weights, *inputs], [f.path for f in files])
@@ -234,9 +299,21 @@ def encode(
 
 
 def _kind(predictor, settings) -> str:
-    if settings.sample:
-        return "sampled"
-    return "posterior mean" if predictor.variational else "codes"
+    """`posterior mean and std, with mirror images, bfloat16`: what an encode stored."""
+    what = {"sample": "sampled", "moments": "posterior mean and std"}.get(settings.store)
+    what = what or ("posterior mean" if predictor.variational else "codes")
+    what += ", with mirror images" if settings.flip else ""
+    return what + ("" if settings.dtype == "float32" else f", {settings.dtype}")
+
+
+def _stored(settings) -> dict:
+    """What --json says of what an encode stored."""
+    return {
+        "store": settings.store,
+        "flip": settings.flip,
+        "dtype": settings.dtype,
+        "precision": settings.precision,
+    }
 
 
 def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, workers, as_json):
@@ -277,6 +354,7 @@ def _encode_file(predictor, files, failures, out, fmt, settings, *, batch_size, 
                 "fingerprint": predictor.fingerprint,
                 "labels": latents.labels is not None,
                 "scaling": None if scaling is None else scaling.record(),
+                **_stored(settings),
                 "failed": failure_rows(failures),
             }
         )
@@ -346,6 +424,7 @@ def _encode_folder(
                 "labels": index["class_names"] is not None,
                 "scaling": index["settings"]["scaling"],
                 "already_encoded": job.images_done,
+                **_stored(settings),
                 "failed": failure_rows(failed),
             }
         )
@@ -473,6 +552,14 @@ def decode(
         ),
     ] = None,
     columns: Columns = 8,
+    flip: Annotated[
+        bool,
+        typer.Option(
+            "--flip",
+            help="Decode the mirror images' latents (latents_flip, from `encode --flip`) "
+            "instead of the images'.",
+        ),
+    ] = False,
     scaled: Annotated[
         bool,
         typer.Option(
@@ -518,6 +605,8 @@ def decode(
     grid = is_grid(out)
     if latent_file != STDIO and Path(latent_file).is_dir():
         folder = LatentFolder.open(latent_file)
+        if flip and not folder.settings.get("flip"):
+            raise UsageError(f"--flip: {latent_file} holds no latents_flip (encode with --flip)")
         if select:
             chunks = [folder.select([folder.locate(s) for s in select])]
         else:
@@ -544,7 +633,7 @@ def decode(
                 scaling=override or recorded,
             )
     else:
-        chunks = [_fitted(predictor, chunks[0], override, force)]
+        chunks = [_fitted(predictor, _side(chunks[0], flip), override, force)]
     count = len(sources) if sources is not None else len(chunks[0].latents)
     names = decoded_names(sources, count)
     outputs = image_outputs(out, names)
@@ -557,6 +646,7 @@ def decode(
         def images():
             nonlocal shape
             for chunk in chunks:
+                chunk = _side(chunk, flip) if shapes is not None else chunk
                 chunk = chunk if shapes is None else _fitted(predictor, chunk, override, force)
                 shape = tuple(chunk.latents.shape[1:])
                 yield from decoded_images(
@@ -605,6 +695,21 @@ def _check_grid(grid: bool, folder) -> None:
             f"-o FILE.png: {folder.name} holds latents of {len(folder.shapes)} shapes; one grid "
             "needs one, decode into a folder or pick some with --select"
         )
+
+
+def _side(latents, flip: bool):
+    """The latents to decode: the images', or with --flip their mirror images'."""
+    from dataclasses import replace
+
+    from aecli.errors import UsageError
+
+    if not flip:
+        return latents
+    if latents.flip is None:
+        raise UsageError(
+            f"--flip: {latents.name or 'the latents'} hold no latents_flip (encode with --flip)"
+        )
+    return replace(latents, latents=latents.flip, std=latents.flip_std)
 
 
 def _fitted(predictor, latents, override, force):

@@ -22,10 +22,13 @@ from aecli.inference.inputs import Buckets, InputFile, Progress, load_batches, n
 from aecli.inference.outputs import hwc
 from aecli.inference.predictor import Predictor
 from aecli.io.latent_folder import SHARD_BYTES, FolderWriter, Plan
-from aecli.io.latents import LatentFile, LatentScaling
+from aecli.io.latents import STORAGE, LatentFile, LatentScaling
 
 if TYPE_CHECKING:  # the engine package loads the trainer
     from aecli.engine.distributed import Distributed
+
+
+STORES = ("mean", "sample", "moments")  # what `encode --store` keeps of a VAE's posterior
 
 
 @dataclass(frozen=True)
@@ -34,15 +37,25 @@ class EncodeSettings:
 
     size: tuple[int, int] | None  # None: each image's own size
     buckets: Buckets | None = None  # aspect buckets instead of one size
-    sample: bool = False  # a draw from a VAE's posterior instead of its mean
+    store: str = "mean"  # the posterior's mean, a draw from it, or its mean and std (STORES)
     seed: int = 0
     scaling: LatentScaling | None = None
+    flip: bool = False  # each image's mirror image encoded too (latents_flip)
+    dtype: str = "float32"  # what the latents are stored in (io.latents.STORAGE)
+    precision: str = "fp32"  # what the encoder computes in (auto, fp32, bf16)
+
+    @property
+    def sample(self) -> bool:
+        return self.store == "sample"
 
     def record(self, shard_size: int) -> dict:
         return {
             "size": "native" if self.size is None else list(self.size),
             "buckets": None if self.buckets is None else [list(b) for b in self.buckets.sizes],
-            "sample": self.sample,
+            "store": self.store,
+            "flip": self.flip,
+            "dtype": self.dtype,
+            "precision": self.precision,
             "seed": self.seed if self.sample else None,
             "scaling": None if self.scaling is None else self.scaling.record(),
             "shard_size": shard_size,
@@ -81,7 +94,8 @@ def encode_units(
     """
     failures: dict[int, Failure] = {}
     starts = [r.start for _, r in units]
-    found: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # the open unit's, per shape
+    # the open unit's latents, per shape: (file number, {LatentFile field: latent})
+    found: dict[tuple, list[tuple[int, dict[str, torch.Tensor]]]] = {}
     open_unit = 0
 
     def close(position: int) -> EncodedUnit:
@@ -90,14 +104,16 @@ def encode_units(
         for rows in sorted(found.values(), key=lambda rows: min(i for i, _ in rows)):
             rows.sort(key=lambda row: row[0])
             numbers = [i for i, _ in rows]
+            stored = {field: torch.stack([row[field] for _, row in rows]) for field in rows[0][1]}
             parts.append(
                 LatentFile(
-                    torch.stack([z for _, z in rows]),
-                    None if labels is None else torch.tensor([labels[i] for i in numbers]),
-                    predictor.fingerprint,
-                    [files[i].name for i in numbers],
-                    class_names,
+                    labels=None if labels is None else torch.tensor([labels[i] for i in numbers]),
+                    fingerprint=predictor.fingerprint,
+                    sources=[files[i].name for i in numbers],
+                    class_names=class_names,
                     scaling=settings.scaling,
+                    dtype=settings.dtype,
+                    **stored,
                 )
             )
         found.clear()
@@ -123,13 +139,12 @@ def encode_units(
             yield close(open_unit)
             open_unit += 1
         images, count = _padded_batch(batch.images, per_batch)
-        generators = None
-        if settings.sample:
-            numbers = batch.indices + [batch.indices[-1]] * (len(images) - count)
-            generators = predictor.image_generators(settings.seed, numbers)
-        z = predictor.encode(images, generators)[:count]
-        z = (settings.scaling.apply(z) if settings.scaling is not None else z).cpu()
-        shape = tuple(z.shape[1:])
+        numbers = batch.indices + [batch.indices[-1]] * (len(images) - count)
+        z = _encoded(predictor, images, numbers, settings, count)
+        if settings.flip:  # the mirror images, in another batch of the same shape
+            flipped = _encoded(predictor, images.flip(-1), numbers, settings, count, flip=True)
+            z.update({"flip" if key == "latents" else "flip_std": t for key, t in flipped.items()})
+        shape = tuple(z["latents"].shape[1:])
         if one_shape and found and shape not in found:
             had, rows = next(iter(found.items()))
             a, b = files[rows[0][0]].path, files[batch.indices[0]].path
@@ -139,11 +154,37 @@ def encode_units(
                 "a latent folder (-o DIR/), which groups shapes into shards, or pass --size or "
                 "--buckets"
             )
-        found.setdefault(shape, []).extend(zip(batch.indices, z, strict=True))
+        rows = [{key: value[row] for key, value in z.items()} for row in range(count)]
+        found.setdefault(shape, []).extend(zip(batch.indices, rows, strict=True))
         progress(len(batch))
     while open_unit < len(units):
         yield close(open_unit)
         open_unit += 1
+
+
+def _encoded(
+    predictor: Predictor,
+    images: torch.Tensor,
+    numbers: list[int],
+    settings: EncodeSettings,
+    count: int,
+    *,
+    flip: bool = False,
+) -> dict[str, torch.Tensor]:
+    """A batch's first `count` latents as `settings.store` keeps them, scaled where asked, on
+    the CPU, by LatentFile field: {"latents": ...} and, for moments, "std" (a standard
+    deviation scales by the scale alone; patches move it as they move the mean)."""
+    scaling = settings.scaling
+    if settings.store == "moments":
+        mean, std = (t[:count] for t in predictor.moments(images))
+        if scaling is not None:
+            mean, std = scaling.apply(mean), scaling.apply_spread(std)
+        return {"latents": mean.cpu(), "std": std.cpu()}
+    generators = None
+    if settings.sample:
+        generators = predictor.image_generators(settings.seed, numbers, flip=flip)
+    z = predictor.encode(images, generators)[:count]
+    return {"latents": (z if scaling is None else scaling.apply(z)).cpu()}
 
 
 def _padded_batch(images: torch.Tensor, full: int) -> tuple[torch.Tensor, int]:
@@ -197,8 +238,9 @@ def encode_files(
 
 
 def default_shard_size(predictor: Predictor, settings: EncodeSettings) -> int:
-    """Latents per shard so that a shard holds about SHARD_BYTES (256 MiB) of float32 latents
-    at the encode's size (the largest bucket; the model's input size for --size native)."""
+    """Latents per shard so that a shard holds about SHARD_BYTES (256 MiB) of stored tensors
+    (the latents, their std and their mirror images' where stored, in the stored dtype) at the
+    encode's size (the largest bucket; the model's input size for --size native)."""
     if settings.buckets is not None:
         size = max(settings.buckets.sizes, key=lambda s: s[0] * s[1])
     else:
@@ -207,7 +249,9 @@ def default_shard_size(predictor: Predictor, settings: EncodeSettings) -> int:
     if predictor.spatial:
         f = predictor.factor
         shape = (shape[0], -(-size[0] // f), -(-size[1] // f))
-    return max(1, min(1 << 20, SHARD_BYTES // (4 * math.prod(shape))))
+    tensors = (2 if settings.store == "moments" else 1) * (2 if settings.flip else 1)
+    each = STORAGE[settings.dtype].itemsize * math.prod(shape) * tensors
+    return max(1, min(1 << 20, SHARD_BYTES // each))
 
 
 def inputs_digest(files: list[InputFile]) -> str:

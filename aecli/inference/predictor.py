@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from aecli.data.transforms import to_uint8
-from aecli.devices import Execution, available_memory, placed, resolved
+from aecli.devices import Execution, ModelCost, available_memory, placed, resolved
 from aecli.errors import UsageError, printable
 from aecli.io.latents import LatentFile, LatentScaling, fit_to_model
 from aecli.io.vae_families import OWN, family_of
@@ -372,6 +372,16 @@ class Predictor:
             )
         return to_uint8(image[..., :h, :w], self.value_range)
 
+    def set_precision(self, precision: str) -> None:
+        """Run the model in `precision` (auto, fp32, bf16: as `train.precision`) instead of
+        its config's; `encode` computes in fp32 whatever its latents are stored in."""
+        config = self.info.config
+        cost = self.execution.cost
+        if cost is None and self.device.type == "cuda" and precision == "auto":
+            cost = ModelCost.of(config)
+        self.execution = Execution(self.device, precision, config.train.memory_format, cost)
+        self.model.to(memory_format=self.execution.memory_format)
+
     @torch.inference_mode()
     def encode(
         self,
@@ -380,14 +390,24 @@ class Predictor:
     ) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float32 latents (B, *latent_shape): the posterior mean, or a
         draw from the posterior when a generator (or one per image) is given (VAE)."""
+        posterior = self._posterior(images)
+        z = posterior.sample(generator) if generator is not None else posterior.mode()
+        return z.float()
+
+    @torch.inference_mode()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, C, H, W) -> the posterior's mean and standard deviation, float32 (B,
+        *latent_shape) each (a VAE's)."""
+        posterior = self._posterior(images)
+        return posterior.mean.float(), torch.exp(0.5 * posterior.logvar).float()
+
+    def _posterior(self, images: torch.Tensor):
         x = self._padded(self.execution.prepare(images, self.value_range))
         with self.execution.autocast():
             raw = self._run(
                 "encode", x, self.model.encode_raw, lambda one, t: self._tiled("encode", one, t)
             )
-        posterior = self.model.posterior(raw.float())
-        z = posterior.sample(generator) if generator is not None else posterior.mode()
-        return z.float()
+        return self.model.posterior(raw.float())
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -427,15 +447,20 @@ class Predictor:
         gives the same draws on every device."""
         return torch.Generator().manual_seed(seed)
 
-    def image_generators(self, seed: int, numbers: list[int]) -> list[torch.Generator]:
+    def image_generators(
+        self, seed: int, numbers: list[int], *, flip: bool = False
+    ) -> list[torch.Generator]:
         """One generator per image, from `seed` and the image's number in its input list: an
-        image's draw is the same whatever the batch, the shard or the process it falls in."""
-        return [self.generator(image_seed(seed, n)) for n in numbers]
+        image's draw is the same whatever the batch, the shard or the process it falls in.
+        `flip`: its mirror image's, another stream."""
+        return [self.generator(image_seed(seed, n, flip=flip)) for n in numbers]
 
 
-def image_seed(seed: int, number: int) -> int:
-    """A 63-bit seed for image `number` of a run seeded with `seed`."""
-    digest = hashlib.blake2b(f"{seed}/{number}".encode(), digest_size=8).digest()
+def image_seed(seed: int, number: int, *, flip: bool = False) -> int:
+    """A 63-bit seed for image `number` of a run seeded with `seed` (`flip`: for its mirror
+    image, another)."""
+    key = f"{seed}/{number}" + ("/flip" if flip else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

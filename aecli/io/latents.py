@@ -1,5 +1,11 @@
-"""Latent files (DESIGN section 5): safetensors with `latents`, optional `labels` and metadata
-naming the model; `.npy` for numpy tools; `-` for stdin / stdout so that commands chain.
+"""Latent files: safetensors with `latents`, optional `labels` and metadata naming the model;
+`.npy` for numpy tools; `-` for stdin / stdout so that commands chain.
+
+Beside `latents` (the posterior's mean, a draw from it, or a deterministic model's code), a
+file may hold `latents_std` (the posterior's standard deviation: `encode --store moments`),
+`latents_flip` (the latents of each image's mirror image: `encode --flip`) and
+`latents_flip_std`, each of the latents' shape, all stored in one dtype: float32, bfloat16 or
+float16 (`encode --dtype`). Read, every tensor is float32.
 """
 
 from __future__ import annotations
@@ -30,6 +36,19 @@ class LatentFileError(UsageError):
     """A latent file is missing, unreadable, or does not fit the model; exit 2."""
 
 
+# what a latent file holds beside `latents`: LatentFile's field -> the tensor's name
+STORED = {
+    "latents": "latents",
+    "std": "latents_std",
+    "flip": "latents_flip",
+    "flip_std": "latents_flip_std",
+}
+# the dtypes latents are stored in: --dtype's name -> torch's, and safetensors' names for them
+STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+FLOAT16_MAX = 65504.0
+
+
 @dataclass(frozen=True)
 class LatentScaling:
     """Latents as diffusion models consume them: (patchify(z) - shift) * scale. `scale` and
@@ -54,6 +73,12 @@ class LatentScaling:
         """(B, C, H, W) -> (B, C p^2, H/p, W/p), shifted and scaled."""
         scale, shift = self._factors(z)
         return (self._patchify(z) - shift) * scale
+
+    def apply_spread(self, std: torch.Tensor) -> torch.Tensor:
+        """A standard deviation of latents as `apply` moves and scales them: patched alike,
+        times |scale| (a shift moves no spread)."""
+        scale, _ = self._factors(std)
+        return self._patchify(std) * abs(scale)  # abs() of a number or of a tensor
 
     def undo(self, z: torch.Tensor) -> torch.Tensor:
         scale, shift = self._factors(z)
@@ -165,29 +190,60 @@ class LatentFile:
     class_names: list[str] | None = None
     name: str = ""  # where it was read from, for messages
     scaling: LatentScaling | None = None  # how `latents` were scaled, if they were
+    std: torch.Tensor | None = None  # latents_std: the posterior's standard deviation
+    flip: torch.Tensor | None = None  # latents_flip: each image's mirror image's latents
+    flip_std: torch.Tensor | None = None  # latents_flip_std
+    dtype: str = "float32"  # what the latents are stored in (a STORAGE name)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors a file holds of them, under their names in it: `latents`, and
+        `latents_std`, `latents_flip`, `latents_flip_std` where there are."""
+        found = {name: getattr(self, field) for field, name in STORED.items()}
+        return {name: tensor for name, tensor in found.items() if tensor is not None}
+
+    def rows(self, index) -> dict:
+        """`index` (a slice, a list of numbers) of every stored tensor, as LatentFile fields."""
+        return {
+            field: None if getattr(self, field) is None else getattr(self, field)[index]
+            for field in STORED
+        }
+
 
 def latent_bytes(latents: LatentFile, fmt: str = "safetensors") -> bytes:
-    """Serialise to the safetensors latent format, or to a plain .npy array (latents only)."""
+    """Serialise to the safetensors latent format, or to a plain .npy array (latents only, in
+    float32 or float16)."""
     if fmt == "npy":
+        if len(latents.stored()) > 1 or latents.dtype == "bfloat16":
+            raise UsageError(npy_refusal(latents))
         buffer = io.BytesIO()
-        np.save(buffer, _latent_array(latents), allow_pickle=False)
+        np.save(buffer, _stored_array(latents, "latents")[0], allow_pickle=False)
         return buffer.getvalue()
     return b"".join(latent_parts(latents)[0])
 
 
+def npy_refusal(latents: LatentFile) -> str:
+    """Why a .npy file cannot hold these latents, in one line."""
+    if latents.dtype == "bfloat16":
+        return "a .npy file cannot hold bfloat16 (numpy has no such type); write .safetensors"
+    extra = ", ".join(n for n in latents.stored() if n != "latents")
+    return f"a .npy file holds the latents alone, not {extra}; write .safetensors or a folder"
+
+
 def latent_parts(latents: LatentFile) -> tuple[list[bytes | memoryview], int]:
-    """The safetensors latent file as parts to write one after another (no copy of the
-    latents), and the byte offset in the file where the float32 latents start: `labels`
-    (int64) first, then `latents`, each 8-byte aligned."""
-    values = _latent_array(latents)
-    arrays = {}
+    """The safetensors latent file as parts to write one after another (no copy of float32
+    latents), and the byte offset in the file where the latents start: `labels` (int64) first,
+    then `latents`, `latents_std`, `latents_flip`, `latents_flip_std` (those there are), each
+    8-byte aligned, in `latents.dtype`. A value beyond float16's range is refused, naming the
+    latent's source: never stored as an infinity."""
+    arrays, dtypes = {}, {}
     if latents.labels is not None:
         arrays["labels"] = latents.labels.detach().to("cpu", torch.int64).numpy().astype("<i8")
-    arrays["latents"] = values
+    for name in latents.stored():
+        arrays[name], dtypes[name] = _stored_array(latents, name)
+    values = arrays["latents"]
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -199,14 +255,36 @@ def latent_parts(latents: LatentFile) -> tuple[list[bytes | memoryview], int]:
     }
     if latents.scaling is not None:
         metadata["scaling"] = json.dumps(latents.scaling.record())
-    parts, offsets = tensor_file_parts(arrays, metadata)
+    parts, offsets = tensor_file_parts(arrays, metadata, dtypes)
     return parts, offsets["latents"]
 
 
-def _latent_array(latents: LatentFile) -> np.ndarray:
-    """The latents as a C-ordered little-endian float32 array (no copy where they are one)."""
-    values = latents.latents.detach().to("cpu", torch.float32).contiguous().numpy()
-    return values.astype("<f4", copy=False)
+def _stored_array(latents: LatentFile, name: str) -> tuple[np.ndarray, str | None]:
+    """A stored tensor as a C-ordered little-endian array in the file's dtype (no copy of
+    float32 values), and its safetensors dtype where numpy has none (bfloat16: its bits)."""
+    dtype = latents.dtype
+    if dtype not in STORAGE:
+        raise UsageError(f"--dtype {dtype}: choose {', '.join(STORAGE)}")
+    values = latents.stored()[name].detach().to("cpu")
+    if dtype == "float16":
+        _check_float16_range(latents, name, values)
+    values = values.to(STORAGE[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return values.view(torch.int16).numpy().astype("<i2", copy=False), "BF16"
+    return values.numpy().astype("<f4" if dtype == "float32" else "<f2", copy=False), None
+
+
+def _check_float16_range(latents: LatentFile, name: str, values: torch.Tensor) -> None:
+    peaks = values.float().abs().flatten(1).amax(1) if len(values) else values.new_zeros(0)
+    beyond = torch.nonzero(peaks > FLOAT16_MAX).flatten()
+    if len(beyond):
+        row = int(beyond[0])
+        source = latents.sources[row] if latents.sources else f"latent {row}"
+        raise LatentFileError(
+            f"{source}: its {name} reach {float(peaks[row]):.4g}, beyond float16's range "
+            f"(+-{FLOAT16_MAX:g}); store them with --dtype bfloat16 or float32",
+            path=latents.name or None,
+        )
 
 
 LATENT_SUFFIXES = (".safetensors", ".npy")
@@ -264,6 +342,47 @@ def read_latents(source: str | Path) -> LatentFile:
     return _from_safetensors(data, name)
 
 
+def is_latent_file(path: str | Path) -> bool:
+    """Whether a regular file is a latent file: a .npy array, or safetensors whose metadata
+    names aecli's latent format (its header read, not its tensors)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+            if start.startswith(_NPY_MAGIC[:6]):
+                return True
+            if len(start) < 8:
+                return False
+            length = int.from_bytes(start, "little")
+            if length > 100_000_000:
+                return False
+            header = start + handle.read(length)
+    except OSError:
+        return False
+    found = safetensors_header(header)
+    metadata = found[0].get("__metadata__") if found else None
+    return isinstance(metadata, dict) and metadata.get("format") == FORMAT
+
+
+def latent_file_facts(path: str | Path) -> dict:
+    """What `aecli info FILE` says of a latent file."""
+    latents = read_latents(path)
+    return {
+        "kind": "latent file",
+        "count": len(latents),
+        "latent_shape": list(latents.latents.shape[1:]),
+        "stored": list(latents.stored()),
+        "dtype": latents.dtype,
+        "fingerprint": latents.fingerprint,
+        "labels": latents.labels is not None,
+        "class_names": latents.class_names,
+        "scaling": None if latents.scaling is None else latents.scaling.record(),
+        "scaling_described": None if latents.scaling is None else latents.scaling.describe(),
+    }
+
+
 def _from_npy(data: bytes, name: str) -> LatentFile:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -276,7 +395,9 @@ def _from_npy(data: bytes, name: str) -> LatentFile:
             f"of shape {array.shape}",
             path=name,
         )
-    return _checked(torch.from_numpy(array.astype(np.float32)), None, None, None, None, name)
+    checked = _checked(torch.from_numpy(array.astype(np.float32)), None, None, None, None, name)
+    checked.dtype = "float16" if array.dtype == np.float16 else "float32"
+    return checked
 
 
 def _from_safetensors(data: bytes, name: str) -> LatentFile:
@@ -302,7 +423,31 @@ def _from_safetensors(data: bytes, name: str) -> LatentFile:
         tensors["latents"].float(), tensors.get("labels"), fingerprint, sources, class_names, name
     )
     checked.scaling = scaling
+    checked.dtype = _storage_name(tensors["latents"].dtype)
+    for field, stored in STORED.items():
+        if field == "latents" or stored not in tensors:
+            continue
+        tensor = tensors[stored]
+        if tensor.shape != tensors["latents"].shape or tensor.dtype != tensors["latents"].dtype:
+            raise LatentFileError(
+                f"its {stored} are {_typed(tensor)}, its latents {_typed(tensors['latents'])}: "
+                "damaged",
+                path=name,
+            )
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all() or (field.endswith("std") and (tensor < 0).any()):
+            what = "non-finite values" if field == "flip" else "negative or non-finite values"
+            raise LatentFileError(f"its {stored} hold {what}", path=name)
+        setattr(checked, field, tensor)
     return checked
+
+
+def _storage_name(dtype: torch.dtype) -> str:
+    return next((name for name, t in STORAGE.items() if t == dtype), str(dtype).split(".")[-1])
+
+
+def _typed(tensor: torch.Tensor) -> str:
+    return f"{_storage_name(tensor.dtype)} {tuple(tensor.shape)}"
 
 
 def _scaling(text: str | None) -> LatentScaling | None:

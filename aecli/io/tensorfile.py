@@ -39,21 +39,24 @@ def tensor_file_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
-_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<i8"): "I64"}
+_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64"}
 
 
 def tensor_file_parts(
-    arrays: dict[str, np.ndarray], metadata: dict[str, str]
+    arrays: dict[str, np.ndarray],
+    metadata: dict[str, str],
+    dtypes: dict[str, str] | None = None,
 ) -> tuple[list[bytes | memoryview], dict[str, int]]:
-    """A safetensors file of little-endian float32 / int64 arrays, as parts to write one after
-    another: the header, then each array's own memory in the given order (no copy of the data).
-    Also returns where each array's data starts in the file, for readers that map it
-    (`numpy.memmap(path, "<f4", "r", offset, shape)`)."""
+    """A safetensors file of little-endian float32 / float16 / int64 arrays, as parts to write
+    one after another: the header, then each array's own memory in the given order (no copy of
+    the data). `dtypes` names an array's safetensors dtype where numpy has none (`BF16`: its
+    bits as `<i2`). Also returns where each array's data starts in the file, for readers that
+    map it (`numpy.memmap(path, "<f4", "r", offset, shape)`)."""
     header: dict = {"__metadata__": dict(sorted(metadata.items()))}
     ends, offset = {}, 0
     for name, array in arrays.items():
         header[name] = {
-            "dtype": _DTYPES[array.dtype],
+            "dtype": (dtypes or {}).get(name) or _DTYPES[array.dtype],
             "shape": list(array.shape),
             "data_offsets": [offset, offset + array.nbytes],
         }
