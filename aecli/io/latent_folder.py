@@ -1,4 +1,4 @@
-"""Latent folders (DESIGN section 5a): a data set's latents as safetensors shards, each an
+"""Latent folders: a data set's latents as safetensors shards, each an
 ordinary aecli latent file of one latent shape, with `index.json` written last.
 
 While an encode runs the folder also holds `encode.json` (what is being encoded, for --resume)
@@ -33,6 +33,7 @@ from aecli.errors import UsageError, first_and_more, first_line
 from aecli.io.atomic import atomic_write_parts, atomic_write_text, is_temp_name, temp_target
 from aecli.io.jsonfile import read_json_file
 from aecli.io.latents import (
+    STORED,
     LatentFile,
     LatentFileError,
     LatentScaling,
@@ -258,7 +259,10 @@ class Plan:
 SETTING_OPTIONS = {
     "size": "--size",
     "buckets": "--buckets",
-    "sample": "--sample",
+    "store": "--store / --sample",
+    "flip": "--flip",
+    "dtype": "--dtype",
+    "precision": "--precision",
     "seed": "--seed",
     "scaling": "--scaled / --scaling-factor / --shift-factor",
     "shard_size": "--shard-size",
@@ -699,8 +703,8 @@ class LatentFolder:
             for number in found:
                 row = number - self.starts[shard]
                 label = None if latents.labels is None else latents.labels[row]
-                rows[number] = (latents.latents[row], latents.sources[row], label)
-        shapes = {tuple(rows[n][0].shape) for n in numbers}
+                rows[number] = (latents.rows(row), latents.sources[row], label, latents.dtype)
+        shapes = {tuple(rows[n][0]["latents"].shape) for n in numbers}
         if len(shapes) > 1:
             raise UsageError(
                 f"--select: the chosen latents have {len(shapes)} shapes "
@@ -708,14 +712,20 @@ class LatentFolder:
                 "of one shape"
             )
         labels = [rows[n][2] for n in numbers]
+        stored = {  # latents, and std and flip where every chosen row has them
+            field: torch.stack([rows[n][0][field] for n in numbers])
+            for field in STORED
+            if all(rows[n][0][field] is not None for n in numbers)
+        }
         return LatentFile(
-            torch.stack([rows[n][0] for n in numbers]),
-            None if any(label is None for label in labels) else torch.stack(labels),
-            self.fingerprint,
-            [rows[n][1] for n in numbers],
-            self.class_names,
+            labels=None if any(label is None for label in labels) else torch.stack(labels),
+            fingerprint=self.fingerprint,
+            sources=[rows[n][1] for n in numbers],
+            class_names=self.class_names,
             name=self.name,
             scaling=self.scaling,
+            dtype=rows[numbers[0]][3],
+            **stored,
         )
 
 
@@ -761,8 +771,9 @@ def write_latent_folder(
         labels = None if latents.labels is None else latents.labels[part]
         sources = latents.sources[part] if latents.sources else None
         chunk = LatentFile(
-            latents.latents[part], labels, latents.fingerprint, sources, latents.class_names,
-            scaling=latents.scaling,
+            labels=labels, fingerprint=latents.fingerprint, sources=sources,
+            class_names=latents.class_names, scaling=latents.scaling, dtype=latents.dtype,
+            **latents.rows(part),
         )  # fmt: skip
         writer.write_unit(unit, [chunk], [])
     return writer.finish([])
