@@ -15,14 +15,15 @@ from aecli.cli import (  # noqa: F401  (importing a module registers its command
     latents,
     reconstruct,
     runs,
+    stats,
     train,
 )
 from aecli.cli.app import app, interrupted
 from aecli.cli.render import print_error
 
 # --help lists the commands in the order a user meets them, `train` first
-ORDER = ["train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff", "export",
-         "presets", "info", "runs", "report"]  # fmt: skip
+ORDER = ["train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff", "stats",
+         "export", "presets", "info", "runs", "report"]  # fmt: skip
 app.registered_commands.sort(
     key=lambda c: ORDER.index(c.name or c.callback.__name__.replace("_", "-"))
 )

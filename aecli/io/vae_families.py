@@ -7,7 +7,8 @@ A new family is one `Family` entry and its layout module (as `vae_tiny`, `vae_fl
 convention that is not one scale and shift is a `Convention` kind whose `scaling` reads its
 statistics from the model: `batchnorm` for FLUX.2's 2x2 patchify and BatchNorm statistics;
 Qwen-Image and Wan's per-channel mean and std fit the same `LatentScaling` (per-channel factors,
-patch 1).
+patch 1). A convention's `fit` sets those values from a latent folder's statistics (`aecli export
+--latent-stats`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Protocol
 import torch
 
 from aecli.config import Config, LatentConfig
-from aecli.errors import WeightsError
+from aecli.errors import UsageError, WeightsError
 from aecli.io import vae_dc, vae_files, vae_flux2, vae_hunyuan, vae_tiny, vae_wan
 from aecli.io.latents import LatentScaling
 
@@ -45,6 +46,10 @@ class Convention:
 
     kind: str
     pipelines: str  # what the family's pipelines do, in words, for `aecli info`
+    # why the factors are not statistics of the family's own latents, where they are not (the
+    # TAESD family's are those of the VAE whose latents it shares): `export --latent-stats`
+    # refuses with it
+    fixed: str = ""
 
     def scaling(
         self, latent: LatentConfig, state: Mapping[str, torch.Tensor] | None = None
@@ -65,12 +70,63 @@ class Convention:
         scale = 1 / torch.sqrt(var + stats.eps)
         return LatentScaling(tuple(scale.tolist()), tuple(mean.tolist()), stats.patch)
 
+    def fit(
+        self, latent: LatentConfig, stats: Mapping[str, torch.Tensor]
+    ) -> tuple[LatentConfig, dict[str, torch.Tensor], dict[str, float | list[float]]]:
+        """What makes this convention normalise latents of these statistics
+        (`aecli.stats.folder_statistics` of raw latents; in the convention's patches for
+        batchnorm; the spread of posterior draws where given): (the latent config, the tensors
+        to set under aecli's names, {what the family's files call a value: the value}).
+
+        affine: where the model has a factor per channel (Qwen-Image, Wan), latents_mean and
+        latents_std per channel; else one scaling factor, 1 / std over all values (Stable
+        Diffusion's: latent diffusion set `scale_factor = 1. / z.flatten().std()`, which
+        diffusers documents as the latents' standard deviation), and, where the model has a
+        shift (SD3, FLUX.1), the mean as shift_factor. batchnorm: the running mean and variance
+        per channel of the patchified latent (FLUX.2)."""
+        mean = stats["mean"]
+        std = stats.get("draw_std", stats["std"])
+        if self.kind == "batchnorm":
+            _check(mean, std, positive=False)  # a variance of 0 is fine: pipelines add eps
+            var = std.square()
+            tensors = {"running_mean": mean, "running_var": var}
+            return (
+                latent,
+                {f"latent_norm.{k}": v.float() for k, v in tensors.items()},
+                {f"bn.{k}": v.tolist() for k, v in tensors.items()},
+            )
+        if isinstance(latent.scaling_factor, list) or isinstance(latent.shift_factor, list):
+            _check(mean, std)
+            update = {"scaling_factor": (1 / std).tolist(), "shift_factor": mean.tolist()}
+            written = {"latents_mean": mean.tolist(), "latents_std": std.tolist()}
+            return latent.model_copy(update=update), {}, written
+        mean = stats["overall_mean"]
+        std = stats.get("overall_draw_std", stats["overall_std"])
+        _check(mean[None], std[None])
+        written = {"scaling_factor": 1 / float(std)}
+        if latent.shift_factor != 0.0:
+            written["shift_factor"] = float(mean)
+        return latent.model_copy(update=written), {}, written
+
     def describe(
         self, latent: LatentConfig, state: Mapping[str, torch.Tensor] | None = None
     ) -> str:
         if self.kind == "batchnorm" and state is None:
             return self.pipelines
         return f"{self.scaling(latent, state).describe()}: {self.pipelines}"
+
+
+def _check(mean: torch.Tensor, std: torch.Tensor, positive: bool = True) -> None:
+    """Statistics a convention can be set to: finite, and spreads that 1 / std can scale."""
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+        raise UsageError("--latent-stats: the latents' statistics are not finite (an overflow?)")
+    flat = torch.nonzero(std <= 0).flatten() if positive else []
+    if len(flat):
+        where = f"channel {int(flat[0])}" if len(std) > 1 else "every channel"
+        raise UsageError(
+            f"--latent-stats: the latents of {where} do not vary (standard deviation 0): no "
+            "scaling factor normalises them"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,7 +161,12 @@ FAMILIES: dict[str, Family] = {
         "AutoencoderTiny",
         "TAESD, TAESDXL, TAESD3, TAEF1",
         deterministic=True,
-        convention=Convention("affine", "TAESD-family pipelines take latents at scale 1"),
+        convention=Convention(
+            "affine",
+            "TAESD-family pipelines take latents at scale 1",
+            fixed="its factors are those of the VAE whose latents it shares (SD's, SDXL's, "
+            "SD3's, FLUX.1's), not statistics of its own: give that VAE the statistics",
+        ),
         read_config=vae_tiny.layout_from_diffusers_config,
         of_config=vae_tiny.layout_of_config,
         block_types=frozenset({"tinyblock", "soft_clamp"}),
