@@ -84,3 +84,32 @@ def test_the_vae_families_benchmark_prints_a_row_per_family(tmp_path):
                 # each side's peak memory: a whole process, more than its 50 MB interpreter
                 peaks = [float(c.removesuffix(" GiB")) for c in found[6:8]]
                 assert all(0.05 < peak < 64 for peak in peaks), found
+
+
+def test_the_latent_loader_benchmark_prints_both_readers_and_their_memory(tmp_path):
+    """benchmarks/latent_loader.py at a tiny size: latents/s of LatentFolder and of the bare
+    numpy loop with their ratio, in order and shuffled, and each reader's peak memory growth at
+    two folder sizes."""
+    import subprocess
+
+    script = ROOT / "benchmarks" / "latent_loader.py"
+    options = f"--count 400 --shard-size 64 --batch-size 32 --repeats 1 --dir {tmp_path}"
+    done = subprocess.run([sys.executable, str(script), *options.split()], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        [c.strip() for c in line.strip("| \n").split("|")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| ---")
+    ]
+    speeds = {row[0]: row[1:] for row in rows if row[0] in ("in order", "shuffled")}
+    assert set(speeds) == {"in order", "shuffled"}, done.stdout
+    for ours, bare, ratio in speeds.values():
+        assert float(ours.replace(",", "")) > 0 and float(bare.replace(",", "")) > 0
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0
+    memory = [row for row in rows if len(row) == 5 and row[0] in ("100", "400")]
+    assert [(row[0], row[2]) for row in memory] == [
+        (count, reader) for count in ("100", "400") for reader in ("LatentFolder", "bare np.memmap")
+    ], done.stdout
+    assert all(row[4].endswith(" MiB") and float(row[4][:-4]) >= 0 for row in memory)
+    assert not list(tmp_path.iterdir())  # its folders are removed

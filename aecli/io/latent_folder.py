@@ -16,8 +16,10 @@ shards are all on disk). A kill leaves complete units and at most one partial un
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
+import operator
 import os
 import re
 import stat
@@ -33,6 +35,9 @@ from aecli.errors import UsageError, first_and_more, first_line
 from aecli.io.atomic import atomic_write_parts, atomic_write_text, is_temp_name, temp_target
 from aecli.io.jsonfile import read_json_file
 from aecli.io.latents import (
+    FORMAT,
+    SAFETENSORS_DTYPES,
+    STORAGE,
     STORED,
     LatentFile,
     LatentFileError,
@@ -41,6 +46,14 @@ from aecli.io.latents import (
     read_latents,
 )
 from aecli.io.locks import FolderLock, lock_holder
+from aecli.io.shard_maps import (
+    NUMPY_DTYPES,
+    ShardHeader,
+    ShardMap,
+    ShardMaps,
+    file_identity,
+    read_shard_header,
+)
 
 FOLDER_FORMAT = "aecli-latent-folder"
 FOLDER_VERSION = "1"
@@ -588,8 +601,73 @@ def _read_json(path: Path, name: str):
 # -- reading -----------------------------------------------------------------------------------
 
 
+def stored_tensors(settings: dict) -> list[str]:
+    """The tensors each shard of an encode with these settings holds, in file order: `latents`,
+    and `latents_std` (--store moments), `latents_flip` (--flip), `latents_flip_std` (both)."""
+    moments, flip = settings.get("store") == "moments", bool(settings.get("flip"))
+    wanted = {"latents": True, "std": moments, "flip": flip, "flip_std": flip and moments}
+    return [STORED[field] for field, on in wanted.items() if on]
+
+
+_STORAGE_NAMES = {code: name for name, code in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ShardFacts:
+    """What a shard says of itself (its header, or the file as read), for the index's word."""
+
+    fingerprint: str
+    sources: object  # a list of names, as the index has them, or anything else
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (STORAGE dtype name, shape)
+    labels: tuple[int, ...] | None  # the shape of its int64 labels; (-1,) for other labels
+
+    @classmethod
+    def of_header(cls, header: ShardHeader) -> ShardFacts:
+        metadata = header.metadata
+        try:
+            sources = json.loads(metadata.get("sources", "null"))
+        except ValueError:
+            sources = None
+        tensors = {
+            name: (_STORAGE_NAMES.get(span.dtype, span.dtype), span.shape)
+            for name, span in header.tensors.items()
+            if name in STORED.values()
+        }
+        labels = header.tensors.get("labels")
+        if labels is not None:
+            labels = labels.shape if labels.dtype == "I64" else (-1,)
+        return cls(metadata.get("fingerprint", ""), sources, tensors, labels)
+
+    @classmethod
+    def of_file(cls, latents: LatentFile) -> ShardFacts:
+        tensors = {n: (latents.dtype, tuple(t.shape)) for n, t in latents.stored().items()}
+        labels = latents.labels
+        if labels is not None:
+            labels = tuple(labels.shape) if labels.dtype == torch.int64 else (-1,)
+        return cls(latents.fingerprint or "", latents.sources, tensors, labels)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
 class LatentFolder:
-    """A finished latent folder, read shard by shard."""
+    """A finished latent folder: its shards checked against its index, and read two ways.
+
+    For aecli's commands, shard by shard: `for latents in folder` yields each shard as a
+    LatentFile (every tensor float32), `read`, `select`. For training, as a PyTorch map-style
+    dataset of its latents (`from aecli import LatentFolder`): `len(folder)` latents,
+    `folder[i]` a dict of `latents` (and `latents_std`, `latents_flip`, `latents_flip_std`
+    where the encode stored them), `label` (an int or None) and `source` (its input's name);
+    `folder.batches(...)` yields whole batches. These tensors come in the dtype the folder
+    stores (`encode --dtype`): bfloat16 latents stay bfloat16, a trainer calls .float().
+
+    Opening reads index.json and each shard's header, never its tensor data; a shard that is
+    not what the index says (cut short, from another encode, another dtype or count) is refused
+    in one line naming it, and a shard replaced since is checked again before it is read.
+    Rows are copied out of memory-mapped shards and the pages read handed back as they are
+    read (see aecli.io.shard_maps), so resident memory stays flat whatever the folder's size.
+    """
 
     def __init__(self, path: Path, index: dict, shards: list[ShardEntry]):
         self.path, self.index, self.shards = path, index, shards
@@ -601,13 +679,20 @@ class LatentFolder:
         settings = index.get("settings")
         self.settings = settings if isinstance(settings, dict) else {}
         self.scaling = _scaling(self.settings.get("scaling"), self.name)
+        self.dtype: str = self.settings.get("dtype") or "float32"  # a STORAGE name
+        self.tensors = stored_tensors(self.settings)  # what every shard holds
         self.starts = [0]
         for entry in shards:
             self.starts.append(self.starts[-1] + entry.count)
+        self._starts = np.array(self.starts, np.int64)
+        self.headers: list[ShardHeader] = []
+        self._maps: ShardMaps | None = None
+        self._shape_numbers: dict[tuple[int, ...], np.ndarray] | None = None
 
     @classmethod
     def open(cls, path: str | Path) -> LatentFolder:
-        """The folder's index, checked; one line for a folder that is not (yet) one."""
+        """The folder's index, and each shard's header, checked; one line for a folder that is
+        not (yet) one, or a shard that is not what the index says."""
         path = Path(path)
         writer = writer_process(path)
         if writer is not None and not (path / INDEX).is_file():
@@ -633,7 +718,81 @@ class LatentFolder:
             raise LatentFileError(f"damaged index ({first_line(exc)})", path=where) from None
         if not shards:
             raise LatentFileError("holds no latents (every input failed)", path=where)
-        return cls(path, index, shards)
+        folder = cls(path, index, shards)
+        if not isinstance(folder.dtype, str) or folder.dtype not in STORAGE:
+            raise LatentFileError(
+                f"damaged index (its dtype {str(folder.dtype)[:20]!r} is not one of "
+                f"{', '.join(STORAGE)})",
+                path=where,
+            )
+        count = index.get("count", folder.count)
+        if count != folder.count:
+            raise LatentFileError(
+                f"damaged index (its count {str(count)[:20]} is not its shards' {folder.count:,})",
+                path=where,
+            )
+        folder.headers = [folder._checked_header(entry) for entry in shards]
+        return folder
+
+    def _checked_header(self, entry: ShardEntry) -> ShardHeader:
+        """A shard's header, read (not its tensors) and checked against the index's entry."""
+        path = self.path / entry.file
+        header = read_shard_header(path)
+        ours = header is not None and header.metadata.get("format") == FORMAT
+        if ours:
+            problem = self._disagreement(entry, ShardFacts.of_header(header))
+            if problem is not None:
+                raise LatentFileError(problem, path=path)
+        size = header.size if header is not None else _size(path)
+        if size != entry.bytes:
+            what = "cut short" if (size or 0) < entry.bytes else "damaged"
+            raise LatentFileError(
+                f"{size or 0:,} bytes, the index says {entry.bytes:,}: {what} or replaced",
+                path=path,
+            )
+        if not ours:
+            raise LatentFileError(
+                "not an aecli latent file (no safetensors header naming aecli's latent format)",
+                path=path,
+            )
+        if max(span.end for span in header.tensors.values()) > header.size:
+            raise LatentFileError("damaged (its tensors reach past the end of the file)", path=path)
+        return header
+
+    def _disagreement(self, entry: ShardEntry, facts: ShardFacts) -> str | None:
+        """How a shard differs from the index's entry for it, in words; None where it agrees."""
+        another = "a shard of another encode"
+        if facts.fingerprint != entry.fingerprint:
+            return (
+                f"written by model {facts.fingerprint or 'unknown'}, the index's by model "
+                f"{entry.fingerprint}: {another}"
+            )
+        if set(facts.tensors) != set(self.tensors):
+            return (
+                f"holds {', '.join(facts.tensors) or 'no latents'}, the index's encode stored "
+                f"{', '.join(self.tensors)}: {another}"
+            )
+        expected = (entry.count, *entry.shape)
+        for name, (dtype, shape) in facts.tensors.items():
+            if shape != expected:
+                return (
+                    f"holds {shape[0] if shape else 0} {name} of shape {_shape(shape[1:])}, the "
+                    f"index says {entry.count} of shape {_shape(entry.shape)}"
+                )
+            if dtype != self.dtype:
+                return (
+                    f"stores its {name} as {dtype}, the index says {self.dtype} "
+                    f"(encode --dtype): {another}"
+                )
+        if facts.sources != entry.sources:
+            return f"its source names differ from the index's: {another}"
+        if facts.labels is None and entry.labels is not None:
+            return "holds no labels, the index lists them"
+        if facts.labels is not None and entry.labels is None:
+            return "holds labels, the index lists none"
+        if facts.labels is not None and facts.labels != (entry.count,):
+            return "damaged (its labels are not one int64 per latent)"
+        return None
 
     @property
     def shapes(self) -> dict[tuple[int, ...], int]:
@@ -650,28 +809,142 @@ class LatentFolder:
         return sum(e.bytes for e in self.shards) + (_size(self.path / INDEX) or 0)
 
     def read(self, entry: ShardEntry) -> LatentFile:
-        """One shard as a latent file, checked against what the index says of it."""
+        """One shard as a latent file (every tensor float32), checked against what the index
+        says of it: its header before it is read, the file as read after."""
         path = self.path / entry.file
-        size = _size(path) if path.is_file() else None  # a FIFO: read_latents says so
-        if size is not None and size != entry.bytes:  # read whole, so never past what it says
-            raise LatentFileError(
-                f"{size:,} bytes, the index says {entry.bytes:,}: damaged or replaced", path=path
-            )
+        self._checked_header(entry)  # by its size, so never read past what the index says
         latents = read_latents(path)
-        if len(latents) != entry.count or tuple(latents.latents.shape[1:]) != entry.shape:
-            raise LatentFileError(
-                f"holds {len(latents)} latents of shape {tuple(latents.latents.shape[1:])}, the "
-                f"index says {entry.count} of shape {entry.shape}",
-                path=path,
-            )
-        if latents.sources != entry.sources:
-            raise LatentFileError("its source names differ from the index's", path=path)
+        problem = self._disagreement(entry, ShardFacts.of_file(latents))
+        if problem is not None:
+            raise LatentFileError(problem, path=path)
         latents.name = str(path)
         return latents
 
     def __iter__(self) -> Iterator[LatentFile]:
+        """Each shard as a latent file, in order (not the latents one by one: see `batches`)."""
         for entry in self.shards:
             yield self.read(entry)
+
+    # -- a PyTorch dataset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, number: int) -> dict:
+        """Latent `number` (negative counts from the end): its tensors, `label` and `source`."""
+        number = operator.index(number)
+        if not -self.count <= number < self.count:
+            raise IndexError(f"latent {number} of {self.name}, which holds {self.count}")
+        batch = self._batch(np.array([number % self.count], np.int64))
+        item = {name: batch[name][0] for name in self.tensors}
+        return {**item, "label": batch["labels"][0], "source": batch["sources"][0]}
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        epoch: int = 0,
+    ) -> Iterator[dict]:
+        """This process's batches of one epoch: dicts of stacked tensors (`latents`, and the
+        other stored tensors: (B, C, H, W) in the stored dtype), `labels` (a list of int or
+        None) and `sources` (a list of names). See `batch_numbers` for which latents, in what
+        order; each batch is read shard by shard, one copy of its rows out of each."""
+        plan = self.batch_numbers(
+            batch_size, shuffle, seed, rank=rank, world_size=world_size, drop_last=drop_last,
+            epoch=epoch,
+        )  # fmt: skip
+        return (self._batch(numbers) for numbers in plan)
+
+    def batch_numbers(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        epoch: int = 0,
+    ) -> list[np.ndarray]:
+        """The latent numbers of each batch `batches` gives this process, each batch sorted.
+
+        Every batch holds latents of one shape: the latents are grouped by shape, shuffled
+        within each shape, cut into batches, and the batches shuffled (without `shuffle`:
+        in folder order). The order comes from numpy's default_rng([seed, epoch]) alone, so a
+        resumed training that passes the same seed and epoch sees the same batches. Process
+        `rank` of `world_size` (default: torchrun's RANK and WORLD_SIZE, else 0 and 1) takes
+        every world_size-th batch: the processes' batches are disjoint and together cover
+        the folder once. Without `drop_last`, a shape's last batch may be short and some
+        processes may get one batch more than others (then a DDP training's last all-reduce
+        waits for ever); with it, each shape's short batch is left out, and as many whole
+        batches as keep every process at the same number, a different few each epoch."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size {batch_size!r}: give a whole number from 1")
+        rank, world_size = _process(rank, world_size)
+        rng = np.random.default_rng([seed, epoch])
+        plan = []
+        for numbers in self._by_shape().values():
+            if shuffle:
+                numbers = rng.permutation(numbers)
+            stop = len(numbers) - len(numbers) % batch_size if drop_last else len(numbers)
+            plan += [np.sort(numbers[i : i + batch_size]) for i in range(0, stop, batch_size)]
+        if shuffle:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        if drop_last:
+            plan = plan[: len(plan) - len(plan) % world_size]
+        return plan[rank::world_size]
+
+    def _by_shape(self) -> dict[tuple[int, ...], np.ndarray]:
+        """The latent numbers of each shape, in folder order."""
+        if self._shape_numbers is None:
+            runs: dict[tuple[int, ...], list[np.ndarray]] = {}
+            for shard, entry in enumerate(self.shards):
+                start = self.starts[shard]
+                runs.setdefault(entry.shape, []).append(np.arange(start, start + entry.count))
+            self._shape_numbers = {shape: np.concatenate(r) for shape, r in runs.items()}
+        return self._shape_numbers
+
+    def _batch(self, numbers: np.ndarray) -> dict:
+        """The latents with these numbers (sorted, of one shape) as a batch, read shard by
+        shard: each shard's rows copied straight into the batch's arrays, one fancy index per
+        shard and tensor."""
+        shards = np.searchsorted(self._starts, numbers, side="right") - 1
+        cuts = [0, *(np.flatnonzero(np.diff(shards)) + 1).tolist(), len(numbers)]
+        shape = self.shards[int(shards[0])].shape
+        dtype = NUMPY_DTYPES[SAFETENSORS_DTYPES[self.dtype]]
+        arrays = {name: np.empty((len(numbers), *shape), dtype) for name in self.tensors}
+        labels, sources = [], []
+        if self._maps is None:
+            self._maps = ShardMaps(self._map)
+        for a, b in itertools.pairwise(cuts):
+            shard = int(shards[a])
+            entry, rows = self.shards[shard], numbers[a:b] - self.starts[shard]
+            self._maps[shard].take(rows, {name: array[a:b] for name, array in arrays.items()})
+            picked = rows.tolist()
+            sources += [entry.sources[row] for row in picked]
+            found = entry.labels
+            labels += [None] * len(picked) if found is None else [found[row] for row in picked]
+        batch = {name: torch.from_numpy(array) for name, array in arrays.items()}
+        if self.dtype == "bfloat16":  # numpy has no bfloat16: its bits, viewed
+            batch = {name: tensor.view(torch.bfloat16) for name, tensor in batch.items()}
+        return {**batch, "labels": labels, "sources": sources}
+
+    def _map(self, shard: int) -> ShardMap:
+        """Shard `shard` mapped, checked again first where the file changed since."""
+        entry, header = self.shards[shard], self.headers[shard]
+        path = self.path / entry.file
+        if file_identity(path) != header.identity:
+            header = self.headers[shard] = self._checked_header(entry)
+        return ShardMap(path, header, self.tensors)
+
+    def __getstate__(self) -> dict:
+        """Pickled (DataLoader workers that spawn) without its maps: each process maps anew."""
+        return {**self.__dict__, "_maps": None}
+
+    # -- picking latents for aecli's commands
 
     def locate(self, selector: str, option: str = "--select") -> int:
         """A latent's number in the folder from its source name, else its number (0-based;
@@ -727,6 +1000,16 @@ class LatentFolder:
             dtype=rows[numbers[0]][3],
             **stored,
         )
+
+
+def _process(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """This process's rank and the number of processes: as given, else torchrun's RANK and
+    WORLD_SIZE, else 0 of 1."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size} processes: give 0 <= rank < world_size")
+    return rank, world_size
 
 
 def _scaling(raw, name: str) -> LatentScaling | None:
