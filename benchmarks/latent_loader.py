@@ -37,7 +37,7 @@ import torch
 
 from aecli.io.latent_folder import LatentFolder, write_latent_folder
 from aecli.io.latents import SAFETENSORS_DTYPES, LatentFile
-from aecli.io.shard_maps import NUMPY_DTYPES
+from aecli.io.shard_files import NUMPY_DTYPES
 
 SHAPE = (4, 32, 32)
 SEED = 0

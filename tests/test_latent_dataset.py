@@ -172,8 +172,8 @@ def test_the_order_is_the_seed_and_the_epoch_alone(bucketed):
 
 def test_reading_a_whole_folder_keeps_resident_memory_flat(tmp_path):
     """64 MiB of latents read whole, shuffled and one by one: the process's peak resident memory
-    grows by a few batches, not by the folder (a mapped page read stays resident until it is
-    handed back)."""
+    grows by a few batches, not by the folder (a memory-mapped page read would stay resident
+    until unmapped)."""
     count = 4096
     latents = LatentFile(torch.randn(count, 4, 32, 32), None, "synthetic",
                          [f"{i}.png" for i in range(count)])  # fmt: skip

@@ -46,11 +46,11 @@ from aecli.io.latents import (
     read_latents,
 )
 from aecli.io.locks import FolderLock, lock_holder
-from aecli.io.shard_maps import (
+from aecli.io.shard_files import (
     NUMPY_DTYPES,
+    ShardFile,
+    ShardFiles,
     ShardHeader,
-    ShardMap,
-    ShardMaps,
     file_identity,
     read_shard_header,
 )
@@ -665,8 +665,8 @@ class LatentFolder:
     Opening reads index.json and each shard's header, never its tensor data; a shard that is
     not what the index says (cut short, from another encode, another dtype or count) is refused
     in one line naming it, and a shard replaced since is checked again before it is read.
-    Rows are copied out of memory-mapped shards and the pages read handed back as they are
-    read (see aecli.io.shard_maps), so resident memory stays flat whatever the folder's size.
+    Rows are read straight into each batch's arrays, nothing of a shard mapped (see
+    aecli.io.shard_files), so resident memory stays flat whatever the folder's size.
     """
 
     def __init__(self, path: Path, index: dict, shards: list[ShardEntry]):
@@ -686,7 +686,7 @@ class LatentFolder:
             self.starts.append(self.starts[-1] + entry.count)
         self._starts = np.array(self.starts, np.int64)
         self.headers: list[ShardHeader] = []
-        self._maps: ShardMaps | None = None
+        self._maps: ShardFiles | None = None
         self._shape_numbers: dict[tuple[int, ...], np.ndarray] | None = None
 
     @classmethod
@@ -918,7 +918,7 @@ class LatentFolder:
         arrays = {name: np.empty((len(numbers), *shape), dtype) for name in self.tensors}
         labels, sources = [], []
         if self._maps is None:
-            self._maps = ShardMaps(self._map)
+            self._maps = ShardFiles(self._map)
         for a, b in itertools.pairwise(cuts):
             shard = int(shards[a])
             entry, rows = self.shards[shard], numbers[a:b] - self.starts[shard]
@@ -932,16 +932,17 @@ class LatentFolder:
             batch = {name: tensor.view(torch.bfloat16) for name, tensor in batch.items()}
         return {**batch, "labels": labels, "sources": sources}
 
-    def _map(self, shard: int) -> ShardMap:
-        """Shard `shard` mapped, checked again first where the file changed since."""
+    def _map(self, shard: int) -> ShardFile:
+        """Shard `shard` opened, checked again first where the file changed since."""
         entry, header = self.shards[shard], self.headers[shard]
         path = self.path / entry.file
         if file_identity(path) != header.identity:
             header = self.headers[shard] = self._checked_header(entry)
-        return ShardMap(path, header, self.tensors)
+        return ShardFile(path, header, self.tensors)
 
     def __getstate__(self) -> dict:
-        """Pickled (DataLoader workers that spawn) without its maps: each process maps anew."""
+        """Pickled (DataLoader workers that spawn) without its open shards: each process opens
+        its own."""
         return {**self.__dict__, "_maps": None}
 
     # -- picking latents for aecli's commands
