@@ -90,8 +90,10 @@ def test_moments_flips_and_bfloat16_are_the_float32_encode_rounded(cli, vae, ima
     index = json.loads((out / "index.json").read_text())
     assert index["settings"]["store"] == "moments" and index["settings"]["flip"] is True
     assert (index["settings"]["dtype"], index["settings"]["precision"]) == ("bfloat16", "fp32")
-    stored, means, flips = by_source(shards(out)), by_source(shards(plain)), by_source(
-        shards(mirrored)
+    stored, means, flips = (
+        by_source(shards(out)),
+        by_source(shards(plain)),
+        by_source(shards(mirrored)),
     )
     assert sorted(stored) == sorted(means) and len(stored) == 4
     reference = diffusers.AutoencoderKL.from_pretrained(vae).eval()
