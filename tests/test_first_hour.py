@@ -124,7 +124,7 @@ def test_help_reads_well_at_80_columns():
     commands = top.split("Commands:")[1].split()
     assert commands[0] == "train"
     for name in ("train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff",
-                 "export", "presets", "info", "runs", "report"):  # fmt: skip
+                 "stats", "export", "presets", "info", "runs", "report"):  # fmt: skip
         text = subprocess.run([sys.executable, "-m", "aecli", name, "--help"],
                               capture_output=True, text=True, env=env).stdout  # fmt: skip
         options = text.split("Options:")[1].split("Examples:")[0]

@@ -39,7 +39,7 @@ ENCODE_EXAMPLES = """
   aecli encode sd-vae-ft-mse/ photos/ --size native --scaled -o z.safetensors
   aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/
   aecli encode sd-vae-ft-mse/ imagenet/ --buckets 256 -o in1k/ --resume
-  aecli encode sd-vae-ft-mse/ imagenet/ --flip --store moments --dtype bfloat16 -o in1k/
+  aecli encode vae/ imagenet/ --flip --store moments --dtype bfloat16 -o in1k/
   torchrun --nproc_per_node=8 -m aecli encode vae/ imagenet/ -o in1k/
 """
 
