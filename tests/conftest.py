@@ -186,7 +186,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def write_image_zoo(root: Path) -> dict[str, str | None]:
-    """Every awkward input of DESIGN section 8, written under root.
+    """Every awkward input an image reader meets, written under root.
 
     Returns {relative path: None if it must be read, else a fragment of the failure reason}.
     """

@@ -1,4 +1,4 @@
-"""The one image reader (DESIGN section 8) on every awkward input the tests can write."""
+"""The one image reader on every awkward input the tests can write."""
 
 from pathlib import Path
 

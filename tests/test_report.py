@@ -240,11 +240,12 @@ def test_log_to_tensorboard_without_the_package_is_one_line(
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_a_run_of_an_older_aecli_lists_and_reports(tiny_preset, tmp_path, cli):
-    """No state.json, epoch records without a kind, no windows: what aecli wrote before."""
+def test_a_run_without_its_state_and_report_lists_and_reports(tiny_preset, tmp_path, cli):
+    """state.json, the report and the final pictures deleted, and no window records: the run is
+    listed from its other files, and `report` writes its page again."""
     run = tmp_path / "old"
     tiny_run(tiny_preset, run, ["train.epochs=2"])
-    epochs = [{k: v for k, v in r.items() if k != "kind"} for r in epochs_of(run)]
+    epochs = epochs_of(run)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
     for name in ("state.json", "report.html", "samples.png", "interpolation.png"):
         (run / name).unlink()

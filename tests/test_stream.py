@@ -1,4 +1,4 @@
-"""Streamed data: image folders and WebDataset shards read from disk every epoch (DESIGN 5a)."""
+"""Streamed data: image folders and WebDataset shards read from disk every epoch."""
 
 from __future__ import annotations
 

@@ -131,7 +131,8 @@ def report(
     The page needs no network, scripts or fonts from elsewhere: loss curves, every epoch's
     validation grid, the configuration, device, model facts, final and best metrics, and the
     samples and interpolation drawn at the end of training. Training rewrites RUN/report.html
-    after every epoch; this writes it again on demand, for a run of an older aecli too."""
+    after every epoch; this writes it again on demand (a run killed before its last one, a
+    report deleted)."""
     from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
     from aecli.io.outputs import OutputGuard

@@ -1,4 +1,4 @@
-"""The one image reader (DESIGN section 8) and the recursive image-file listing.
+"""The one image reader and the recursive image-file listing.
 
 Every command and the folder data source read images through `read_image`; a file that cannot
 be used raises ImageReadError with a reason a person can act on, never anything else.

@@ -1,4 +1,4 @@
-"""The run directory (DESIGN section 4): its files, and what `--resume DIR` continues from it.
+"""The run directory: its files, and what `--resume DIR` continues from it.
 
 config.yaml, metrics.jsonl, grids/epoch-NNNN.png, model.safetensors, checkpoint.safetensors,
 state.json (where the run stands: running, finished, stopped, interrupted, failed), report.html
@@ -8,7 +8,6 @@ atomic. Only rank 0 of a torchrun writes.
 metrics.jsonl holds two kinds of records: one per epoch (`"kind": "epoch"`: the epoch's mean
 training terms, the validation terms, lr, images/s) and one per logging window of
 `train.log_every` steps (`"kind": "window"`: the window's mean training terms, lr, images/s).
-Records without a kind (runs of aecli before 0.9) are epochs.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ FILES = ("config.yaml", METRICS, STATE, CHECKPOINT, WEIGHTS, REPORT, SAMPLES, IN
 
 
 def is_epoch(record: dict) -> bool:
-    return record.get("kind", "epoch") == "epoch"
+    return record["kind"] == "epoch"
 
 
 def _record(line: bytes) -> dict | None:
@@ -61,7 +60,7 @@ def _record(line: bytes) -> dict | None:
         record = json.loads(line)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("kind", "epoch") not in ("epoch", "window"):
+    if not isinstance(record, dict) or record.get("kind") not in ("epoch", "window"):
         return None
     for key, value in record.items():
         whole = isinstance(value, int) and not isinstance(value, bool)

@@ -791,7 +791,7 @@ class Trainer:
 
 
 def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
-    """Train a model on `data` and write the run directory (DESIGN section 4).
+    """Train a model on `data` and write the run directory (aecli.engine.rundir).
 
     `options` are Trainer's keywords: preset (required), device, reporter, data_path,
     val_data_path, init.

@@ -1,6 +1,7 @@
 """Where a command may write: never onto or into anything it reads, never two outputs onto one
 path, never over an existing file without --overwrite, and only where the folders can be made.
-All of it is checked before any work starts (DESIGN: inputs are never modified)."""
+All of it is checked before any work starts, so that a refused command has written nothing and
+an input is never modified."""
 
 from __future__ import annotations
 

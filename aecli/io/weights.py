@@ -1,4 +1,4 @@
-"""Self-describing weights files (DESIGN section 6): tensors + the config and facts to use them.
+"""Self-describing weights files: tensors + the config and facts to use them.
 
 Loading rebuilds the model from the file's metadata alone and never runs code from the file.
 """
