@@ -190,60 +190,18 @@ def encode(
     stays the same whatever the number of images, a killed encode continues with --resume, and
     `torchrun --nproc_per_node=N -m aecli encode ...` encodes on N GPUs.
     """
-    from aecli.devices import resolve_device, torchrun_processes
-    from aecli.errors import UsageError
+    from aecli.devices import resolve_device
     from aecli.inference import Predictor, collect_inputs
-    from aecli.inference.latents import STORES, EncodeSettings
-    from aecli.io.latents import STDIO, STORAGE, names_folder, output_format
+    from aecli.inference.latents import EncodeSettings
+    from aecli.io.latents import STDIO, names_folder, output_format
     from aecli.io.outputs import OutputGuard
 
-    store, dtype, precision = (v.strip().lower() for v in (store, dtype, precision))
-    for option, value, choices in (
-        ("--store", store, STORES),
-        ("--dtype", dtype, tuple(STORAGE)),
-        ("--precision", precision, ("fp32", "bf16", "auto")),
-    ):
-        if value not in choices:
-            raise UsageError(f"{option} {value}: choose {', '.join(choices)}")
-    if sample and store not in ("mean", "sample"):
-        raise UsageError(f"--sample is --store sample; it cannot go with --store {store}")
-    store = "sample" if sample else store
-    to_stdout = out == STDIO
-    folder = names_folder(out)
-    if to_stdout and as_json:
-        raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
-    if not folder:
-        for option, given in (
-            ("--resume", resume),
-            ("--force", force),
-            ("--shard-size", shard_size),
-        ):
-            if given:
-                raise UsageError(f"{option}: for a latent folder (-o DIR/); -o {out} is one file")
-        if torchrun_processes() is not None:
-            raise UsageError(
-                f"-o {out}: under torchrun each process writes its own shards into a latent "
-                "folder; give -o DIR/"
-            )
-    if not folder and output_format(out, fmt) == "npy":
-        extra = [n for n, on in (("--flip", flip), ("--store moments", store == "moments")) if on]
-        if extra:
-            raise UsageError(
-                f"-o {out}: a .npy file holds one array of latents; {' and '.join(extra)} store "
-                "more arrays: write .safetensors or a folder"
-            )
-        if dtype == "bfloat16":
-            raise UsageError(
-                f"-o {out}: numpy has no bfloat16; write .safetensors or a folder, or give "
-                "--dtype float16"
-            )
-    if folder and fmt not in (None, "safetensors"):
-        raise UsageError(
-            f"--format {fmt}: a latent folder holds safetensors shards; -o {out} names a folder "
-            "(a latent file's name ends in .safetensors or .npy)"
-        )
-    if force and not resume:
-        raise UsageError("--force: continues a folder that other weights started; add --resume")
+    store, dtype, precision = _storage(store, sample, dtype, precision)
+    to_stdout, folder = out == STDIO, names_folder(out)
+    _check_output(
+        out, fmt, folder, as_json=as_json, resume=resume, force=force, shard_size=shard_size,
+        flip=flip, store=store, dtype=dtype,
+    )  # fmt: skip
     resolved = resolve_device(device)
     dist = None
     if folder:
@@ -258,14 +216,7 @@ def encode(
         predictor.set_precision(precision)  # before the batch size: bf16 halves activations
         batch_size = predictor.batch_size(batch_size)
         predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
-        if store != "mean" and not predictor.variational:
-            what = "is deterministic" if predictor.family else "has no posterior"
-            option = "--sample" if sample else f"--store {store}"
-            draws = "draws from" if store == "sample" else "stores the mean and std of"
-            raise UsageError(
-                f"{option} {draws} a VAE's posterior; this model, {predictor.kind}, {what}",
-                path=weights,
-            )
+        _check_posterior(predictor, store, sample, weights)
         scaling = _scaling(predictor, scaled, scaling_factor, shift_factor)
         settings = EncodeSettings(
             _encode_size(size, predictor, buckets is not None),
@@ -296,6 +247,83 @@ def encode(
     finally:
         if dist is not None:
             dist.close()
+
+
+def _storage(store: str, sample: bool, dtype: str, precision: str) -> tuple[str, str, str]:
+    """--store (or --sample), --dtype and --precision, checked: (store, dtype, precision)."""
+    from aecli.errors import UsageError
+    from aecli.inference.latents import STORES
+    from aecli.io.latents import STORAGE
+
+    store, dtype, precision = (v.strip().lower() for v in (store, dtype, precision))
+    for option, value, choices in (
+        ("--store", store, STORES),
+        ("--dtype", dtype, tuple(STORAGE)),
+        ("--precision", precision, ("fp32", "bf16", "auto")),
+    ):
+        if value not in choices:
+            raise UsageError(f"{option} {value}: choose {', '.join(choices)}")
+    if sample and store not in ("mean", "sample"):
+        raise UsageError(f"--sample is --store sample; it cannot go with --store {store}")
+    return "sample" if sample else store, dtype, precision
+
+
+def _check_output(
+    out: str, fmt, folder: bool, *, as_json, resume, force, shard_size, flip, store, dtype
+) -> None:
+    """What -o is (a latent folder, a file, stdout) against the options that need another:
+    refused in one line before anything loads."""
+    from aecli.devices import torchrun_processes
+    from aecli.errors import UsageError
+    from aecli.io.latents import STDIO, output_format
+
+    if out == STDIO and as_json:
+        raise UsageError("--json: stdout carries the latent file with -o -; drop one of them")
+    if force and not resume:
+        raise UsageError("--force: continues a folder that other weights started; add --resume")
+    if folder:
+        if fmt not in (None, "safetensors"):
+            raise UsageError(
+                f"--format {fmt}: a latent folder holds safetensors shards; -o {out} names a "
+                "folder (a latent file's name ends in .safetensors or .npy)"
+            )
+        return
+    for option, given in (("--resume", resume), ("--force", force), ("--shard-size", shard_size)):
+        if given:
+            raise UsageError(f"{option}: for a latent folder (-o DIR/); -o {out} is one file")
+    if torchrun_processes() is not None:
+        raise UsageError(
+            f"-o {out}: under torchrun each process writes its own shards into a latent "
+            "folder; give -o DIR/"
+        )
+    if output_format(out, fmt) != "npy":
+        return
+    extra = [n for n, on in (("--flip", flip), ("--store moments", store == "moments")) if on]
+    if extra:
+        raise UsageError(
+            f"-o {out}: a .npy file holds one array of latents; {' and '.join(extra)} store "
+            "more arrays: write .safetensors or a folder"
+        )
+    if dtype == "bfloat16":
+        raise UsageError(
+            f"-o {out}: numpy has no bfloat16; write .safetensors or a folder, or give "
+            "--dtype float16"
+        )
+
+
+def _check_posterior(predictor, store: str, sample: bool, weights) -> None:
+    """--store sample / moments need a VAE's posterior: one line for a deterministic model."""
+    from aecli.errors import UsageError
+
+    if store == "mean" or predictor.variational:
+        return
+    what = "is deterministic" if predictor.family else "has no posterior"
+    option = "--sample" if sample else f"--store {store}"
+    draws = "draws from" if store == "sample" else "stores the mean and std of"
+    raise UsageError(
+        f"{option} {draws} a VAE's posterior; this model, {predictor.kind}, {what}",
+        path=weights,
+    )
 
 
 def _kind(predictor, settings) -> str:
