@@ -617,7 +617,6 @@ def decode(
     one grid. A latent folder is decoded shard by shard, in bounded memory."""
     import torch
 
-    from aecli.errors import UsageError
     from aecli.inference import (
         Predictor,
         decoded_images,
@@ -626,33 +625,16 @@ def decode(
         is_grid,
         write_images,
     )
-    from aecli.io.latent_folder import LatentFolder
-    from aecli.io.latents import STDIO, LatentFile, read_latents
+    from aecli.io.latents import STDIO, LatentFile
     from aecli.io.outputs import OutputGuard
 
     grid = is_grid(out)
-    if latent_file != STDIO and Path(latent_file).is_dir():
-        folder = LatentFolder.open(latent_file)
-        if flip and not folder.settings.get("flip"):
-            raise UsageError(f"--flip: {latent_file} holds no latents_flip (encode with --flip)")
-        if select:
-            chunks = [folder.select([folder.locate(s) for s in select])]
-        else:
-            chunks = folder
-            _check_grid(grid, folder)
-        sources = chunks[0].sources if select else folder.sources
-        fingerprint, shapes = folder.fingerprint, list(folder.shapes) if not select else None
-    else:
-        if select:
-            raise UsageError("--select: picks latents from a latent folder (-o DIR/ of encode)")
-        chunks = [read_latents(latent_file)]
-        sources, fingerprint, shapes = chunks[0].sources, chunks[0].fingerprint, None
+    chunks, sources, fingerprint, shapes, recorded = _decode_source(latent_file, select, flip, grid)
     name = str(latent_file) if latent_file != STDIO else "stdin"
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
     override = _scaling(predictor, scaled, scaling_factor, shift_factor)
-    recorded = folder.scaling if shapes is not None else chunks[0].scaling
     if shapes is not None:  # a whole folder: every shape and the model checked before any work
         for shape in shapes:
             predictor.fit(
@@ -706,6 +688,29 @@ def decode(
 
 
 GRID_MOST = 1024  # latents one grid (-o FILE.png) shows from a latent folder
+
+
+def _decode_source(latent_file: str, select, flip: bool, grid: bool):
+    """What `decode` reads, checked: (the latent files to decode in turn, their sources, the
+    fingerprint of the model that wrote them, the shapes of a whole folder (None where there is
+    one latent file: --select, a file, stdin), the scaling they record)."""
+    from aecli.errors import UsageError
+    from aecli.io.latent_folder import LatentFolder
+    from aecli.io.latents import STDIO, read_latents
+
+    if latent_file == STDIO or not Path(latent_file).is_dir():
+        if select:
+            raise UsageError("--select: picks latents from a latent folder (-o DIR/ of encode)")
+        latents = read_latents(latent_file)
+        return [latents], latents.sources, latents.fingerprint, None, latents.scaling
+    folder = LatentFolder.open(latent_file)
+    if flip and not folder.settings.get("flip"):
+        raise UsageError(f"--flip: {latent_file} holds no latents_flip (encode with --flip)")
+    if select:
+        chosen = folder.select([folder.locate(s) for s in select])
+        return [chosen], chosen.sources, folder.fingerprint, None, chosen.scaling
+    _check_grid(grid, folder)
+    return folder, folder.sources, folder.fingerprint, list(folder.shapes), folder.scaling
 
 
 def _check_grid(grid: bool, folder) -> None:
