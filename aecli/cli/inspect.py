@@ -80,7 +80,6 @@ def info(
     from aecli.io.vae_families import OWN, family_of
     from aecli.io.weights import read_weights
     from aecli.models import build_model, summarize
-    from aecli.report import describe_source
 
     path = Path(target)
     if is_latent_folder(path):
@@ -136,18 +135,25 @@ def info(
         print_json(facts)
         return
 
-    kind = "VAE" if summary["variational"] else "autoencoder"
+    _print_model_info(target, facts, weights, family, convention, latent, tensors, scaling)
+
+
+def _print_model_info(target, facts, weights, family, convention, latent, tensors, scaling):
+    """`aecli info` of a model, for a person: its facts as a table, then its layers."""
+    from aecli.report import describe_source
+
+    kind = "VAE" if facts["variational"] else "autoencoder"
     rows = [
-        ("model", f"{facts['preset']} ({kind}, {summary['latent_kind']} latent)"),
-        ("input", "x".join(map(str, summary["input_shape"]))),
-        ("latent", "x".join(map(str, summary["latent_shape"]))),
-        ("compression", f"{summary['compression_ratio']:g}x"),
-        ("compute", f"{summary['forward_gflops']:.4g} GFLOPs per image (forward; training ~3x)"),
+        ("model", f"{facts['preset']} ({kind}, {facts['latent_kind']} latent)"),
+        ("input", "x".join(map(str, facts["input_shape"]))),
+        ("latent", "x".join(map(str, facts["latent_shape"]))),
+        ("compression", f"{facts['compression_ratio']:g}x"),
+        ("compute", f"{facts['forward_gflops']:.4g} GFLOPs per image (forward; training ~3x)"),
         ("on CUDA", facts["cuda_execution"]),
         (
             "parameters",
-            f"{summary['parameters']:,} (encoder {summary['encoder_parameters']:,}, "
-            f"decoder {summary['decoder_parameters']:,})",
+            f"{facts['parameters']:,} (encoder {facts['encoder_parameters']:,}, "
+            f"decoder {facts['decoder_parameters']:,})",
         ),
     ]
     if weights:
