@@ -233,3 +233,17 @@ def test_resume_with_another_storage_is_refused(cli, vae, images, tmp_path):
                  "--dtype", "bfloat16")  # fmt: skip
     line = one_line(result)
     assert result.exit_code == 2 and "--dtype" in line and "bfloat16" in line
+
+
+def test_info_shows_names_with_markup_as_they_are(cli, vae, images, tmp_path):
+    """A weights folder and a latent file named with rich markup: `info` shows the names as
+    they are, neither styled nor with escapes added."""
+    import shutil
+
+    odd = tmp_path / "v[red]ae"
+    shutil.copytree(vae, odd)
+    folder, single = tmp_path / "lf", tmp_path / "z[b].safetensors"
+    assert cli("encode", odd, images[0] / "a", "-o", folder, "--size", "48x64").exit_code == 0
+    assert cli("encode", odd, images[0] / "a", "-o", single, "--size", "48x64").exit_code == 0
+    assert f"({odd})" in " ".join(cli("info", folder).stdout.split())
+    assert "z[b].safetensors" in cli("info", single).stdout.replace("\n", "")

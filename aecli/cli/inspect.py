@@ -205,7 +205,7 @@ def _latent_file_info(path: Path, as_json: bool) -> None:
         ("scaling", facts["scaling_described"] or "none"),
         ("classes", ", ".join(facts["class_names"] or []) or "none"),
     ]
-    results.print(key_value_table(str(path), [(k, escape(str(v))) for k, v in rows]))
+    results.print(key_value_table(str(path), rows))  # it shows every value escaped
 
 
 def _folder_info(path: Path, as_json: bool) -> None:
@@ -266,7 +266,7 @@ def _folder_info(path: Path, as_json: bool) -> None:
             ("classes", ", ".join(facts["class_names"] or []) or "none"),
             ("failed inputs", f"{facts['failures']:,}"),
         ]
-    results.print(key_value_table(str(path), [(k, escape(str(v))) for k, v in rows]))
+    results.print(key_value_table(str(path), rows))  # it shows every value escaped
 
 
 def _layers(model, config) -> list[dict]:
