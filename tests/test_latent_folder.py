@@ -338,7 +338,8 @@ def test_a_damaged_or_hostile_index_is_one_line(conv_weights, images, tmp_path, 
     index = json.loads((folder / "index.json").read_text())
     cases = {
         "escape": ("file", "../../etc/passwd", "is not a shard name"),
-        "count": ("count", -1, "whole numbers"),
+        "count": ("count", -1, "shards.0.count: Input should be greater than or equal to 1"),
+        "shape": ("shape", [4, "8", 8], "shards.0.shape.1: Input should be a valid integer"),
         "sources": ("sources", ["a"], "not as many source names"),
     }
     for key, value, expected in cases.values():

@@ -26,12 +26,14 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import aecli
-from aecli.errors import UsageError, first_and_more, first_line
+from aecli.errors import UsageError, first_and_more
 from aecli.io.atomic import atomic_write_parts, atomic_write_text, is_temp_name, temp_target
 from aecli.io.jsonfile import read_json_file
 from aecli.io.latents import (
@@ -170,59 +172,98 @@ def _temporary(name: str) -> bool:
     return is_temp_name(name) and _ours(name)
 
 
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard as the index (or a unit record) lists it."""
+Count = Annotated[int, Field(strict=True, ge=0)]
+Whole = Annotated[int, Field(strict=True, ge=1)]
+
+
+class ShardEntry(BaseModel):
+    """One shard as the index (or a unit record) lists it, checked field by field where it is
+    read: JSON that anyone may have edited."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="ignore")
 
     file: str
-    count: int
-    shape: tuple[int, ...]
-    offset: int  # where the float32 latents start in the file
-    bytes: int
-    sources: list[str]
-    labels: list[int] | None
+    count: Whole
+    shape: tuple[Whole, ...] = Field(strict=False, min_length=1, max_length=3)  # JSON's list
+    offset: Count  # where the first stored tensor's values start in the file
+    bytes: Count
     fingerprint: str
+    sources: list[str]
+    labels: list[Count] | None
 
-    def record(self) -> dict:
-        return {
-            "file": self.file,
-            "count": self.count,
-            "shape": list(self.shape),
-            "offset": self.offset,
-            "bytes": self.bytes,
-            "fingerprint": self.fingerprint,
-            "sources": self.sources,
-            "labels": self.labels,
-        }
+    @field_validator("file")
+    @classmethod
+    def _shard_name(cls, file: str) -> str:
+        if not SHARD.match(file):  # never a path: entries name files inside the folder
+            raise ValueError(f"{file[:60]!r} is not a shard name (latents-NNNNNN.safetensors)")
+        return file
+
+    @model_validator(mode="after")
+    def _one_per_latent(self) -> ShardEntry:
+        if len(self.sources) != self.count:
+            raise ValueError(f"{self.count} latents but not as many source names")
+        if self.labels is not None and len(self.labels) != self.count:
+            raise ValueError(f"{self.count} latents but not as many labels")
+        return self
+
+
+class EncodeRecord(BaseModel):
+    """What an encode into a folder is: `encode.json` while it runs, the head of `index.json`
+    after. A resumed run is checked against it (the same settings and inputs), or it would mix
+    two data sets in one folder."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    format: Literal["aecli-latent-folder"]
+    format_version: str = FOLDER_VERSION
+    fingerprint: str
+    weights: str
+    variational: bool | None = None
+    settings: dict[str, Any]  # what decides the latents: size, buckets, store, dtype, seed, ...
+    roots: list[str] | None = None
+    inputs: Count
+    inputs_digest: str
+    class_names: list[str] | None = None
+
+
+class PlanRecord(EncodeRecord):
+    """`encode.json`: an encode in progress, in `units` units of work."""
+
+    units: Count
+
+
+class FolderIndex(EncodeRecord):
+    """`index.json`: a finished folder, every shard listed."""
+
+    aecli_version: str | None = None
+    count: Count
+    shapes: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    shards: list[ShardEntry]
+
+
+class UnitRecord(BaseModel):
+    """`unit-NNNNNN.json`: one finished unit of work, written after all its shards."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    unit: Count
+    shards: list[ShardEntry]
+    failures: list[dict[str, Any]]  # {"path": ..., "reason": ...}
+    inputs: list[list[int]] | None = None  # its input files' [size, mtime_ns] when encoded
 
     @classmethod
-    def parse(cls, raw: dict, where: str) -> ShardEntry:
-        """An entry from JSON that anyone may have edited: every field checked."""
-        try:
-            file, count, shape = raw["file"], raw["count"], tuple(raw["shape"])
-            sources, labels = raw["sources"], raw["labels"]
-            entry = cls(
-                file, count, shape, raw["offset"], raw["bytes"], sources, labels,
-                raw["fingerprint"],
-            )  # fmt: skip
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"{where}: a shard entry lacks {first_line(exc)}") from None
-        ints = [count, entry.offset, entry.bytes, *shape, *(labels or [])]
-        if not isinstance(file, str) or not SHARD.match(file):
-            raise ValueError(f"{where}: {file!r} is not a shard name (latents-NNNNNN.safetensors)")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
-            raise ValueError(f"{where}: {file}: counts, shape and labels must be whole numbers")
-        if count < 1 or not 1 <= len(shape) <= 3 or 0 in shape:
-            raise ValueError(f"{where}: {file}: {count} latents of shape {shape}")
-        if not isinstance(sources, list) or len(sources) != count:
-            raise ValueError(f"{where}: {file}: {count} latents but not as many source names")
-        if not all(isinstance(s, str) for s in sources):
-            raise ValueError(f"{where}: {file}: source names must be text")
-        if labels is not None and (not isinstance(labels, list) or len(labels) != count):
-            raise ValueError(f"{where}: {file}: {count} latents but not as many labels")
-        if not isinstance(entry.fingerprint, str):
-            raise ValueError(f"{where}: {file}: the fingerprint must be text")
-        return entry
+    def read(cls, path: Path) -> UnitRecord:
+        return cls.model_validate(_read_json(path, path.name))
+
+
+def record_problem(exc: ValidationError) -> str:
+    """A record's first problem in words: where in the JSON and what is wrong."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -247,20 +288,19 @@ class Plan:
     file_stats: np.ndarray | None = field(default=None, repr=False)
     file_paths: list[Path] | None = field(default=None, repr=False)
 
-    def record(self) -> dict:
-        return {
-            "format": FOLDER_FORMAT,
-            "format_version": FOLDER_VERSION,
-            "fingerprint": self.fingerprint,
-            "weights": self.weights,
-            "variational": self.variational,
-            "settings": self.settings,
-            "roots": self.roots,
-            "inputs": self.inputs,
-            "inputs_digest": self.inputs_digest,
-            "units": self.units,
-            "class_names": self.class_names,
-        }
+    def record(self) -> PlanRecord:
+        return PlanRecord(
+            format=FOLDER_FORMAT,
+            fingerprint=self.fingerprint,
+            weights=self.weights,
+            variational=self.variational,
+            settings=self.settings,
+            roots=self.roots,
+            inputs=self.inputs,
+            inputs_digest=self.inputs_digest,
+            units=self.units,
+            class_names=self.class_names,
+        )
 
     def unit_files(self, unit: int) -> range:
         """The input files unit `unit` covers."""
@@ -368,7 +408,7 @@ class FolderWriter:
             self._remove([n for n in os.listdir(self.folder) if n != LOCK])
         names = os.listdir(self.folder)
         if PLAN not in names and INDEX not in names:
-            atomic_write_text(self.folder / PLAN, json.dumps(self.plan.record(), indent=1))
+            atomic_write_text(self.folder / PLAN, self.plan.record().model_dump_json(indent=1))
         self._clean()
 
     def _check_resumable(self, names: list[str], force: bool) -> None:
@@ -378,19 +418,22 @@ class FolderWriter:
                 f"--resume: {self.folder} holds latent shards but neither {PLAN} nor {INDEX}; "
                 "pass --overwrite to encode again"
             )
-        raw = _read_json(self.folder / source, f"--resume: {self.folder / source}")
+        where = f"--resume: {self.folder / source}"
+        raw = _read_json(self.folder / source, where)
         if not isinstance(raw, dict) or raw.get("format") != FOLDER_FORMAT:
-            raise UsageError(f"--resume: {self.folder / source}: not an aecli latent folder record")
-        fingerprint = raw.get("fingerprint")
+            raise UsageError(f"{where}: not an aecli latent folder record")
+        try:
+            record = EncodeRecord.model_validate(raw)
+        except ValidationError as exc:
+            raise UsageError(f"{where}: damaged ({record_problem(exc)})") from None
+        fingerprint = record.fingerprint
         if fingerprint != self.plan.fingerprint and not force:
             raise UsageError(
                 f"--resume: {self.folder} was written by model {fingerprint}, not by "
                 f"{self.plan.weights} (model {self.plan.fingerprint}); pass --force to continue "
                 "with these weights, or --overwrite to start over"
             )
-        settings = raw.get("settings")
-        if not isinstance(settings, dict):
-            raise UsageError(f"--resume: {self.folder / source}: no settings recorded")
+        settings = record.settings
         for key, option in SETTING_OPTIONS.items():
             then, now = settings.get(key), self.plan.settings.get(key)
             if then != now and not (_unset(then) and _unset(now)):
@@ -399,13 +442,13 @@ class FolderWriter:
                     "give the same, or --overwrite to start over"
                 )
         again = "give the same inputs, or --overwrite to start over"
-        roots = raw.get("roots")
+        roots = record.roots
         if roots is not None and self.plan.roots is not None and roots != self.plan.roots:
             raise UsageError(
                 f"--resume: {self.folder} was started with the inputs {_paths(roots)}, this "
                 f"command gives {_paths(self.plan.roots)}; {again}"
             )
-        inputs, digest = raw.get("inputs"), raw.get("inputs_digest")
+        inputs, digest = record.inputs, record.inputs_digest
         if digest != self.plan.inputs_digest:
             raise UsageError(
                 f"--resume: the inputs differ from those {self.folder} was started with "
@@ -465,7 +508,7 @@ class FolderWriter:
         """The units whose record and every shard are on disk (an index means all)."""
         index = self.folder / INDEX
         if index.is_file():
-            return {u: UnitRecord(u, [], []) for u in range(self.plan.units)}
+            return {u: UnitRecord(unit=u, shards=[], failures=[]) for u in range(self.plan.units)}
         done: dict[int, UnitRecord] = {}
         for name in os.listdir(self.folder):
             match = UNIT.match(name)
@@ -473,7 +516,7 @@ class FolderWriter:
                 continue
             try:
                 record = UnitRecord.read(self.folder / name)
-            except (LatentFileError, KeyError, TypeError, ValueError):
+            except (LatentFileError, ValidationError):
                 continue  # damaged: the unit is encoded again
             if record.unit == int(match[1]) and all(
                 _size(self.folder / e.file) == e.bytes for e in record.shards
@@ -490,21 +533,21 @@ class FolderWriter:
             atomic_write_parts(self.folder / name, chunks)
             entries.append(
                 ShardEntry(
-                    name,
-                    len(latents),
-                    tuple(latents.latents.shape[1:]),
-                    offset,
-                    sum(len(c) for c in chunks),
-                    list(latents.sources),
-                    None if latents.labels is None else latents.labels.tolist(),
-                    latents.fingerprint or "",
+                    file=name,
+                    count=len(latents),
+                    shape=tuple(latents.latents.shape[1:]),
+                    offset=offset,
+                    bytes=sum(len(c) for c in chunks),
+                    fingerprint=latents.fingerprint or "",
+                    sources=list(latents.sources),
+                    labels=None if latents.labels is None else latents.labels.tolist(),
                 )
             )
         stats = self.plan.file_stats
         files = self.plan.unit_files(unit)
         inputs = None if stats is None else stats[files.start : files.stop].tolist()
-        record = UnitRecord(unit, entries, failures, inputs)
-        atomic_write_text(self.folder / unit_name(unit), json.dumps(record.record()))
+        record = UnitRecord(unit=unit, shards=entries, failures=failures, inputs=inputs)
+        atomic_write_text(self.folder / unit_name(unit), record.model_dump_json())
 
     # -- after: the index, from the unit records in order
 
@@ -527,57 +570,20 @@ class FolderWriter:
             shapes: dict[tuple, int] = {}
             for entry in shards:
                 shapes[entry.shape] = shapes.get(entry.shape, 0) + entry.count
-            index = {
-                "format": FOLDER_FORMAT,
-                "format_version": FOLDER_VERSION,
-                "aecli_version": aecli.__version__,
-                "fingerprint": self.plan.fingerprint,
-                "weights": self.plan.weights,
-                "variational": self.plan.variational,
-                "settings": self.plan.settings,
-                "roots": self.plan.roots,
-                "inputs": self.plan.inputs,
-                "inputs_digest": self.plan.inputs_digest,
-                "count": sum(e.count for e in shards),
-                "shapes": [{"shape": list(s), "count": n} for s, n in shapes.items()],
-                "class_names": self.plan.class_names,
-                "failures": listing_failures + [f for r in records for f in r.failures],
-                "shards": [e.record() for e in shards],
-            }
+            record = FolderIndex(
+                **self.plan.record().model_dump(exclude={"units"}),
+                aecli_version=aecli.__version__,
+                count=sum(e.count for e in shards),
+                shapes=[{"shape": list(s), "count": n} for s, n in shapes.items()],
+                failures=listing_failures + [f for r in records for f in r.failures],
+                shards=shards,
+            )
+            index = record.model_dump(mode="json")
             atomic_write_text(index_path, json.dumps(index, indent=1))
         names = os.listdir(self.folder)
         self._remove([n for n in names if UNIT.match(n) or n == PLAN or _temporary(n)])
         self.release(remove=True)
         return index
-
-
-@dataclass
-class UnitRecord:
-    unit: int
-    shards: list[ShardEntry]
-    failures: list[dict]  # {"path": ..., "reason": ...}
-    inputs: list[list[int]] | None = None  # its input files' [size, mtime_ns] when encoded
-
-    def record(self) -> dict:
-        return {
-            "unit": self.unit,
-            "shards": [e.record() for e in self.shards],
-            "failures": self.failures,
-            "inputs": self.inputs,
-        }
-
-    @classmethod
-    def read(cls, path: Path) -> UnitRecord:
-        raw = _read_json(path, path.name)
-        where = path.name
-        shards = [ShardEntry.parse(e, where) for e in raw["shards"]]
-        failures = raw["failures"]
-        if not isinstance(failures, list) or not all(isinstance(f, dict) for f in failures):
-            raise ValueError(f"{where}: failures must be a list of records")
-        inputs = raw.get("inputs")
-        if inputs is not None and not isinstance(inputs, list):
-            raise ValueError(f"{where}: inputs must be a list")
-        return cls(int(raw["unit"]), shards, failures, inputs)
 
 
 def _paths(paths: list[str]) -> str:
@@ -669,20 +675,18 @@ class LatentFolder:
     aecli.io.shard_files), so resident memory stays flat whatever the folder's size.
     """
 
-    def __init__(self, path: Path, index: dict, shards: list[ShardEntry]):
-        self.path, self.index, self.shards = path, index, shards
+    def __init__(self, path: Path, index: FolderIndex):
+        self.path, self.index, self.shards = path, index, index.shards
         self.name = str(path)
-        self.count = sum(e.count for e in shards)
-        self.fingerprint: str | None = index.get("fingerprint") or None
-        names = index.get("class_names")
-        self.class_names = names if isinstance(names, list) else None
-        settings = index.get("settings")
-        self.settings = settings if isinstance(settings, dict) else {}
+        self.count = sum(e.count for e in self.shards)
+        self.fingerprint: str | None = index.fingerprint or None
+        self.class_names = index.class_names
+        self.settings = index.settings
         self.scaling = _scaling(self.settings.get("scaling"), self.name)
         self.dtype: str = self.settings.get("dtype") or "float32"  # a STORAGE name
         self.tensors = stored_tensors(self.settings)  # what every shard holds
         self.starts = [0]
-        for entry in shards:
+        for entry in self.shards:
             self.starts.append(self.starts[-1] + entry.count)
         self._starts = np.array(self.starts, np.int64)
         self.headers: list[ShardHeader] = []
@@ -709,29 +713,28 @@ class LatentFolder:
                 path=path,
             )
         where = str(path / INDEX)
-        index = _read_json(path / INDEX, where)
-        if not isinstance(index, dict) or index.get("format") != FOLDER_FORMAT:
+        raw = _read_json(path / INDEX, where)
+        if not isinstance(raw, dict) or raw.get("format") != FOLDER_FORMAT:
             raise LatentFileError("not an aecli latent folder index", path=where)
         try:
-            shards = [ShardEntry.parse(e, where) for e in index["shards"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LatentFileError(f"damaged index ({first_line(exc)})", path=where) from None
-        if not shards:
+            index = FolderIndex.model_validate(raw)
+        except ValidationError as exc:
+            raise LatentFileError(f"damaged index ({record_problem(exc)})", path=where) from None
+        if not index.shards:
             raise LatentFileError("holds no latents (every input failed)", path=where)
-        folder = cls(path, index, shards)
+        folder = cls(path, index)
         if not isinstance(folder.dtype, str) or folder.dtype not in STORAGE:
             raise LatentFileError(
                 f"damaged index (its dtype {str(folder.dtype)[:20]!r} is not one of "
                 f"{', '.join(STORAGE)})",
                 path=where,
             )
-        count = index.get("count", folder.count)
-        if count != folder.count:
+        if index.count != folder.count:
             raise LatentFileError(
-                f"damaged index (its count {str(count)[:20]} is not its shards' {folder.count:,})",
+                f"damaged index (its count {index.count:,} is not its shards' {folder.count:,})",
                 path=where,
             )
-        folder.headers = [folder._checked_header(entry) for entry in shards]
+        folder.headers = [folder._checked_header(entry) for entry in folder.shards]
         return folder
 
     def _checked_header(self, entry: ShardEntry) -> ShardHeader:
@@ -1066,21 +1069,25 @@ def write_latent_folder(
 def folder_facts(path: Path) -> dict:
     """What `aecli info DIR/` says of a latent folder, finished or not."""
     if not (path / INDEX).is_file():
-        plan = _read_json(path / PLAN, str(path / PLAN))
-        if not isinstance(plan, dict) or plan.get("format") != FOLDER_FORMAT:
+        raw = _read_json(path / PLAN, str(path / PLAN))
+        if not isinstance(raw, dict) or raw.get("format") != FOLDER_FORMAT:
             raise LatentFileError("not an aecli latent folder record", path=path / PLAN)
+        try:
+            plan = PlanRecord.model_validate(raw)
+        except ValidationError as exc:
+            raise LatentFileError(f"damaged ({record_problem(exc)})", path=path / PLAN) from None
         units = sum(1 for n in os.listdir(path) if UNIT.match(n))
         return {
             "kind": "latent folder",
             "finished": False,
             "writer": writer_process(path),
-            "fingerprint": plan.get("fingerprint"),
-            "weights": plan.get("weights"),
-            "variational": plan.get("variational"),
-            "settings": plan.get("settings"),
-            "inputs": plan.get("inputs"),
+            "fingerprint": plan.fingerprint,
+            "weights": plan.weights,
+            "variational": plan.variational,
+            "settings": plan.settings,
+            "inputs": plan.inputs,
             "units_done": units,
-            "units": plan.get("units"),
+            "units": plan.units,
             "bytes": sum(_size(path / n) or 0 for n in os.listdir(path) if SHARD.match(n)),
         }
     folder = LatentFolder.open(path)
@@ -1092,12 +1099,12 @@ def folder_facts(path: Path) -> dict:
         "shapes": [{"shape": list(s), "count": n} for s, n in folder.shapes.items()],
         "shards": len(folder.shards),
         "fingerprint": folder.fingerprint,
-        "weights": index.get("weights"),
-        "variational": index.get("variational"),
-        "settings": index.get("settings"),
+        "weights": index.weights,
+        "variational": index.variational,
+        "settings": index.settings,
         "class_names": folder.class_names,
         "labels": all(e.labels is not None for e in folder.shards),
-        "failures": len(index.get("failures") or []),
+        "failures": len(index.failures),
         "bytes": folder.disk_bytes(),
-        "aecli_version": index.get("aecli_version"),
+        "aecli_version": index.aecli_version,
     }
