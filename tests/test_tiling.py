@@ -18,8 +18,9 @@ from aecli.inference import Predictor
 from aecli.io.vae_files import KLLayout
 from aecli.io.weights import save_weights
 from aecli.models import build_model
+from aecli.models.tile_ops import Moments, normalise
 from aecli.tiling import Runner, blend, cores, plan, starts
-from aecli.tiling.exact import Moments, ParkingError, normalise
+from aecli.tiling.exact import ParkingError
 
 
 def photo(size=(768, 1024)) -> torch.Tensor:

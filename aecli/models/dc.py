@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecli.models import blocks
+from aecli.models import blocks, tile_ops
 
 EPS = 1e-5  # every RMS norm and BatchNorm of DC-AE
 ATTENTION_EPS = 1e-15  # SanaMultiscaleLinearAttention's, added to the attention's denominator
@@ -120,9 +120,7 @@ class PixelUnshuffle(nn.Module):
         return F.pixel_unshuffle(x, 2)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.PixelUnshuffle(2))
+        t.local(tile_ops.PixelUnshuffle(2))
 
 
 class PixelShuffle(nn.Module):
@@ -132,9 +130,7 @@ class PixelShuffle(nn.Module):
         return F.pixel_shuffle(x, 2)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.PixelShuffle(2))
+        t.local(tile_ops.PixelShuffle(2))
 
 
 class Block(blocks.Residual):
@@ -320,15 +316,13 @@ class LinearAttention(nn.Module):
         return self.norm_out(self.to_out(out)) + x  # in the convolutions' memory format
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         skip = t.park()
-        t.local(exact.Conv.of(self._qkv_weight(), None))
+        t.local(tile_ops.Conv.of(self._qkv_weight(), None))
         if len(self.to_qkv_multiscale):
-            t.local(_multiscale_op()(self))
+            t.local(MultiScaleOp(self))
         source = t.gather("linear_attention", functools.partial(AttentionSums, self.head_dim))
-        t.local(exact.Uses(lambda h, sums: sums.attend(h), source, "linear_attention"))
-        t.local(exact.Conv.of(self.to_out.weight, None))
+        t.local(tile_ops.Uses(lambda h, sums: sums.attend(h), source, "linear_attention"))
+        t.local(tile_ops.Conv.of(self.to_out.weight, None))
         t.module(self.norm_out)
         t.add(skip)
 
@@ -344,43 +338,35 @@ class LinearAttention(nn.Module):
         return pixels * (projections + multiscale + attention + out)
 
 
-@functools.cache
-def _multiscale_op() -> type:
-    """The exact-tiling step of the multi-scale q, k, v, an exact.Op (made on first use: this
-    module is imported before aecli.tiling can be)."""
-    from aecli.tiling import exact
+class MultiScaleOp(tile_ops.Op):
+    """The q, k, v tensor h -> cat(h, each scale's convolutions of h): every output pixel
+    depends on h within the largest kernel's reach, zeros beyond the whole tensor."""
 
-    class MultiScaleOp(exact.Op):
-        """The q, k, v tensor h -> cat(h, each scale's convolutions of h): every output pixel
-        depends on h within the largest kernel's reach, zeros beyond the whole tensor."""
+    def __init__(self, attention: LinearAttention):
+        self.scales = [
+            (s.proj_in.weight, s.proj_out.weight, s.proj_out.groups)
+            for s in attention.to_qkv_multiscale
+        ]
+        self.reach = max(w.shape[-1] for w, _, _ in self.scales) // 2
 
-        def __init__(self, attention: LinearAttention):
-            self.scales = [
-                (s.proj_in.weight, s.proj_out.weight, s.proj_out.groups)
-                for s in attention.to_qkv_multiscale
-            ]
-            self.reach = max(w.shape[-1] for w, _, _ in self.scales) // 2
+    def need(self, a, b, n, axis):
+        return max(0, a - self.reach), min(n, b + self.reach)
 
-        def need(self, a, b, n, axis):
-            return max(0, a - self.reach), min(n, b + self.reach)
+    def params(self, lo, hi, a, b, n, axis):
+        # zeros to add before and after the crop, and where the outputs lie within it
+        return lo - (a - self.reach), b + self.reach - hi, a - lo, b - lo
 
-        def params(self, lo, hi, a, b, n, axis):
-            # zeros to add before and after the crop, and where the outputs lie within it
-            return lo - (a - self.reach), b + self.reach - hi, a - lo, b - lo
-
-        def run(self, x, rows, cols, context):
-            top, bottom, y0, y1 = rows
-            left, right, x0, x1 = cols
-            padded = F.pad(x, (left, right, top, bottom))
-            found = [x[..., y0:y1, x0:x1]]
-            for depthwise, pointwise, groups in self.scales:
-                cut = self.reach - depthwise.shape[-1] // 2
-                part = padded[..., cut : padded.shape[-2] - cut, cut : padded.shape[-1] - cut]
-                part = F.conv2d(part, depthwise, groups=depthwise.shape[0])
-                found.append(F.conv2d(part, pointwise, groups=groups))
-            return torch.cat(found, dim=1)
-
-    return MultiScaleOp
+    def run(self, x, rows, cols, context):
+        top, bottom, y0, y1 = rows
+        left, right, x0, x1 = cols
+        padded = F.pad(x, (left, right, top, bottom))
+        found = [x[..., y0:y1, x0:x1]]
+        for depthwise, pointwise, groups in self.scales:
+            cut = self.reach - depthwise.shape[-1] // 2
+            part = padded[..., cut : padded.shape[-2] - cut, cut : padded.shape[-1] - cut]
+            part = F.conv2d(part, depthwise, groups=depthwise.shape[0])
+            found.append(F.conv2d(part, pointwise, groups=groups))
+        return torch.cat(found, dim=1)
 
 
 class EfficientViTBlock(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecli.models import blocks
+from aecli.models import blocks, tile_ops
 
 GROUPS = 32  # every GroupNorm of HunyuanImage's VAE
 
@@ -85,10 +85,8 @@ class SpaceToChannel(nn.Module):
         return u if self.group == 1 else u.unflatten(1, (-1, self.group)).mean(2)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.PixelUnshuffle(2))
-        t.local(exact.Pointwise(self.regroup))
+        t.local(tile_ops.PixelUnshuffle(2))
+        t.local(tile_ops.Pointwise(self.regroup))
 
 
 class ChannelToSpace(nn.Module):
@@ -119,10 +117,8 @@ class ChannelToSpace(nn.Module):
         return _channel_major(x)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.Pointwise(self.order))
-        t.local(exact.PixelShuffle(2))
+        t.local(tile_ops.Pointwise(self.order))
+        t.local(tile_ops.PixelShuffle(2))
 
 
 class ChannelMean(nn.Module):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecli.models import blocks
+from aecli.models import blocks, tile_ops
 
 
 def _stored_as(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -95,9 +95,7 @@ class CausalConv(nn.Module):
         return F.conv2d(x, self.frame_weight(), self.bias, padding=self.kernel // 2)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.Conv.of(self.frame_weight(), self.bias, 1, self.kernel // 2))
+        t.local(tile_ops.Conv.of(self.frame_weight(), self.bias, 1, self.kernel // 2))
 
     tensor_names = staticmethod(_same_names)
 
@@ -140,10 +138,8 @@ class RMSNorm(nn.Module):
         return normalised * self.scale * self.gamma.view(-1, 1, 1)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         t.park()
-        t.local(exact.Pointwise(self))
+        t.local(tile_ops.Pointwise(self))
 
     tensor_names = staticmethod(_same_names)
 
@@ -230,10 +226,8 @@ class Downsample(nn.Module):
         return self.resample(x)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         conv = self.resample[1]
-        t.local(exact.Conv.of(conv.weight, conv.bias, 2, ((0, 1), (0, 1))))
+        t.local(tile_ops.Conv.of(conv.weight, conv.bias, 2, ((0, 1), (0, 1))))
 
     tensor_names = staticmethod(_same_names)
 
@@ -300,11 +294,9 @@ class AvgDown(nn.Module):
         return x.reshape(b, self.out, -1, h, w).mean(dim=2)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         if self.space > 1:
-            t.local(exact.PixelUnshuffle(self.space))
-        t.local(exact.Pointwise(self.average))
+            t.local(tile_ops.PixelUnshuffle(self.space))
+        t.local(tile_ops.Pointwise(self.average))
 
 
 class DupUp(nn.Module):
@@ -336,11 +328,9 @@ class DupUp(nn.Module):
         return x[:, :, -1].reshape(b, self.out * s2, h, w)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
-        t.local(exact.Pointwise(self.select))
+        t.local(tile_ops.Pointwise(self.select))
         if self.space > 1:
-            t.local(exact.PixelShuffle(self.space))
+            t.local(tile_ops.PixelShuffle(self.space))
 
 
 class DownBlock(blocks.Residual):
@@ -425,11 +415,9 @@ class Patch(nn.Module):
         return _columns_first(x, self.patch)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         if self.patch > 1:
-            t.local(exact.PixelUnshuffle(self.patch))
-            t.local(exact.Pointwise(self.reorder))
+            t.local(tile_ops.PixelUnshuffle(self.patch))
+            t.local(tile_ops.Pointwise(self.reorder))
 
 
 class Unpatch(nn.Module):
@@ -448,11 +436,9 @@ class Unpatch(nn.Module):
         return _columns_first(x, self.patch)
 
     def tile(self, t) -> None:
-        from aecli.tiling import exact
-
         if self.patch > 1:
-            t.local(exact.Pointwise(self.reorder))
-            t.local(exact.PixelShuffle(self.patch))
+            t.local(tile_ops.Pointwise(self.reorder))
+            t.local(tile_ops.PixelShuffle(self.patch))
 
 
 def _columns_first(x: torch.Tensor, p: int) -> torch.Tensor:

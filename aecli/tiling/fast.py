@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aecli.tiling.exact import normalise
+from aecli.models.tile_ops import normalise
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
