@@ -206,100 +206,111 @@ class _Part:
 def _parts(layout: DCLayout) -> list[_Part]:
     """The blocks of the layout in order, as diffusers' Encoder and Decoder (autoencoder_dc.py)
     build them."""
-    parts: list[_Part] = []
-    count = {"encoder": 0, "decoder": 0}
+    parts = _PartList(layout)
+    parts.encoder()
+    parts.decoder()
+    return parts.parts
 
-    def add(where, spec, diffusers="", original="", names=()):
-        parts.append(_Part(where, count[where], spec, diffusers, original, tuple(names)))
-        count[where] += 1
 
-    def block(where, level: Level, d: str, o: str) -> None:
+_PLAIN = (dc.Names("conv.", "", "conv."),)  # a convolution's own tensors
+
+
+def _conv(out: int) -> dict:
+    return {"type": "conv", "out": out, "kernel": 3, "stride": 1, "padding": 1}
+
+
+class _PartList:
+    """The parts of a layout, added in order, each numbered within the encoder or decoder."""
+
+    def __init__(self, layout: DCLayout):
+        self.layout = layout
+        self.parts: list[_Part] = []
+        self.count = {"encoder": 0, "decoder": 0}
+
+    def add(self, where, spec, diffusers="", original="", names=()) -> None:
+        self.parts.append(_Part(where, self.count[where], spec, diffusers, original, tuple(names)))
+        self.count[where] += 1
+
+    def block(self, where: str, level: Level, d: str, o: str) -> None:
         if level.block == "ResBlock":
             spec = {"type": "dc_resblock", "norm": NORMS[level.norm], "act": level.act}
-            add(where, spec, d, o, dc.ResBlock.NAMES)
+            self.add(where, spec, d, o, dc.ResBlock.NAMES)
         else:
             spec = {
                 "type": "dc_vit",
-                "head_dim": layout.head_dim,
+                "head_dim": self.layout.head_dim,
                 "scales": list(level.scales),
                 "norm": NORMS[level.norm],
             }
-            add(where, spec, d, o, dc.EfficientViTBlock.names(len(level.scales)))
+            self.add(where, spec, d, o, dc.EfficientViTBlock.names(len(level.scales)))
 
-    def conv(out):
-        return {"type": "conv", "out": out, "kernel": 3, "stride": 1, "padding": 1}
+    def encoder(self) -> None:
+        """conv_in (a down block without shortcut where the first level has no blocks); per
+        level its blocks, then a down block; conv_out with its shortcut."""
+        layout, add = self.layout, self.add
+        enc, last = layout.encoder, len(layout.encoder) - 1
+        if enc[0].layers:
+            add("encoder", _conv(enc[0].width), "encoder.conv_in.", "encoder.project_in.", _PLAIN)
+        else:
+            spec = {
+                "type": "dc_down",
+                "out": enc[1].width,
+                "mode": layout.downsample,
+                "shortcut": False,
+            }
+            names = dc.Down.names(layout.downsample, False)
+            add("encoder", spec, "encoder.conv_in.", "encoder.project_in.", names)
+        for i, level in enumerate(enc):
+            for j in range(level.layers):
+                d, o = f"encoder.down_blocks.{i}.{j}.", f"encoder.stages.{i}.op_list.{j}."
+                self.block("encoder", level, d, o)
+            if i < last and level.layers:
+                spec = {"type": "dc_down", "out": enc[i + 1].width, "mode": layout.downsample}
+                d, o = (
+                    f"encoder.down_blocks.{i}.{level.layers}.",
+                    f"encoder.stages.{i}.op_list.{level.layers}.",
+                )
+                add("encoder", spec, d, o, dc.Down.names(layout.downsample, True))
+        shortcut = layout.encoder_out_shortcut
+        spec = {"type": "dc_encoder_out", "out": layout.latent_channels, "shortcut": shortcut}
+        names = dc.EncoderOut.names(shortcut)
+        add("encoder", spec, "encoder.conv_out.", "encoder.project_out.", names)
 
-    plain = (dc.Names("conv.", "", "conv."),)  # a convolution's own tensors
-    enc, dec, last = layout.encoder, layout.decoder, len(layout.encoder) - 1
-    # encoder: conv_in (a down block without shortcut where the first level has no blocks);
-    # per level its blocks, then a down block; conv_out with its shortcut
-    if enc[0].layers:
-        add("encoder", conv(enc[0].width), "encoder.conv_in.", "encoder.project_in.", plain)
-    else:
-        spec = {
-            "type": "dc_down",
-            "out": enc[1].width,
-            "mode": layout.downsample,
-            "shortcut": False,
-        }
-        names = dc.Down.names(layout.downsample, False)
-        add("encoder", spec, "encoder.conv_in.", "encoder.project_in.", names)
-    for i, level in enumerate(enc):
-        for j in range(level.layers):
-            block(
-                "encoder",
-                level,
-                f"encoder.down_blocks.{i}.{j}.",
-                f"encoder.stages.{i}.op_list.{j}.",
-            )
-        if i < last and level.layers:
-            spec = {"type": "dc_down", "out": enc[i + 1].width, "mode": layout.downsample}
-            d, o = (
-                f"encoder.down_blocks.{i}.{level.layers}.",
-                f"encoder.stages.{i}.op_list.{level.layers}.",
-            )
-            add("encoder", spec, d, o, dc.Down.names(layout.downsample, True))
-    shortcut = layout.encoder_out_shortcut
-    spec = {"type": "dc_encoder_out", "out": layout.latent_channels, "shortcut": shortcut}
-    add("encoder", spec, "encoder.conv_out.", "encoder.project_out.", dc.EncoderOut.names(shortcut))
-    # decoder: conv_in with its shortcut; per level (the smallest first) an up block, then its
-    # blocks; the RMS norm, the activation and conv_out (an up block without shortcut where
-    # the first level has no blocks)
-    shortcut = layout.decoder_in_shortcut
-    spec = {"type": "dc_decoder_in", "out": dec[-1].width, "shortcut": shortcut}
-    add("decoder", spec, "decoder.conv_in.", "decoder.project_in.", dc.DecoderIn.names(shortcut))
-    for i in reversed(range(len(dec))):
-        level, first = dec[i], 0
-        if i < last and level.layers:
-            spec = {"type": "dc_up", "out": level.width, "mode": layout.upsample}
-            d, o = f"decoder.up_blocks.{i}.0.", f"decoder.stages.{i}.op_list.0."
-            add("decoder", spec, d, o, dc.Up.names(True))
-            first = 1
-        for j in range(first, first + level.layers):
-            block(
-                "decoder", level, f"decoder.up_blocks.{i}.{j}.", f"decoder.stages.{i}.op_list.{j}."
-            )
-    norm = (dc.Names("", "", ""),)
-    add(
-        "decoder",
-        {"type": "dc_rms_norm"},
-        "decoder.norm_out.",
-        "decoder.project_out.op_list.0.",
-        norm,
-    )
-    add("decoder", {"type": "act", "fn": layout.out_act})
-    d, o = "decoder.conv_out.", "decoder.project_out.op_list.2."
-    if dec[0].layers:
-        add("decoder", conv(layout.in_channels), d, o, plain)
-    else:
-        spec = {
-            "type": "dc_up",
-            "out": layout.in_channels,
-            "mode": layout.upsample,
-            "shortcut": False,
-        }
-        add("decoder", spec, d, o, dc.Up.names(False))
-    return parts
+    def decoder(self) -> None:
+        """conv_in with its shortcut; per level (the smallest first) an up block, then its
+        blocks; the RMS norm, the activation and conv_out (an up block without shortcut where
+        the first level has no blocks)."""
+        layout, add = self.layout, self.add
+        dec, last = layout.decoder, len(layout.encoder) - 1
+        shortcut = layout.decoder_in_shortcut
+        spec = {"type": "dc_decoder_in", "out": dec[-1].width, "shortcut": shortcut}
+        names = dc.DecoderIn.names(shortcut)
+        add("decoder", spec, "decoder.conv_in.", "decoder.project_in.", names)
+        for i in reversed(range(len(dec))):
+            level, first = dec[i], 0
+            if i < last and level.layers:
+                spec = {"type": "dc_up", "out": level.width, "mode": layout.upsample}
+                d, o = f"decoder.up_blocks.{i}.0.", f"decoder.stages.{i}.op_list.0."
+                add("decoder", spec, d, o, dc.Up.names(True))
+                first = 1
+            for j in range(first, first + level.layers):
+                d, o = f"decoder.up_blocks.{i}.{j}.", f"decoder.stages.{i}.op_list.{j}."
+                self.block("decoder", level, d, o)
+        norm = (dc.Names("", "", ""),)
+        o = "decoder.project_out.op_list.0."
+        add("decoder", {"type": "dc_rms_norm"}, "decoder.norm_out.", o, norm)
+        add("decoder", {"type": "act", "fn": layout.out_act})
+        d, o = "decoder.conv_out.", "decoder.project_out.op_list.2."
+        if dec[0].layers:
+            add("decoder", _conv(layout.in_channels), d, o, _PLAIN)
+        else:
+            spec = {
+                "type": "dc_up",
+                "out": layout.in_channels,
+                "mode": layout.upsample,
+                "shortcut": False,
+            }
+            add("decoder", spec, d, o, dc.Up.names(False))
 
 
 # -- a diffusers config.json -------------------------------------------------------------------
@@ -616,6 +627,37 @@ def layout_from_original(shapes: dict[str, tuple[int, ...]], path: Path) -> DCLa
 
 
 def _original(shapes: dict[str, tuple[int, ...]]) -> DCLayout:
+    encoder, decoder = _original_levels(shapes)
+    count = len(encoder)
+    latent_key = "encoder.project_out.main.op_list.0.conv.weight"
+    out_shortcut = latent_key in shapes
+    latent_key = latent_key if out_shortcut else "encoder.project_out.op_list.0.conv.weight"
+    latent = shapes[latent_key][0]
+    project_in = "encoder.project_in.conv.weight"
+    if project_in not in shapes:
+        project_in = "encoder.project_in.conv.conv.weight"
+    in_channels = shapes[project_in][1]
+    downsample, upsample = _original_resampling(shapes, encoder, decoder, project_in)
+    scaling, note = _original_scaling(latent, count, encoder[0].layers > 0)
+    layout = DCLayout(
+        in_channels=in_channels,
+        latent_channels=latent,
+        encoder=tuple(encoder),
+        decoder=tuple(decoder),
+        head_dim=_head_dim(shapes, encoder + decoder),
+        downsample=downsample,
+        upsample=upsample,
+        encoder_out_shortcut=out_shortcut,
+        decoder_in_shortcut="decoder.project_in.main.conv.weight" in shapes,
+        scaling_factor=scaling,
+        note=note,
+    )
+    _check(layout)
+    return layout
+
+
+def _original_levels(shapes: dict[str, tuple[int, ...]]) -> tuple[list[Level], list[Level]]:
+    """The encoder's and the decoder's levels, from the blocks each stage's op_list holds."""
     # {(encoder or decoder, level): {op: ResBlock, EfficientViTBlock or resample}}
     ops: dict[tuple[str, int], dict[int, str]] = {}
     for key in shapes:
@@ -659,13 +701,14 @@ def _original(shapes: dict[str, tuple[int, ...]]) -> DCLayout:
             levels[0] = _unseen(levels[1])
         if any(level is None for level in levels):
             raise ValueError("a level without blocks after the first")
-    latent_key = "encoder.project_out.main.op_list.0.conv.weight"
-    out_shortcut = latent_key in shapes
-    latent_key = latent_key if out_shortcut else "encoder.project_out.op_list.0.conv.weight"
-    latent = shapes[latent_key][0]
-    project_in = "encoder.project_in.conv.weight"
-    if project_in not in shapes:
-        project_in = "encoder.project_in.conv.conv.weight"
+    return encoder, decoder
+
+
+def _original_resampling(
+    shapes: dict[str, tuple[int, ...]], encoder: list[Level], decoder: list[Level], project_in: str
+) -> tuple[str, str]:
+    """How the encoder goes down (`conv` or `pixel_unshuffle`) and the decoder up
+    (`interpolate` or `pixel_shuffle`), from the resample blocks' convolutions."""
     downsample = "conv"
     for i, level in enumerate(encoder[:-1]):
         if (
@@ -680,35 +723,24 @@ def _original(shapes: dict[str, tuple[int, ...]]) -> DCLayout:
         key = f"decoder.stages.{i}.op_list.0.main.conv.conv.weight"
         if level.layers and shapes[key][0] == 4 * level.width:
             upsample = "pixel_shuffle"
-    in_channels = shapes[project_in][1]
     if decoder[0].layers == 0:
         out = shapes["decoder.project_out.op_list.2.conv.conv.weight"][0]
-        upsample = "pixel_shuffle" if out == 4 * in_channels else upsample
-    head_dim = _head_dim(shapes, encoder + decoder)
-    scaling, note = 1.0, "a single file does not carry its scaling factor: give --scaling-factor"
-    if (latent, count) == (32, 6) and encoder[0].layers:
-        scaling, note = SANA, ""
-    elif (latent, count) in TWINS and not encoder[0].layers:
-        name, other, scaling = TWINS[latent, count]
-        note = (
+        upsample = "pixel_shuffle" if out == 4 * shapes[project_in][1] else upsample
+    return downsample, upsample
+
+
+def _original_scaling(latent: int, levels: int, first_level_blocks: bool) -> tuple[float, str]:
+    """The scaling factor of the release with these shapes, and what to say of it: a single
+    file does not carry one."""
+    if (latent, levels) == (32, 6) and first_level_blocks:
+        return SANA, ""
+    if (latent, levels) in TWINS and not first_level_blocks:
+        name, other, scaling = TWINS[latent, levels]
+        return scaling, (
             f"{name}-mix-1.0's scaling factor {scaling:g}, as diffusers takes it; {name}-in-1.0 "
             f"has the same shapes: give --scaling-factor {other:g} for it"
         )
-    layout = DCLayout(
-        in_channels=in_channels,
-        latent_channels=latent,
-        encoder=tuple(encoder),
-        decoder=tuple(decoder),
-        head_dim=head_dim,
-        downsample=downsample,
-        upsample=upsample,
-        encoder_out_shortcut=out_shortcut,
-        decoder_in_shortcut="decoder.project_in.main.conv.weight" in shapes,
-        scaling_factor=scaling,
-        note=note,
-    )
-    _check(layout)
-    return layout
+    return 1.0, "a single file does not carry its scaling factor: give --scaling-factor"
 
 
 def _head_dim(shapes: dict[str, tuple[int, ...]], levels: list[Level]) -> int:
