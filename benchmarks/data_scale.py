@@ -227,7 +227,8 @@ def loader_speed(folder: Path, workers: int) -> float:
 def shard_loader_speed(shards: Path, workers: int) -> float:
     """aecli's streamed loader over the shards' first LOADER_IMAGES images: images/s."""
     from aecli.config import load_config
-    from aecli.data.stream import batch_loader, open_stream, shard_paths
+    from aecli.data.shards import shard_paths
+    from aecli.data.stream import batch_loader, open_stream
 
     config = load_config(PRESET_ARGS[0], PRESET_ARGS[2:8:2]).config.data
     config = config.model_copy(update={"workers": workers})
@@ -316,7 +317,7 @@ def main() -> None:
         write_data(args.dir / "20000", 20000)
         demo(args.dir)
         return
-    from aecli.data.stream import default_workers
+    from aecli.data.dataset import default_workers
 
     workers = default_workers()
     print(

@@ -57,8 +57,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from aecli.cli import app
-from aecli.engine.rundir import RunDirectory
 from aecli.errors import AecliError
+from aecli.run.files import RunDirectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,7 +80,7 @@ BOUND_MB = 512  # a case may take at most this much memory above the baseline
 HELPER = """\
 import sys
 from pathlib import Path
-from aecli.cli.train import run_lock
+from aecli.run.files import run_lock
 held = {}
 for line in sys.stdin:
     command, path = line.rstrip("\\n").split(" ", 1)

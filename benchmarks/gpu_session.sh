@@ -20,9 +20,13 @@
 #                tiling against diffusers' enable_tiling(); then tiling.py's table on CUDA
 #   vaes         vae_families.py: every VAE family aecli reads at its released widths, encode and
 #                decode of 8 images of 512x512, model alone and whole command, against diffusers
+#   eval         aecli eval on an SD VAE folder (SD_VAE, default weights/sd-vae-ft-mse) over
+#                EVAL_DATA (default data/coco/val2017) at 256x256: the line to put beside
+#                Stability's table; rFID and LPIPS-VGG where their weights are in torch's hub
+#                cache (or FID_WEIGHTS / LPIPS_WEIGHTS name them); skipped when either is absent
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles or vaes" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "stages: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles, vaes or eval" >&2; exit 2; }
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 log="$out/$(IFS=-; echo "$*").log"
@@ -35,6 +39,8 @@ log="$out/$(IFS=-; echo "$*").log"
       2>&1 | tail -2
     python3 -m pip install -q --no-index --find-links .wheels diffusers lpips tensorboard \
       2>&1 | tail -2 || echo "test extras not carried: their tests skip"
+    python3 -m pip install -q --no-index --find-links .wheels torchmetrics torch-fidelity \
+      2>&1 | tail -2 || echo "eval extra not carried: rFID tests skip, eval measures no rFID"
   fi
   python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | tail -2
   python3 -c "import aecli, torch; print('aecli', aecli.__version__, 'torch', torch.__version__)"
@@ -90,12 +96,40 @@ for stage in "${stages[@]}"; do
       run 540 python3 benchmarks/vae_families.py --size release --device cuda --image 512 \
         --images 8 --repeats 3 --command-repeats 1
       ;;
+    eval)
+      vae="${SD_VAE:-weights/sd-vae-ft-mse}"
+      data="${EVAL_DATA:-data/coco/val2017}"
+      if [ ! -f "$vae/config.json" ] && [ ! -f "$vae/vae/config.json" ] || [ ! -d "$data" ]; then
+        echo "eval: skipped: needs an SD VAE folder at $vae (SD_VAE) and images at $data" \
+          "(EVAL_DATA); nothing is downloaded" | tee -a "$log"
+      else
+        hub="$(python3 -c 'import torch; print(torch.hub.get_dir())')/checkpoints"
+        measures=()
+        if [ -n "${FID_WEIGHTS:-}" ]; then
+          measures+=(--fid-weights "$FID_WEIGHTS")
+        elif compgen -G "$hub/*inception-2015-12-05-6726825d.pth" >/dev/null; then
+          measures+=(--fid)
+        else
+          echo "eval: no Inception weights in $hub (or FID_WEIGHTS): rFID left out" | tee -a "$log"
+        fi
+        if [ -n "${LPIPS_WEIGHTS:-}" ]; then
+          measures+=(--lpips vgg --lpips-weights "$LPIPS_WEIGHTS")
+        elif [ -f "$hub/vgg16-397923af.pth" ]; then
+          measures+=(--lpips vgg)
+        else
+          echo "eval: no VGG16 weights in $hub (or LPIPS_WEIGHTS): LPIPS left out" | tee -a "$log"
+        fi
+        # the JSON (every setting named) to $out/eval.json; the table and the line to the log
+        run 540 sh -c 'json="$1"; shift; aecli eval "$@" --json > "$json"' sh "$out/eval.json" \
+          "$vae" "$data" --size 256 --device cuda "${measures[@]}"
+      fi
+      ;;
     quality)
       # one seed: 20,000 images at the issue's 54 img/s take about 6 minutes of the call's 10
       run 540 python3 benchmarks/quality.py --pairs kl --device cuda --repeats 1
       ;;
     *)
-      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles or vaes" | tee -a "$log" >&2
+      echo "unknown stage $stage: tests, train, reconstruct, speed, kl, profile, quality, encode, tiles, vaes or eval" | tee -a "$log" >&2
       exit 2
       ;;
   esac

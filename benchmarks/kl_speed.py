@@ -38,9 +38,10 @@ from train_speed import device_profile, profiled_epoch  # noqa: E402
 from aecli.config import load_config  # noqa: E402
 from aecli.data import ImageData  # noqa: E402
 from aecli.devices import describe, peak_flops, resolve_device  # noqa: E402
-from aecli.engine import Trainer  # noqa: E402
+from aecli.engine import Trainer
 from aecli.io.vae_files import layout_of_config  # noqa: E402
 from aecli.models import forward_flops  # noqa: E402
+from aecli.run.training import trainer_in  # noqa: E402
 
 
 def kl_config(size: int, batch: int, epochs: int, extra: list[str]):
@@ -63,7 +64,7 @@ def kl_trainer(images: torch.Tensor, args, batch: int, steps: int, run_dir: Path
     """aecli's trainer for cat-kl-f8 on epochs of `steps` steps, validating on one batch."""
     data = images[: batch * (steps + 1)]
     config = kl_config(args.size, batch, 2, [f"data.val_fraction={1 / (steps + 1)}", *args.set])
-    return Trainer(
+    return trainer_in(
         config,
         ImageData(data, None, None, {"kind": "photo crops"}),
         run_dir,

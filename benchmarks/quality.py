@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from aecli.config import load_config
 from aecli.data import ImageData, validation_count
 from aecli.data.shapes import make_shapes
-from aecli.engine import train
 from aecli.inference import Predictor
 from aecli.losses import ms_ssim, psnr, ssim
+from aecli.run.training import train
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from aecli.engine.rundir import RunDirectory
 from aecli.errors import AecliError
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.weights import load_weights
-from aecli.report import summarize_run
+from aecli.run.files import RunDirectory
+from aecli.run.status import summarize_run
 
 
 def losses(run: Path) -> list[tuple]:
@@ -104,7 +104,7 @@ def main() -> None:
                     except AecliError as exc:
                         unreadable += 1
                         print(f"kill {kills}: unreadable {name}: {exc}")
-            if (run / "state.json").exists() and not RunDirectory(run).read_state():
+            if (run / "state.json").exists() and RunDirectory(run).read_state().state is None:
                 unreadable += 1
                 print(f"kill {kills}: unreadable state.json")
             if (run / "report.html").exists() and not (

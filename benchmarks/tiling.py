@@ -149,8 +149,8 @@ def trained_folder(work: Path, args) -> Path:
 
     from aecli.config import load_config
     from aecli.data import load_data
-    from aecli.engine import train
     from aecli.io.vae_files import KLLayout
+    from aecli.run.training import train
 
     crops = work / "crops"
     crops.mkdir()

@@ -31,6 +31,7 @@ from aecli.data import ImageData, load_data, split
 from aecli.devices import describe, deterministic, resolve_device
 from aecli.engine import Trainer
 from aecli.models import build_model
+from aecli.run.training import trainer_in
 
 
 def digits_28() -> ImageData:
@@ -55,7 +56,7 @@ def aecli_speed(
     epochs = max(2, -(-steps // per_epoch))
     config = load_config(preset, ["train.grid_images=0", f"train.epochs={epochs}", *extra]).config
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
+        trainer = trainer_in(config, data, Path(tmp), preset=preset, device=device)
         result = trainer.fit()
     # drop the first epoch (warm-up: allocator, autotuning), as for the textbook loop
     rest = result.history[1:]
@@ -116,7 +117,7 @@ def work_per_step(
     torch.profiler over one epoch."""
     config = load_config(preset, ["train.grid_images=0", "train.epochs=1", *extra]).config
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(config, data, Path(tmp), preset=preset, device=device)
+        trainer = trainer_in(config, data, Path(tmp), preset=preset, device=device)
         prof, _ = profiled_epoch(trainer)
     steps = trainer.steps_per_epoch
     events = prof.events()

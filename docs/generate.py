@@ -43,7 +43,7 @@ def cell(text: str) -> str:
 
 
 def _metavar(param) -> str:
-    """The value's name as --help shows it (aecli.cli.app.Command sets it)."""
+    """The value's name as --help shows it (each declaration's `metavar=` sets it)."""
     flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
     return "" if flag else (param.metavar or param.name.upper())
 

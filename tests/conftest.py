@@ -95,7 +95,7 @@ train: {epochs: 2, batch_size: 32, grid_images: 2}
 
 def epochs_of(run: Path) -> list[dict]:
     """The epoch records of a run's metrics.jsonl (it also holds one per logging window)."""
-    from aecli.engine.rundir import RunDirectory
+    from aecli.run.files import RunDirectory
 
     return RunDirectory(run).history()
 
@@ -104,7 +104,7 @@ def train_weights(directory: Path, preset_text: str, overrides: list[str] = ()) 
     """Train a tiny preset on the built-in shapes (a few seconds) and return its weights file."""
     from aecli.config import load_config
     from aecli.data import load_data
-    from aecli.engine import train
+    from aecli.run.training import train
 
     directory.mkdir(parents=True, exist_ok=True)
     preset = directory / "preset.yaml"

@@ -9,13 +9,14 @@ from test_engine import RICH, StopAt, assert_same_weights
 from aecli.config import load_config
 from aecli.data import load_data
 from aecli.devices import Execution, resolve_device
-from aecli.engine import Trainer, plan_resume, resume, train
 from aecli.engine.adversary import patch_grid
 from aecli.engine.step import TrainStep
 from aecli.errors import ConfigError, Interrupted
 from aecli.losses import adaptive_weight, hinge_d_loss
 from aecli.models import build_model
 from aecli.models.discriminator import PatchDiscriminator
+from aecli.run.setup import plan_resume
+from aecli.run.training import resume, train, trainer_in
 
 GAN = ["loss.disc_weight=0.5", "loss.disc_layers=2", "loss.disc_channels=8"]
 
@@ -81,7 +82,7 @@ def test_metrics_and_resume_with_the_discriminator(tiny_preset, tmp_path):
     train(config, data, tmp_path / "straight", preset="tiny", device="cpu")
     reporter = StopAt(step=7)
     cut = tmp_path / "cut"
-    trainer = Trainer(config, data, cut, preset="tiny", reporter=reporter, device="cpu")
+    trainer = trainer_in(config, data, cut, preset="tiny", reporter=reporter, device="cpu")
     reporter.trainer = trainer
     with pytest.raises(Interrupted):
         trainer.fit()

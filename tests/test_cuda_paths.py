@@ -31,13 +31,13 @@ from aecli.devices import (
     available_memory,
     deterministic,
 )
-from aecli.engine import Trainer
-from aecli.engine.distributed import setup_distributed
+from aecli.distributed import setup_distributed
 from aecli.engine.step import CapturedStep, deterministic_obstacle, graph_obstacle
 from aecli.errors import UsageError
 from aecli.io.checkpoint import load_checkpoint
 from aecli.losses import compute_loss, reflect_pad
 from aecli.models.autoencoder import AutoencoderOutput, DiagonalGaussian
+from aecli.run.training import trainer_in
 
 CUDA0 = torch.device("cuda", 0)
 BIG = ModelCost(forward_flops=10**12, group_norm=False)  # bf16 territory on CUDA
@@ -176,14 +176,14 @@ def test_deterministic_training_names_what_has_no_deterministic_kernel(tiny_pres
 
     data = load_data(None, load_config(str(tiny_preset)).config.data, 0)
     with pytest.raises(UsageError) as caught:
-        Trainer(mnist, data, tmp_path / "refused", preset="mnist-cae", device=CUDA0)
+        trainer_in(mnist, data, tmp_path / "refused", preset="mnist-cae", device=CUDA0)
     message = str(caught.value)
     assert "train.deterministic: model.decoder[6] (resize, bilinear interpolation)" in message
     assert "\n" not in message and not (tmp_path / "refused").exists()
 
     # found while training: PyTorch's own error becomes one line naming the operation
     config = load_config(str(tiny_preset), ["train.deterministic=true"]).config
-    trainer = Trainer(config, data, tmp_path / "run", preset="tiny", device="cpu")
+    trainer = trainer_in(config, data, tmp_path / "run", preset="tiny", device="cpu")
     trainer.model.encoder.register_forward_hook(
         lambda *_: torch.zeros(2).put_(torch.tensor([0]), torch.tensor([1.0]))
     )
@@ -445,7 +445,7 @@ def test_cuda_choices_without_a_gpu(monkeypatch, tf32_off, tiny_weights, tiny_pr
 
     config = load_config(str(tiny_preset)).config
     data = load_data(None, config.data, 0)
-    trainer = Trainer(config, data, tmp_path / "run", preset="tiny", device="cpu")
+    trainer = trainer_in(config, data, tmp_path / "run", preset="tiny", device="cpu")
     trainer.device = CUDA0
     images = trainer.train_data.images
     free[0] = 4 * images.numel() - 1

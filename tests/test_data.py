@@ -7,7 +7,8 @@ from PIL import Image
 
 from aecli.config import AugmentConfig, DataConfig
 from aecli.data import load_data, split
-from aecli.data.transforms import augment, to_model_range, to_uint8
+from aecli.data.transforms import augment, to_uint8
+from aecli.devices import to_model_range
 from aecli.errors import DataError
 
 

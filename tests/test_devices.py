@@ -20,11 +20,13 @@ import aecli.engine.trainer
 from aecli.config import list_presets, load_config
 from aecli.data import load_data
 from aecli.devices import ModelCost, execution_plan, placed, resolve_device, same_device
-from aecli.engine import Trainer, plan_resume, resume
+from aecli.engine import Trainer
 from aecli.errors import UsageError
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.latents import read_latents
 from aecli.io.weights import load_weights
+from aecli.run.setup import plan_resume
+from aecli.run.training import resume, trainer_in
 
 CUDA = [
     pytest.mark.cuda,
@@ -323,7 +325,7 @@ def fit(preset: Path, run: Path, device: str, epochs: int, extra=()) -> list[dic
 def trained(config, run: Path, device: str) -> Trainer:
     """A trainer for `config` on the built-in shapes (fit() trains it)."""
     data = load_data(None, config.data, config.train.seed)
-    return Trainer(config, data, run, preset="tiny", device=device)
+    return trainer_in(config, data, run, preset="tiny", device=device)
 
 
 def resumed(run: Path, device: str, epochs: int) -> list[dict]:
@@ -496,7 +498,7 @@ def test_every_preset_trains_on_cuda_like_on_the_cpu(preset, tmp_path):
     data = load_data(None, config.data, config.train.seed)
     losses = {}
     for device in ("cpu", "cuda"):
-        trainer = Trainer(config, data, tmp_path / device, preset=preset, device=device)
+        trainer = trainer_in(config, data, tmp_path / device, preset=preset, device=device)
         losses[device] = trainer.fit().history[-1]["val_loss"]
     assert np.isfinite(losses["cuda"])
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=0.1)

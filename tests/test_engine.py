@@ -16,11 +16,12 @@ from safetensors import safe_open
 
 from aecli.config import load_config
 from aecli.data import load_data
-from aecli.engine import plan_resume, resume, train
-from aecli.engine.rundir import RunDirectory
 from aecli.errors import Interrupted
 from aecli.io.checkpoint import load_checkpoint
 from aecli.io.weights import load_weights
+from aecli.run.files import RunDirectory
+from aecli.run.setup import plan_resume
+from aecli.run.training import resume, train
 
 # a VAE with augmentation, EMA and a cosine schedule: every source of randomness and state
 RICH = [
@@ -112,11 +113,11 @@ def test_resume_after_two_epochs_is_bit_exact(tiny_preset, tmp_path, layout):
 
 
 def test_resume_from_mid_epoch_interrupt_is_bit_exact(tiny_preset, tmp_path):
-    from aecli.engine import Trainer
+    from aecli.run.training import trainer_in
 
     config, data = run_straight(tiny_preset, tmp_path, COSINE)
     reporter = StopAt(step=5)  # epoch 2 of 4, second of its three batches
-    trainer = Trainer(
+    trainer = trainer_in(
         config, data, tmp_path / "cut", preset="tiny", reporter=reporter, device="cpu"
     )
     reporter.trainer = trainer
@@ -138,12 +139,12 @@ def test_more_ctrl_c_while_an_interrupted_run_saves_and_records_its_end_are_igno
 ):
     """Ctrl-C pressed twice: the second lands during the save or while fit writes state.json
     and the report. It must not turn into a KeyboardInterrupt that hides the resume command."""
-    from aecli.engine import Trainer
+    from aecli.run.training import trainer_in
 
     config = load_config(str(tiny_preset), ["train.epochs=4", "train.log_every=1"]).config
     data = load_data(None, config.data, config.train.seed)
     reporter = StopAt(step=5)
-    trainer = Trainer(
+    trainer = trainer_in(
         config, data, tmp_path / "cut", preset="tiny", reporter=reporter, device="cpu"
     )
     reporter.trainer = trainer
@@ -167,7 +168,7 @@ def test_more_ctrl_c_while_an_interrupted_run_saves_and_records_its_end_are_igno
     except KeyboardInterrupt:
         pytest.fail(f"a Ctrl-C after the first one became a KeyboardInterrupt (in {pressed[-1]})")
     assert pressed == ["_save_checkpoint", "_record_end"]
-    assert RunDirectory(tmp_path / "cut").read_state()["state"] == "interrupted"
+    assert RunDirectory(tmp_path / "cut").read_state().state == "interrupted"
     assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
 
 
@@ -175,11 +176,11 @@ def test_the_ema_update_records_no_autograd_history(tiny_preset, tmp_path):
     """The EMA is averaged outside autograd: its tensors carry no history, which would grow by
     a node a step and keep the parameters' gradient accumulators alive (on CUDA the step's graph
     capture then failed in backward)."""
-    from aecli.engine import Trainer
+    from aecli.run.training import trainer_in
 
     config = load_config(str(tiny_preset), [*RICH, "train.epochs=1"]).config
     data = load_data(None, config.data, config.train.seed)
-    trainer = Trainer(config, data, tmp_path / "run", preset="tiny", device="cpu")
+    trainer = trainer_in(config, data, tmp_path / "run", preset="tiny", device="cpu")
     trainer.fit()
     averaged = [*trainer.ema.parameters(), *trainer.ema.buffers()]
     assert averaged and all(t.grad_fn is None and not t.requires_grad for t in averaged)
@@ -188,14 +189,14 @@ def test_the_ema_update_records_no_autograd_history(tiny_preset, tmp_path):
 def test_resumed_optimizer_state_takes_the_parameters_layout(tiny_preset, tmp_path):
     """A checkpoint stores contiguous tensors; in a channels-last run (the default on CUDA,
     where fused Adam refuses a mix of layouts) Adam's state must come back channels-last."""
-    from aecli.engine import Trainer
+    from aecli.run.training import trainer_in
 
     extra = ["train.memory_format=channels_last"]
     config, data = run_straight(tiny_preset, tmp_path, extra)
     half = config.model_copy(update={"train": config.train.model_copy(update={"epochs": 2})})
     train(half, data, tmp_path / "split", preset="tiny", device="cpu")
     plan = plan_resume(tmp_path / "split", epochs=4)
-    trainer = Trainer(plan.config, data, tmp_path / "split", preset="tiny", device="cpu")
+    trainer = trainer_in(plan.config, data, tmp_path / "split", preset="tiny", device="cpu")
     trainer.restore(plan.checkpoint)
     kernels = [p for p in trainer.model.parameters() if p.ndim == 4]
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
@@ -339,7 +340,7 @@ def test_latent_statistics_are_stored_per_class(tiny_preset, tmp_path):
     assert int(stats["class_count"].sum()) == int(stats["count"]) == 86
     # the stored mean is the mean of the training codes
     from aecli.data import split
-    from aecli.data.transforms import to_model_range
+    from aecli.devices import to_model_range
 
     train_part, _ = split(data, config.data.val_fraction, config.train.seed)
     with torch.no_grad():

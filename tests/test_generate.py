@@ -10,7 +10,8 @@ import torch
 from conftest import AECLI, pixels, read_pngs, shell, write_image
 from PIL import Image
 
-from aecli.generate import (
+from aecli.inference import Predictor
+from aecli.inference.generate import (
     _within_class_covariance,
     interpolation_path,
     lerp,
@@ -18,7 +19,6 @@ from aecli.generate import (
     slerp,
     slerp_center,
 )
-from aecli.inference import Predictor
 from aecli.io.latents import read_latents
 from aecli.io.weights import load_weights, read_weights_info, save_weights
 

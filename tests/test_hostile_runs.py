@@ -16,11 +16,11 @@ from conftest import one_line, within
 from rich.console import Console
 from test_engine import StopAt
 
-from aecli.cli.train import run_lock
 from aecli.config import load_config
 from aecli.data import load_data
-from aecli.engine import Trainer
 from aecli.errors import Interrupted, TrainingError
+from aecli.run.files import run_lock
+from aecli.run.training import trainer_in
 
 
 def trainer(tiny_preset: Path, run: Path, *overrides: str, reporter: StopAt | None = None):
@@ -28,7 +28,7 @@ def trainer(tiny_preset: Path, run: Path, *overrides: str, reporter: StopAt | No
     config = load_config(str(tiny_preset), ["train.epochs=2", *overrides]).config
     data = load_data(None, config.data, config.train.seed)
     reporter = reporter or StopAt(step=-1)
-    made = Trainer(config, data, run, preset="tiny", reporter=reporter, device="cpu")
+    made = trainer_in(config, data, run, preset="tiny", reporter=reporter, device="cpu")
     reporter.trainer = made
     return made
 
@@ -198,7 +198,7 @@ def test_a_metrics_file_of_gigabytes_costs_no_memory_and_hides_no_run(tiny_prese
 def test_a_metrics_file_of_damaged_lines_is_read_only_so_far(tmp_path):
     """Thousands of damaged lines (a file that is not a record of training): the reading stops
     after METRICS_DAMAGE_LIMIT of them, saying so, with the records before kept."""
-    from aecli.engine.rundir import METRICS_DAMAGE_LIMIT, RunDirectory
+    from aecli.run.files import METRICS_DAMAGE_LIMIT, RunDirectory
 
     run = RunDirectory(tmp_path)
     record = json.dumps({"kind": "epoch", "epoch": 1, "step": 3, "loss": 0.5}) + "\n"

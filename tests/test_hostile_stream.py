@@ -17,10 +17,10 @@ from aecli.cli.train import RichReporter, RunTimeColumn
 from aecli.config import load_config
 from aecli.data import load_data
 from aecli.data.images import MAX_IMAGE_BYTES, Failure
-from aecli.data.stream import index_shard
-from aecli.engine import Trainer, train
+from aecli.data.shards import index_shard
 from aecli.errors import DataError, Interrupted
 from aecli.io.checkpoint import load_checkpoint, save_checkpoint
+from aecli.run.training import train, trainer_in
 
 
 def train_args(preset: Path, data, run: Path, *extra) -> list:
@@ -167,7 +167,7 @@ def interrupted_run(tmp_path: Path, root: Path) -> Path:
     data = load_data(root, config.data, 0)
     reporter = StopAt(step=5)
     run = tmp_path / "run"
-    trainer = Trainer(
+    trainer = trainer_in(
         config, data, run, preset="streamed", reporter=reporter, device="cpu", data_path=str(root)
     )
     reporter.trainer = trainer

@@ -293,8 +293,8 @@ def test_mfu_is_images_per_second_times_training_flops_over_the_peak(
 
     import aecli.engine.trainer as trainer_module
     from aecli.data import load_data
-    from aecli.engine import train
     from aecli.models import forward_flops
+    from aecli.run.training import train
 
     peak = 1e9
     monkeypatch.setattr(trainer_module, "peak_flops", lambda device, dtype: peak)

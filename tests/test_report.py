@@ -17,11 +17,12 @@ from test_engine import StopAt, start_long_run
 
 from aecli.config import load_config
 from aecli.data import load_data
-from aecli.engine import Trainer, train
-from aecli.engine.rundir import RunDirectory
 from aecli.errors import Interrupted, TrainingError
 from aecli.io.images import png_bytes
-from aecli.report import GRID_BUDGET, find_runs, write_report
+from aecli.run.files import RunDirectory
+from aecli.run.report import GRID_BUDGET, write_report
+from aecli.run.status import find_runs
+from aecli.run.training import train, trainer_in
 
 CHROMIUM = next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
@@ -151,7 +152,7 @@ def test_state_follows_the_run_and_runs_lists_each_kind(tiny_preset, tmp_path, c
     config = load_config(str(tiny_preset), ["train.epochs=3", "train.log_every=1"]).config
     data = load_data(None, config.data, config.train.seed)
     reporter = StopAt(step=4)
-    trainer = Trainer(config, data, runs / "cut", preset="tiny", reporter=reporter, device="cpu")
+    trainer = trainer_in(config, data, runs / "cut", preset="tiny", reporter=reporter, device="cpu")
     reporter.trainer = trainer
     with pytest.raises(Interrupted):
         trainer.fit()
@@ -306,7 +307,7 @@ LOCK_HOLDER = """\
 import sys
 import time
 from pathlib import Path
-from aecli.cli.train import run_lock
+from aecli.run.files import run_lock
 lock = run_lock(Path(sys.argv[1]), "--out")
 print("locked", flush=True)
 sys.stdin.read()
@@ -350,8 +351,8 @@ def test_a_run_another_process_trains_is_running_and_left_alone(tiny_preset, tmp
 def test_the_report_written_while_training_keeps_the_run_lock(tiny_preset, tmp_path, cli):
     """Asking who holds a lock must not let go of this process's own (closing any descriptor of
     a POSIX-locked file does): after an epoch's report, the folder is still locked."""
-    from aecli.engine.rundir import RUN_LOCK
     from aecli.io.locks import lock_holder
+    from aecli.run.files import RUN_LOCK
 
     run = tmp_path / "run"
     training = start_long_run(tiny_preset, run)

@@ -12,21 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_engine import StopAt, assert_same_weights
 
 from aecli.config import load_config
 from aecli.data import load_data
-from aecli.data.stream import (
-    StreamedData,
-    expand_braces,
-    fit_sample,
-    key_hash,
-    sample_random,
-)
-from aecli.engine import Trainer, plan_resume, resume, train
+from aecli.data.dataset import TrainingData, data_random
+from aecli.data.shards import expand_braces
+from aecli.data.stream import StreamedData, fit_sample, key_hash
 from aecli.errors import DataError, Interrupted
 from aecli.io.checkpoint import load_checkpoint
+from aecli.run.setup import plan_resume
+from aecli.run.training import resume, train, trainer_in
 
 # A fully convolutional model small enough for seconds of training on 32x32 crops.
 STREAMED = """\
@@ -167,13 +165,52 @@ def test_random_crops_repeat_by_seed_epoch_and_sample():
     image = photo(3)
 
     def draw(*seed) -> np.ndarray:
-        return np.asarray(fit_sample(image, config, sample_random(*seed)))
+        return np.asarray(fit_sample(image, config, data_random("sample", *seed)))
 
     assert draw(1, 1, 3).shape == (32, 32, 3)
     assert np.array_equal(draw(1, 1, 3), draw(1, 1, 3))
     assert not np.array_equal(draw(1, 1, 3), draw(1, 2, 3))  # another epoch, another crop
     centre = np.asarray(fit_sample(image, config, None))  # validation: the low end, the centre
     assert centre.shape == (32, 32, 3)
+
+
+def test_both_kinds_of_data_give_their_batches_through_one_interface(photo_folder, shard_folder):
+    """In memory and streamed, the data are TrainingData; an epoch's order is the one drawn
+    before the interface (in memory a torch permutation from the step seed of -epoch, streamed
+    numpy's from [seed, epoch, 0x5EED] by shard), and the batches from position k are the
+    epoch's batches from k on: what a resumed run trains on."""
+    from aecli.data.dataset import step_seed
+
+    config = load_config("cat-kl-f8", ["data.image_size=32", "data.workers=0"]).config.data
+    memory = load_data(photo_folder, config.model_copy(update={"stream": False}), 0)
+    stream = load_data(shard_folder, config.model_copy(update={"stream": True}), 0)
+    for data in (memory, stream):
+        assert isinstance(data, TrainingData)
+        train_part, validation = data.split(0.1, 3)
+        assert len(validation) and validation.images.shape[1:] == (3, 32, 32)
+        record = train_part.record(validation)
+        assert record["train"]["count"] == len(train_part)
+        train_part = train_part.placed(lambda tensor: tensor)
+        order = train_part.epoch_order(3, 2)
+        share = order[: len(order) // 2 * 2][1::2]  # rank 1 of 2
+        every = list(train_part.batches(share, 5, 0, seed=3, epoch=2, pin_memory=False))
+        assert [b.number for b in every] == list(range(-(-len(share) // 5)))
+        later = list(train_part.batches(share, 5, 2, seed=3, epoch=2, pin_memory=False))
+        assert [b.number for b in later] == [b.number for b in every[2:]]
+        for a, b in zip(every[2:], later, strict=True):
+            assert np.array_equal(a.images.numpy(), b.images.numpy()) and not b.failures
+            assert np.array_equal(np.asarray(a.samples), np.asarray(b.samples))
+        assert np.array_equal(np.asarray(every[0].samples), np.asarray(share[:5]))
+    memory_train = memory.split(0.1, 3)[0]
+    generator = torch.Generator().manual_seed(step_seed(3, -2))
+    drawn = torch.randperm(len(memory_train), generator=generator)
+    assert torch.equal(memory_train.epoch_order(3, 2), drawn)
+    rng, shard_of = np.random.default_rng([3, 2, 0x5EED]), [m.shard for m in stream.members]
+    expected = []
+    for shard in rng.permutation(len(stream.shards)):
+        mine = np.array([i for i in stream.train if shard_of[i] == shard])
+        expected += list(mine[rng.permutation(len(mine))])
+    assert list(stream.epoch_order(3, 2)) == expected
 
 
 def test_workers_do_not_change_what_trains(shard_folder, tmp_path):
@@ -196,7 +233,7 @@ def test_streamed_resume_mid_epoch_is_exact_and_reads_only_the_rest(
     train(config, data, tmp_path / "straight", preset="streamed", device="cpu")
 
     reporter = StopAt(step=9)  # epoch 2 (7 steps an epoch), its third batch
-    trainer = Trainer(
+    trainer = trainer_in(
         config, data, tmp_path / "cut", preset="streamed", reporter=reporter, device="cpu"
     )
     reporter.trainer = trainer

@@ -384,8 +384,8 @@ def test_sampling_a_vae_with_scaling_factors_uses_their_spread(tmp_path, cli):
 
 
 def test_slerp_turns_around_the_shift_of_a_flux_style_vae(tmp_path):
-    from aecli.generate import prior, slerp_center
     from aecli.inference import Predictor
+    from aecli.inference.generate import prior, slerp_center
 
     vae = make_vae(**FLUX_STYLE)
     vae.register_to_config(shift_factor=0.1159)

@@ -7,8 +7,9 @@ import sys
 import typer
 
 from aecli import CUBLAS_WORKSPACE
-from aecli.cli import (  # noqa: F401  (importing a module registers its commands)
+from aecli.cli import (
     diff,
+    evaluate,
     export,
     generate,
     inspect,
@@ -18,15 +19,28 @@ from aecli.cli import (  # noqa: F401  (importing a module registers its command
     stats,
     train,
 )
-from aecli.cli.app import app, interrupted
+from aecli.cli.app import app, epilog, guarded, interrupted
 from aecli.cli.render import print_error
 
-# --help lists the commands in the order a user meets them, `train` first
-ORDER = ["train", "reconstruct", "encode", "decode", "sample", "interpolate", "diff", "stats",
-         "export", "presets", "info", "runs", "report"]  # fmt: skip
-app.registered_commands.sort(
-    key=lambda c: ORDER.index(c.name or c.callback.__name__.replace("_", "-"))
-)
+# Every command, in the order --help lists them: the order a user meets them, `train` first
+COMMANDS = [
+    ("train", train.train, train.EXAMPLES),
+    ("reconstruct", reconstruct.reconstruct, reconstruct.EXAMPLES),
+    ("encode", latents.encode, latents.ENCODE_EXAMPLES),
+    ("decode", latents.decode, latents.DECODE_EXAMPLES),
+    ("sample", generate.sample, generate.SAMPLE_EXAMPLES),
+    ("interpolate", generate.interpolate, generate.INTERPOLATE_EXAMPLES),
+    ("diff", diff.diff, diff.EXAMPLES),
+    ("eval", evaluate.evaluate, evaluate.EXAMPLES),
+    ("stats", stats.stats, stats.EXAMPLES),
+    ("export", export.export, export.EXAMPLES),
+    ("presets", inspect.presets, inspect.PRESETS_EXAMPLES),
+    ("info", inspect.info, inspect.INFO_EXAMPLES),
+    ("runs", runs.runs, runs.RUNS_EXAMPLES),
+    ("report", runs.report, runs.REPORT_EXAMPLES),
+]
+for name, command, examples in COMMANDS:
+    app.command(name=name, epilog=epilog(examples))(guarded(command))
 
 
 def main() -> None:
@@ -42,9 +56,7 @@ def main() -> None:
         if not interrupted():
             print_error("interrupted")
         sys.exit(130)
-    except Exception as exc:
-        if not is_click_error(exc):
-            raise
+    except typer.TyperException as exc:
         # a bad option value, a missing argument: one line too
         print_error(usage_line(exc))
         sys.exit(exc.exit_code)
@@ -53,23 +65,7 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-def is_click_error(exc: BaseException) -> bool:
-    """Whether Click raised this for the command line (a usage error, a bad file option).
-
-    Typer 0.26 and later bundle their own copy of Click and do not export its exception
-    classes; older Typers use Click itself. Both raise Click's documented ClickException
-    interface, `exit_code` and `format_message()`, which no other error of aecli's has.
-    """
-    from aecli.errors import AecliError
-
-    return (
-        not isinstance(exc, AecliError)
-        and isinstance(getattr(exc, "exit_code", None), int)
-        and callable(getattr(exc, "format_message", None))
-    )
-
-
-def usage_line(exc) -> str:
+def usage_line(exc: typer.TyperException) -> str:
     """Click's usage error as aecli's one line, with where to read more."""
     context = getattr(exc, "ctx", None)
     command = context.command_path if context is not None else "aecli"

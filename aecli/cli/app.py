@@ -9,10 +9,9 @@ import re
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
-import typer.core
 
 import aecli
 from aecli.cli.render import console, print_error
@@ -29,68 +28,13 @@ app = typer.Typer(
 )
 
 
-def _metavar(param) -> str:
-    """What --help shows for a value: an argument's name, N for whole numbers, X for numbers,
-    the choices, or the option's name (Typer 0.29 would show <str>, <int range>, <path>)."""
-    if param.param_type_name == "argument":
-        return param.name.upper()
-    descriptor = getattr(param, "type_descriptor", None)  # Typer 0.29 and later
-    if descriptor is not None:
-        kind = str(getattr(descriptor, "annotation", ""))
-        choices = getattr(descriptor, "choices", None) if descriptor.is_choice else None
-    else:
-        kind = type(param.type).__name__.lower()
-        choices = getattr(param.type, "choices", None)
-    if choices:
-        return "|".join(str(getattr(c, "value", c)) for c in choices)
-    if "Path" in kind:
-        return "PATH"
-    if "int" in kind:
-        return "N"
-    if "float" in kind:
-        return "X"
-    return param.name.upper().replace("_", "-")
-
-
-class Command(typer.core.TyperCommand):
-    """Every aecli command: values in --help shown as N, X, PATH, a choice or a name."""
-
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            flag = getattr(param, "is_flag", False) or getattr(param, "count", False)
-            if param.metavar is None and not flag:
-                param.metavar = _metavar(param)
-            if param.param_type_name == "argument" and hasattr(param, "_usage_display_name"):
-                # Typer 0.29 writes arguments as `{WEIGHTS} <path>`; plain WEIGHTS, as Click
-                param.display_type_rich = lambda ctx=None: None
-                dots = "..." if param.nargs != 1 else ""
-                name = param.metavar + dots
-                param._usage_display_name = (
-                    (lambda name=name: name) if param.required else (lambda name=name: f"[{name}]")
-                )
-        return params
-
-
-_register = app.command
-
-
-def _command(*args: Any, **kwargs: Any) -> Callable[..., Any]:
-    kwargs.setdefault("cls", Command)
-    if kwargs.get("epilog"):
-        kwargs["epilog"] = plain_epilog(kwargs["epilog"])
-    return _register(*args, **kwargs)
-
-
-def plain_epilog(text: str) -> str:
-    """A command's examples as --help prints them: a heading, then one command per line, never
-    rewrapped (Click's \\b marker), so that each can be copied as it is."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+def epilog(examples: str) -> str:
+    """A command's examples (a heading, then one command a line) as --help prints them: one
+    command a line, never rewrapped (Click's \\b marker), so that each can be copied as it is."""
+    lines = [line for line in examples.strip().splitlines() if line.strip()]
     heading = lines[0].replace("[bold]", "").replace("[/bold]", "").rstrip(":") + ":"
     return heading + "\n\n\b\n" + "\n".join(lines[1:])
 
-
-app.command = _command  # type: ignore[method-assign]
 
 # interrupted: a command has said that Ctrl-C stopped it (a second Ctrl-C as it returns must
 # not say it again, nor print a traceback)
@@ -105,17 +49,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: bool = typer.Option(
-        False, "--debug", help="Show full tracebacks instead of one-line errors."
-    ),
-    version: bool = typer.Option(
-        False,
-        "--version",
-        "-V",
-        callback=_version,
-        is_eager=True,
-        help="Print the version and exit.",
-    ),
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     """Global options."""
     _state["debug"] = debug  # set on every call: one process may run several commands
@@ -229,4 +175,4 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
-__all__ = ["app", "console", "guarded"]
+__all__ = ["app", "console", "epilog", "guarded"]

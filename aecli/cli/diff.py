@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import BatchSize, Device, Inputs, Json, Overwrite, Weights, Workers
 from aecli.cli.render import (
     console,
@@ -29,8 +28,6 @@ EXAMPLES = """
 """
 
 
-@app.command(epilog=EXAMPLES)
-@guarded
 def diff(
     weights: Weights,
     inputs: Inputs,
@@ -39,6 +36,7 @@ def diff(
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="The PNG sheet to write: per image the original, reconstruction, signed error "
             "(blue: too dark, red: too bright) and absolute-error heatmap, worst first.",
             show_default=False,
@@ -46,12 +44,18 @@ def diff(
     ] = None,
     top: Annotated[
         int,
-        typer.Option("--top", min=1, help="How many of the worst images the sheet and table show."),
+        typer.Option(
+            "--top",
+            min=1,
+            metavar="N",
+            help="How many of the worst images the sheet and table show.",
+        ),
     ] = 8,
     vs: Annotated[
         Path | None,
         typer.Option(
             "--vs",
+            metavar="PATH",
             help="A second weights file to compare on the same images: both errors per image, "
             "which model wins, the mean difference.",
             show_default=False,
@@ -97,9 +101,17 @@ def diff(
     if out is not None and result.sheet is not None:
         save_png(out, result.sheet)
 
+    _print_diff(result, failures, seconds, weights, vs, out, top, as_json)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _print_diff(result, failures, seconds, weights, vs, out, top, as_json) -> None:
+    """What `diff` reports: failures, the worst images' table, who wins (--vs), a summary
+    line, and --json."""
     print_failures(failures)
     columns = ["mse", "psnr", "ssim"]
-    if other is not None:
+    if vs is not None:
         columns = ["mse", "vs_mse", "psnr", "vs_psnr", "ssim", "vs_ssim", "winner"]
     overall = dict(result.overall)
     if result.vs_overall:
@@ -118,7 +130,7 @@ def diff(
         "overall": result.overall,
         "error_scale": result.error_scale,
     }
-    if other is not None and result.rows:
+    if vs is not None and result.rows:
         wins = {k: sum(r["winner"] == k for r in result.rows) for k in ("weights", "vs", "tie")}
         difference = {k: result.vs_overall[k] - result.overall[k] for k in ("mse", "psnr", "ssim")}
         summary.update(vs_overall=result.vs_overall, wins=wins, mean_difference=difference)
@@ -136,5 +148,3 @@ def diff(
     )
     if as_json:
         print_json({**summary, "rows": result.rows})
-    if failures:
-        raise typer.Exit(1)

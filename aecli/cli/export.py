@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import Json, Overwrite, Weights
 from aecli.cli.render import console, print_json, shown
 
@@ -30,8 +29,6 @@ class ExportFormat(str, Enum):
     aecli = "aecli"
 
 
-@app.command(epilog=EXAMPLES)
-@guarded
 def export(
     weights: Weights,
     out: Annotated[
@@ -39,6 +36,7 @@ def export(
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="A folder for --format diffusers; a .safetensors file for single-file and aecli.",
             show_default=False,
         ),
@@ -47,6 +45,7 @@ def export(
         ExportFormat,
         typer.Option(
             "--format",
+            metavar="diffusers|single-file|aecli",
             help="diffusers: config.json + diffusion_pytorch_model.safetensors, what "
             "AutoencoderKL.from_pretrained (AutoencoderTiny for the TAESD family, "
             "AutoencoderKLFlux2 for FLUX.2) reads; "
@@ -59,6 +58,7 @@ def export(
         Path | None,
         typer.Option(
             "--latent-stats",
+            metavar="PATH",
             help="A latent folder of these weights' latents (`aecli encode WEIGHTS IMAGES -o "
             "DIR/`): their statistics become the exported model's latent normalisation, as its "
             "family keeps it: scaling_factor = 1 / std (and shift_factor = mean where the model "
@@ -85,42 +85,16 @@ def export(
     from aecli.errors import UsageError
     from aecli.io.atomic import atomic_write_bytes
     from aecli.io.outputs import OutputGuard
-    from aecli.io.vae_families import layout_for_export
-    from aecli.io.vae_files import export_files
     from aecli.io.weights import load_weights, save_weights
 
     if force and latent_stats is None:
         raise UsageError("--force: uses a latent folder of other weights; add --latent-stats DIR/")
     model, info = load_weights(weights)
-    if fmt is not ExportFormat.aecli:
-        family, layout, why = layout_for_export(info.config)
-        single = fmt is ExportFormat.single_file
-        if layout is None:
-            raise UsageError(f"--format {fmt.value}: not an {family.name}: {why}", path=weights)
-        if single and not family.single_file:
-            raise UsageError(
-                f"--format single-file: aecli writes {family.name} ({family.models}) as a "
-                "diffusers folder only (--format diffusers)",
-                path=weights,
-            )
-        if single and out.suffix != ".safetensors":
-            raise UsageError(f"-o {out}: --format single-file writes one .safetensors file")
-        if latent_stats is not None and single and family.convention.kind == "affine":
-            raise UsageError(
-                f"--latent-stats: a single file has no config.json, where {family.name} keeps "
-                "its latent factors; export --format diffusers or aecli"
-            )
-    elif out.suffix != ".safetensors":
-        raise UsageError(f"-o {out}: --format aecli writes one .safetensors file")
+    _check_format(fmt, out, info.config, weights, latent_stats is not None)
     config, sample_stats, fitted = info.config, info.latent_stats, None
     if latent_stats is not None:
         config, sample_stats, fitted = _fit(model, info, weights, latent_stats, force)
-    if fmt is ExportFormat.aecli:
-        files = {out: None}
-    else:
-        _, layout, _ = layout_for_export(config)
-        written = export_files(model.state_dict(), layout, fmt.value)
-        files = {out / name if name else out: data for name, data in written.items()}
+    files = _files(model, config, fmt, out)
     folder = out if fmt is ExportFormat.diffusers else None
     reads = [weights] if latent_stats is None else [weights, latent_stats]
     OutputGuard(reads).check("-o", list(files), overwrite=overwrite, out_dir=folder)
@@ -151,6 +125,48 @@ def export(
                 "latent_stats": fitted,
             }
         )
+
+
+def _check_format(fmt: ExportFormat, out: Path, config, weights: Path, stats: bool) -> None:
+    """Whether the model has a layout --format writes (the first block that does not fit, if
+    not), and -o the kind of name it writes; `stats`: --latent-stats given."""
+    from aecli.errors import UsageError
+    from aecli.io.vae_families import layout_for_export
+
+    if fmt is ExportFormat.aecli:
+        if out.suffix != ".safetensors":
+            raise UsageError(f"-o {out}: --format aecli writes one .safetensors file")
+        return
+    family, layout, why = layout_for_export(config)
+    single = fmt is ExportFormat.single_file
+    if layout is None:
+        raise UsageError(f"--format {fmt.value}: not an {family.name}: {why}", path=weights)
+    if single and not family.single_file:
+        raise UsageError(
+            f"--format single-file: aecli writes {family.name} ({family.models}) as a "
+            "diffusers folder only (--format diffusers)",
+            path=weights,
+        )
+    if single and out.suffix != ".safetensors":
+        raise UsageError(f"-o {out}: --format single-file writes one .safetensors file")
+    if stats and single and family.convention.kind == "affine":
+        raise UsageError(
+            f"--latent-stats: a single file has no config.json, where {family.name} keeps "
+            "its latent factors; export --format diffusers or aecli"
+        )
+
+
+def _files(model, config, fmt: ExportFormat, out: Path) -> dict[Path, bytes | None]:
+    """What the export writes: each file's bytes (None: aecli weights, written with the config
+    and the facts of the run)."""
+    from aecli.io.vae_families import layout_for_export
+    from aecli.io.vae_files import export_files
+
+    if fmt is ExportFormat.aecli:
+        return {out: None}
+    _, layout, _ = layout_for_export(config)
+    written = export_files(model.state_dict(), layout, fmt.value)
+    return {out / name if name else out: data for name, data in written.items()}
 
 
 def _fit(model, info, weights: Path, folder_path: Path, force: bool) -> tuple:

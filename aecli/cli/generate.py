@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import (
     BatchSize,
     Columns,
@@ -51,16 +50,17 @@ class Mode(str, Enum):
     slerp = "slerp"
 
 
-@app.command(epilog=SAMPLE_EXAMPLES)
-@guarded
 def sample(
     weights: Weights,
-    count: Annotated[int, typer.Option("-n", "--count", min=1, help="How many to draw.")] = 16,
+    count: Annotated[
+        int, typer.Option("-n", "--count", min=1, metavar="N", help="How many to draw.")
+    ] = 16,
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="A .png file (one grid of all samples) or a folder (one PNG per sample).",
             show_default=False,
         ),
@@ -69,6 +69,7 @@ def sample(
         str | None,
         typer.Option(
             "--latents-out",
+            metavar="LATENTS-OUT",
             help="Write the sampled latents as a latent file (.safetensors or .npy), a latent "
             "folder (any other name; shards and index.json, as `aecli encode -o DIR/`), or - "
             "for stdout; instead of -o, or as well.",
@@ -79,6 +80,7 @@ def sample(
         str | None,
         typer.Option(
             "--class",
+            metavar="CLASS-NAME",
             help="Sample around one class's training latents: a class name or its index "
             "(`aecli info WEIGHTS` lists them).",
             show_default=False,
@@ -89,6 +91,7 @@ def sample(
         typer.Option(
             "--temperature",
             min=0.0,
+            metavar="X",
             help="Scales the spread around the mean: 0 gives the mean itself, below 1 typical "
             "samples, above 1 unusual ones.",
         ),
@@ -98,6 +101,7 @@ def sample(
         typer.Option(
             "--seed",
             callback=seed_value,
+            metavar="N",
             help="Seed for the draw; the same seed gives byte-identical output. "
             "Default: a random one, printed so that the run can be repeated.",
             show_default=False,
@@ -107,6 +111,7 @@ def sample(
         str | None,
         typer.Option(
             "--size",
+            metavar="SIZE",
             help="Image size HxW for models with spatial latents that take any size "
             "(a multiple of their downsampling factor). Default: the training size.",
             show_default=False,
@@ -126,7 +131,6 @@ def sample(
     --class draws from one class's Gaussian instead (for a VAE too). Spatial latents are drawn
     position by position over their channels.
     """
-    from aecli.generate import resolve_class, sample_latents
     from aecli.inference import (
         Predictor,
         decoded_images,
@@ -135,8 +139,9 @@ def sample(
         is_grid,
         write_images,
     )
-    from aecli.io.latent_folder import write_latent_folder
-    from aecli.io.latents import STDIO, names_folder, output_format, write_latents
+    from aecli.inference.generate import resolve_class, sample_latents
+    from aecli.inference.latents import latent_format, write_latent_target
+    from aecli.io.latents import STDIO
     from aecli.io.outputs import OutputGuard
 
     if out is None and latents_out is None:
@@ -144,13 +149,7 @@ def sample(
     if as_json and latents_out == STDIO:
         raise UsageError("--json: stdout carries the latent file with --latents-out -; drop one")
     image_size = parse_size(size) if size is not None else None
-    to_folder = latents_out is not None and names_folder(latents_out)
-    if to_folder and fmt not in (None, "safetensors"):
-        raise UsageError(
-            f"--format {fmt}: a latent folder holds safetensors shards; --latents-out "
-            f"{latents_out} names a folder (a latent file's name ends in .safetensors or .npy)"
-        )
-    fmt = output_format(latents_out, fmt) if latents_out is not None and not to_folder else None
+    fmt = latent_format("--latents-out", latents_out, fmt)
     predictor = Predictor(weights, device)
     batch_size = predictor.batch_size(batch_size)
     class_index = None
@@ -171,18 +170,13 @@ def sample(
     guard = OutputGuard([weights])
     if out is not None:
         guard.check("-o", outputs, overwrite=overwrite, out_dir=None if is_grid(out) else out)
-    if to_folder:
-        guard.check("--latents-out", [], overwrite=overwrite, out_dir=Path(latents_out))
+    if latents_out is not None:
         settings = {"sampled_from": distribution.description, "seed": seed}
         settings["temperature"] = temperature
-        write_latent_folder(
-            Path(latents_out), latents, weights=str(weights), settings=settings,
-            overwrite=overwrite,
+        write_latent_target(
+            "--latents-out", latents_out, latents, fmt, guard, overwrite=overwrite,
+            weights=weights, settings=settings,
         )  # fmt: skip
-    elif latents_out not in (None, STDIO):
-        guard.check("--latents-out", [Path(latents_out)], overwrite=overwrite)
-    if latents_out is not None and not to_folder:
-        write_latents(latents_out, latents, fmt)
     if out is not None:
         with progress_bar(count, "decoding") as advance:
             images = decoded_images(
@@ -190,6 +184,21 @@ def sample(
             )
             write_images(images, out, names, columns=columns)
     seconds = time.perf_counter() - start
+    class_label = None if class_index is None else predictor.info.class_names[class_index]
+    _print_sampled(
+        weights, latents, distribution, class_label, outputs, out=out, latents_out=latents_out,
+        temperature=temperature, seed=seed, seconds=seconds, as_json=as_json,
+    )  # fmt: skip
+
+
+def _print_sampled(
+    weights, latents, distribution, class_label, outputs, *, out, latents_out, temperature,
+    seed, seconds, as_json,
+) -> None:  # fmt: skip
+    """What `sample` reports: one line (what was drawn, where it went), and --json."""
+    from aecli.io.latents import STDIO
+
+    count = len(latents.latents)
     targets = [str(out)] if out is not None else []
     if latents_out is not None:
         targets.append("stdout" if latents_out == STDIO else latents_out)
@@ -202,7 +211,7 @@ def sample(
             {
                 "weights": str(weights),
                 "count": count,
-                "class": None if class_index is None else predictor.info.class_names[class_index],
+                "class": class_label,
                 "temperature": temperature,
                 "seed": seed,
                 "distribution": distribution.description,
@@ -213,36 +222,40 @@ def sample(
         )
 
 
-@app.command(epilog=INTERPOLATE_EXAMPLES)
-@guarded
 def interpolate(
     weights: Weights,
     a: Annotated[
         str,
         typer.Argument(
+            metavar="A",
             help="Where the path starts: an image, a latent file with one latent "
             "(.safetensors or .npy; - for stdin), or one latent of a latent folder: DIR#NAME "
             "(its source name) or DIR#NUMBER.",
             show_default=False,
         ),
     ],
-    b: Annotated[str, typer.Argument(help="Where the path ends: the same kinds as A.")],
+    b: Annotated[
+        str, typer.Argument(metavar="B", help="Where the path ends: the same kinds as A.")
+    ],
     out: Annotated[
         Path,
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="A .png file (the strip, A on the left) or a folder (one PNG per step).",
             show_default=False,
         ),
     ],
     steps: Annotated[
-        int, typer.Option("--steps", min=2, help="Images on the path, A and B included.")
+        int,
+        typer.Option("--steps", min=2, metavar="N", help="Images on the path, A and B included."),
     ] = 8,
     mode: Annotated[
         Mode,
         typer.Option(
             "--mode",
+            metavar="lerp|slerp",
             help="lerp: a straight line. slerp: along the sphere around the prior's mean "
             "(the origin for a VAE), keeping away from the low-density middle.",
             case_sensitive=False,
@@ -252,12 +265,16 @@ def interpolate(
         Path | None,
         typer.Option(
             "--gif",
+            metavar="PATH",
             help="Also write a looping animation, one frame per step.",
             show_default=False,
         ),
     ] = None,
     fps: Annotated[
-        float, typer.Option("--fps", min=0.1, max=50.0, help="Frames per second of the --gif.")
+        float,
+        typer.Option(
+            "--fps", min=0.1, max=50.0, metavar="X", help="Frames per second of the --gif."
+        ),
     ] = 10.0,
     force: Annotated[
         bool,
@@ -273,7 +290,6 @@ def interpolate(
     mean) and the path between their latents is decoded, A and B included, so the ends are A's
     and B's reconstructions.
     """
-    from aecli.generate import endpoint, interpolation_path, slerp_center
     from aecli.inference import (
         Predictor,
         decoded_images,
@@ -281,6 +297,7 @@ def interpolate(
         is_grid,
         write_images,
     )
+    from aecli.inference.generate import endpoint, interpolation_path, slerp_center
     from aecli.io.atomic import atomic_write_bytes
     from aecli.io.images import gif_bytes
     from aecli.io.latents import STDIO

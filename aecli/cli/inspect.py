@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import complete_preset
 from aecli.cli.render import fmt_metric, key_value_table, print_json, results
 
+PRESETS_EXAMPLES = """
+[bold]Example[/bold]
 
-@app.command(epilog="[bold]Example[/bold]\n\n  aecli presets --json")
-@guarded
+  aecli presets --json
+"""
+
+INFO_EXAMPLES = """
+[bold]Examples[/bold]
+
+  aecli info cifar-cae
+  aecli info runs/cifar-res-20261122-101500/model.safetensors --json
+"""
+
+
 def presets(
-    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the list as JSON on stdout.")
+    ] = False,
 ) -> None:
     """List the bundled presets with a one-line description and measured quality each.
 
@@ -49,37 +62,31 @@ def presets(
     results.print(table)
 
 
-@app.command(
-    epilog="[bold]Examples[/bold]\n\n  aecli info cifar-cae\n\n"
-    "  aecli info runs/cifar-res-20261122-101500/model.safetensors --json"
-)
-@guarded
 def info(
-    target: str = typer.Argument(
-        ...,
-        autocompletion=complete_preset,
-        help="A weights file (model.safetensors), a bundled preset name, a YAML preset, a "
-        "latent file or a latent folder (`aecli encode -o DIR/`).",
-        show_default=False,
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON on stdout."),
+    target: Annotated[
+        str,
+        typer.Argument(
+            autocompletion=complete_preset,
+            metavar="TARGET",
+            help="A weights file (model.safetensors), a bundled preset name, a YAML preset, a "
+            "latent file or a latent folder (`aecli encode -o DIR/`).",
+            show_default=False,
+        ),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the facts as JSON on stdout.")
+    ] = False,
 ) -> None:
     """Describe a model: architecture, parameter counts, latent shape, compression ratio.
 
     For a weights file, also the data it was trained on, its classes and its final metrics.
     """
-    from dataclasses import asdict
-
     from aecli.config import load_config
 
     # a preset name (or a path that is not there) is read, or refused, before torch loads
     loaded = None if os.path.lexists(target) else load_config(target)
-    from aecli.devices import ModelCost, describe_plan, execution_plan
     from aecli.io.latent_folder import is_latent_folder
     from aecli.io.latents import is_latent_file
-    from aecli.io.vae_families import OWN, family_of
-    from aecli.io.weights import read_weights
-    from aecli.models import build_model, summarize
 
     path = Path(target)
     if is_latent_folder(path):
@@ -88,6 +95,25 @@ def info(
     if is_latent_file(path):
         _latent_file_info(path, as_json)
         return
+    facts, family, scaling = _model_facts(target, loaded)
+    if as_json:
+        print_json(facts)
+        return
+    _print_model_info(target, facts, family, scaling)
+
+
+def _model_facts(target: str, loaded) -> tuple[dict, object, object]:
+    """What `aecli info` says of a weights file or a preset (`loaded`, if read already): its
+    facts, and the family (None: aecli's own) and latent scaling they name."""
+    from dataclasses import asdict
+
+    from aecli.config import load_config
+    from aecli.devices import ModelCost, describe_plan, execution_plan
+    from aecli.io.vae_families import OWN, family_of
+    from aecli.io.weights import read_weights
+    from aecli.models import build_model, summarize
+
+    path = Path(target)
     weights = (
         path.suffix == ".safetensors"
         or path.is_dir()
@@ -131,17 +157,14 @@ def info(
         "scaled_shape": list(scaling.scaled_shape(tuple(summary["latent_shape"]))),
         "description": convention.describe(latent, tensors),
     }
-    if as_json:
-        print_json(facts)
-        return
-
-    _print_model_info(target, facts, weights, family, convention, latent, tensors, scaling)
+    return facts, family, scaling
 
 
-def _print_model_info(target, facts, weights, family, convention, latent, tensors, scaling):
+def _print_model_info(target: str, facts: dict, family, scaling) -> None:
     """`aecli info` of a model, for a person: its facts as a table, then its layers."""
-    from aecli.report import describe_source
+    from aecli.run.status import describe_source
 
+    weights = facts["kind"] == "weights"
     kind = "VAE" if facts["variational"] else "autoencoder"
     rows = [
         ("model", f"{facts['preset']} ({kind}, {facts['latent_kind']} latent)"),
@@ -170,7 +193,7 @@ def _print_model_info(target, facts, weights, family, convention, latent, tensor
         rows.append(("family", f"{family.name} ({family.models}; {what})"))
     if imported_family is not None or not scaling.identity:
         scaled = "x".join(map(str, facts["latent_convention"]["scaled_shape"]))
-        described = convention.describe(latent, tensors)
+        described = facts["latent_convention"]["description"]
         rows.append(("latent scaling", f"{described} (encode --scaled: {scaled})"))
     if weights:
         rows += [(k, fmt_metric(k, v)) for k, v in facts["metrics"].items() if k.startswith("val_")]

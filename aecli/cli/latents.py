@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import (
     BatchSize,
     Columns,
@@ -55,8 +54,6 @@ DECODE_EXAMPLES = """
 """
 
 
-@app.command(epilog=ENCODE_EXAMPLES)
-@guarded
 def encode(
     weights: Weights,
     inputs: Inputs,
@@ -65,6 +62,7 @@ def encode(
         typer.Option(
             "--out",
             "-o",
+            metavar="OUT",
             help="A latent file (a name ending in .safetensors or .npy; held in memory until "
             "written), - for stdout, or else a folder (latent shards written as they are "
             "encoded, and index.json; for data sets of any size).",
@@ -75,6 +73,7 @@ def encode(
         str,
         typer.Option(
             "--store",
+            metavar="STORE",
             help="What to keep of a VAE's posterior: mean, sample (a draw from it) or moments "
             "(its mean as latents and its standard deviation as latents_std, for a fresh draw "
             "every epoch).",
@@ -96,6 +95,7 @@ def encode(
         str,
         typer.Option(
             "--dtype",
+            metavar="DTYPE",
             help="What the latents are stored in: float32, bfloat16 or float16 (half the disk; "
             "the encoder still computes in float32, only the stored values are rounded).",
         ),
@@ -104,6 +104,7 @@ def encode(
         str,
         typer.Option(
             "--precision",
+            metavar="PRECISION",
             help="What the encoder computes in: fp32, bf16 or auto (the model's own policy: "
             "bf16 autocast for large models on GPUs with bf16 tensor cores). Recorded in a "
             "folder's index.",
@@ -114,6 +115,7 @@ def encode(
         typer.Option(
             "--seed",
             callback=seed_value,
+            metavar="N",
             help="Seed for --sample (each image draws from its own generator: the same latents "
             "whatever the batch size, shards or processes).",
         ),
@@ -122,6 +124,7 @@ def encode(
         str,
         typer.Option(
             "--size",
+            metavar="SIZE",
             help="The size images are resized to: model (the model's input size), native "
             "(each image as it is; fully convolutional models; a folder groups the shapes into "
             "shards, a latent file takes one) or HxW.",
@@ -131,6 +134,7 @@ def encode(
         str | None,
         typer.Option(
             "--buckets",
+            metavar="BUCKETS",
             help="Aspect buckets, HxW,HxW,... or N for the preset of about NxN pixels (sides "
             "multiples of N/8, aspect ratios up to 5:2): each image is resized to cover the "
             "bucket nearest its aspect ratio, then centre-cropped to it.",
@@ -142,6 +146,7 @@ def encode(
         typer.Option(
             "--shard-size",
             min=1,
+            metavar="N",
             help="Latents per shard of a folder (and input files per unit of work, the most a "
             "kill can lose). Default: about 256 MiB of latents at the encode's size.",
             show_default=False,
@@ -207,7 +212,7 @@ def encode(
     if folder:
         from datetime import timedelta
 
-        from aecli.engine.distributed import setup_distributed
+        from aecli.distributed import setup_distributed
 
         # a rank that finishes first waits at the end for the others' last shards
         dist = setup_distributed(resolved, timeout=timedelta(days=7))
@@ -548,13 +553,12 @@ def _buckets(text: str | None, predictor, patch: int = 1):
     return Buckets(sizes)
 
 
-@app.command(epilog=DECODE_EXAMPLES)
-@guarded
 def decode(
     weights: Weights,
     latent_file: Annotated[
         str,
         typer.Argument(
+            metavar="LATENT_FILE",
             help="A latent file (.safetensors from `aecli encode` / `aecli sample`, or .npy), "
             "a latent folder (`aecli encode -o DIR/`, read shard by shard), or - for stdin.",
             show_default=False,
@@ -565,6 +569,7 @@ def decode(
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="A folder (one PNG per latent, named after its source) or a .png file "
             "(one grid of all of them).",
             show_default=False,
@@ -574,6 +579,7 @@ def decode(
         list[str] | None,
         typer.Option(
             "--select",
+            metavar="SELECT",
             help="From a latent folder, decode only this latent: its source name as the index "
             "lists it, or its number from 0 (-1: the last). Repeat for more.",
             show_default=False,
@@ -615,8 +621,6 @@ def decode(
 ) -> None:
     """Decode a latent file, a latent folder or stdin back into images: a folder of PNGs or
     one grid. A latent folder is decoded shard by shard, in bounded memory."""
-    import torch
-
     from aecli.inference import (
         Predictor,
         decoded_images,
@@ -625,7 +629,8 @@ def decode(
         is_grid,
         write_images,
     )
-    from aecli.io.latents import STDIO, LatentFile
+    from aecli.inference.latents import check_folder_fits
+    from aecli.io.latents import STDIO
     from aecli.io.outputs import OutputGuard
 
     grid = is_grid(out)
@@ -636,12 +641,9 @@ def decode(
     predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
     override = _scaling(predictor, scaled, scaling_factor, shift_factor)
     if shapes is not None:  # a whole folder: every shape and the model checked before any work
-        for shape in shapes:
-            predictor.fit(
-                LatentFile(torch.zeros(1, *shape), None, fingerprint, name=name),
-                force=force,
-                scaling=override or recorded,
-            )
+        check_folder_fits(
+            predictor, shapes, fingerprint, name, scaling=override or recorded, force=force
+        )
     else:
         chunks = [_fitted(predictor, _side(chunks[0], flip), override, force)]
     count = len(sources) if sources is not None else len(chunks[0].latents)
@@ -666,14 +668,25 @@ def decode(
         write_images(images(), out, names, columns=columns)
     seconds = time.perf_counter() - start
     forced = fingerprint not in (None, predictor.fingerprint)
+    _print_decoded(
+        weights, name, out, outputs, count=count, shape=shape, scaling=override or recorded,
+        forced=forced, seconds=seconds, as_json=as_json,
+    )  # fmt: skip
+
+
+def _print_decoded(
+    weights, name, out, outputs, *, count, shape, scaling, forced, seconds, as_json
+) -> None:
+    """What `decode` reports: one line (how many, from where, to where), and --json."""
+    from aecli.inference import is_grid
+
     plural = "s" * (count != 1)
-    target = str(out) if grid else f"{out}/ ({count} PNG{plural})"
+    target = str(out) if is_grid(out) else f"{out}/ ({count} PNG{plural})"
     console.print(
         f"decoded {count} latent{plural} from {shown(name)} -> {shown(target)} in {seconds:.1f} s"
         + (" [yellow](--force: latents from another model)[/yellow]" if forced else "")
     )
     if as_json:
-        scaling = override or recorded
         print_json(
             {
                 "weights": str(weights),

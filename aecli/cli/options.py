@@ -43,6 +43,7 @@ Weights = Annotated[
         "AutoencoderKL, AutoencoderTiny (TAESD) or AutoencoderKLFlux2 (FLUX.2) folder (or a "
         "pipeline folder with vae/), or a "
         "single-file VAE .safetensors (Stable Diffusion, SDXL, SD3, FLUX).",
+        metavar="WEIGHTS",
         show_default=False,
     ),
 ]
@@ -50,18 +51,24 @@ Inputs = Annotated[
     list[Path],
     typer.Argument(
         help="Image files and folders (searched recursively; PNG, JPEG, WebP, GIF, BMP, TIFF).",
+        metavar="INPUTS",
         show_default=False,
     ),
 ]
 Device = Annotated[
     str,
-    typer.Option("--device", help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N."),
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        help="Where to run: auto (CUDA when present), cpu, cuda or cuda:N.",
+    ),
 ]
 BatchSize = Annotated[
     int | None,
     typer.Option(
         "--batch-size",
         min=1,
+        metavar="N",
         help="Images per batch on the device (default: 32; on CUDA, for models of a fixed input "
         "size, as many as fit in a quarter of the free GPU memory, up to 512).",
         show_default=False,
@@ -72,6 +79,7 @@ Workers = Annotated[
     typer.Option(
         "--workers",
         min=0,
+        metavar="N",
         help="Processes decoding image files in parallel with the model "
         "(default: one per CPU core but one, up to 32; 0 decodes in the main process).",
         show_default=False,
@@ -86,19 +94,22 @@ Format = Annotated[
     str | None,
     typer.Option(
         "--format",
+        metavar="FMT",
         help="safetensors (the latent file, with labels and the model's fingerprint) or npy "
         "(the array alone). Default: npy for a .npy file name, else safetensors (also for -).",
         show_default=False,
     ),
 ]
 Columns = Annotated[
-    int, typer.Option("--columns", min=1, help="Images per row when -o is a .png grid.")
+    int,
+    typer.Option("--columns", min=1, metavar="N", help="Images per row when -o is a .png grid."),
 ]
 
 ScalingFactor = Annotated[
     float | None,
     typer.Option(
         "--scaling-factor",
+        metavar="X",
         help="The scale of --scaled latents (default: the model's, e.g. 0.18215 for SD 1.x; "
         "0.13025 for an SDXL single file). Implies --scaled.",
         show_default=False,
@@ -108,6 +119,7 @@ ShiftFactor = Annotated[
     float | None,
     typer.Option(
         "--shift-factor",
+        metavar="X",
         help="The shift of --scaled latents (default: the model's; FLUX 0.1159, SD3 0.0609). "
         "Implies --scaled.",
         show_default=False,
@@ -119,6 +131,7 @@ Tile = Annotated[
     typer.Option(
         "--tile",
         min=0,
+        metavar="N",
         help="Fully convolutional models: work in tiles of N x N pixels (e.g. 512), so "
         "that device memory follows the tile, not the image; the result is the untiled one. "
         "--batch-size then counts tiles. Default: tiles only for an image that would not fit "
@@ -147,6 +160,7 @@ TileOverlap = Annotated[
     typer.Option(
         "--tile-overlap",
         min=0,
+        metavar="N",
         help="With --tile-fast: pixels neighbouring tiles share (default: a quarter of --tile).",
         show_default=False,
     ),

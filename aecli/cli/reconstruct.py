@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import (
     BatchSize,
     Device,
@@ -45,8 +44,6 @@ METRICS = ["mse", "psnr", "ssim"]
 TABLE_ROWS = 20
 
 
-@app.command(epilog=EXAMPLES)
-@guarded
 def reconstruct(
     weights: Weights,
     inputs: Inputs,
@@ -55,6 +52,7 @@ def reconstruct(
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="Folder for the reconstructions: one PNG per input, relative paths kept; it "
             "must not be inside an input folder. A name ending in .png writes the one input's "
             "reconstruction to that file.",
@@ -65,12 +63,16 @@ def reconstruct(
         Path | None,
         typer.Option(
             "--grid",
+            metavar="PATH",
             help="Also write a PNG sheet of the first images over their reconstructions.",
             show_default=False,
         ),
     ] = None,
     grid_count: Annotated[
-        int, typer.Option("--grid-count", min=1, help="How many images the --grid sheet shows.")
+        int,
+        typer.Option(
+            "--grid-count", min=1, metavar="N", help="How many images the --grid sheet shows."
+        ),
     ] = 16,
     metrics: Annotated[
         bool,
@@ -106,13 +108,8 @@ def reconstruct(
     skipped; the exit status is then 1. Inputs are never modified.
     """
     from aecli.errors import UsageError
-    from aecli.inference import (
-        Predictor,
-        collect_inputs,
-        plan_outputs,
-        reconstruct_files,
-    )
-    from aecli.inference.outputs import is_grid
+    from aecli.inference import Predictor, collect_inputs, reconstruct_files
+    from aecli.inference.outputs import is_grid, reconstruction_outputs
     from aecli.io.images import save_png
     from aecli.io.outputs import OutputGuard
 
@@ -122,16 +119,8 @@ def reconstruct(
     batch_size = predictor.batch_size(batch_size)
     predictor.set_tiling(tile, tile_overlap, batch_size, fast=tile_fast, never=no_tile)
     files, failures = collect_inputs(inputs)
+    outputs = reconstruction_outputs(out, files, len(files) + len(failures))
     one_file = out is not None and is_grid(out)  # -o x.png: one image file, as everywhere
-    if one_file and len(files) + len(failures) != 1:
-        count = len(files) + len(failures)
-        raise UsageError(
-            f"-o {out} names one image file, but the inputs hold {count} images: give a "
-            f"folder (-o {out.with_suffix('')}/) for one PNG each, or --grid {out} for a sheet"
-        )
-    outputs = None
-    if out is not None:
-        outputs = [out] * len(files) if one_file else plan_outputs(files, out)
     guard = OutputGuard([weights, *inputs], [f.path for f in files])
     guard.check("-o", outputs or [], overwrite=overwrite, out_dir=None if one_file else out)
     if grid is not None:
@@ -153,9 +142,15 @@ def reconstruct(
     failures += result.failures
     if grid is not None and result.grid is not None:
         save_png(grid, result.grid)
+    _print_result(result, failures, seconds, predictor.device, weights, out, grid, as_json)
+    if failures:
+        raise typer.Exit(1)
 
+
+def _print_result(result, failures, seconds, device, weights, out, grid, as_json) -> None:
+    """What `reconstruct` reports: failures, the metrics table, a summary line, and --json."""
     print_failures(failures)
-    if metrics and result.rows:
+    if result.overall:  # measured (--metrics), over at least one image
         first = result.rows[:TABLE_ROWS]
         title = "Reconstruction quality" + (
             f" (first {TABLE_ROWS} of {len(result.rows)}; all with --json)"
@@ -165,18 +160,19 @@ def reconstruct(
         console.print(metrics_table(title, first, METRICS, result.overall))
     done = len(result.rows)
     where = f" -> {shown(out)}" if out is not None else ""
+    sheet = grid if grid is not None and result.grid is not None else None
     console.print(
         f"reconstructed {done} image{'s' * (done != 1)}{where} in {seconds:.1f} s "
-        f"({_rate(done / max(seconds, 1e-9))} img/s) on {predictor.device}"
+        f"({_rate(done / max(seconds, 1e-9))} img/s) on {device}"
         + (f"; [red]{len(failures)} failed[/red]" if failures else "")
-        + (f"; grid -> {shown(grid)}" if grid is not None and result.grid is not None else "")
+        + (f"; grid -> {shown(sheet)}" if sheet is not None else "")
     )
     if as_json:
         print_json(
             {
                 "weights": str(weights),
                 "out": None if out is None else str(out),
-                "grid": None if grid is None or result.grid is None else str(grid),
+                "grid": None if sheet is None else str(sheet),
                 "images": done,
                 "failed": failure_rows(failures),
                 "seconds": round(seconds, 3),
@@ -184,8 +180,6 @@ def reconstruct(
                 "rows": result.rows,
             }
         )
-    if failures:
-        raise typer.Exit(1)
 
 
 def _rate(per_second: float) -> str:

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import Json, Overwrite
 from aecli.cli.render import console, print_json, results, shown
 
 if TYPE_CHECKING:
-    from aecli.report import RunSummary
+    from aecli.run.status import RunSummary
 
 RUNS_EXAMPLES = """
 [bold]Examples[/bold]
@@ -39,13 +38,12 @@ STATE_STYLE = {
 }
 
 
-@app.command(epilog=RUNS_EXAMPLES)
-@guarded
 def runs(
     folder: Annotated[
         Path,
         typer.Argument(
-            help="A folder of run directories (searched at any depth), or one run directory."
+            metavar="FOLDER",
+            help="A folder of run directories (searched at any depth), or one run directory.",
         ),
     ] = Path("runs"),
     as_json: Json = False,
@@ -57,7 +55,7 @@ def runs(
     checkpoint to resume from) or failed. Under the table, one line per run with something to
     say: why it failed, what in its folder is damaged, the command that continues it."""
     from aecli.errors import UsageError
-    from aecli.report import find_runs
+    from aecli.run.status import find_runs
 
     if not folder.is_dir():
         raise UsageError(
@@ -108,17 +106,19 @@ def _relative(path: str, folder: Path) -> str:
         return path
 
 
-@app.command(epilog=REPORT_EXAMPLES)
-@guarded
 def report(
     run: Annotated[
-        Path, typer.Argument(help="A run directory (what aecli train wrote).", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="RUN", help="A run directory (what aecli train wrote).", show_default=False
+        ),
     ],
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
             "-o",
+            metavar="PATH",
             help="Write the report here instead of RUN/report.html.",
             show_default=False,
         ),
@@ -133,10 +133,11 @@ def report(
     samples and interpolation drawn at the end of training. Training rewrites RUN/report.html
     after every epoch; this writes it again on demand (a run killed before its last one, a
     report deleted)."""
-    from aecli.engine.rundir import RunDirectory
     from aecli.errors import UsageError
     from aecli.io.outputs import OutputGuard
-    from aecli.report import RUN_FILES, is_run, training_process, write_report
+    from aecli.run.files import RunDirectory
+    from aecli.run.report import write_report
+    from aecli.run.status import RUN_FILES, is_run, training_process
 
     if not is_run(run):
         raise UsageError(

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from aecli.cli.app import app, guarded
 from aecli.cli.options import Json
 from aecli.cli.render import key_value_table, print_json, progress_bar, results
 
@@ -26,13 +25,13 @@ EXAMPLES = """
 CHANNEL_ROWS = 32
 
 
-@app.command(epilog=EXAMPLES)
-@guarded
 def stats(
     folder: Annotated[
         Path,
         typer.Argument(
-            help="A latent folder (`aecli encode WEIGHTS IMAGES -o DIR/`).", show_default=False
+            metavar="FOLDER",
+            help="A latent folder (`aecli encode WEIGHTS IMAGES -o DIR/`).",
+            show_default=False,
         ),
     ],
     flip: Annotated[
@@ -56,6 +55,7 @@ def stats(
             "--patch",
             min=1,
             max=8,
+            metavar="N",
             help="Per channel of the latents in N x N patches (C N^2 channels, in the order of "
             "FLUX.2's patchify; its BatchNorm statistics are over 2 x 2).",
         ),

@@ -1,19 +1,21 @@
-"""Data sources, the built-in shapes, the safe image reader and per-batch transforms."""
+"""Training data behind one interface (TrainingData: in memory or streamed), the data sources,
+the built-in shapes, the safe image reader and per-batch transforms."""
 
-from aecli.data.sources import (
+from aecli.data.dataset import (
+    Batch,
     ImageData,
+    TrainingData,
     data_change,
-    data_record,
-    fit_tensor,
-    load_data,
     split,
     validation_count,
 )
+from aecli.data.sources import fit_tensor, load_data
 
 __all__ = [
+    "Batch",
     "ImageData",
+    "TrainingData",
     "data_change",
-    "data_record",
     "fit_tensor",
     "load_data",
     "split",

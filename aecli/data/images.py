@@ -10,6 +10,7 @@ import errno
 import io
 import logging
 import os
+import random
 import stat
 import sys
 import tempfile
@@ -255,14 +256,31 @@ def fit_picture(image: Image.Image, size: tuple[int, int], fit: str = "crop") ->
     if (image.height, image.width) == (h, w):
         return image
     if fit == "crop":
-        scale = max(h / image.height, w / image.width)
-        resized = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-        image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (image.width - w) // 2, (image.height - h) // 2
+        (rh, rw), (top, left) = crop_box((image.height, image.width), size)
+        image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
         image = image.crop((left, top, left + w, top + h))
     else:
         image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image
+
+
+def crop_box(
+    shape: tuple[int, int],
+    size: tuple[int, int],
+    scale: float | None = None,
+    rng: random.Random | None = None,
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How a picture of `shape` (H, W) is cut to `size` (h, w): the (H', W') it is resized to
+    first, its sides times `scale` (by default the least that covers `size`) and never below
+    `size`; and the (top, left) of the crop in it, at the centre, or drawn from `rng` (the
+    left first)."""
+    (height, width), (h, w) = shape, size
+    scale = max(h / height, w / width) if scale is None else scale
+    resized = (max(h, round(height * scale)), max(w, round(width * scale)))
+    if rng is None:
+        return resized, ((resized[0] - h) // 2, (resized[1] - w) // 2)
+    left = rng.randint(0, resized[1] - w)
+    return resized, (rng.randint(0, resized[0] - h), left)
 
 
 def decode_all(read: Callable[[T], R], items: list[T]) -> list[R]:

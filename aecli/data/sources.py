@@ -1,11 +1,10 @@
 """Data sources, detected from the path: in memory as one uint8 (N, C, H, W) tensor + labels, or
-streamed from disk (aecli.data.stream) where a folder is too large, and for WebDataset shards."""
+streamed from disk (aecli.data.stream) where a folder is too large, and for WebDataset shards.
+Either is TrainingData (aecli.data.dataset)."""
 
 from __future__ import annotations
 
-import hashlib
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,47 +13,28 @@ import torch.nn.functional as F
 
 from aecli.config import DataConfig
 from aecli.data.cifar import detect_cifar, read_cifar
+from aecli.data.dataset import (
+    FolderListing,
+    ImageData,
+    TrainingData,
+    list_folder,
+)
 from aecli.data.idx import find_idx_splits, is_idx, read_idx_pair
 from aecli.data.images import (
-    ALLOWED_FORMATS,
     BACKGROUND,
     Failure,
     ImageReadError,
+    crop_box,
     decode_all,
     fit_picture,
-    list_images,
     read_image,
 )
 from aecli.data.shapes import CLASS_NAMES, make_shapes
-from aecli.data.stream import (
-    SHARD_SUFFIX,
-    StreamedData,
-    choose_validation,
-    open_stream,
-    shard_paths,
-)
+from aecli.data.shards import shard_paths
+from aecli.data.stream import StreamedData, choose_validation, open_stream
 from aecli.errors import DATA_LAYOUTS as LAYOUTS
 from aecli.errors import DataError, missing_data
 from aecli.io.jsonfile import file_kind
-
-
-@dataclass
-class ImageData:
-    """A whole data set in memory: uint8 images (N, C, H, W), optional labels and class names."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    class_names: list[str] | None
-    source: dict
-    skipped: list[Failure] = field(default_factory=list)
-    validation: ImageData | None = None  # a source's own held-out split (IDX / CIFAR test files)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def subset(self, index: torch.Tensor) -> ImageData:
-        labels = None if self.labels is None else self.labels[index]
-        return ImageData(self.images[index], labels, self.class_names, self.source)
 
 
 def load_data(
@@ -63,7 +43,7 @@ def load_data(
     seed: int = 0,
     *,
     validation: str | Path | None = None,
-) -> ImageData | StreamedData:
+) -> TrainingData:
     """Load the data a path names (or the built-in shapes when None), fitted to the preset:
     in memory, or streamed from disk (folders as data.stream decides, WebDataset shards
     always). `validation` (--val-data) is a separate validation set, held in memory."""
@@ -85,7 +65,7 @@ def load_data(
     return data
 
 
-def _load(path: str | Path | None, config: DataConfig, seed: int) -> ImageData | StreamedData:
+def _load(path: str | Path | None, config: DataConfig, seed: int) -> TrainingData:
     if path is None:
         if config.stream is True:
             raise DataError("data.stream: the built-in shapes are made in memory")
@@ -151,32 +131,6 @@ def _streams(config: DataConfig, count: int) -> bool:
     return available is not None and count * config.channels * h * w > STREAM_SHARE * available
 
 
-@dataclass
-class FolderListing:
-    """A folder's image files (sorted), their labels from class subfolders, and what could not
-    be listed."""
-
-    root: Path
-    files: list[Path]
-    labels: list[int] | None
-    class_names: list[str] | None
-    failures: list[Failure]
-
-
-def list_folder(root: Path) -> FolderListing:
-    """The image files under `root` (recursively) and their labels; none is an error."""
-    found, failures = list_images([root])
-    files = [file for _, file in found]
-    if not files:
-        raise DataError(
-            f"no images found (looked recursively for {', '.join(ALLOWED_FORMATS)} files) and "
-            f"no WebDataset {SHARD_SUFFIX} shards in the folder",
-            path=root,
-        )
-    labels, class_names = folder_labels([file.relative_to(root) for file in files])
-    return FolderListing(root, files, labels, class_names, failures)
-
-
 def _load_folder(listing: FolderListing, config: DataConfig) -> ImageData:
     root, paths, all_labels = listing.root, listing.files, listing.labels
     failures, class_names = list(listing.failures), listing.class_names
@@ -205,20 +159,6 @@ def _load_folder(listing: FolderListing, config: DataConfig) -> ImageData:
         labels = torch.tensor([all_labels[i] for i in keep], dtype=torch.int64)
     source = {"kind": "folder", "path": str(root), "count": len(keep), "streamed": False}
     return ImageData(images.contiguous(), labels, class_names, source, failures)
-
-
-def folder_labels(
-    relative: list[Path], known: list[str] | None = None
-) -> tuple[list[int] | None, list[str] | None]:
-    """Class labels from the top-level subfolder of each relative path, when every path has one
-    (else None, None): numbered by the `known` class names when they cover every subfolder,
-    otherwise by the sorted subfolder names."""
-    if not relative or not all(len(r.parts) > 1 for r in relative):
-        return None, None
-    found = sorted({r.parts[0] for r in relative})
-    names = known if known and set(found) <= set(known) else found
-    index = {name: i for i, name in enumerate(names)}
-    return [index[r.parts[0]] for r in relative], names
 
 
 def _from_arrays(images, labels, class_names, source, config, val_images=None, val_labels=None):
@@ -354,77 +294,12 @@ def fit_tensor(images: torch.Tensor, config: DataConfig, chunk: int = 1024) -> t
         elif config.channels == 3 and c == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-2:] != (h, w):
+            size, (top, left) = (h, w), (0, 0)
             if config.fit == "crop":
-                scale = max(h / x.shape[-2], w / x.shape[-1])
-                size = (max(h, round(x.shape[-2] * scale)), max(w, round(x.shape[-1] * scale)))
-            else:
-                size = (h, w)
+                size, (top, left) = crop_box(x.shape[-2:], (h, w))
             x = F.interpolate(
                 x, size=size, mode="bilinear", align_corners=False, antialias=size[0] < x.shape[-2]
             )
-            top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
             x = x[..., top : top + h, left : left + w]
         out[start : start + chunk] = x.round().clamp(0, 255).to(torch.uint8)
     return out
-
-
-def data_record(train: ImageData | StreamedData, validation: ImageData) -> dict:
-    """What a checkpoint records of the data a run trains on, for a resume to tell whether it
-    changed: the count and a digest of each part's samples (a stream's keys, which do not move
-    with the folder; in memory, the pixels and labels)."""
-
-    def digest(parts) -> str:
-        hashed = hashlib.blake2b(digest_size=16)
-        for part in parts:
-            hashed.update(part)
-        return hashed.hexdigest()
-
-    def in_memory(data: ImageData) -> dict:
-        tensors = [data.images] + ([] if data.labels is None else [data.labels])
-        views = (memoryview(t.contiguous().numpy()).cast("B") for t in tensors)
-        return {"count": len(data), "digest": digest(views)}
-
-    def keyed(keys: list[str]) -> dict:
-        return {
-            "count": len(keys),
-            "digest": digest(k.encode("utf-8", "surrogateescape") + b"\0" for k in keys),
-        }
-
-    if isinstance(train, StreamedData):
-        held = train.held_out  # none where --val-data gave the validation images
-        return {
-            "train": keyed([train.keys[i] for i in train.train]),
-            "validation": keyed(held) if held else in_memory(validation),
-        }
-    return {"train": in_memory(train), "validation": in_memory(validation)}
-
-
-def data_change(before: dict, now: dict) -> str | None:
-    """What differs between two data_record()s, in words (None where nothing does)."""
-    changes = []
-    for part, noun in (("train", "training samples"), ("validation", "validation samples")):
-        was, new = before.get(part, {}), now[part]
-        if was.get("digest") == new["digest"]:
-            continue
-        if was.get("count") == new["count"]:
-            changes.append(f"{new['count']} {noun} then and now, but not the same ones")
-        else:
-            changes.append(f"{was.get('count')} {noun} then, {new['count']} now")
-    return "; ".join(changes) or None
-
-
-def validation_count(n: int, val_fraction: float) -> int:
-    """How many of n images (n >= 2) `split` holds out for validation: at least one each side."""
-    return min(n - 1, max(1, round(n * val_fraction)))
-
-
-def split(data: ImageData, val_fraction: float, seed: int) -> tuple[ImageData, ImageData]:
-    """A seeded train / validation split (at least one image each side), or the source's own."""
-    if data.validation is not None:
-        return data, data.validation
-    n = len(data)
-    if n < 2:
-        raise DataError(f"need at least 2 images for a train / validation split, got {n}")
-    n_val = validation_count(n, val_fraction)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return data.subset(order[n_val:]), data.subset(order[:n_val])

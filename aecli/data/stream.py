@@ -1,10 +1,11 @@
 """Streamed data sets: image folders and WebDataset tar shards read from disk every epoch.
 
 A streamed source is a list of samples (a file, or a member of a shard found by its offset in
-the tar's headers), never their pixels: memory does not grow with the number of images.
-DataLoader workers decode each batch with the one safe image reader, resize and crop each
-sample (seeded by run seed, epoch and sample, so a run repeats), and hand uint8 batches to the
-training loop, which treats them as it treats batches of the in-memory path.
+the tar's headers, aecli.data.shards), never their pixels: memory does not grow with the number
+of images. DataLoader workers decode each batch with the one safe image reader, resize and crop
+each sample (seeded by run seed, epoch and sample, so a run repeats), and hand uint8 batches to
+the training loop, which takes them through the TrainingData interface as it takes the
+in-memory ones.
 
 Each epoch's order follows from the seed and the epoch: for shards the shard order is shuffled,
 then the samples within each shard. Every rank takes its share of that order as the in-memory
@@ -22,10 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import signal
-import stat
-import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,279 +34,31 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from aecli.config import DataConfig
+from aecli.data.dataset import (
+    Batch,
+    FolderListing,
+    ImageData,
+    Samples,
+    data_random,
+    default_workers,
+    digest_keys,
+    list_folder,
+)
 from aecli.data.images import (
-    IMAGE_SUFFIXES,
-    MAX_IMAGE_BYTES,
     Failure,
     ImageReadError,
+    crop_box,
     decode_all,
     fit_picture,
     read_image,
     read_image_bytes,
 )
+from aecli.data.shards import ShardMember, index_shard, open_shard, read_member
 from aecli.errors import DataError, printable
-from aecli.io.jsonfile import file_kind
 
-SHARD_SUFFIX = ".tar"
 OPEN_SHARDS = 64  # shard files a process keeps open at most
-MAX_SHARDS = 1_000_000  # names a brace pattern may expand to
-
-
-# -- finding the samples ------------------------------------------------------------------------
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """A brace pattern's names, as a shell (and WebDataset) expands them: `{000..099}` counts
-    with the first number's zero padding, `{a,b}` lists; several braces multiply. A pattern of
-    more than MAX_SHARDS names is refused before any is made."""
-    count = 1
-    for body in re.findall(r"\{([^{}]*)\}", pattern):
-        numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        count *= abs(int(numbers[2]) - int(numbers[1])) + 1 if numbers else len(body.split(","))
-        if count > MAX_SHARDS:
-            raise DataError(
-                f"the brace pattern names more than {MAX_SHARDS:,} shards", path=pattern
-            )
-    return _expand(pattern)
-
-
-def _expand(pattern: str) -> list[str]:
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
-    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numbers:
-        first, last = numbers.groups()
-        width = len(first) if first.startswith("0") else 0
-        step = 1 if int(last) >= int(first) else -1
-        parts = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
-    else:
-        parts = body.split(",")
-    return [name for part in parts for name in _expand(head + part + tail)]
-
-
-def shard_paths(path: str | Path) -> list[Path] | None:
-    """The shards a `--data` value names (one .tar, a brace pattern, or a folder holding .tar
-    files), or None when it names no shards; a named shard that is missing is an error."""
-    text = str(path)
-    if "{" in text:
-        paths = [Path(p) for p in expand_braces(text)]
-        if not paths or not all(p.name.endswith(SHARD_SUFFIX) for p in paths):
-            raise DataError(f"a brace pattern names WebDataset shards ({SHARD_SUFFIX})", path=text)
-        missing = [p for p in paths if not p.exists()]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise DataError(f"shard not found: {missing[0]}{more}", path=text)
-        return _regular_shards(paths)
-    path = Path(path)
-    if path.name.endswith(SHARD_SUFFIX) and path.exists() and not path.is_dir():
-        return _regular_shards([path])
-    if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_SUFFIX))
-        return _regular_shards(shards) or None
-    return None
-
-
-def _regular_shards(paths: list[Path]) -> list[Path]:
-    """`paths`, each checked to be a regular file (links followed) without opening it: a FIFO
-    would block its reader forever, a device never end."""
-    for path in paths:
-        try:
-            _check_regular(path, os.stat(path).st_mode)
-        except OSError as exc:
-            raise DataError(f"cannot read: {exc.strerror or exc}", path=path) from None
-    return paths
-
-
-def _check_regular(path: Path, mode: int) -> None:
-    """Refuse a shard that is not a regular file, naming what it is."""
-    if not stat.S_ISREG(mode):
-        raise DataError(
-            f"not a regular file ({file_kind(mode)}); a shard is a plain .tar file", path=path
-        )
-
-
-def open_shard(path: Path) -> int:
-    """A read-only descriptor of a shard, refused when it is not a regular file: opened
-    without blocking, so that a shard swapped for a FIFO since it was listed cannot hang."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        _check_regular(path, os.fstat(fd).st_mode)
-    except DataError:
-        os.close(fd)
-        raise
-    return fd
-
-
-@dataclass
-class ShardMember:
-    shard: int  # index into the list of shards
-    offset: int  # of the member's data in the tar file
-    size: int
-    name: str  # the member's name in the tar
-
-
-def index_shard(path: Path, number: int) -> tuple[dict[str, ShardMember], list[Failure]]:
-    """The image member of each WebDataset sample in one shard (key: the member's name up to
-    the first dot of its file name, as WebDataset groups them), from the tar's headers alone;
-    and what is left out: an image member larger than MAX_IMAGE_BYTES (never read), the rest
-    of a shard cut short (its members before the cut are kept)."""
-    try:
-        fd = open_shard(path)
-    except OSError as exc:
-        raise DataError(f"not a readable tar shard: {exc.strerror or exc}", path=path) from None
-    try:
-        magic = os.pread(fd, 6, 0)
-        if magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
-            raise DataError("compressed shards cannot be read by offset; use plain .tar", path=path)
-        found = _scan_ustar(fd, path, number)
-        return found if found is not None else _scan_tarfile(fd, path, number)
-    except OSError as exc:
-        raise DataError(f"not a readable tar shard: {exc.strerror or exc}", path=path) from None
-    finally:
-        os.close(fd)
-
-
-def _add_member(
-    samples: dict[str, ShardMember],
-    failures: list[Failure],
-    path: Path,
-    name: str,
-    number: int,
-    offset: int,
-    size: int,
-) -> None:
-    """Keep a member that is a sample's image (the first image member of its key); one too
-    large to be an image is named in `failures` instead, by the size its header gives."""
-    directory, _, base = name.rpartition("/")
-    stem, dot, _ = base.partition(".")
-    suffix = "." + base.rsplit(".", 1)[-1].lower() if dot else ""
-    if suffix not in IMAGE_SUFFIXES or not stem:
-        return
-    if size > MAX_IMAGE_BYTES:
-        failures.append(
-            Failure(
-                f"{path}/{printable(name)}",
-                f"member of {size:,} bytes, larger than any image aecli reads "
-                f"({MAX_IMAGE_BYTES:,} bytes at most); never read",
-            )
-        )
-        return
-    key = f"{directory}/{stem}" if directory else stem
-    samples.setdefault(key, ShardMember(number, offset, size, name))
-
-
-def _scan_ustar(
-    fd: int, path: Path, number: int
-) -> tuple[dict[str, ShardMember], list[Failure]] | None:
-    """index_shard for the ustar headers WebDataset writers produce (with pax records or GNU
-    long names for the next member), read directly: three times as fast as tarfile here;
-    None where a header needs tarfile (other extensions, numbers in base 256, a bad checksum:
-    tarfile then says what is wrong)."""
-    samples: dict[str, ShardMember] = {}
-    failures: list[Failure] = []
-    end, offset = os.fstat(fd).st_size, 0
-    pending: dict[bytes, bytes] = {}  # pax records (or a GNU long name) for the next member
-    while offset + 512 <= end:
-        header = os.pread(fd, 512, offset)
-        if header == bytes(512):  # the end-of-archive blocks
-            return samples, failures
-        kind = header[156:157]
-        checksum = header[148:156].split(b"\0", 1)[0].strip()
-        if (
-            kind not in (b"0", b"\0", b"7", b"1", b"2", b"5", b"x", b"g", b"L")
-            or header[124] & 0x80
-            or not checksum.isdigit()
-            or int(checksum, 8) != sum(header[:148]) + 256 + sum(header[156:])
-        ):
-            return None
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        data = offset + 512
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar" and header[345]:
-            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
-        if data + size > end:
-            cut = printable(pending.get(b"path", name).decode("utf-8", "surrogateescape"))
-            failures.append(Failure(str(path), f"cut short in {cut}; the rest is lost"))
-            return samples, failures
-        offset = data + -(-size // 512) * 512
-        if kind in (b"x", b"L"):
-            if size > 1 << 20:  # a header that large is no WebDataset's
-                return None
-            body = os.pread(fd, size, data)
-            pending = _pax_records(body) if kind == b"x" else {b"path": body.rstrip(b"\0")}
-            if pending is None:
-                return None
-            continue
-        if kind == b"g":
-            continue
-        name = pending.get(b"path", name)
-        if b"size" in pending:
-            return None  # a size past ustar's: tarfile knows where the data ends
-        pending = {}
-        if kind in (b"0", b"\0", b"7"):
-            member = name.decode("utf-8", "surrogateescape")
-            _add_member(samples, failures, path, member, number, data, size)
-    if offset < end:
-        failures.append(Failure(str(path), "cut short; the rest is lost"))
-    return samples, failures
-
-
-def _pax_records(body: bytes) -> dict[bytes, bytes] | None:
-    """A pax extended header's records ("LENGTH KEY=VALUE\\n" each), or None if malformed."""
-    records, at = {}, 0
-    while at < len(body) and body[at : at + 1] != b"\0":
-        space = body.find(b" ", at)
-        if space < 0 or not body[at:space].isdigit():
-            return None
-        length = int(body[at:space])
-        record = body[space + 1 : at + length]
-        if length <= space - at or not record.endswith(b"\n") or b"=" not in record:
-            return None
-        key, _, value = record[:-1].partition(b"=")
-        records[key] = value
-        at += length
-    return records
-
-
-def _scan_tarfile(fd: int, path: Path, number: int) -> tuple[dict[str, ShardMember], list[Failure]]:
-    samples: dict[str, ShardMember] = {}
-    failures: list[Failure] = []
-    size = os.fstat(fd).st_size
-    try:
-        with (
-            os.fdopen(fd, "rb", closefd=False) as handle,
-            tarfile.open(fileobj=handle, mode="r:") as tar,
-        ):
-            while True:
-                try:
-                    member = tar.next()
-                except (tarfile.TarError, EOFError, OSError) as exc:
-                    failures.append(
-                        Failure(
-                            str(path),
-                            f"cut short after {len(samples)} samples ({exc}); the rest is lost",
-                        )
-                    )
-                    return samples, failures
-                if member is None:
-                    return samples, failures
-                if not member.isfile():
-                    continue
-                if member.offset_data + member.size > size:
-                    cut = f"cut short in {printable(member.name)}; the rest is lost"
-                    failures.append(Failure(str(path), cut))
-                    return samples, failures
-                _add_member(
-                    samples, failures, path, member.name, number, member.offset_data, member.size
-                )
-    except tarfile.CompressionError:
-        raise DataError(
-            "compressed shards cannot be read by offset; use plain .tar", path=path
-        ) from None
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"not a readable tar shard: {exc}", path=path) from None
+# The latent statistics (for `aecli sample`) come from at most this many training images.
+STATISTICS_MAX = 5_000
 
 
 def key_hash(key: str) -> float:
@@ -319,12 +70,6 @@ def key_hash(key: str) -> float:
 # -- decoding one sample ------------------------------------------------------------------------
 
 
-def sample_random(seed: int, epoch: int, sample: int) -> random.Random:
-    """The random draws of one sample in one epoch of a run: the same on every machine, in every
-    process and whatever the batch (Python's string seeds go through SHA-512)."""
-    return random.Random(f"{seed}:{epoch}:{sample}")
-
-
 def fit_sample(image: Image.Image, config: DataConfig, rng: random.Random | None) -> Image.Image:
     """One decoded picture to data.image_size: the shorter side to data.resize (a size drawn
     from its range, the low end without `rng`), then a crop at a random place (data.crop:
@@ -334,19 +79,14 @@ def fit_sample(image: Image.Image, config: DataConfig, rng: random.Random | None
     sides = config.resize_range
     if sides is None and (config.crop == "center" or rng is None or config.fit == "stretch"):
         return fit_picture(image, config.size, config.fit)
-    if sides is None:
-        scale = max(h / image.height, w / image.width)
-    else:
+    scale = None  # without data.resize: the least that covers the crop
+    if sides is not None:
         side = sides[0] if rng is None else rng.randint(sides[0], sides[1])
         scale = side / min(image.height, image.width)
-    size = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    if config.crop == "random" and rng is not None:
-        left = rng.randint(0, image.width - w)
-        top = rng.randint(0, image.height - h)
-    else:
-        left, top = (image.width - w) // 2, (image.height - h) // 2
+    place = rng if config.crop == "random" else None
+    (rh, rw), (top, left) = crop_box((image.height, image.width), config.size, scale, place)
+    if (rw, rh) != image.size:
+        image = image.resize((rw, rh), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return image.crop((left, top, left + w, top + h))
 
 
@@ -367,7 +107,7 @@ class StreamedData:
     source: dict
     config: DataConfig
     train: np.ndarray  # sample numbers that train, in sample order
-    validation: object = None  # ImageData, in memory
+    validation: ImageData | None = None  # in memory
     skipped: list[Failure] = field(default_factory=list)
     held_out: list[str] = field(default_factory=list)  # keys of the validation samples
 
@@ -381,7 +121,7 @@ class StreamedData:
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
         """The training samples in this epoch's order: a permutation from (seed, epoch); for
         shards the shard order, then the samples within each shard."""
-        rng = np.random.default_rng([seed, epoch, 0x5EED])
+        rng = data_random("stream-order", seed, epoch)
         if not self.sharded:
             return self.train[rng.permutation(len(self.train))]
         shard_of = np.fromiter(
@@ -393,6 +133,38 @@ class StreamedData:
             order.append(mine[rng.permutation(len(mine))])
         return np.concatenate(order) if order else self.train[:0]
 
+    def split(self, val_fraction: float, seed: int) -> tuple[StreamedData, ImageData]:
+        """Itself and its validation images, held out already (choose_validation)."""
+        return self, self.validation
+
+    def record(self, validation: ImageData) -> dict:
+        """The keys of the training samples; of the validation ones where they were held out
+        of the stream, else the validation images (--val-data)."""
+        train = digest_keys([self.keys[i] for i in self.train])
+        held = digest_keys(self.held_out) if self.held_out else validation.digest()
+        return {"train": train, "validation": held}
+
+    def placed(self, place: Callable[[torch.Tensor], torch.Tensor]) -> StreamedData:
+        return self  # nothing held: each batch is decoded and placed as it comes
+
+    def statistics_samples(self) -> np.ndarray:
+        return self.train[:STATISTICS_MAX]
+
+    def batches(
+        self,
+        share: Samples,
+        batch_size: int,
+        start: int,
+        *,
+        seed: int | None,
+        epoch: int,
+        pin_memory: bool,
+    ) -> Iterator[Batch]:
+        """Decoded by the workers of batch_loader (centre crops where `seed` is None)."""
+        cut = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+        for batch in batch_loader(self, cut, start, seed, epoch, pin_memory=pin_memory):
+            yield Batch(*batch)
+
     def read(self, sample: int, at_least: int | None = None, fit=None) -> np.ndarray:
         """Decode one sample to uint8 (H, W, C), `fit` (read_image's) applied; raises
         ImageReadError."""
@@ -402,7 +174,7 @@ class StreamedData:
         member = self.members[sample]
         name = f"{self.shards[member.shard]}/{printable(member.name)}"
         try:
-            data = _read_member(self._shard_file(member.shard), member)
+            data = read_member(self._shard_file(member.shard), member)
         except (OSError, DataError) as exc:
             reason = exc.message if isinstance(exc, DataError) else exc.strerror or exc
             raise ImageReadError(name, f"cannot read: {reason}") from None
@@ -444,31 +216,13 @@ class StreamedData:
             return Failure(exc.path, exc.reason)
 
 
-def _read_member(fd: int, member: ShardMember) -> bytes:
-    """A member's bytes, shorter only where the file ends first: one pread returns at most
-    about 2 GiB on Linux, and may return less than asked for at any size."""
-    parts, at, left = [], member.offset, member.size
-    while left:
-        part = os.pread(fd, left, at)
-        if not part:
-            break
-        parts.append(part)
-        at, left = at + len(part), left - len(part)
-    return b"".join(parts)
-
-
-def default_workers() -> int:
-    """One decoding process per core but one (for the training loop), at least one."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
-
-
 def open_stream(
     path: str | Path,
     config: DataConfig,
     shards: list[Path] | None,
-    listing=None,
+    listing: FolderListing | None = None,
 ) -> StreamedData:
-    """A folder (its `listing` where sources.list_folder gave it already) or shards as a
+    """A folder (its `listing` where list_folder gave it already) or shards as a
     StreamedData, listed (shards: their headers read), without its validation set (see
     choose_validation)."""
     skipped: list[Failure] = []
@@ -489,7 +243,7 @@ def open_stream(
             "count": len(keys),
             "streamed": True,
         }
-        data = StreamedData(
+        return StreamedData(
             keys,
             None,
             shards,
@@ -501,9 +255,6 @@ def open_stream(
             np.arange(len(keys)),
             skipped=skipped,
         )
-        return data
-    from aecli.data.sources import list_folder
-
     listing = listing if listing is not None else list_folder(Path(path))
     root, files, labels = listing.root, listing.files, listing.labels
     source = {"kind": "folder", "path": str(root), "count": len(files), "streamed": True}
@@ -521,12 +272,12 @@ def open_stream(
     )
 
 
-def choose_validation(data: StreamedData, fraction: float, validation=None) -> StreamedData:
+def choose_validation(
+    data: StreamedData, fraction: float, validation: ImageData | None = None
+) -> StreamedData:
     """Hold out the validation images: the samples whose key hashes below `fraction`, at most
     data.val_max of them (the lowest hashes), decoded once (centre crops) and kept in memory;
-    or `validation` (ImageData from --val-data), holding out nothing."""
-    from aecli.data.sources import ImageData
-
+    or `validation` (from --val-data), holding out nothing."""
     if validation is not None:
         data.validation = validation
         return data
@@ -585,7 +336,7 @@ class EpochBatches(IterableDataset):
             for sample in self.batches[number]:
                 rng = None
                 if self.seed is not None:
-                    rng = sample_random(self.seed, self.epoch, int(sample))
+                    rng = data_random("sample", self.seed, self.epoch, int(sample))
                 decoded = self.data.sample(int(sample), rng)
                 if isinstance(decoded, Failure):
                     failures.append(decoded)
@@ -611,11 +362,11 @@ def batch_loader(
     *,
     pin_memory: bool,
 ):
-    """A DataLoader over EpochBatches with data.workers processes (none for a batch or
-    less), pinning where the device wants it."""
+    """A DataLoader over EpochBatches with data.workers processes (default_workers), never
+    more than there are batches left, pinning where the device wants it."""
+    left = max(0, len(batches) - start)
     workers = data.config.workers
-    workers = default_workers() if workers is None else workers
-    workers = min(workers, max(0, len(batches) - start))
+    workers = min(default_workers(left) if workers is None else workers, left)
     return torch.utils.data.DataLoader(
         EpochBatches(data, batches, start, seed, epoch),
         batch_size=None,

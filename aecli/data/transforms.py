@@ -1,4 +1,5 @@
-"""Per-batch work on the device: uint8 -> float in the model's range, and augmentation."""
+"""Per-batch work on the device: model-range floats back to images, and augmentation. The way
+in, uint8 to the model's range, is the device's (aecli.devices.to_model_range)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from aecli.config import AugmentConfig
-
-
-def to_model_range(
-    batch: torch.Tensor,
-    value_range: str,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 in [0, 1] (unit) or [-1, 1] (symmetric), in
-    `memory_format`. The layout changes last: on the CPU converting to float and re-laying out
-    in one copy took 1.4 to 1.6 times as long as the two apart."""
-    x = batch.to(torch.float32)
-    # v / 127.5 is exactly 2 * (v / 255): doubling commutes with rounding to float
-    x = x.div_(127.5).sub_(1.0) if value_range == "symmetric" else x.div_(255.0)
-    return x.contiguous(memory_format=memory_format)
 
 
 def to_unit(x: torch.Tensor, value_range: str) -> torch.Tensor:

@@ -17,20 +17,13 @@ import torch
 from torch import nn
 
 from aecli.config import Config
+from aecli.data.dataset import step_seed
 from aecli.data.transforms import augment
 from aecli.devices import Execution
 from aecli.engine.adversary import Adversary
 from aecli.errors import UsageError, first_line
 from aecli.losses import compute_loss, reconstruction_part
 from aecli.models import Autoencoder
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A well-mixed 63-bit seed for one step (splitmix64 of seed and step)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def learning_rate(config: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -1,7 +1,8 @@
 """The training loop: epochs of steps, validation, early stopping, the final weights, Ctrl-C.
 
-Data lives as one uint8 tensor (on the GPU when it fits); each step indexes a batch, converts
-it to float and trains on it (aecli.engine.step). Each epoch's order comes from the seed and the
+Data come through one interface (aecli.data.TrainingData): uint8 batches, indexed from a tensor
+in memory (on the GPU when it fits) or decoded from disk; each step converts its batch to float
+and trains on it (aecli.engine.step). Each epoch's order comes from the seed and the
 epoch, so a checkpoint needs no RNG state and a resumed run is exact. The loop reads the steps'
 results once per logging window: the one host sync that reports progress and catches a
 non-finite loss or gradient. Under torchrun each rank trains on its own shard of every epoch's
@@ -23,8 +24,7 @@ import numpy as np
 import torch
 
 from aecli.config import Config
-from aecli.data import ImageData, data_change, data_record, split
-from aecli.data.stream import StreamedData, batch_loader
+from aecli.data import TrainingData, data_change
 from aecli.data.transforms import to_uint8, to_unit
 from aecli.devices import (
     NOT_DETERMINISTIC,
@@ -37,14 +37,12 @@ from aecli.devices import (
     placed,
     resolved,
 )
-from aecli.engine.distributed import setup_distributed
-from aecli.engine.rundir import ResumePlan, RunDirectory
+from aecli.distributed import setup_distributed
 from aecli.engine.step import (
     TrainStep,
     deterministic_obstacle,
     learning_rate,
     load_optimizer_state,
-    step_seed,
 )
 from aecli.engine.tensorboard import TensorBoardLog
 from aecli.engine.tensorboard import check_available as check_tensorboard
@@ -53,9 +51,6 @@ from aecli.io.images import make_grid, save_png
 from aecli.losses import compute_loss, psnr
 from aecli.models import Autoencoder, build_model
 from aecli.stats import latent_statistics
-
-# A stream's latent statistics (for `aecli sample`) come from at most this many training images.
-STATISTICS_MAX = 5_000
 
 
 class Reporter(Protocol):
@@ -76,6 +71,28 @@ class SilentReporter:
     def epoch(self, record: dict) -> None: ...
     def notice(self, message: str) -> None: ...
     def finish(self) -> None: ...
+
+
+class RunFiles(Protocol):
+    """Where the loop's files go: config.yaml, metrics.jsonl, the grids, the weights, the
+    checkpoint, state.json and report.html. The caller gives them (aecli.run's RunDirectory):
+    the engine knows nothing of a run directory's layout, lock or report."""
+
+    path: Path
+    weights: Path
+    checkpoint: Path
+    samples: Path
+    interpolation: Path
+
+    def prepare(self, config: Config, *, fresh: bool) -> None: ...
+    def write_state(self, state: str, **facts) -> None: ...
+    def append_metrics(self, record: dict) -> None: ...
+    def history(self) -> list[dict]: ...
+    def trim_history(self, before_epoch: int, after_step: int) -> None: ...
+    def write_grid(self, epoch: int, sheet: np.ndarray) -> None: ...
+    def save_weights(self, model: Autoencoder, config: Config, **facts) -> str: ...
+    def save_checkpoint(self, state: dict) -> None: ...
+    def write_report(self) -> None: ...
 
 
 @dataclass
@@ -125,13 +142,13 @@ class Window:
 
 
 class Trainer:
-    """Fits one model on one data set and writes (or resumes) the run directory."""
+    """Fits one model on one data set and writes (or resumes) its run files."""
 
     def __init__(
         self,
         config: Config,
-        data: ImageData,
-        run_dir: Path,
+        data: TrainingData,
+        run: RunFiles,
         *,
         preset: str,
         device: torch.device | str | None = None,
@@ -141,8 +158,8 @@ class Trainer:
         init: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.preset = config, preset
-        self.run = RunDirectory(run_dir)
-        self.run_dir = self.run.path
+        self.run = run
+        self.run_dir = run.path
         self.device = resolved(device)
         cuda_deterministic = config.train.deterministic and self.device.type == "cuda"
         obstacle = deterministic_obstacle(config) if cuda_deterministic else None
@@ -156,14 +173,8 @@ class Trainer:
         self.data_description, self.data_path = data.source, data_path
         self.val_data_path = val_data_path
         self.class_names = data.class_names
-        self.stream = data if isinstance(data, StreamedData) else None
-        if self.stream is not None:  # the validation images are held out already
-            self.train_data, self.val_data = data, data.validation
-        else:
-            self.train_data, self.val_data = split(
-                data, config.data.val_fraction, config.train.seed
-            )
-        self.data_record = data_record(self.train_data, self.val_data)  # checked on resume
+        self.train_data, self.val_data = data.split(config.data.val_fraction, config.train.seed)
+        self.data_record = self.train_data.record(self.val_data)  # checked on resume
         self.skipped: dict[str, str] = {}  # streamed images that failed to decode: path, reason
         self.state = TrainState()
         self.fingerprint = ""
@@ -195,7 +206,7 @@ class Trainer:
             notice=self.reporter.notice,
         )
         self.best_weights: dict[str, torch.Tensor] | None = None
-        self.train_images = None if self.stream else self._place(self.train_data.images)
+        self.train_data = self.train_data.placed(self._place)
         self.val_images = self._place(self.val_data.images)
         self.grid_images = self.val_images[: config.train.grid_images]
         self.steps_per_epoch = math.ceil(self.shard_size / self.rank_batch)
@@ -413,37 +424,24 @@ class Trainer:
         return record
 
     def _rank_order(self, epoch: int) -> torch.Tensor | np.ndarray:
-        """This rank's share of the epoch's order of training images (positions in the
-        in-memory tensor, or sample numbers of the stream): every rank an equal share."""
-        seed = self.config.train.seed
-        if self.stream is not None:
-            order = self.stream.epoch_order(seed, epoch)
-        else:
-            generator = torch.Generator().manual_seed(step_seed(seed, -epoch))
-            order = torch.randperm(len(self.train_data), generator=generator)
+        """This rank's share of the epoch's order of training samples: every rank an equal
+        share."""
+        order = self.train_data.epoch_order(self.config.train.seed, epoch)
         return order[: self.shard_size * self.dist.world][self.dist.rank :: self.dist.world]
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(batch number, uint8 (B, C, H, W) images) of this rank's batches of the epoch, from
-        the first one not trained yet (state.batch): indexed from the tensor in memory, or
-        decoded by the stream's workers, which never read the batches before it. A streamed
-        image that cannot be decoded is named once and left out of its batch."""
-        share, b = self._rank_order(epoch), self.rank_batch
-        if self.stream is None:
-            share = share.to(self.train_images.device)  # one copy per epoch, none per step
-            for i in range(self.state.batch, self.steps_per_epoch):
-                yield i, self.train_images[share[i * b : (i + 1) * b]]
-            return
-        batches = [share[i * b : (i + 1) * b] for i in range(self.steps_per_epoch)]
-        loader = batch_loader(
-            self.stream,
-            batches,
+        the first one not trained yet (state.batch), which never reads the batches before it.
+        An image that cannot be decoded is named once and left out of its batch."""
+        batches = self.train_data.batches(
+            self._rank_order(epoch),
+            self.rank_batch,
             self.state.batch,
-            self.config.train.seed,
-            epoch,
+            seed=self.config.train.seed,
+            epoch=epoch,
             pin_memory=self.execution.pins_memory,
         )
-        for i, images, _, failures in loader:
+        for i, images, _, failures in batches:
             for failure in failures:
                 if failure.path not in self.skipped:
                     self.skipped[failure.path] = failure.reason
@@ -582,24 +580,17 @@ class Trainer:
 
     def _statistics_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """(model input, labels) over the training images for the latent statistics, each rank
-        its share: every image in memory; of a stream at most STATISTICS_MAX, centre crops."""
-        batch_size, labels = self.config.train.batch_size, self.train_data.labels
-        if self.stream is None:
-            index = torch.arange(self.dist.rank, len(self.train_data), self.dist.world)
-            if labels is not None:
-                labels = labels[index].to(placed(self.device))  # copied once, not per batch
-            index = index.to(self.train_images.device)
-            for start in range(0, len(index), batch_size):
-                chunk = index[start : start + batch_size]
-                y = None if labels is None else labels[start : start + batch_size]
-                yield self._batch(self.train_images, chunk), y
-            return
-        share = self.stream.train[:STATISTICS_MAX][self.dist.rank :: self.dist.world]
-        batches = [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
-        loader = batch_loader(
-            self.stream, batches, 0, None, 0, pin_memory=self.execution.pins_memory
+        its share of the data's statistics_samples (centre crops)."""
+        data, labels = self.train_data, self.train_data.labels
+        batches = data.batches(
+            data.statistics_samples()[self.dist.rank :: self.dist.world],
+            self.config.train.batch_size,
+            0,
+            seed=None,
+            epoch=0,
+            pin_memory=self.execution.pins_memory,
         )
-        for _, images, samples, _ in loader:  # failures were named while training
+        for _, images, samples, _ in batches:  # failures were named while training
             if len(images):
                 y = None if labels is None else labels[samples]
                 yield self.execution.prepare(images, self.config.data.range), y
@@ -610,12 +601,10 @@ class Trainer:
         """report.html. After an epoch only where the last write took under a tenth of the
         time since: a long run's report takes a fraction of a second to build, which very
         short epochs should not pay every time. At the end of the run, always."""
-        from aecli.report import write_report  # it reads run directories: imports the engine
-
         started = time.perf_counter()
         if after_epoch and started - self._report_written < 9 * self._report_cost:
             return
-        write_report(self.run)
+        self.run.write_report()
         self._report_written = time.perf_counter()
         self._report_cost = self._report_written - started
 
@@ -643,8 +632,8 @@ class Trainer:
     def _write_previews(self, step: int) -> None:
         """samples.png and interpolation.png from the final weights file, as `aecli sample`
         and `aecli interpolate` draw them (no samples where the weights hold no statistics)."""
-        from aecli.generate import preview_sheets
         from aecli.inference import Predictor
+        from aecli.inference.generate import preview_sheets
 
         predictor = Predictor(self.run.weights, self.device)
         if not predictor.variational and "mean" not in (predictor.info.latent_stats or {}):
@@ -689,30 +678,6 @@ class Trainer:
                 "data": self.data_record,
             }
         )
-
-    @classmethod
-    def resumed(
-        cls,
-        plan: ResumePlan,
-        data: ImageData,
-        run_dir: Path,
-        *,
-        data_changed: bool = False,
-        **options,
-    ) -> Trainer:
-        """A trainer restored to where a planned run stopped (options: device, reporter), before
-        it trains; `data_changed` accepts data other than those the checkpoint trained on."""
-        trainer = cls(
-            plan.config,
-            data,
-            run_dir,
-            preset=plan.preset,
-            data_path=plan.data_path,
-            val_data_path=plan.val_data_path,
-            **options,
-        )
-        trainer.restore(plan.checkpoint, data_changed=data_changed)
-        return trainer
 
     def restore(self, checkpoint: dict, *, data_changed: bool = False) -> None:
         """Continue from a checkpoint: weights, optimiser, EMA, counters; trims metrics.jsonl.
@@ -788,17 +753,3 @@ class Trainer:
             f"stopped at epoch {self.state.epoch}, step {self.state.step}; checkpoint saved. "
             f"Resume with: aecli train --resume {self.run_dir}"
         )
-
-
-def train(config: Config, data: ImageData, run_dir: Path, **options) -> TrainResult:
-    """Train a model on `data` and write the run directory (aecli.engine.rundir).
-
-    `options` are Trainer's keywords: preset (required), device, reporter, data_path,
-    val_data_path, init.
-    """
-    return Trainer(config, data, run_dir, **options).fit()
-
-
-def resume(plan: ResumePlan, data: ImageData, run_dir: Path, **options) -> TrainResult:
-    """Continue a planned run (options: data_changed, device, reporter)."""
-    return Trainer.resumed(plan, data, run_dir, **options).fit()

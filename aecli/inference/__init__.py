@@ -6,7 +6,6 @@ from aecli.inference.inputs import (
     ImageBatch,
     InputFile,
     collect_inputs,
-    default_workers,
     image_tensor,
     load_batches,
 )
@@ -38,7 +37,6 @@ __all__ = [
     "collect_inputs",
     "decoded_images",
     "decoded_names",
-    "default_workers",
     "diff_files",
     "encode_files",
     "image_metrics",

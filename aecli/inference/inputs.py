@@ -4,7 +4,6 @@ image reader) into batches of one size each; a file that cannot be read becomes 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from aecli.data.dataset import default_workers
 from aecli.data.images import (
     IMAGE_SUFFIXES,
     Failure,
@@ -197,14 +197,6 @@ def _group_by_shape(items):
     return stacked, failures
 
 
-def default_workers(count: int, batch_size: int) -> int:
-    """Decode in the main process for a batch or less; else one worker process per core but
-    the one that feeds the model, up to 32."""
-    if count <= batch_size:
-        return 0
-    return min(32, max(1, (os.cpu_count() or 2) - 1))
-
-
 # Files a worker decodes per task: batches of the model's size are put together from these, so
 # that a large --batch-size still spreads a few thousand files over every worker.
 LOADER_CHUNK = 32
@@ -237,7 +229,7 @@ def load_batches(
     """
     groups = [range(len(files))] if groups is None else groups
     count = sum(len(g) for g in groups)
-    workers = default_workers(count, batch_size) if workers is None else workers
+    workers = default_workers(math.ceil(count / batch_size)) if workers is None else workers
     chunk = min(batch_size, LOADER_CHUNK) if workers else batch_size
     chunks = [list(g[i : i + chunk]) for g in groups for i in range(0, len(g), chunk)]
     ends = {g[-1] for g in groups if len(g)}

@@ -14,18 +14,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from aecli.data.dataset import folder_labels
 from aecli.data.images import Failure
-from aecli.data.sources import folder_labels
 from aecli.devices import release_free_memory
 from aecli.errors import UsageError, WriteError
 from aecli.inference.inputs import Buckets, InputFile, Progress, load_batches, no_progress
 from aecli.inference.outputs import hwc
 from aecli.inference.predictor import Predictor
-from aecli.io.latent_folder import SHARD_BYTES, FolderWriter, Plan
-from aecli.io.latents import STORAGE, LatentFile, LatentScaling
+from aecli.io.latent_folder import SHARD_BYTES, FolderWriter, Plan, write_latent_folder
+from aecli.io.latents import (
+    STDIO,
+    STORAGE,
+    LatentFile,
+    LatentScaling,
+    names_folder,
+    output_format,
+    write_latents,
+)
 
 if TYPE_CHECKING:  # the engine package loads the trainer
-    from aecli.engine.distributed import Distributed
+    from aecli.distributed import Distributed
 
 
 STORES = ("mean", "sample", "moments")  # what `encode --store` keeps of a VAE's posterior
@@ -302,7 +310,7 @@ class FolderEncode:
         --resume)."""
         self.predictor, self.files, self.settings = predictor, files, settings
         if dist is None:
-            from aecli.engine.distributed import Distributed
+            from aecli.distributed import Distributed
 
             dist = Distributed(device=predictor.device)
         self.dist = dist
@@ -403,3 +411,50 @@ def decoded_images(
         for image in predictor.decode(latents[start : start + batch_size]).cpu():
             yield hwc(image)
             progress(1)
+
+
+def latent_format(option: str, target: str | None, fmt: str | None) -> str | None:
+    """The latent file format `option TARGET` (and --format FMT) writes; None for a latent
+    folder (a TARGET named as one) or no TARGET."""
+    if target is None:
+        return None
+    if not names_folder(target):
+        return output_format(target, fmt)
+    if fmt not in (None, "safetensors"):
+        raise UsageError(
+            f"--format {fmt}: a latent folder holds safetensors shards; {option} {target} "
+            "names a folder (a latent file's name ends in .safetensors or .npy)"
+        )
+    return None
+
+
+def write_latent_target(
+    option: str, target: str, latents: LatentFile, fmt: str | None, guard, *, overwrite: bool,
+    weights: Path, settings: dict,
+) -> None:  # fmt: skip
+    """Latents into `option TARGET`: a latent folder (`fmt` None; `settings` recorded in its
+    index), a latent file or - for stdout; where it may write checked by `guard` (an
+    OutputGuard) first."""
+    if fmt is None:
+        guard.check(option, [], overwrite=overwrite, out_dir=Path(target))
+        write_latent_folder(
+            Path(target), latents, weights=str(weights), settings=settings, overwrite=overwrite
+        )
+        return
+    if target != STDIO:
+        guard.check(option, [Path(target)], overwrite=overwrite)
+    write_latents(target, latents, fmt)
+
+
+def check_folder_fits(
+    predictor: Predictor, shapes: list[tuple[int, ...]], fingerprint: str | None, name: str, *,
+    scaling: LatentScaling | None, force: bool,
+) -> None:  # fmt: skip
+    """Whether a latent folder's latents, of each of `shapes`, fit the model (`Predictor.fit`),
+    checked before any is decoded."""
+    for shape in shapes:
+        predictor.fit(
+            LatentFile(torch.zeros(1, *shape), None, fingerprint, name=name),
+            force=force,
+            scaling=scaling,
+        )

@@ -38,6 +38,24 @@ def plan_outputs(files: list[InputFile], out_dir: Path) -> list[Path]:
     return [out_dir / name for name in names]
 
 
+def reconstruction_outputs(
+    out: Path | None, files: list[InputFile], count: int
+) -> list[Path] | None:
+    """Where `reconstruct -o` writes each file's reconstruction: nowhere without -o; for
+    `-o name.png`, that one image file, which needs exactly one input (`count` of them, read or
+    not); else one PNG per file in the folder `out` (`plan_outputs`)."""
+    if out is None:
+        return None
+    if not is_grid(out):
+        return plan_outputs(files, out)
+    if count != 1:
+        raise UsageError(
+            f"-o {out} names one image file, but the inputs hold {count} images: give a "
+            f"folder (-o {out.with_suffix('')}/) for one PNG each, or --grid {out} for a sheet"
+        )
+    return [out] * len(files)
+
+
 class PngWriter:
     """Encodes and writes batch PNGs on threads (Pillow releases the GIL while compressing;
     one per core, 2 to 8), a bounded number in flight; leaving the `with` block waits for

@@ -1,6 +1,6 @@
-"""A run directory for people: where each run stands (`aecli runs`) and report.html, one
-self-contained page (inline SVG curves, embedded PNGs, no network, no external scripts or fonts)
-that the trainer rewrites after every epoch and `aecli report RUN` on demand.
+"""report.html: one self-contained page (inline SVG curves, embedded PNGs, no network, no
+external scripts or fonts) that the trainer rewrites after every epoch and `aecli report RUN`
+on demand.
 """
 
 from __future__ import annotations
@@ -10,18 +10,13 @@ import functools
 import html
 import json
 import math
-import os
 import re
-import shlex
-import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from aecli.engine.rundir import CHECKPOINT, FILES, RUN_LOCK, WEIGHTS, RunDirectory, is_epoch
 from aecli.io.atomic import atomic_write_text
-from aecli.io.checkpoint import read_train_state
-from aecli.io.jsonfile import regular_file
-from aecli.io.locks import lock_holder
+from aecli.run.files import RunDirectory, RunState, is_epoch
+from aecli.run.status import RunSummary, config_text, finite, summarize_run
 
 # PNG bytes of grids embedded in one report at most (16 MiB once base64-encoded), so that a run
 # of 1,000 epochs of large grids still gives a page under 20 MB; past this, the grids of evenly
@@ -31,275 +26,6 @@ GRID_BUDGET = 12 * 2**20
 MAX_WINDOW_POINTS = 2000
 # Fields of metrics.jsonl records that are not loss terms.
 NOT_TERMS = {"kind", "epoch", "step", "lr", "images_per_s", "seconds", "mfu"}
-
-STATES = ("running", "finished", "stopped", "interrupted", "failed")
-
-
-# -- where a run stands ----------------------------------------------------------------------
-
-
-@dataclass
-class RunSummary:
-    path: str
-    preset: str
-    data: str
-    state: str  # one of STATES
-    reason: str
-    epochs_done: int
-    epochs_planned: int | None
-    best_val_psnr: float | None
-    best_val_loss: float | None
-    started: float  # seconds since the epoch
-    resume: str | None  # the command that continues it, where one can
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-# what aecli train writes at the top of a run directory; a folder holding two of them is a run
-# (one that lost a file or two to damage is still listed, and says what is missing)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "state.json", CHECKPOINT, WEIGHTS, "report.html")
-
-
-def is_run(path: Path) -> bool:
-    try:
-        return _is_run_names(set(os.listdir(path)))
-    except OSError:  # not a folder, or unreadable
-        return False
-
-
-def _is_run_names(names: set[str]) -> bool:
-    return len(names.intersection(RUN_FILES)) >= 2
-
-
-def find_runs(root: Path) -> list[RunSummary]:
-    """The runs in `root` (itself a run, or a folder of runs at any depth, not following
-    links), newest first."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        if _is_run_names(set(dirs) | set(files)):
-            found.append(Path(folder))
-            dirs.clear()  # a run's own folders (grids) hold no runs
-        else:
-            dirs.sort()
-    return sorted((summarize_run(p) for p in found), key=lambda r: r.started, reverse=True)
-
-
-def training_process(run: RunDirectory, recorded: dict | None = None) -> int | None:
-    """The id of the process training in `run` now, or None: the holder of its run lock, or,
-    where the lock file is not there (a run of an aecli before it, or one removed), the
-    process state.json names as running, if it is alive."""
-    holder = lock_holder(run.path / RUN_LOCK)
-    if holder is not None:
-        return holder
-    recorded = _typed_state(run.read_state()) if recorded is None else recorded
-    pid = recorded.get("pid")
-    if recorded.get("state") == "running" and isinstance(pid, int) and _alive(run, recorded):
-        return pid
-    return None
-
-
-def _alive(run: RunDirectory, recorded: dict) -> bool:
-    """Whether the process that wrote `running` (and holds no lock on the folder) still
-    exists: this process, or, for a run of an aecli before the run lock, a process of that id
-    (only knowable on its host, and not asked on Windows, where signal 0 is CTRL_C_EVENT)."""
-    pid, host = recorded.get("pid", -1), recorded.get("host", "")
-    if host != socket.gethostname() or os.name == "nt" or not isinstance(pid, int) or pid <= 0:
-        return True
-    if pid == os.getpid():  # the report written during training
-        return True
-    lock = run.path / RUN_LOCK
-    if lock.is_file() and not lock.is_symlink() and os.uname().sysname == "Linux":
-        return False  # the lock file is there and nobody holds it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def summarize_run(path: Path, history: list[dict] | None = None, damage: str = "") -> RunSummary:
-    """Where the run in `path` stands; `history`: its epoch records, where already read, and
-    `damage`: what that reading left out (RunDirectory.damage)."""
-    run = RunDirectory(path)
-    recorded = _typed_state(run.read_state())
-    if history is None:
-        history, damage = run.history(), run.damage
-    present, damaged = _run_files(run)
-    has_checkpoint = CHECKPOINT in present
-    state, reason = recorded.get("state"), recorded.get("reason", "")
-    config = _read_config(run)
-    train = (config or {}).get("train")
-    planned = recorded.get("epochs") or (train.get("epochs") if isinstance(train, dict) else None)
-    planned = planned if isinstance(planned, int) and not isinstance(planned, bool) else None
-    holder = training_process(run, recorded)
-    if holder == os.getpid() and state != "running":
-        # the report this process writes as its run ends: state.json is its own last word
-        holder = None
-    if holder is not None:  # a process trains in the folder now, whatever state.json says
-        state, reason = "running", ""
-    vanished = state == "running" and holder is None
-    if vanished or state not in STATES:  # killed, or a run of an aecli before state.json
-        # the checkpoint says whether everything was written before the process ended
-        saved = read_train_state(run.checkpoint) if has_checkpoint else None
-        ended = _ended(saved, planned) if saved is not None else None
-        if ended is not None:
-            state, reason = ended, ""
-        else:
-            state = "interrupted" if has_checkpoint else "failed"
-            reason = "the process ended without a word (killed?)" if vanished else reason
-    notes = [
-        f"{name} missing"
-        for name in ("config.yaml", "metrics.jsonl")
-        if name not in present and name not in damaged
-    ]
-    notes += damaged.values()
-    if config is None and "config.yaml" in present:
-        notes.append("config.yaml damaged")
-    if damage not in notes:
-        notes.append(damage)
-    reason = "; ".join(filter(None, [reason, *notes]))
-    psnrs = [r["val_psnr"] for r in history if _finite(r.get("val_psnr"))]
-    losses = [r["val_loss"] for r in history if _finite(r.get("val_loss"))]
-    # where a run file is something else, --resume refuses the run until it is removed
-    resumable = state in ("interrupted", "failed") and has_checkpoint and not damaged
-    if "preset" not in recorded or "data" not in recorded:  # a run of an aecli before state.json
-        recorded = {**_weights_facts(run), **recorded}
-    return RunSummary(
-        path=str(path),
-        preset=recorded.get("preset", "?"),
-        data=describe_source(recorded["data"]) if "data" in recorded else "?",
-        state=state,
-        reason=reason,
-        epochs_done=len(history),
-        epochs_planned=planned,
-        best_val_psnr=max(psnrs) if psnrs else None,
-        best_val_loss=min(losses) if losses else None,
-        started=recorded.get("started") or _mtime(run),
-        resume=f"aecli train --resume {shlex.quote(str(path))}" if resumable else None,
-    )
-
-
-def _run_files(run: RunDirectory) -> tuple[set[str], dict[str, str]]:
-    """The names of the run's files that are there, and what is wrong with each that is there
-    but is not a regular file (`state.json not a regular file (a FIFO)`), never opening one."""
-    present, damaged = set(), {}
-    for name in FILES:
-        try:
-            if regular_file(run.path / name):
-                present.add(name)
-        except ValueError as exc:
-            damaged[name] = f"{name} {exc}"
-    return present, damaged
-
-
-_STATE_TYPES = {
-    "state": str,
-    "reason": str,
-    "epochs": int,
-    "pid": int,
-    "host": str,
-    "started": float,
-    "updated": float,
-    "preset": str,
-    "data": dict,
-}
-
-
-def _typed_state(recorded: dict) -> dict:
-    """state.json's facts that have the type aecli writes; any other value (a damaged or
-    edited file) is as if absent."""
-    kept = {}
-    for key, value in recorded.items():
-        kind = _STATE_TYPES.get(key)
-        if kind is float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-        else:
-            ok = kind is None or (isinstance(value, kind) and not isinstance(value, bool))
-        if ok:
-            kept[key] = value
-    return kept
-
-
-def _ended(saved: dict, planned: int | None) -> str | None:
-    """finished or stopped where a checkpoint's train_state says the run wrote everything (as
-    `--resume` judges it: a checkpoint without `finished` is finished once its epochs are)."""
-    if not saved.get("finished", True) or saved.get("batch", 1) != 0:
-        return None
-    if saved.get("stopped_early"):
-        return "stopped"
-    return "finished" if saved.get("epoch", 1) - 1 >= (planned or 0) else None
-
-
-def describe_source(data: dict) -> str:
-    """A data source as recorded in weights files and state.json, in words."""
-    if data.get("kind") in ("diffusers", "single-file"):
-        return data.get("path", "?")
-    if data.get("kind") == "builtin-shapes":
-        return f"built-in shapes ({data.get('count')} images)"
-    if data.get("kind") == "shards":
-        how = f"{data.get('shards', '?')} WebDataset shards, streamed"
-    elif "streamed" in data:
-        how = "streamed" if data["streamed"] else "in memory"
-    else:  # a source that is always in memory, or one recorded before streaming existed
-        how = ""
-    count = f"{data.get('count', '?')} images" + (f", {how}" if how else "")
-    return f"{data.get('path', '?')} ({count})"
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _mtime(run: RunDirectory) -> float:
-    try:
-        return max((p.lstat().st_mtime for p in run.path.iterdir()), default=0.0)
-    except OSError:  # unreadable, or a file gone meanwhile: the listing goes on
-        return 0.0
-
-
-def _read_config(run: RunDirectory) -> dict | None:
-    from aecli.config import parse_yaml
-    from aecli.errors import AecliError
-
-    path = run.path / "config.yaml"
-    text = _config_text(run)
-    try:
-        loaded = None if text is None else parse_yaml(text, str(path))
-    except AecliError:  # damaged: the listing goes on without it
-        return None
-    return loaded if isinstance(loaded, dict) else None
-
-
-def _config_text(run: RunDirectory) -> str | None:
-    """The run's config.yaml, or None where it is missing, not a regular file (a FIFO would
-    block), unreadable, or not UTF-8."""
-    from aecli.config import read_yaml_text
-    from aecli.errors import AecliError
-
-    path = run.path / "config.yaml"
-    try:
-        return read_yaml_text(path) if path.is_file() else None
-    except AecliError:
-        return None
-
-
-def _weights_facts(run: RunDirectory) -> dict:
-    """The preset and data the run's weights file records, where it has one."""
-    from aecli.io.weights import read_weights_info
-
-    try:
-        if not regular_file(run.weights):  # a FIFO would block its reader
-            return {}
-        info = read_weights_info(run.weights)
-    except Exception:  # noqa: BLE001  (no weights yet, or unreadable: the listing goes on)
-        return {}
-    return {"preset": info.preset, "data": info.data}
-
-
-# -- report.html -----------------------------------------------------------------------------
 
 
 def write_report(run: RunDirectory, out: Path | None = None) -> Path:
@@ -332,13 +58,15 @@ def build_report(run: RunDirectory) -> str:
     )
 
 
-def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: list[dict]) -> str:
+def _overview(
+    run: RunDirectory, summary: RunSummary, recorded: RunState, history: list[dict]
+) -> str:
     rows = [
         ("state", f"{summary.state}" + (f": {summary.reason}" if summary.reason else "")),
         ("preset", summary.preset),
         ("data", summary.data),
-        ("device", recorded.get("device", "?")),
-        *([("execution", recorded["execution"])] if "execution" in recorded else []),
+        ("device", recorded.device or "?"),
+        *([("execution", recorded.execution)] if recorded.execution else []),
         (
             "epochs",
             f"{summary.epochs_done} of {summary.epochs_planned}"
@@ -352,7 +80,7 @@ def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: l
         rows.append(("final", _metric_text(last)))
         if summary.best_val_psnr is not None:
             best = max(
-                (r for r in history if _finite(r.get("val_psnr"))), key=lambda r: r["val_psnr"]
+                (r for r in history if finite(r.get("val_psnr"))), key=lambda r: r["val_psnr"]
             )
             rows.append((f"best (epoch {best['epoch']})", _metric_text(best)))
     body = "".join(
@@ -368,7 +96,7 @@ def _overview(run: RunDirectory, summary: RunSummary, recorded: dict, history: l
 
 
 def _model_rows(run: RunDirectory) -> list[tuple[str, str]]:
-    text = _config_text(run)
+    text = config_text(run)
     return [] if text is None else _model_facts(text)
 
 
@@ -400,7 +128,7 @@ def _model_facts(config_text: str) -> list[tuple[str, str]]:
 def _metric_text(record: dict) -> str:
     parts = []
     for key, value in record.items():
-        if key.startswith("val_") and _finite(value):
+        if key.startswith("val_") and finite(value):
             parts.append(f"{key} {value:.2f} dB" if key == "val_psnr" else f"{key} {value:.4g}")
     return ", ".join(parts) or "-"
 
@@ -417,7 +145,7 @@ class Series:
 
 
 def _series(records: list[dict], key: str, name: str, css: str, markers: bool) -> Series:
-    points = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+    points = [(r["step"], r[key]) for r in records if finite(r.get(key))]
     return Series(name, points, css, markers)
 
 
@@ -659,11 +387,11 @@ def _previews(run: RunDirectory) -> str:
 
 
 def _config_section(run: RunDirectory) -> str:
-    text = _config_text(run)
+    text = config_text(run)
     if text is None:
         return ""
     recorded = run.read_state()
-    facts = {k: recorded[k] for k in ("started", "updated", "pid", "host") if k in recorded}
+    facts = recorded.model_dump(include={"started", "updated", "pid", "host"}, exclude_none=True)
     return (
         '<section id="config"><h2>Resolved configuration</h2>'
         f"<pre>{html.escape(text)}</pre>"

@@ -1,9 +1,9 @@
-"""The run directory: its files, and what `--resume DIR` continues from it.
+"""A run directory's files and its lock.
 
 config.yaml, metrics.jsonl, grids/epoch-NNNN.png, model.safetensors, checkpoint.safetensors,
 state.json (where the run stands: running, finished, stopped, interrupted, failed), report.html
 and, at the end, samples.png and interpolation.png; every write but metrics.jsonl's appends is
-atomic. Only rank 0 of a torchrun writes.
+atomic. Only rank 0 of a torchrun writes, holding the folder's lock for the run's life.
 
 metrics.jsonl holds two kinds of records: one per epoch (`"kind": "epoch"`: the epoch's mean
 training terms, the validation terms, lr, images/s) and one per logging window of
@@ -16,18 +16,20 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 
-from aecli.config import Config, config_from_dict, dump_config, parse_yaml, read_yaml_text
+from aecli.config import Config, dump_config
 from aecli.errors import TrainingError, UsageError, os_reason
 from aecli.io.atomic import atomic_write_text, stale_temp_files
-from aecli.io.checkpoint import load_checkpoint, save_checkpoint
+from aecli.io.checkpoint import save_checkpoint
 from aecli.io.images import save_png
 from aecli.io.jsonfile import open_regular, read_json_file, read_lines, regular_file
-from aecli.io.weights import architecture_mismatch, save_weights
+from aecli.io.locks import FolderLock
+from aecli.io.weights import save_weights
 from aecli.models import Autoencoder
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -52,23 +54,55 @@ def is_epoch(record: dict) -> bool:
     return record["kind"] == "epoch"
 
 
+class MetricsRecord(BaseModel):
+    """One metrics.jsonl line: an epoch's or a logging window's figures, each a number or null
+    (a term that was not finite)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    __pydantic_extra__: dict[str, int | float | None]
+
+    kind: Literal["epoch", "window"]
+    epoch: int = Field(ge=0)
+    step: int = Field(ge=0)
+
+
 def _record(line: bytes) -> dict | None:
-    """One metrics.jsonl line as the record aecli wrote, or None: a JSON object whose `kind`
-    is epoch or window, whose epoch and step are whole numbers, and whose other values are
-    numbers (or null)."""
+    """One metrics.jsonl line as the record aecli wrote (its keys in their order), or None for
+    a line that is not one."""
     try:
         record = json.loads(line)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        MetricsRecord.model_validate(record)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValidationError among them
         return None
-    if not isinstance(record, dict) or record.get("kind") not in ("epoch", "window"):
+    return record
+
+
+def _or_absent(value: Any, handler) -> Any:
+    """A state.json fact of another type than aecli writes (a damaged or edited file) is as if
+    it were not there."""
+    try:
+        return handler(value)
+    except ValidationError:
         return None
-    for key, value in record.items():
-        whole = isinstance(value, int) and not isinstance(value, bool)
-        if key in ("epoch", "step") and not (whole and value >= 0):
-            return None
-        if key != "kind" and not (value is None or isinstance(value, int | float)):
-            return None
-    return record if "epoch" in record and "step" in record else None
+
+
+class RunState(BaseModel):
+    """state.json: where a run stands (running, finished, stopped, interrupted, failed), what
+    it trains and which process wrote it. Read leniently: a fact of the wrong type is None."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    state: Annotated[str | None, WrapValidator(_or_absent)] = None
+    reason: Annotated[str | None, WrapValidator(_or_absent)] = None
+    epochs: Annotated[int | None, WrapValidator(_or_absent)] = None
+    pid: Annotated[int | None, WrapValidator(_or_absent)] = None
+    host: Annotated[str | None, WrapValidator(_or_absent)] = None
+    started: Annotated[float | None, WrapValidator(_or_absent)] = None
+    updated: Annotated[float | None, WrapValidator(_or_absent)] = None
+    preset: Annotated[str | None, WrapValidator(_or_absent)] = None
+    data: Annotated[dict[str, Any] | None, WrapValidator(_or_absent)] = None
+    device: Annotated[str | None, WrapValidator(_or_absent)] = None
+    execution: Annotated[str | None, WrapValidator(_or_absent)] = None
 
 
 class RunDirectory:
@@ -183,18 +217,18 @@ class RunDirectory:
             ]
             self._replace(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def read_state(self) -> dict:
-        """state.json, or {} where there is none (or it is damaged)."""
+    def read_state(self) -> RunState:
+        """state.json, empty where there is none (or it is not a JSON object)."""
         try:
-            state = read_json_file(self.state, STATE_LIMIT)
+            raw = read_json_file(self.state, STATE_LIMIT)
         except ValueError:
-            return {}
-        return state if isinstance(state, dict) else {}
+            raw = None
+        return RunState.model_validate(raw if isinstance(raw, dict) else {})
 
     def write_state(self, state: str, **facts) -> None:
         """Record where the run stands; `running` also records this process, so that a run
         killed without a word can be told from one still training."""
-        record = self.read_state()
+        record = self.read_state().model_dump(exclude_none=True)
         record.update(facts, state=state, updated=time.time())
         if state == "running":
             record.update(pid=os.getpid(), host=socket.gethostname())
@@ -215,54 +249,14 @@ class RunDirectory:
     def save_checkpoint(self, state: dict) -> None:
         save_checkpoint(self.writable(self.checkpoint), state)
 
+    def write_report(self) -> None:
+        """report.html, built again from the run's files."""
+        from aecli.run.report import write_report  # the report reads run directories
 
-@dataclass
-class ResumePlan:
-    """What `--resume DIR` continues: the run's config, preset name and data paths."""
-
-    config: Config
-    preset: str
-    data_path: str | None
-    checkpoint: dict
-    val_data_path: str | None = None
+        write_report(self)
 
 
-def plan_resume(run_dir: Path, epochs: int | None = None) -> ResumePlan:
-    """Read a run directory's config and checkpoint; `epochs` sets a new total."""
-    config_path = Path(run_dir) / "config.yaml"
-    run = RunDirectory(run_dir)
-    if not config_path.exists():
-        raise UsageError("--resume: not a run directory (no config.yaml)", path=run_dir)
-    run.check_files()
-    checkpoint = load_checkpoint(run.checkpoint)
-    raw = parse_yaml(read_yaml_text(config_path), str(config_path))
-    if not isinstance(raw, dict) or not isinstance(raw.get("train"), dict):
-        raise UsageError("--resume: damaged config.yaml (not a preset)", path=config_path)
-    if epochs is not None:
-        raw["train"]["epochs"] = epochs
-    config = config_from_dict(raw, str(config_path))
-    problem = architecture_mismatch(config, checkpoint["model"])
-    if problem is not None:  # config.yaml edited to another architecture
-        raise UsageError(
-            f"--resume: config.yaml describes another model than the checkpoint holds ({problem}"
-            "); restore the run's config.yaml, or train anew with --init",
-            path=config_path,
-        )
-    state = checkpoint["train_state"]
-    done = state["epoch"] - 1
-    # all epochs trained (or stopped early) and the final weights written; a checkpoint from an
-    # aecli that did not record `finished` counts as finished then, as it always did
-    all_trained = state["stopped_early"] or (done >= config.train.epochs and state["batch"] == 0)
-    if all_trained and state.get("finished", True):
-        raise UsageError(
-            f"--resume: this run already finished {done} epochs; pass --epochs N "
-            "with a larger total to train on",
-            path=run_dir,
-        )
-    return ResumePlan(
-        config,
-        checkpoint["preset"],
-        checkpoint["data_path"],
-        checkpoint,
-        checkpoint.get("val_data_path"),
-    )
+def run_lock(run_dir: Path, option: str) -> FolderLock:
+    """The run folder's lock, or the one-line refusal naming the process that holds it."""
+    refusal = f"{option} {run_dir}: another aecli train is running in this folder"
+    return FolderLock(Path(run_dir), RUN_LOCK, refusal)
