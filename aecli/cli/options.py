@@ -40,9 +40,9 @@ Weights = Annotated[
     Path,
     typer.Argument(
         help="A weights file written by `aecli train` (the run's model.safetensors), a diffusers "
-        "AutoencoderKL, AutoencoderTiny (TAESD) or AutoencoderKLFlux2 (FLUX.2) folder (or a "
-        "pipeline folder with vae/), or a "
-        "single-file VAE .safetensors (Stable Diffusion, SDXL, SD3, FLUX).",
+        "VAE folder of any family aecli reads (Stable Diffusion, SDXL, SD3, FLUX.1 and FLUX.2, "
+        "TAESD, DC-AE, Qwen-Image, Wan, HunyuanImage; or a pipeline folder with vae/), or a "
+        "VAE's single file (.safetensors, or TAESD's .pth).",
         metavar="WEIGHTS",
         show_default=False,
     ),
