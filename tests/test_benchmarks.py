@@ -113,3 +113,16 @@ def test_the_latent_loader_benchmark_prints_both_readers_and_their_memory(tmp_pa
     ], done.stdout
     assert all(row[4].endswith(" MiB") and float(row[4][:-4]) >= 0 for row in memory)
     assert not list(tmp_path.iterdir())  # its folders are removed
+
+
+@pytest.mark.parametrize("folds", [4, 5])
+def test_the_folds_hold_out_every_source_once_with_colour_and_grey(folds):
+    """--folds: every photo source is held out by exactly one fold, each fold's held-out crops
+    come from its own sources only, and each fold holds out colour and grey sources."""
+    groups = quality.fold_groups(folds)
+    names = [n for group in groups for n in group]
+    assert sorted(names) == sorted(quality.TRAIN_SOURCES + quality.VALIDATION_SOURCES)
+    for group in groups:
+        assert {n in quality.GREY_SOURCES for n in group} == {True, False}, group
+    data = quality.fold_crops(32, 40, 20, groups[0])
+    assert set(data.sources) == set(groups[0]) and len(data.train) == 40
